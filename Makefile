@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DATA   ?= data/synthetic
+RUNS   ?= runs/demo
+
+.PHONY: demo test data bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+$(DATA)/DL_info.csv: | $(VENV)/.installed
+	$(PY) -m lesion_fastai.synthetic --out $(DATA) --patients 60 --size 512 --seed 0
+
+data: $(DATA)/DL_info.csv
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+demo: $(VENV)/.installed $(DATA)/DL_info.csv
+	$(PY) -m lesion_fastai.demo --data $(DATA) --out $(RUNS)
+
+bench-quick: $(VENV)/.installed
+	$(PY) -m lesion_fastai.bench efficiency --quick
+	$(PY) -m lesion_fastai.bench throughput --quick
+
+clean:
+	rm -rf $(RUNS)

@@ -1,0 +1,267 @@
+"""DeepLesion's files as NIH ships them: `DL_info.csv`, `Images_png/` and 16-bit slices in HU.
+
+This module knows the dataset's columns, paths and pixel encoding and nothing about fastai:
+`data.py` builds DataBlocks on top of what is read here.
+"""
+from __future__ import annotations
+
+import csv
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+__all__ = ['COLUMNS', 'SPLITS', 'WINDOWS', 'HU_OFFSET', 'read_dl_info', 'image_path', 'load_hu', 'save_hu',
+           'window', 'resolve_windows', 'neighbour_path', 'context_paths', 'list_slices', 'SliceRecord',
+           'slice_records', 'patient_of']
+
+# The 18 columns of DL_info.csv, in the official order.
+COLUMNS = ('File_name', 'Patient_index', 'Study_index', 'Series_ID', 'Key_slice_index',
+           'Measurement_coordinates', 'Bounding_boxes', 'Lesion_diameters_Pixel_',
+           'Normalized_lesion_location', 'Coarse_lesion_type', 'Possibly_noisy', 'Slice_range',
+           'Spacing_mm_px_', 'Image_size', 'DICOM_windows', 'Patient_gender', 'Patient_age',
+           'Train_Val_Test')
+SPLITS = {1: 'train', 2: 'val', 3: 'test'}
+HU_OFFSET = 32768  # DeepLesion PNGs store HU + 32768 as uint16
+
+# Named CT windows, (low, high) in HU. Widths/levels as in fastai.medical.imaging's dicom_windows,
+# plus the wide window of the reference detectors (3DCE, MULAN).
+WINDOWS = {
+    'soft': (-150., 250.),     # abdomen soft tissue, width 400 level 50
+    'liver': (-45., 105.),     # width 150 level 30
+    'lung': (-1350., 150.),    # width 1500 level -600
+    'bone': (-500., 1300.),    # spine bone, width 1800 level 400
+    'wide': (-1024., 3071.),   # reference preprocessing of Ke Yan's detectors
+}
+
+_FILE_RE = re.compile(r'^(\d+)_(\d+)_(\d+)_(\d+)\.png$')
+_INT_RE = re.compile(r'^-?\d+$')
+
+# Multi-number columns: (csv column, how many numbers, output column names).
+_VECTORS = (
+    ('Measurement_coordinates', 8, ('long_x1', 'long_y1', 'long_x2', 'long_y2',
+                                    'short_x1', 'short_y1', 'short_x2', 'short_y2')),
+    ('Bounding_boxes', 4, ('x1', 'y1', 'x2', 'y2')),
+    ('Lesion_diameters_Pixel_', 2, ('diameter_long_px', 'diameter_short_px')),
+    ('Normalized_lesion_location', 3, ('location_x', 'location_y', 'location_z')),
+    ('Slice_range', 2, ('slice_first', 'slice_last')),
+    ('Spacing_mm_px_', 3, ('spacing_x_mm', 'spacing_y_mm', 'spacing_z_mm')),
+    ('Image_size', 2, ('width', 'height')),
+    ('DICOM_windows', 2, ('window_low', 'window_high')),
+)
+_SCALARS = (('Patient_index', 'patient'), ('Study_index', 'study'), ('Series_ID', 'series_id'),
+            ('Key_slice_index', 'key_slice'), ('Coarse_lesion_type', 'lesion_type'))
+_INT_COLUMNS = ('patient', 'study', 'series_id', 'key_slice', 'lesion_type', 'slice_first', 'slice_last',
+                'width', 'height')
+
+
+def image_path(file_name: str, root: Path | str = '.') -> Path:
+    """The PNG of a `File_name`: `000001_01_01_109.png` -> `root/Images_png/000001_01_01/109.png`."""
+    m = _FILE_RE.match(file_name)
+    if m is None: raise ValueError(f"File_name {file_name!r}: expected <patient>_<study>_<series>_<slice>.png")
+    patient, study, series, key = m.groups()
+    return Path(root) / 'Images_png' / f'{patient}_{study}_{series}' / f'{int(key):03d}.png'
+
+
+def patient_of(series_dir: str) -> int:
+    "Patient index of a series folder name such as `000001_01_01`."
+    return int(series_dir.split('_')[0])
+
+
+def _numbers(text: str, n: int, column: str) -> list[float]:
+    parts = [p.strip() for p in text.split(',')]
+    if len(parts) != n or any(p == '' for p in parts):
+        raise ValueError(f"{column} has {len([p for p in parts if p])} numbers, expected {n}")
+    try: return [float(p) for p in parts]
+    except ValueError: raise ValueError(f"{column} {text!r} is not {n} comma-separated numbers") from None
+
+
+def _integer(text: str, column: str) -> int:
+    text = text.strip()
+    if not _INT_RE.match(text): raise ValueError(f"{column} {text!r} is not an integer")
+    return int(text)
+
+
+def _parse_row(row: dict, root: Path) -> dict:
+    "One CSV row -> typed fields. Raises ValueError naming the field; the caller adds file and line."
+    rec = {'file_name': row['File_name'].strip()}
+    for col, name in _SCALARS: rec[name] = _integer(row[col], col)
+    for col, n, names in _VECTORS: rec.update(zip(names, _numbers(row[col], n, col)))
+    m = _FILE_RE.match(rec['file_name'])
+    if m is None: raise ValueError(f"File_name {rec['file_name']!r}: expected <patient>_<study>_<series>_<slice>.png")
+    if (int(m[1]), int(m[2]), int(m[3]), int(m[4])) != (rec['patient'], rec['study'], rec['series_id'], rec['key_slice']):
+        raise ValueError(f"File_name {rec['file_name']!r} disagrees with Patient_index/Study_index/Series_ID/Key_slice_index")
+    if rec['x2'] < rec['x1'] or rec['y2'] < rec['y1']:
+        raise ValueError(f"Bounding_boxes ({rec['x1']:g}, {rec['y1']:g}, {rec['x2']:g}, {rec['y2']:g}) "
+                         f"has x2 < x1 or y2 < y1, expected x1 <= x2 and y1 <= y2")
+    if rec['slice_last'] < rec['slice_first']: raise ValueError("Slice_range has last < first")
+    for name in ('slice_first', 'slice_last', 'width', 'height'):
+        if rec[name] != int(rec[name]): raise ValueError(f"{name} {rec[name]} is not an integer")
+    split = row['Train_Val_Test'].strip()
+    if split not in ('1', '2', '3'): raise ValueError(f"Train_Val_Test {split!r} is unknown, expected 1, 2 or 3")
+    rec['split'] = SPLITS[int(split)]
+    noisy = row['Possibly_noisy'].strip()
+    if noisy not in ('0', '1'): raise ValueError(f"Possibly_noisy {noisy!r}, expected 0 or 1")
+    rec['noisy'] = noisy == '1'
+    rec['gender'] = row['Patient_gender'].strip()
+    age = row['Patient_age'].strip()
+    try: rec['age'] = float(age) if age not in ('', 'NaN', 'nan') else np.nan
+    except ValueError: raise ValueError(f"Patient_age {age!r} is not a number") from None
+    path = image_path(rec['file_name'], root)
+    rec['series_dir'], rec['image_path'] = path.parent.name, str(path)
+    return rec
+
+
+def read_dl_info(path: Path | str, root: Path | str | None = None, strict: bool = True) -> pd.DataFrame:
+    """Read `DL_info.csv` into one typed row per lesion.
+
+    Every official column is parsed: boxes `x1, y1, x2, y2` in pixels, the 8 RECIST numbers, diameters,
+    normalized location, slice range, spacing in mm, image size, DICOM window, gender, age (NaN when
+    missing), `split` as 'train' / 'val' / 'test', plus `series_dir` and the slice's `image_path` under
+    `root` (default: the CSV's folder). Bad input raises `ValueError` naming the file, line and field;
+    with `strict=False` bad rows are skipped with one warning that lists them.
+    """
+    path = Path(path)
+    root = path.parent if root is None else Path(root)
+    records, bad = [], []
+    with open(path, newline='') as f:
+        reader = csv.reader(f)
+        header = tuple(h.strip() for h in next(reader, ()))
+        if header != COLUMNS:
+            missing = [c for c in COLUMNS if c not in header]
+            extra = [c for c in header if c not in COLUMNS]
+            raise ValueError(f"{path} line 1: header is not DeepLesion's 18 columns in order "
+                             f"(missing {missing}, unexpected {extra})")
+        for row in reader:
+            if not row: continue
+            try:
+                if len(row) != len(COLUMNS): raise ValueError(f"row has {len(row)} fields, expected {len(COLUMNS)}")
+                records.append(_parse_row(dict(zip(COLUMNS, row)), root))
+            except ValueError as e:
+                msg = f"{path} line {reader.line_num}: {e}"
+                if strict: raise ValueError(msg) from None
+                bad.append(msg)
+    if bad: warnings.warn(f"skipped {len(bad)} bad row(s) of {path}:\n" + '\n'.join(bad), stacklevel=2)
+    df = pd.DataFrame.from_records(records)
+    if df.empty: return df
+    for c in _INT_COLUMNS: df[c] = df[c].astype('int64')
+    df['split'] = pd.Categorical(df['split'], categories=list(SPLITS.values()))
+    return df
+
+
+# --- pixels --------------------------------------------------------------------------------------
+
+def load_hu(path: Path | str) -> np.ndarray:
+    """A DeepLesion slice in HU as float32 [H, W] (value - 32768), any image size.
+
+    Raises `ValueError` for a PNG that is not 16-bit single channel: such a file is not DeepLesion data.
+    """
+    with Image.open(path) as im:
+        if im.mode not in ('I;16', 'I;16B', 'I;16L', 'I'):
+            raise ValueError(f"{path}: PNG mode {im.mode!r}, expected a 16-bit single-channel DeepLesion slice (I;16)")
+        a = np.asarray(im)
+    if a.dtype != np.uint16: a = a.astype(np.int64)
+    return (a.astype(np.int32) - HU_OFFSET).astype(np.float32)
+
+
+def save_hu(path: Path | str, hu: np.ndarray, compress_level: int = 1) -> None:
+    "Write HU [H, W] as a DeepLesion 16-bit PNG (rounded, value = HU + 32768)."
+    a = np.clip(np.rint(hu) + HU_OFFSET, 0, 65535).astype(np.uint16)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path, compress_level=compress_level)
+
+
+def window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
+    "Clip HU to [low, high] and scale to float32 [0, 1]."
+    return np.clip((hu - low) / (high - low), 0., 1.).astype(np.float32)
+
+
+def resolve_windows(names: str | list[str], dicom_window: tuple[float, float] | None = None) -> list[tuple[float, float]]:
+    """Window names -> (low, high) pairs. Names are keys of `WINDOWS`, `dicom` (the row's own
+    DICOM_windows) or an explicit `low:high`."""
+    if isinstance(names, str): names = [n for n in names.split(',') if n]
+    out = []
+    for n in names:
+        if n == 'dicom':
+            if dicom_window is None: raise ValueError("window 'dicom' needs the row's DICOM_windows")
+            out.append(tuple(map(float, dicom_window)))
+        elif n in WINDOWS: out.append(WINDOWS[n])
+        elif ':' in n:
+            low, high = map(float, n.split(':'))
+            if high <= low: raise ValueError(f"window {n!r}: expected low < high")
+            out.append((low, high))
+        else: raise ValueError(f"unknown window {n!r}: expected one of {sorted(WINDOWS)}, 'dicom' or LOW:HIGH")
+    return out
+
+
+# --- slices on disk ------------------------------------------------------------------------------
+
+def neighbour_path(key_path: Path | str, offset: int, max_search: int = 8) -> Path:
+    """The slice `offset` positions from `key_path` in its series, or the nearest existing slice to it
+    (ties go towards the key slice) when DeepLesion did not ship it."""
+    key_path = Path(key_path)
+    k = int(key_path.stem)
+    target = k + offset
+    for d in range(max_search + 1):
+        for cand in sorted({target - d, target + d}, key=lambda i: abs(i - k)):
+            p = key_path.with_name(f'{cand:03d}.png')
+            if p.exists(): return p
+    return key_path
+
+
+def context_paths(key_path: Path | str, context: int) -> list[Path]:
+    "`context` slices below and above the key slice, in order: [k-c, ..., k, ..., k+c]."
+    key_path = Path(key_path)
+    return [key_path if o == 0 else neighbour_path(key_path, o) for o in range(-context, context + 1)]
+
+
+def list_slices(root: Path | str, patients: set[int] | None = None) -> list[Path]:
+    """Every PNG under `root/Images_png` (key slices and neighbours, labeled or not), sorted;
+    only those of `patients` when given."""
+    images = Path(root) / 'Images_png'
+    if not images.is_dir(): raise FileNotFoundError(f"{images}: no Images_png folder (expected DeepLesion's layout)")
+    series = sorted(d for d in images.iterdir() if d.is_dir())
+    if patients is not None: series = [d for d in series if patient_of(d.name) in patients]
+    return [p for d in series for p in sorted(d.glob('*.png'))]
+
+
+# --- per-slice records ---------------------------------------------------------------------------
+
+@dataclass
+class SliceRecord:
+    """One key slice and all its lesions. `boxes` [n, 4] x1,y1,x2,y2 in pixels; `target` is the box a
+    one-box model trains on (the largest lesion)."""
+    image_path: str
+    split: str
+    patient: int
+    width: int
+    height: int
+    spacing_mm: tuple[float, float]
+    dicom_window: tuple[float, float]
+    boxes: np.ndarray
+    lesion_types: tuple[int, ...]
+    noisy: bool = False
+    target: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        areas = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
+        self.target = self.boxes[int(np.argmax(areas))]
+
+
+def slice_records(df: pd.DataFrame) -> list[SliceRecord]:
+    """Group lesion rows into one `SliceRecord` per key slice, in file order. The training target of a
+    slice with several lesions is its largest box; all boxes stay for evaluation."""
+    out = []
+    for fname, g in df.groupby('file_name', sort=False):
+        r = g.iloc[0]
+        out.append(SliceRecord(
+            image_path=r.image_path, split=str(r.split), patient=int(r.patient),
+            width=int(r.width), height=int(r.height), spacing_mm=(float(r.spacing_x_mm), float(r.spacing_y_mm)),
+            dicom_window=(float(r.window_low), float(r.window_high)),
+            boxes=g[['x1', 'y1', 'x2', 'y2']].to_numpy(np.float32), lesion_types=tuple(int(t) for t in g.lesion_type),
+            noisy=bool(g.noisy.any())))
+    return out

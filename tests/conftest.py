@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny synthetic DeepLesion-layout data set (64 px), made once per test session."""
+from pathlib import Path
+
+import pytest
+
+SAMPLE = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'DL_info_sample.csv'
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    from lesion_fastai.synthetic import generate
+    root = tmp_path_factory.mktemp('synthetic') / 'data'
+    generate(root, patients=10, size=64, seed=3, neighbours=1)
+    return root
+
+
+@pytest.fixture(scope='session')
+def tiny_records(tiny_data):
+    from lesion_fastai.deeplesion import read_dl_info, slice_records
+    return slice_records(read_dl_info(tiny_data / 'DL_info.csv'))
+
+
+@pytest.fixture
+def sample_csv():
+    if not SAMPLE.exists(): pytest.skip(f"real DeepLesion sample not found at {SAMPLE} (../shared/fixtures beside the project)")
+    return SAMPLE

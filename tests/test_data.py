@@ -1,0 +1,116 @@
+"""DataBlocks: batches, splits, half resolution, and boxes that stay on the lesion under augmentation."""
+import numpy as np
+import pytest
+import torch
+from fastai.vision.all import Flip, Pipeline, Rotate, TensorBBox, TensorPoint
+
+from lesion_fastai.data import (BoxTidy, CTSlice, TensorBoxCorners, TensorCT, autoencoder_dls, downsample,
+                                localization_dls, select_patients)
+from lesion_fastai.deeplesion import WINDOWS, list_slices, load_hu, save_hu, window
+
+
+@pytest.mark.parametrize('target,yshape', [('points', (2, 2, 2)), ('bbox', (2, 1, 4))])
+@pytest.mark.parametrize('windows,context,channels', [('soft', 0, 1), ('soft,lung', 1, 6)])
+def test_batch_shapes_and_dtypes(tiny_records, target, yshape, windows, context, channels):
+    dls = localization_dls(tiny_records, windows=windows, context=context, size=32, target=target, bs=2, seed=0)
+    x, y = dls.one_batch()
+    assert isinstance(x, TensorCT) and x.shape == (2, channels, 32, 32) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1
+    assert y.shape == yshape and y.dtype == torch.float32 and y.abs().max() <= 1
+    b = y.reshape(2, 4)
+    assert (b[:, 0] <= b[:, 2]).all() and (b[:, 1] <= b[:, 3]).all()
+
+
+def test_split_by_patient_never_random(tiny_records):
+    dls = localization_dls(tiny_records, size=32, bs=2, seed=0)
+    train = {r.patient for r in dls.train_ds.items}
+    valid = {r.patient for r in dls.valid_ds.items}
+    assert train and valid and not (train & valid)
+    assert all(r.split == 'train' for r in dls.train_ds.items) and all(r.split == 'val' for r in dls.valid_ds.items)
+
+
+def test_label_fraction_is_per_patient_and_seeded(tiny_records):
+    train = [r for r in tiny_records if r.split == 'train']
+    patients = {r.patient for r in train}
+    sub = select_patients(train, .3, seed=1)
+    kept = {r.patient for r in sub}
+    assert len(kept) == max(1, round(.3 * len(patients)))
+    assert sub == [r for r in train if r.patient in kept]      # whole patients
+    assert sub == select_patients(train, .3, seed=1)
+    with pytest.raises(ValueError, match='label fraction'): select_patients(train, 0)
+
+
+def test_half_resolution_is_area_average(tmp_path):
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-300, 300, size=(64, 64)).astype(np.float32)
+    save_hu(tmp_path / 'Images_png' / '000001_01_01' / '005.png', hu)
+    t = CTSlice('soft', 0, 32)(tmp_path / 'Images_png' / '000001_01_01' / '005.png')
+    expect = window(hu, *WINDOWS['soft']).reshape(32, 2, 32, 2).mean((1, 3))
+    assert t.shape == (1, 32, 32) and np.allclose(t[0].numpy(), expect, atol=1e-6)
+    x = torch.arange(16.).view(1, 4, 4)
+    assert torch.equal(downsample(x, 2), torch.tensor([[[2.5, 4.5], [10.5, 12.5]]]))
+
+
+def test_context_channels_put_key_slice_first(tiny_records):
+    r = tiny_records[0]
+    t = CTSlice('soft', 1, 64)(r)
+    assert t.shape == (3, 64, 64)
+    assert torch.allclose(t[0], torch.from_numpy(window(load_hu(r.image_path), *WINDOWS['soft'])))
+
+
+def _lesion_image(size=64):
+    yy, xx = np.mgrid[0:size, 0:size]
+    mask = ((xx - 20.5) / 9) ** 2 + ((yy - 40.5) / 5) ** 2 <= 1
+    ys, xs = np.nonzero(mask)
+    box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]  # pixel edges
+    return torch.from_numpy(mask.astype(np.float32)), box
+
+
+@pytest.mark.parametrize('kind', ['points', 'bbox'])
+@pytest.mark.parametrize('seed', range(4))
+def test_flip_and_rotation_keep_box_on_lesion(kind, seed):
+    torch.manual_seed(seed)
+    img, (x1, y1, x2, y2) = _lesion_image()
+    x = TensorCT(img[None, None].repeat(2, 1, 1, 1))
+    if kind == 'points':
+        y = TensorPoint(torch.tensor([[[x1, y1], [x2, y1], [x2, y2], [x1, y2]]] * 2, dtype=torch.float32) / 32 - 1)
+    else:
+        y = TensorBBox(torch.tensor([[[x1, y1, x2, y2]]] * 2, dtype=torch.float32) / 32 - 1)
+    pipe = Pipeline([Flip(p=1.), Rotate(max_deg=10, p=1.), BoxTidy()], split_idx=0)
+    xt, yt = pipe((x, y))
+    assert isinstance(yt, TensorBoxCorners if kind == 'points' else TensorBBox)
+    for i in range(2):
+        bx1, by1, bx2, by2 = ((yt[i].reshape(4) + 1) * 32).tolist()
+        assert bx1 < bx2 and by1 < by2
+        ys, xs = np.nonzero(xt[i, 0].numpy() > .5)
+        assert len(xs) > 100
+        assert (xs + .5 >= bx1 - 1).all() and (xs + .5 <= bx2 + 1).all()
+        assert (ys + .5 >= by1 - 1).all() and (ys + .5 <= by2 + 1).all()
+        assert xs.mean() > 32  # it was flipped: the lesion moved to the right half
+
+
+def test_box_tidy_sorts_and_clips():
+    y = TensorBBox(torch.tensor([[[.5, .9, -.2, 1.3]]]))
+    assert torch.allclose(BoxTidy()(y), torch.tensor([[[-.2, .9, .5, 1.]]]))
+    p = TensorPoint(torch.tensor([[[.3, -1.2], [-.4, .6]]]))
+    out = BoxTidy()(p)
+    assert isinstance(out, TensorBoxCorners) and torch.allclose(out, torch.tensor([[[-.4, -1.], [.3, .6]]]))
+
+
+def test_show_batch_draws_ct_and_boxes(tiny_records):
+    import matplotlib.pyplot as plt
+    dls = localization_dls(tiny_records, size=32, bs=2, seed=0)
+    dls.show_batch(max_n=2)
+    ax = plt.gcf().axes[0]
+    assert ax.images[0].get_cmap().name == 'bone' and len(ax.patches) == 1
+    plt.close('all')
+
+
+def test_autoencoder_batches_every_slice_of_given_patients(tiny_data, tiny_records):
+    train_p = {r.patient for r in tiny_records if r.split == 'train'}
+    val_p = {r.patient for r in tiny_records if r.split == 'val'}
+    paths = list_slices(tiny_data, train_p | val_p)
+    dls = autoencoder_dls(paths, val_p, size=32, bs=2, seed=0)
+    assert len(dls.train_ds) + len(dls.valid_ds) == len(paths)
+    (x,) = dls.one_batch()
+    assert isinstance(x, TensorCT) and x.shape == (2, 1, 32, 32)

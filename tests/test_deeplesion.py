@@ -1,0 +1,134 @@
+"""The reader: real DeepLesion rows, malformed rows, HU pixels, windows, neighbours."""
+import csv
+import io
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lesion_fastai.deeplesion import (COLUMNS, HU_OFFSET, WINDOWS, context_paths, image_path, list_slices, load_hu,
+                                      read_dl_info, resolve_windows, save_hu, slice_records, window)
+
+
+def test_real_sample_counts(sample_csv):
+    df = read_dl_info(sample_csv)
+    assert len(df) == 158
+    assert df.file_name.nunique() == 152
+    assert df.split.value_counts().to_dict() == {'train': 105, 'val': 18, 'test': 35}
+    assert len(slice_records(df)) == 152
+    assert (df.x2 >= df.x1).all() and (df.y2 >= df.y1).all()
+    assert set(df.columns) >= {'x1', 'y1', 'x2', 'y2', 'long_x1', 'short_y2', 'diameter_long_px', 'location_z', 'slice_first',
+                               'slice_last', 'spacing_x_mm', 'spacing_z_mm', 'width', 'height', 'window_low', 'window_high',
+                               'lesion_type', 'noisy', 'gender', 'age', 'split', 'image_path', 'series_dir'}
+
+
+def test_real_sample_first_row_typed(sample_csv):
+    r = read_dl_info(sample_csv).iloc[0]
+    assert r.file_name == '000089_01_01_037.png' and r.patient == 89 and r.key_slice == 37
+    assert (r.x1, r.y1, r.x2, r.y2) == (132.977, 171.808, 165.939, 214.029)
+    assert (r.slice_first, r.slice_last, r.spacing_z_mm) == (31, 43, 5.0)
+    assert (r.window_low, r.window_high) == (-175., 275.) and r.split == 'train' and r.age == 71.
+    assert r.image_path.endswith('Images_png/000089_01_01/037.png')
+
+
+def test_multi_lesion_slices_keep_all_boxes_and_train_on_largest(sample_csv):
+    recs = slice_records(read_dl_info(sample_csv))
+    multi = [r for r in recs if len(r.boxes) > 1]
+    assert len(multi) == 6  # 158 rows on 152 slices: six slices with two lesions
+    assert sum(len(r.boxes) for r in recs) == 158
+    for r in multi:
+        areas = (r.boxes[:, 2] - r.boxes[:, 0]) * (r.boxes[:, 3] - r.boxes[:, 1])
+        assert np.array_equal(r.target, r.boxes[areas.argmax()])
+
+
+def test_image_path_layout():
+    assert image_path('000001_01_01_109.png', '/d').as_posix() == '/d/Images_png/000001_01_01/109.png'
+    assert image_path('000001_01_01_007.png').as_posix() == 'Images_png/000001_01_01/007.png'
+
+
+def _csv_with(sample_csv, tmp_path, row_index, column, value, header=None):
+    rows = list(csv.reader(open(sample_csv)))
+    if header is not None: rows[0] = header
+    if column is not None: rows[row_index + 1][COLUMNS.index(column)] = value
+    path = tmp_path / 'DL_info.csv'
+    with open(path, 'w', newline='') as f: csv.writer(f).writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize('column,value,message', [
+    ('Bounding_boxes', '1, 2, 3', 'Bounding_boxes has 3 numbers, expected 4'),
+    ('Measurement_coordinates', '1, 2, 3, 4', 'Measurement_coordinates has 4 numbers, expected 8'),
+    ('Bounding_boxes', '50, 10, 40, 20', 'x2 < x1'),
+    ('Train_Val_Test', '4', "Train_Val_Test '4' is unknown"),
+    ('Spacing_mm_px_', 'a, b, c', 'Spacing_mm_px_'),
+    ('Key_slice_index', '12', 'disagrees'),
+    ('Patient_age', 'old', 'Patient_age'),
+])
+def test_malformed_row_names_file_line_and_field(sample_csv, tmp_path, column, value, message):
+    path = _csv_with(sample_csv, tmp_path, 16, column, value)  # 17th data row = line 18
+    with pytest.raises(ValueError) as e: read_dl_info(path)
+    assert str(path) in str(e.value) and 'line 18' in str(e.value) and message in str(e.value)
+
+
+def test_wrong_header(sample_csv, tmp_path):
+    header = list(COLUMNS); header[6] = 'Boxes'
+    with pytest.raises(ValueError, match=r"line 1: header .*missing \['Bounding_boxes'\]"):
+        read_dl_info(_csv_with(sample_csv, tmp_path, 0, None, None, header=header))
+
+
+def test_non_strict_skips_bad_rows_with_one_warning(sample_csv, tmp_path):
+    path = _csv_with(sample_csv, tmp_path, 3, 'Bounding_boxes', '1, 2')
+    with pytest.warns(UserWarning, match=r'(?s)skipped 1 bad row.*line 5: Bounding_boxes has 2 numbers') as w:
+        df = read_dl_info(path, strict=False)
+    assert len(w) == 1 and len(df) == 157
+
+
+def test_missing_age_is_allowed(sample_csv, tmp_path):
+    df = read_dl_info(_csv_with(sample_csv, tmp_path, 0, 'Patient_age', ''))
+    assert np.isnan(df.age[0]) and df.age[1:].notna().all()
+
+
+def test_hu_round_trip_exact_any_size(tmp_path):
+    rng = np.random.default_rng(0)
+    for shape in [(64, 64), (48, 96)]:
+        hu = rng.integers(-HU_OFFSET, HU_OFFSET - 1, size=shape).astype(np.float32)
+        save_hu(tmp_path / 'x.png', hu)
+        with Image.open(tmp_path / 'x.png') as im: assert im.mode.startswith('I;16')
+        back = load_hu(tmp_path / 'x.png')
+        assert back.shape == shape and back.dtype == np.float32 and np.array_equal(back, hu)
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGB'])
+def test_8bit_png_is_rejected(tmp_path, mode):
+    Image.new(mode, (8, 8)).save(tmp_path / 'x.png')
+    with pytest.raises(ValueError, match=r"x.png.*expected a 16-bit"): load_hu(tmp_path / 'x.png')
+
+
+def test_windows():
+    hu = np.array([-2000., -150., 50., 250., 5000.])
+    assert np.allclose(window(hu, *WINDOWS['soft']), [0, 0, .5, 1, 1])
+    assert resolve_windows('soft,lung') == [WINDOWS['soft'], WINDOWS['lung']]
+    assert resolve_windows(['dicom', '-100:100'], (-175, 275)) == [(-175., 275.), (-100., 100.)]
+    with pytest.raises(ValueError, match='unknown window'): resolve_windows('brain')
+    with pytest.raises(ValueError, match='needs the row'): resolve_windows('dicom')
+
+
+def test_neighbours_fall_back_to_nearest_shipped_slice(tmp_path):
+    d = tmp_path / 'Images_png' / '000001_01_01'
+    for k in (10, 11, 13): save_hu(d / f'{k:03d}.png', np.zeros((4, 4)))
+    key = d / '011.png'
+    assert [p.name for p in context_paths(key, 1)] == ['010.png', '011.png', '011.png']
+    # 012 is missing: its nearest shipped slices are 011 (key) and 013, ties go towards the key slice
+    assert [p.name for p in context_paths(key, 2)] == ['010.png', '010.png', '011.png', '011.png', '013.png']
+    assert [p.name for p in context_paths(d / '010.png', 1)] == ['010.png', '010.png', '011.png']
+
+
+def test_list_slices(tiny_data):
+    from lesion_fastai.deeplesion import read_dl_info
+    df = read_dl_info(tiny_data / 'DL_info.csv')
+    every = list_slices(tiny_data)
+    train = list_slices(tiny_data, set(df[df.split == 'train'].patient))
+    assert len(every) > df.file_name.nunique()          # neighbours are listed too
+    assert 0 < len(train) < len(every)
+    with pytest.raises(FileNotFoundError, match='Images_png'): list_slices(tiny_data / 'nope')

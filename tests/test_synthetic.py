@@ -1,0 +1,60 @@
+"""The built-in generator writes DeepLesion's layout, and the reader reads it back."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from lesion_fastai.deeplesion import list_slices, load_hu, read_dl_info, slice_records
+from lesion_fastai.synthetic import generate, main
+
+
+def test_round_trip_layout(tiny_data):
+    df = read_dl_info(tiny_data / 'DL_info.csv')
+    assert len(df.columns) == 38 and df.file_name.is_unique is False or df.file_name.nunique() <= len(df)
+    for path in set(df.image_path):
+        with Image.open(path) as im: assert im.mode.startswith('I;16') and im.size == (64, 64)
+    assert ((df.x1 >= 0) & (df.y1 >= 0) & (df.x2 <= df.width) & (df.y2 <= df.height) & (df.x1 < df.x2) & (df.y1 < df.y2)).all()
+    by_patient = df.groupby('patient').split.nunique()
+    assert (by_patient == 1).all()                       # a patient is in one split only
+    assert set(df.split) == {'train', 'val', 'test'}
+    assert (df.lesion_type[df.split == 'train'] == -1).all() and (df.lesion_type[df.split != 'train'] > 0).all()
+    assert df.groupby('file_name').size().between(1, 3).all()
+
+
+def test_neighbours_are_shipped_but_unlabeled(tiny_data):
+    df = read_dl_info(tiny_data / 'DL_info.csv')
+    every = {str(p) for p in list_slices(tiny_data)}
+    keys = set(df.image_path)
+    assert keys < every
+    for r in df.itertuples():  # Slice_range names shipped slices around the key slice
+        assert r.slice_first < r.key_slice < r.slice_last
+        assert str(tiny_data / 'Images_png' / r.series_dir / f'{r.slice_first:03d}.png') in every
+
+
+def test_lesions_are_visible_with_ct_contrast(tiny_data):
+    """A lesion's centre differs from the surrounding ring by tens of HU; the image has air and body."""
+    df = read_dl_info(tiny_data / 'DL_info.csv')
+    contrasts = []
+    for r in df.itertuples():
+        hu = load_hu(r.image_path)
+        cx, cy = int((r.long_x1 + r.long_x2) / 2), int((r.long_y1 + r.long_y2) / 2)
+        assert hu.min() < -800 and hu.max() > 100
+        centre = hu[cy, cx]
+        contrasts.append(abs(centre - np.median(hu[max(0, int(r.y1) - 2):int(r.y2) + 3, max(0, int(r.x1) - 2):int(r.x2) + 3])))
+    assert np.median(contrasts) > 10
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a, b = generate(tmp_path / 'a', patients=3, size=32, seed=7), generate(tmp_path / 'b', patients=3, size=32, seed=7)
+    assert a.read_text() == b.read_text()
+    pa, pb = list_slices(tmp_path / 'a'), list_slices(tmp_path / 'b')
+    assert [p.relative_to(tmp_path / 'a') for p in pa] == [p.relative_to(tmp_path / 'b') for p in pb]
+    assert all(np.array_equal(load_hu(x), load_hu(y)) for x, y in zip(pa, pb))
+    c = generate(tmp_path / 'c', patients=3, size=32, seed=8)
+    assert c.read_text() != a.read_text()
+
+
+def test_refuses_to_overwrite_and_cli_errors(tmp_path, capsys):
+    generate(tmp_path / 'd', patients=3, size=32, seed=0)
+    with pytest.raises(FileExistsError, match='DL_info.csv exists'): generate(tmp_path / 'd', patients=3, size=32)
+    with pytest.raises(SystemExit): main(['--out', str(tmp_path / 'e'), '--patients', '1'])
+    assert '--patients must be at least 3' in capsys.readouterr().err
