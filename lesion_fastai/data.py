@@ -45,12 +45,16 @@ def downsample(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return F.interpolate(img[None], size=size, mode='area')[0]
 
 
-class CTSlice:
+class CTSlice(Transform):
     """Load a slice (a `SliceRecord` or a PNG path) as `TensorCT` [C, size, size]: for each window, the
     key slice then its neighbours k-1, k+1, ..., k-c, k+c (missing neighbours fall back to the
     nearest shipped slice). `windows` as in `deeplesion.resolve_windows`; 'dicom' uses the record's
-    own DICOM window (a plain path falls back to 'soft')."""
+    own DICOM window (a plain path falls back to 'soft'). `cache`: a dict-like (path -> tensor) that
+    keeps prepared slices, so epochs after the first skip PNG decoding (use with num_workers=0)."""
+    input_types = (SliceRecord, str, Path)  # lets learn.predict take a PNG path as well as a record
+
     def __init__(self, windows: str = 'soft', context: int = 0, size: int = 256, cache=None):
+        super().__init__()
         self.windows, self.context, self.size, self.cache = windows, context, size, cache
         self.n_channels = len(resolve_windows(windows, (0, 1))) * (2 * context + 1)
 
@@ -66,13 +70,16 @@ class CTSlice:
         chans = np.stack([window(h, lo, hi) for lo, hi in wins for h in hus])
         return downsample(torch.from_numpy(chans), self.size)
 
-    def __call__(self, item) -> TensorCT:
+    def encodes(self, item) -> TensorCT:
         if isinstance(item, SliceRecord): path, dw = item.image_path, item.dicom_window
         else: path, dw = str(item), None
-        if self.cache is not None:
-            t = self.cache.get(path)
-            if t is not None: return TensorCT(t)
-        return TensorCT(self.channels(path, dw))
+        if self.cache is None: return TensorCT(self.channels(path, dw))
+        t = self.cache.get(path)
+        if t is None: t = self.cache[path] = self.channels(path, dw)
+        return TensorCT(t)
+
+    def __getstate__(self):  # an exported learner carries the settings, not the cached pixels
+        return {**self.__dict__, 'cache': None}
 
 
 class BoxTarget:

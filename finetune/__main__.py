@@ -1,0 +1,77 @@
+"""python -m finetune: train the one-box lesion localizer, from scratch or from a pretrained encoder.
+
+Examples:
+    python -m finetune --data data/synthetic --out runs/scratch
+    python -m finetune --data data/synthetic --pretrained runs/pretrain/pretrained.pth --freeze sandwich --out runs/sandwich
+    python -m finetune --eval runs/sandwich/export.pkl --data data/synthetic
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from lesion_fastai.freeze import FREEZE_MODES
+from lesion_fastai.losses import TERMS
+from lesion_fastai.models.localizer import HEADS
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog='python -m finetune', description=__doc__.split('\n\n')[0],
+                                 epilog=__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--data', type=Path, required=True, help='DeepLesion-layout folder: DL_info.csv and Images_png/')
+    ap.add_argument('--out', type=Path, default=None, help='output folder (default runs/finetune); with --eval, where eval files go')
+    ap.add_argument('--eval', type=Path, default=None, metavar='MODEL', help='only evaluate an exported model (export.pkl) on the test split')
+    ap.add_argument('--head', choices=sorted(HEADS), default='direct', help='direct (sigmoid x1,y1,w,h) or gaussian (mean + kappa-scaled std) (default direct)')
+    ap.add_argument('--target', choices=['points', 'bbox'], default='points', help='fastai target block: PointBlock corners or BBoxBlock (default points)')
+    ap.add_argument('--size', type=int, default=None, help='input size in pixels (default half the native size, or the checkpoint\'s)')
+    ap.add_argument('--windows', default=None, help="CT windows as channels, e.g. soft,lung or -100:200 or dicom (default soft, or the checkpoint's)")
+    ap.add_argument('--context', type=int, default=None, help="neighbour slices on each side as extra channels (default 0, or the checkpoint's)")
+    ap.add_argument('--epochs', type=int, default=20, help='epochs of fit_one_cycle (default 20)')
+    lr = ap.add_mutually_exclusive_group()
+    lr.add_argument('--lr', type=float, default=3e-3, help='maximum learning rate of the one-cycle schedule (default 3e-3)')
+    lr.add_argument('--lr-find', action='store_true', help="pick the learning rate with fastai's lr_find (valley)")
+    ap.add_argument('--bs', type=int, default=16, help='batch size (default 16)')
+    ap.add_argument('--loss', default='ciou+diou+giou', help=f"sum of terms from {', '.join(TERMS)} joined by + (default ciou+diou+giou)")
+    ap.add_argument('--map-weight', type=float, default=1., help='weight of the centre-map loss: cross-entropy of the position scores at the '
+                    'target centre plus the box loss at that position (default 1; 0 trains on the box loss alone)')
+    ap.add_argument('--label-fraction', type=float, default=1., help='fraction of training patients whose labels are used, chosen with --seed (default 1)')
+    ap.add_argument('--seed', type=int, default=0, help='random seed for labels subset, initialisation, batches and augmentation (default 0)')
+    ap.add_argument('--pretrained', type=Path, default=None, metavar='CKPT', help='pretrained.pth from python -m pretrain; its settings are used')
+    ap.add_argument('--freeze', choices=FREEZE_MODES, default=None,
+                    help='with --pretrained: sandwich (frozen encoder, trainable transfer layers between its stages, default), '
+                         'encoder (only the head trains), none (all train, encoder at lr/10); scratch without --pretrained')
+    ap.add_argument('--update-frozen-bn', action='store_true', help='let frozen BatchNorm layers update their running statistics (default: keep them)')
+    ap.add_argument('--kappa', type=float, default=.05, help='gaussian head: std scale (default 0.05)')
+    ap.add_argument('--out-bn', action='store_true', help='BatchNorm on the output layer (off by default: it hurt before)')
+    ap.add_argument('--no-augment', action='store_true', help='no flips, rotations, zoom or lighting changes')
+    ap.add_argument('--resume', action='store_true', help='continue an interrupted run from OUT/last.pth')
+    ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: main process, with a slice cache)')
+    args = ap.parse_args(argv)
+    if args.eval is None:
+        for name, v, lo in (('--epochs', args.epochs, 1), ('--bs', args.bs, 1), ('--context', args.context or 0, 0), ('--size', args.size or 32, 32)):
+            if v < lo: ap.error(f'{name} must be at least {lo}, got {v}')
+        if not 0 < args.label_fraction <= 1: ap.error(f'--label-fraction must be in (0, 1], got {args.label_fraction}')
+        if args.lr <= 0: ap.error(f'--lr must be positive, got {args.lr}')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from lesion_fastai.train import FinetuneConfig, evaluate_export, finetune
+    try:
+        if args.eval is not None:
+            m = evaluate_export(args.eval, args.data, args.out)['test']
+            b = m['mean_box_baseline']
+            print(f"test: hit@0.5 {m['hit@0.5']:.3f} (mean box {b['hit@0.5']:.3f}), mean IoU {m['mean_iou']:.3f} ({b['mean_iou']:.3f})")
+            return
+        finetune(FinetuneConfig(
+            data=args.data, out=args.out or Path('runs/finetune'), head=args.head, target=args.target, size=args.size,
+            windows=args.windows, context=args.context, epochs=args.epochs, lr=args.lr, lr_find=args.lr_find, bs=args.bs,
+            loss=args.loss, map_weight=args.map_weight, label_fraction=args.label_fraction, seed=args.seed, pretrained=args.pretrained, freeze=args.freeze,
+            update_frozen_bn=args.update_frozen_bn, kappa=args.kappa, out_bn=args.out_bn, augment=not args.no_augment,
+            resume=args.resume, num_workers=args.workers))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,48 @@
+"""Which parameters train when fine-tuning from a pretrained encoder, and what frozen BatchNorm does.
+
+* `sandwich`: the pretrained encoder frozen; fresh `TransferLayer`s between its stages and a fresh head train.
+* `encoder`: the whole encoder frozen, only the head trains (a linear probe on pretrained features).
+* `none`: everything trains from the pretrained weights, the encoder at a tenth of the head's rate.
+* `scratch`: no pretrained weights, everything trains.
+
+BatchNorm policy: frozen layers keep their running statistics and affine weights (fastai's
+`train_bn=False` plus `BnFreeze`, which holds frozen BatchNorm layers in eval mode). With
+`update_frozen_bn=True` their statistics adapt to the new data while their weights stay frozen.
+"""
+from __future__ import annotations
+
+from fastai.callback.training import BnFreeze
+
+__all__ = ['FREEZE_MODES', 'localizer_splitter', 'apply_freeze', 'freeze_callbacks', 'parameter_counts', 'lr_for']
+
+FREEZE_MODES = ('sandwich', 'encoder', 'none', 'scratch')
+
+
+def localizer_splitter(model):
+    "Two parameter groups: the (pretrained) encoder, then everything fresh (transfer layers and head)."
+    enc = list(model.encoder.parameters())
+    ids = {id(p) for p in enc}
+    return [enc, [p for p in model.parameters() if id(p) not in ids]]
+
+
+def apply_freeze(learn, mode: str) -> None:
+    "Freeze the encoder group for 'sandwich' / 'encoder'; train everything for 'none' / 'scratch'."
+    if mode not in FREEZE_MODES: raise ValueError(f"freeze mode {mode!r}: expected one of {FREEZE_MODES}")
+    if mode in ('sandwich', 'encoder'): learn.freeze_to(1)
+    else: learn.unfreeze()
+
+
+def freeze_callbacks(mode: str, update_frozen_bn: bool = False) -> list:
+    "BnFreeze keeps frozen BatchNorm layers in eval mode (running statistics unchanged)."
+    return [BnFreeze()] if mode in ('sandwich', 'encoder') and not update_frozen_bn else []
+
+
+def lr_for(mode: str, lr: float):
+    "Discriminative rates for full fine-tuning of pretrained weights; one rate otherwise."
+    return slice(lr / 10, lr) if mode == 'none' else lr
+
+
+def parameter_counts(model) -> dict:
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    return {'trainable': n_train, 'frozen': n_all - n_train}

@@ -1,0 +1,44 @@
+"""Box regression losses: a sum of terms named by a string such as 'ciou+diou+giou'.
+
+Predictions are [B, 4] x1,y1,x2,y2 in [-1, 1]; targets are whatever the DataBlock gives ([B, 2, 2]
+corners or [B, 1, 4] boxes). Both are moved to [0, 1] before the terms, so L1 / MSE are in image
+fractions and the IoU terms are torchvision's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
+
+from .data import boxes_to_xyxy
+
+__all__ = ['TERMS', 'BoxLoss', 'to_unit']
+
+TERMS = {
+    'ciou': lambda p, t: complete_box_iou_loss(p, t, reduction='mean'),
+    'diou': lambda p, t: distance_box_iou_loss(p, t, reduction='mean'),
+    'giou': lambda p, t: generalized_box_iou_loss(p, t, reduction='mean'),
+    'l1': F.l1_loss,
+    'mse': F.mse_loss,
+}
+
+
+def to_unit(t: torch.Tensor) -> torch.Tensor:
+    "Any box layout in [-1, 1] -> [B, 4] x1,y1,x2,y2 in [0, 1] (float32)."
+    return (boxes_to_xyxy(torch.as_tensor(t)).float() + 1) / 2
+
+
+class BoxLoss:
+    "Sum of the named terms, e.g. BoxLoss('ciou+diou+giou') or BoxLoss('giou+l1')."
+    def __init__(self, spec: str = 'ciou+diou+giou'):
+        self.terms = [s.strip().lower() for s in spec.split('+') if s.strip()]
+        unknown = [t for t in self.terms if t not in TERMS]
+        if unknown or not self.terms:
+            raise ValueError(f"loss {spec!r}: unknown term(s) {unknown}; expected terms from {sorted(TERMS)} joined by '+'")
+        self.spec = '+'.join(self.terms)
+
+    def __call__(self, pred, targ):
+        p, t = to_unit(pred), to_unit(targ)
+        return sum(TERMS[name](p, t) for name in self.terms)
+
+    def __repr__(self): return f"BoxLoss('{self.spec}')"

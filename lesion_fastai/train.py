@@ -1,0 +1,315 @@
+"""The two training runs and the evaluation, as functions of a config, shared by `python -m pretrain`,
+`python -m finetune`, the demo and the benchmarks (the entry points only parse arguments).
+
+Each run writes into its `out` folder: `history.csv` (one row per epoch), `models/best.pth` (best
+epoch, atomically), `last.pth` (resume state after every epoch), figures and a JSON of results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.learner import Learner, load_learner
+from fastai.torch_core import set_seed
+from torch import nn
+
+from .callbacks import AtomicSaveModelCallback, CentreMapLoss, MaskedCorruption, ResumableCSVLogger, ResumeState, corrupt
+from .checkpoint import load_encoder, load_pretrained, save_pretrained
+from .data import autoencoder_dls, localization_dls, select_patients, CTSlice
+from .deeplesion import list_slices, read_dl_info, resolve_windows, slice_records
+from .freeze import apply_freeze, freeze_callbacks, localizer_splitter, lr_for, parameter_counts
+from .losses import BoxLoss
+from .metrics import evaluate, mean_box, mean_iou
+from .models.autoencoder import create_autoencoder
+from .models.localizer import Localizer
+from .plots import plot_reconstructions, plot_results
+
+__all__ = ['PretrainConfig', 'FinetuneConfig', 'pretrain', 'finetune', 'evaluate_export', 'load_data', 'predict_boxes',
+           'write_json']
+
+
+def write_json(obj, path: Path) -> Path:
+    "Atomic JSON write (temp file + rename)."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def load_data(data: Path | str):
+    """(lesion table, slice records) of a DeepLesion-layout folder; clear errors when it is not one."""
+    data = Path(data)
+    if not data.is_dir(): raise FileNotFoundError(f"--data {data}: no such folder")
+    csv = data / 'DL_info.csv'
+    if not csv.is_file(): raise FileNotFoundError(f"{csv}: missing; --data must hold DL_info.csv and Images_png/ "
+                                                  f"(make one with python -m lesion_fastai.synthetic --out {data})")
+    df = read_dl_info(csv)
+    if df.empty: raise ValueError(f"{csv}: no lesion rows")
+    records = slice_records(df)
+    missing = [r.image_path for r in records if not Path(r.image_path).is_file()]
+    if missing: raise FileNotFoundError(f"{len(missing)} key slice(s) named in {csv} are missing, first {missing[0]}")
+    return df, records
+
+
+def _native_size(records) -> int:
+    return int(np.median([r.width for r in records]))
+
+
+def _n_channels(windows: str, context: int) -> int:
+    return len(resolve_windows(windows, (0, 1))) * (2 * context + 1)
+
+
+# --- pretraining ---------------------------------------------------------------------------------------------
+
+@dataclass
+class PretrainConfig:
+    data: Path
+    out: Path
+    epochs: int = 10
+    lr: float = 3e-3
+    bs: int = 16
+    size: int | None = None           # default: half the native slice size
+    windows: str = 'soft'
+    context: int = 0
+    seed: int = 0
+    patients: str = 'train'           # 'train' or 'all'
+    mask_ratio: float = .5
+    patch: int | None = None          # default: size // 16
+    noise_std: float = .05
+    loss: str = 'l1'
+    resume: bool = False
+    num_workers: int = 0
+    cache: bool = True
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Train the autoencoder on every slice of the chosen patients (labels unused), reconstructing clean
+    slices from masked, noisy ones. Writes `pretrained.pth` (encoder + decoder + construction
+    arguments + config), `reconstructions.png`, `history.csv`, `pretrain_metrics.json`."""
+    t0 = time.time()
+    out = Path(cfg.out); out.mkdir(parents=True, exist_ok=True)
+    df, records = load_data(cfg.data)
+    size = cfg.size or _native_size(records) // 2
+    patch = cfg.patch or max(2, size // 16)
+    train_p = set(df.patient[df.split == 'train']) if cfg.patients == 'train' else set(df.patient[df.split != 'val'])
+    val_p = set(df.patient[df.split == 'val'])
+    if cfg.patients not in ('train', 'all'): raise ValueError(f"patients {cfg.patients!r}: expected 'train' or 'all'")
+    paths = list_slices(cfg.data, train_p | val_p)
+    n_train = sum(int(Path(p).parent.name.split('_')[0]) in train_p for p in paths)
+    print(f"pretraining on {n_train} slices of {len(train_p)} patients ({len(paths) - n_train} validation slices), "
+          f"{size} px, windows {cfg.windows}, context {cfg.context}")
+    set_seed(cfg.seed, reproducible=True)
+    dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed,
+                          cache={} if cfg.cache else None)
+    model = create_autoencoder(_n_channels(cfg.windows, cfg.context))
+    loss = {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
+    learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
+                    cbs=[MaskedCorruption(cfg.mask_ratio, patch, cfg.noise_std)])
+    untrained = float(learn.validate()[0])
+    best = AtomicSaveModelCallback(monitor='valid_loss', fname='best')
+    csv = ResumableCSVLogger(out / 'history.csv')
+    resume = ResumeState(out / 'last.pth', best, csv)
+    start = resume.restore(learn) if cfg.resume and resume.file.exists() else 0
+    if cfg.resume and start: print(f"resuming from {resume.file} at epoch {start}")
+    if start < cfg.epochs:
+        learn.fit_one_cycle(cfg.epochs, cfg.lr, start_epoch=start,
+                            cbs=[best, resume, csv])
+    trained = float(learn.validate()[0])
+    config = {**asdict(cfg), 'size': size, 'patch': patch, 'data': str(cfg.data), 'out': str(out),
+              'in_chans': _n_channels(cfg.windows, cfg.context)}
+    ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)
+    _reconstruction_figure(learn, cfg, patch, out / 'reconstructions.png')
+    copy = _copy_baseline(learn, cfg, patch)
+    metrics = {'valid_loss_untrained': untrained, 'valid_loss': trained, 'valid_loss_copy_input': copy,
+               'train_slices': n_train, 'config': config, 'time_s': round(time.time() - t0, 1)}
+    write_json(metrics, out / 'pretrain_metrics.json')
+    print(f"valid loss {trained:.4f} (untrained {untrained:.4f}, copying the corrupted input {copy:.4f}); wrote {ckpt}")
+    return metrics
+
+
+@torch.no_grad()
+def _copy_baseline(learn, cfg, patch) -> float:
+    "The loss of returning the corrupted input unchanged: a model must beat it to have learned anything."
+    g = torch.Generator().manual_seed(0)
+    losses = [float(learn.loss_func(corrupt(x, cfg.mask_ratio, patch, cfg.noise_std, g)[0], x)) for (x,) in learn.dls.valid]
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def _reconstruction_figure(learn, cfg, patch, path, n=4):
+    (x,) = learn.dls.valid.one_batch()
+    x = x[:n]
+    xc, _ = corrupt(x, cfg.mask_ratio, patch, cfg.noise_std, torch.Generator(device=x.device).manual_seed(0))
+    learn.model.eval()
+    y = learn.model(xc)
+    return plot_reconstructions(x[:, 0].cpu().numpy(), xc[:, 0].cpu().numpy(), y[:, 0].cpu().numpy(), path)
+
+
+# --- fine-tuning ---------------------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneConfig:
+    data: Path
+    out: Path
+    head: str = 'direct'
+    target: str = 'points'
+    size: int | None = None           # default: half the native size, or the checkpoint's
+    windows: str | None = None        # default: 'soft', or the checkpoint's
+    context: int | None = None        # default: 0, or the checkpoint's
+    epochs: int = 20
+    lr: float = 3e-3
+    lr_find: bool = False
+    bs: int = 16
+    loss: str = 'ciou+diou+giou'
+    map_weight: float = 1.            # weight of the centre-map loss (0: box loss alone)
+    label_fraction: float = 1.
+    seed: int = 0
+    pretrained: Path | None = None
+    freeze: str | None = None         # default: 'sandwich' with --pretrained, else 'scratch'
+    update_frozen_bn: bool = False
+    kappa: float = .05
+    out_bn: bool = False
+    augment: bool = True
+    resume: bool = False
+    num_workers: int = 0
+    cache: bool = True
+    n_figure: int = 8
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _resolve(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
+    "Settings of this run: from the checkpoint when there is one (a disagreeing flag is an error)."
+    ckpt = load_pretrained(cfg.pretrained) if cfg.pretrained else None
+    freeze = cfg.freeze or ('sandwich' if ckpt else 'scratch')
+    if ckpt is None and freeze != 'scratch':
+        raise ValueError(f"--freeze {freeze} needs --pretrained CHECKPOINT (without one the model trains from scratch)")
+    if ckpt is not None and freeze == 'scratch':
+        raise ValueError("--freeze scratch ignores --pretrained: drop one of them")
+    defaults = {'windows': 'soft', 'context': 0, 'size': _native_size(records) // 2}
+    settings = {}
+    for k in ('windows', 'context', 'size'):
+        flag = getattr(cfg, k)
+        if ckpt is not None:
+            have = ckpt['config'][k]
+            if flag is not None and flag != have:
+                raise ValueError(f"--{k} {flag} disagrees with the checkpoint {cfg.pretrained}, pretrained with {k} {have}")
+            settings[k] = have
+        else: settings[k] = flag if flag is not None else defaults[k]
+    settings['freeze'] = freeze
+    return settings, ckpt
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Train the localizer (from scratch or from a pretrained encoder in a freeze mode) with
+    `fit_one_cycle`, keep the best epoch by validation IoU, evaluate on validation and test patients
+    beside the mean-box baseline, and write `metrics.json`, `results.png`, `history.csv` and the
+    exported learner `export.pkl`."""
+    t0 = time.time()
+    out = Path(cfg.out); out.mkdir(parents=True, exist_ok=True)
+    df, records = load_data(cfg.data)
+    s, ckpt = _resolve(cfg, records)
+    train_all = [r for r in records if r.split == 'train']
+    train = select_patients(train_all, cfg.label_fraction, cfg.seed)
+    valid = [r for r in records if r.split == 'val']
+    test = [r for r in records if r.split == 'test' and not r.noisy]   # the standard test set drops noisy rows
+    if not train or not valid: raise ValueError(f"{cfg.data}: needs train (Train_Val_Test 1) and validation (2) slices")
+    set_seed(cfg.seed, reproducible=True)
+    dls = localization_dls(train + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
+                           cfg.num_workers, cfg.seed, cache={} if cfg.cache else None)
+    in_chans = _n_channels(s['windows'], s['context'])
+    enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans}
+    if enc_args['in_chans'] != in_chans:
+        raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
+    model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich', out_bn=cfg.out_bn, kappa=cfg.kappa)
+    if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
+    learn = Learner(dls, model, loss_func=BoxLoss(cfg.loss), metrics=[mean_iou], splitter=localizer_splitter,
+                    train_bn=False, path=out, model_dir='models', cbs=[CentreMapLoss(cfg.map_weight)])
+    apply_freeze(learn, s['freeze'])
+    counts = parameter_counts(model)
+    print(f"freeze {s['freeze']}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters; "
+          f"{len(train)} training slices of {len({r.patient for r in train})} patients, {len(valid)} validation, {len(test)} test")
+    lr = cfg.lr
+    if cfg.lr_find:
+        lr = float(learn.lr_find(show_plot=False).valley)
+        print(f"lr_find: {lr:.2e}")
+    best = AtomicSaveModelCallback(monitor='mean_iou', fname='best')
+    csv = ResumableCSVLogger(out / 'history.csv')
+    resume = ResumeState(out / 'last.pth', best, csv)
+    start = resume.restore(learn) if cfg.resume and resume.file.exists() else 0
+    if cfg.resume and start: print(f"resuming from {resume.file} at epoch {start}")
+    cbs = [best, resume, csv, *freeze_callbacks(s['freeze'], cfg.update_frozen_bn)]
+    if start < cfg.epochs:
+        if cfg.quiet:
+            with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(cfg.epochs, lr_for(s['freeze'], lr), start_epoch=start, cbs=cbs)
+        else: learn.fit_one_cycle(cfg.epochs, lr_for(s['freeze'], lr), start_epoch=start, cbs=cbs)
+    elif (out / 'models' / 'best.pth').exists(): learn.load('best')
+    baseline = mean_box(train)
+    results = {}
+    for name, recs in (('valid', valid), ('test', test)):
+        if not recs: continue
+        boxes, std, images = predict_boxes(learn, recs)
+        results[name] = evaluate(boxes, recs, baseline)
+        if name == 'test': _results_figure(recs, boxes, std, images, results[name], out / 'results.png', cfg.n_figure)
+    config = {**asdict(cfg), **s, 'lr': lr, 'data': str(cfg.data), 'out': str(out),
+              'pretrained': str(cfg.pretrained) if cfg.pretrained else None}
+    learn.export('export.pkl.tmp')
+    os.replace(out / 'export.pkl.tmp', out / 'export.pkl')
+    metrics = {**results, 'mean_box': baseline.tolist(), 'parameters': counts, 'train_slices': len(train),
+               'train_patients': len({r.patient for r in train}), 'config': config, 'time_s': round(time.time() - t0, 1)}
+    write_json(metrics, out / 'metrics.json')
+    if 'test' in results:
+        t, b = results['test'], results['test']['mean_box_baseline']
+        print(f"test: hit@0.5 {t['hit@0.5']:.3f} (mean box {b['hit@0.5']:.3f}), mean IoU {t['mean_iou']:.3f} "
+              f"({b['mean_iou']:.3f}), centre error {t['centre_error_mm']:.1f} mm ({b['centre_error_mm']:.1f}); wrote {out}")
+    return metrics
+
+
+@torch.no_grad()
+def predict_boxes(learn, records, bs: int | None = None):
+    """Predicted boxes [N, 4] (x1,y1,x2,y2 in [0, 1]) for `records`, the Gaussian head's std in the same
+    units (else None), and the first batch's key-slice images [n, H, W] for figures."""
+    dl = learn.dls.test_dl(records, with_labels=False, bs=bs or learn.dls.bs)
+    model = learn.model.eval()
+    boxes, stds, images = [], [], None
+    for b in dl:
+        x = b[0]
+        boxes.append(((model(x) + 1) / 2).float().cpu())
+        std = getattr(model.head, 'last_std', None)
+        if std is not None: stds.append(std.float().cpu())
+        if images is None: images = x[:, 0].float().cpu().numpy()
+    return torch.cat(boxes).numpy(), (torch.cat(stds).numpy() if stds else None), images
+
+
+def _results_figure(records, boxes, std, images, metrics, path, n):
+    n = min(n, len(images))
+    H, W = images.shape[-2:]
+    scale = np.array([W, H, W, H])
+    from .metrics import _slice_scores, to_pixels
+    ious = [_slice_scores(to_pixels(b, r.width, r.height), r)[0] for b, r in zip(boxes[:n], records[:n])]
+    return plot_results(images[:n], records[:n], boxes[:n] * scale, path,
+                        pred_std=None if std is None else std[:n] * scale, ious=ious)
+
+
+def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | None = None) -> dict:
+    """Evaluate an exported learner (`export.pkl`) on the test patients of `data`, beside the mean-box
+    baseline of the data's training split; writes `eval_metrics.json` and `eval_results.png`."""
+    model_path = Path(model_path)
+    if not model_path.is_file(): raise FileNotFoundError(f"--eval {model_path}: no such exported model")
+    out = Path(out) if out else model_path.parent
+    _, records = load_data(data)
+    learn = load_learner(model_path, cpu=not torch.cuda.is_available())
+    test = [r for r in records if r.split == 'test' and not r.noisy]
+    if not test: raise ValueError(f"{data}: no test slices (Train_Val_Test = 3)")
+    boxes, std, images = predict_boxes(learn, test)
+    metrics = {'test': evaluate(boxes, test, mean_box([r for r in records if r.split == 'train'])), 'model': str(model_path)}
+    _results_figure(test, boxes, std, images, metrics['test'], out / 'eval_results.png', 8)
+    write_json(metrics, out / 'eval_metrics.json')
+    return metrics

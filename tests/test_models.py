@@ -1,0 +1,170 @@
+"""Localizer heads, transfer layers, autoencoder, losses and metrics on tiny inputs."""
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
+
+from lesion_fastai.deeplesion import SliceRecord
+from lesion_fastai.losses import BoxLoss
+from lesion_fastai.metrics import evaluate, mean_box, mean_iou
+from lesion_fastai.models.autoencoder import create_autoencoder
+from lesion_fastai.models.localizer import Localizer, create_localizer
+
+TINY = dict(stem_width=8, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1))
+
+
+def _valid(boxes):
+    return bool(((boxes[:, 0] <= boxes[:, 2]) & (boxes[:, 1] <= boxes[:, 3]) & (boxes >= -1).all(1) & (boxes <= 1).all(1)).all())
+
+
+@pytest.mark.parametrize('head', ['direct', 'gaussian'])
+@pytest.mark.parametrize('sandwich', [False, True])
+@pytest.mark.parametrize('in_chans', [1, 3])
+def test_localizer_output_valid_and_every_parameter_gets_a_gradient(head, sandwich, in_chans):
+    torch.manual_seed(0)
+    m = create_localizer(in_chans, head, sandwich, **TINY)
+    x = torch.rand(2, in_chans, 32, 32)
+    out = m(x)
+    assert out.shape == (2, 4) and torch.isfinite(out).all() and _valid(out)
+    BoxLoss('giou+l1')(out, torch.tensor([[-.5, -.5, .2, .3], [0., .1, .5, .6]])).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize('head', ['direct', 'gaussian'])
+@pytest.mark.parametrize('bias', [-30., 30.])
+def test_boxes_valid_for_extreme_outputs(head, bias):
+    m = create_localizer(1, head, **TINY)
+    with torch.no_grad(): m.head.box[-1].bias.fill_(bias); m.head.box[-1].weight.mul_(100)  # saturated sigmoids
+    for mode in ('train', 'eval'):
+        out = getattr(m, mode)()(torch.rand(2, 1, 32, 32))
+        assert torch.isfinite(out).all() and _valid(out)
+
+
+def test_eval_box_is_the_best_scoring_positions_box():
+    torch.manual_seed(0)
+    m = create_localizer(1, 'direct', **TINY).eval()
+    out = m(torch.rand(2, 1, 64, 64))
+    best = m.head.last_scores.flatten(1).argmax(1)
+    assert torch.allclose(out, m.head.last_boxes[torch.arange(2), best] * 2 - 1)
+
+
+def test_gaussian_head_samples_in_training_and_is_deterministic_in_eval():
+    torch.manual_seed(0)
+    m = create_localizer(1, 'gaussian', kappa=.05, **TINY)
+    x = torch.rand(2, 1, 32, 32)
+    m.eval()
+    a, b = m(x), m(x)
+    assert torch.equal(a, b)
+    std = m.head.last_std
+    assert std.shape == (2, 4) and (std > 0).all() and (std < 1).all()
+    m.train()
+    for mod in m.modules():  # keep BatchNorm out of the comparison
+        if isinstance(mod, torch.nn.BatchNorm2d): mod.eval()
+    assert not torch.equal(m(x), m(x))
+
+
+def test_output_batchnorm_is_optional_and_off_by_default():
+    assert not isinstance(create_localizer(1, **TINY).head.box[-1], torch.nn.BatchNorm2d)
+    assert isinstance(create_localizer(1, out_bn=True, **TINY).head.box[-1], torch.nn.BatchNorm2d)
+
+
+def test_untrained_sandwich_computes_the_encoder_features():
+    torch.manual_seed(0)
+    plain, sandwich = create_localizer(1, sandwich=False, **TINY), create_localizer(1, sandwich=True, **TINY)
+    sandwich.encoder.load_state_dict(plain.encoder.state_dict(), strict=True)
+    x = torch.rand(2, 1, 64, 64)
+    for mode in ('eval', 'train'):
+        getattr(plain, mode)(); getattr(sandwich, mode)()
+        assert torch.allclose(sandwich.features(x)[-1], plain.encoder(x), atol=1e-6)
+
+
+@pytest.mark.parametrize('size', [32, 64])
+def test_autoencoder_shapes_and_encoder_moves_strictly(size):
+    ae = create_autoencoder(3, **TINY)
+    x = torch.rand(2, 3, size, size)
+    y = ae(x)
+    assert y.shape == x.shape and (y >= 0).all() and (y <= 1).all()
+    loc = Localizer(ae.encoder_args)
+    loc.encoder.load_state_dict(ae.encoder.state_dict(), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(loc.encoder.state_dict().values(), ae.encoder.state_dict().values()))
+
+
+# --- losses -------------------------------------------------------------------------------------------------
+
+P = torch.tensor([[-.5, -.5, .2, .3], [0., .1, .5, .6], [-.9, -.9, -.8, -.7]])
+T = torch.tensor([[-.4, -.6, .1, .4], [.2, .0, .6, .5], [.5, .5, .9, .9]])
+
+
+@pytest.mark.parametrize('spec,fn', [('ciou', complete_box_iou_loss), ('diou', distance_box_iou_loss), ('giou', generalized_box_iou_loss)])
+def test_iou_losses_equal_torchvision(spec, fn):
+    expect = fn((P + 1) / 2, (T + 1) / 2, reduction='mean')
+    assert torch.allclose(BoxLoss(spec)(P, T), expect)
+    assert torch.allclose(BoxLoss(spec)(P, T.view(3, 2, 2)), expect)       # PointBlock target layout
+    assert torch.allclose(BoxLoss(spec)(P, T.view(3, 1, 4)), expect)       # BBoxBlock target layout
+
+
+def test_loss_sum_of_terms_and_l1_mse():
+    p, t = (P + 1) / 2, (T + 1) / 2
+    total = complete_box_iou_loss(p, t, reduction='mean') + distance_box_iou_loss(p, t, reduction='mean') + \
+        generalized_box_iou_loss(p, t, reduction='mean')
+    assert torch.allclose(BoxLoss('ciou+diou+giou')(P, T), total)
+    assert torch.allclose(BoxLoss('l1+mse')(P, T), (p - t).abs().mean() + ((p - t) ** 2).mean())
+    assert float(BoxLoss('giou')(T, T)) == pytest.approx(0, abs=1e-5)
+    with pytest.raises(ValueError, match="unknown term"): BoxLoss('iou+l3')
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+def _record(boxes, types=(-1,), spacing=(.5, .5), size=100):
+    return SliceRecord(image_path='x.png', split='test', patient=1, width=size, height=size, spacing_mm=spacing,
+                       dicom_window=(-175, 275), boxes=np.array(boxes, np.float32), lesion_types=tuple(types))
+
+
+def test_mean_iou_metric_hand_computed():
+    pred = torch.tensor([[-1., -1., 0., 0.], [-1., -1., 0., 0.]])    # unit boxes (0,0,.5,.5)
+    targ = torch.tensor([[-1., -1., 0., 0.], [-.5, -1., .5, 0.]])    # same; shifted by half: IoU 1/3
+    assert float(mean_iou(pred, targ)) == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_evaluate_matches_any_lesion_on_the_slice():
+    two = _record([[10, 10, 30, 30], [60, 60, 80, 80]], types=(4, 6))
+    one = _record([[20, 20, 40, 40]], types=(4,), spacing=(1., 2.))
+    pred = np.array([[.6, .6, .8, .8],        # exactly the second lesion of the two-lesion slice
+                     [.25, .2, .45, .4]])     # shifted 5 px in x from the lesion: IoU 15*20/(2*400-300) = 0.6
+    m = evaluate(pred, [two, one])
+    assert m['n'] == 2 and m['hit@0.5'] == 1.
+    assert m['mean_iou'] == pytest.approx((1 + .6) / 2)
+    assert m['centre_error_mm_mean'] == pytest.approx((0 + 5 * 1.) / 2)
+    assert m['by_type']['6_kidney']['mean_iou'] == pytest.approx(1) and m['by_type']['4_liver']['hit@0.5'] == 1
+
+
+def test_evaluate_reports_mean_box_baseline():
+    recs = [_record([[10, 10, 30, 30]]), _record([[50, 50, 70, 70]])]
+    base = mean_box(recs)
+    assert np.allclose(base, [.3, .3, .5, .5])
+    m = evaluate(np.array([[.1, .1, .3, .3], [.5, .5, .7, .7]]), recs, base)
+    assert m['hit@0.5'] == 1 and m['mean_box_baseline']['hit@0.5'] == 0 and m['mean_box_baseline']['n'] == 2
+    with pytest.raises(ValueError, match='3 predictions for 2 slices'): evaluate(np.zeros((3, 4)), recs)
+
+
+def test_centre_map_loss_adds_ce_and_cell_box_loss():
+    from types import SimpleNamespace
+    from lesion_fastai.callbacks import CentreMapLoss
+    torch.manual_seed(0)
+    m = create_localizer(1, 'direct', **TINY)
+    x, y = torch.rand(2, 1, 64, 64), torch.tensor([[[-.9, -.9], [-.6, -.6]], [[.5, .1], [.9, .3]]])  # PointBlock layout
+    pred = m(x)
+    box_loss = BoxLoss('giou')
+    base = box_loss(pred, y)
+    learn = SimpleNamespace(model=m, yb=(y,), loss_func=box_loss, loss_grad=base, loss=base.detach())
+    cb = CentreMapLoss(1.)
+    cb.learn = learn
+    cb.after_loss()
+    # centre cells on the 8x8 map: (-.75 -> unit .125 -> col 1, row 1) and (x .7 -> .85 -> col 6, y .2 -> .6 -> row 4)
+    cells = torch.tensor([1 * 8 + 1, 4 * 8 + 6])
+    ce = torch.nn.functional.cross_entropy(m.head.last_scores.flatten(1), cells)
+    cell_boxes = m.head.last_boxes[torch.arange(2), cells] * 2 - 1
+    assert torch.allclose(learn.loss_grad, base + ce + box_loss(cell_boxes, y))
+    learn.loss_grad.backward()
+    assert m.head.map.score.weight.grad.abs().sum() > 0
