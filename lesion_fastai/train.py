@@ -170,6 +170,7 @@ class FinetuneConfig:
     loss: str = 'ciou+diou+giou'
     map_weight: float = 1.            # weight of the centre-map loss (0: box loss alone)
     label_fraction: float = 1.
+    same_epoch_length: bool = False   # repeat a label subset to the full training set's length per epoch
     seed: int = 0
     pretrained: Path | None = None
     freeze: str | None = None         # default: 'sandwich' with --pretrained, else 'scratch'
@@ -221,8 +222,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     valid = [r for r in records if r.split == 'val']
     test = [r for r in records if r.split == 'test' and not r.noisy]   # the standard test set drops noisy rows
     if not train or not valid: raise ValueError(f"{cfg.data}: needs train (Train_Val_Test 1) and validation (2) slices")
+    epoch_items = train
+    if cfg.same_epoch_length and len(train) < len(train_all):  # same steps per epoch for every label fraction
+        epoch_items = (train * -(-len(train_all) // len(train)))[:len(train_all)]
     set_seed(cfg.seed, reproducible=True)
-    dls = localization_dls(train + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
+    dls = localization_dls(epoch_items + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
                            cfg.num_workers, cfg.seed, cache={} if cfg.cache else None)
     in_chans = _n_channels(s['windows'], s['context'])
     enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans}
@@ -263,6 +267,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     learn.export('export.pkl.tmp')
     os.replace(out / 'export.pkl.tmp', out / 'export.pkl')
     metrics = {**results, 'mean_box': baseline.tolist(), 'parameters': counts, 'train_slices': len(train),
+               'slices_per_epoch': len(dls.train_ds),
                'train_patients': len({r.patient for r in train}), 'config': config, 'time_s': round(time.time() - t0, 1)}
     write_json(metrics, out / 'metrics.json')
     if 'test' in results:

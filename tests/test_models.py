@@ -168,3 +168,9 @@ def test_centre_map_loss_adds_ce_and_cell_box_loss():
     assert torch.allclose(learn.loss_grad, base + ce + box_loss(cell_boxes, y))
     learn.loss_grad.backward()
     assert m.head.map.score.weight.grad.abs().sum() > 0
+
+
+def test_autoencoder_code_is_a_real_bottleneck():
+    ae = create_autoencoder(1)
+    assert ae.code_size(128) == 64 * 4 * 4 + 8 * 8 * 8 + 4 * 16 * 16 < 128 * 128 / 4
+    assert ae.code_size(256) < 256 * 256 / 4

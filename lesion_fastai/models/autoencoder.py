@@ -1,10 +1,17 @@
-"""Convolutional autoencoder for unsupervised pretraining: the localizer's `ResNetEncoder`, a 1x1
-bottleneck, and an upsampling decoder back to the input size. No skip connections: with them a
-network can copy its input, which teaches nothing. Trained to reconstruct the clean slice from a
-corrupted one (see `callbacks.MaskedCorruption`)."""
+"""Convolutional autoencoder for unsupervised pretraining: the localizer's `ResNetEncoder`, a
+multi-scale bottleneck, and an upsampling decoder back to the input size.
+
+The code is small: narrow 1x1 projections of the last three stages (default 4, 8 and 64 channels at
+strides 8, 16 and 32: 2,560 numbers for a 128 px slice of 16,384 pixels, 6.4x fewer). A single
+stride-32 code (tried first) reconstructs anatomy but no lesion-sized detail, so the encoder never
+learns to represent it; the narrow fine-scale codes make the early stages encode local detail
+compactly. There are no full-width skip connections (they would let the network copy its input),
+and training reconstructs the clean slice from a masked, noisy one (`callbacks.MaskedCorruption`).
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .resnet import DEFAULT_ENCODER, ResNetEncoder, conv_bn
@@ -13,37 +20,55 @@ __all__ = ['Decoder', 'Autoencoder', 'create_autoencoder']
 
 
 class Decoder(nn.Module):
-    "1x1 bottleneck, then one nearest-upsample + 3x3 conv block per factor of 2, then a sigmoid image."
-    def __init__(self, in_ch: int, out_chans: int, reduction: int = 32, bottleneck: int = 64, widths=None):
+    """Bottleneck codes of the last three stages (coarsest first in `code_channels` order: stride 32,
+    16, 8), decoded by nearest-upsample + 3x3 conv blocks, each code joining at its own scale; a
+    sigmoid image of `out_chans` channels at the input size."""
+    def __init__(self, stage_widths, out_chans: int, reduction: int = 32, code_channels=(64, 8, 4), widths=None):
         super().__init__()
         n_up = reduction.bit_length() - 1
         if widths is None: widths = tuple(max(8, 128 // 2 ** i) for i in range(n_up))  # 128, 64, 32, 16, 8
-        if 2 ** n_up != reduction or n_up != len(widths):
-            raise ValueError(f"reduction {reduction} needs {n_up} upsampling widths, got {widths}")
-        self.bottleneck = conv_bn(in_ch, bottleneck, k=1)
-        blocks, ci = [], bottleneck
-        for w in widths:
-            blocks += [nn.Upsample(scale_factor=2, mode='nearest'), conv_bn(ci, w)]
+        if 2 ** n_up != reduction or n_up != len(widths) or len(code_channels) > min(3, len(stage_widths)):
+            raise ValueError(f"reduction {reduction} needs {n_up} upsampling widths (got {widths}) and at most "
+                             f"{min(3, len(stage_widths))} codes (got {code_channels})")
+        self.codes = nn.ModuleList([conv_bn(w, c, k=1) for w, c in zip(reversed(stage_widths), code_channels)])
+        blocks, ci = [], code_channels[0]
+        for i, w in enumerate(widths):
+            extra = code_channels[i + 1] if i + 1 < len(code_channels) else 0   # the next finer code joins after upsampling
+            blocks.append(conv_bn(ci + extra, w))
             ci = w
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.ModuleList(blocks)
         self.out = nn.Conv2d(ci, out_chans, 3, padding=1)
 
-    def forward(self, z):  # [B, C, h, w] -> [B, out_chans, h*reduction, w*reduction] in [0, 1]
-        return torch.sigmoid(self.out(self.blocks(self.bottleneck(z))))
+    def forward(self, feats):  # stage outputs, finest first -> [B, out_chans, H, W] in [0, 1]
+        codes = [proj(f) for proj, f in zip(self.codes, reversed(feats))]   # coarsest first
+        x = codes[0]
+        for i, block in enumerate(self.blocks):
+            x = F.interpolate(x, scale_factor=2, mode='nearest')
+            if i + 1 < len(codes): x = torch.cat([x, codes[i + 1]], 1)
+            x = block(x)
+        return torch.sigmoid(self.out(x))
 
 
 class Autoencoder(nn.Module):
     "`encoder` (same class and arguments as the localizer's body) and `decoder`."
-    def __init__(self, encoder_args: dict | None = None, bottleneck: int = 64, decoder_widths=None):
+    def __init__(self, encoder_args: dict | None = None, code_channels=(64, 8, 4), decoder_widths=None):
         super().__init__()
         self.encoder_args = dict(DEFAULT_ENCODER, **(encoder_args or {}))
         self.encoder = ResNetEncoder(**self.encoder_args)
-        self.decoder = Decoder(self.encoder.out_channels, self.encoder.in_chans, self.encoder.reduction, bottleneck,
+        self.decoder = Decoder(self.encoder.widths, self.encoder.in_chans, self.encoder.reduction, tuple(code_channels),
                                decoder_widths)
-        self.model_args = dict(encoder_args=self.encoder_args, bottleneck=bottleneck, decoder_widths=decoder_widths)
+        self.model_args = dict(encoder_args=self.encoder_args, code_channels=tuple(code_channels), decoder_widths=decoder_widths)
+
+    def code_size(self, size: int) -> int:
+        "Numbers in the bottleneck code of a size x size slice."
+        return sum(c * (size // (self.encoder.reduction // 2 ** i)) ** 2 for i, c in enumerate(self.model_args['code_channels']))
 
     def forward(self, x):
-        return self.decoder(self.encoder(x))
+        x, feats = self.encoder.stem(x), []
+        for stage in self.encoder.stages:
+            x = stage(x)
+            feats.append(x)
+        return self.decoder(feats)
 
 
 def create_autoencoder(in_chans: int = 1, **kwargs) -> Autoencoder:

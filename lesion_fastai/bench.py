@@ -1,0 +1,251 @@
+"""Benchmarks: figures printed beside their baselines, results written as JSON, Markdown and plots.
+
+    python -m lesion_fastai.bench efficiency [--quick]   # label fractions x {scratch, none, encoder, sandwich}
+    python -m lesion_fastai.bench throughput [--quick]   # slice loading and training images/s, peak memory
+
+Both resume: finished runs are kept (their metrics.json) and skipped when the command is run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ['efficiency', 'throughput', 'main']
+
+MODES = ('scratch', 'none', 'encoder', 'sandwich')
+
+
+def _machine() -> str:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'
+    return f"{platform.machine()}, {mp.cpu_count()} CPU cores, torch {torch.__version__}, {gpu}"
+
+
+# --- data efficiency -----------------------------------------------------------------------------------------
+
+def efficiency(out: Path, data: Path, patients: int, native: int, fractions, modes, seeds, epochs: int,
+               pretrain_epochs: int, bs: int) -> dict:
+    """One pretraining run, then every (label fraction, mode, seed) fine-tune with the same epoch budget
+    (small label sets are repeated to the full training set's length per epoch, so every run takes
+    the same number of steps). Reports test hit@0.5 and mean IoU beside the mean-box baseline."""
+    from .synthetic import generate
+    from .train import FinetuneConfig, PretrainConfig, finetune, pretrain, write_json
+    if not (data / 'DL_info.csv').exists():
+        print(f"generating {patients} synthetic patients at {native} px in {data}")
+        generate(data, patients=patients, size=native, seed=1)
+    ckpt = out / 'pretrain' / 'pretrained.pth'
+    if not ckpt.exists():
+        pretrain(PretrainConfig(data=data, out=out / 'pretrain', epochs=pretrain_epochs, bs=bs, resume=True))
+    rows = []
+    for frac in fractions:
+        for seed in seeds:
+            for mode in modes:
+                run = out / 'runs' / f'{mode}_{frac:g}_seed{seed}'
+                if (run / 'metrics.json').exists(): m = json.loads((run / 'metrics.json').read_text())
+                else:
+                    print(f"\n== {mode}, label fraction {frac:g}, seed {seed}")
+                    m = finetune(FinetuneConfig(data=data, out=run, epochs=epochs, bs=bs, label_fraction=frac, seed=seed,
+                                                same_epoch_length=True, pretrained=None if mode == 'scratch' else ckpt,
+                                                freeze=mode, quiet=True, resume=True))
+                t, b = m['test'], m['test']['mean_box_baseline']
+                rows.append({'mode': mode, 'fraction': frac, 'seed': seed, 'train_slices': m['train_slices'],
+                             'train_patients': m['train_patients'], 'hit@0.5': t['hit@0.5'], 'mean_iou': t['mean_iou'],
+                             'centre_error_mm': t['centre_error_mm'], 'baseline_hit@0.5': b['hit@0.5'],
+                             'baseline_mean_iou': b['mean_iou'], 'n_test': t['n'], 'time_s': m['time_s'],
+                             'trainable': m['parameters']['trainable']})
+    summary = _summarise(rows)
+    result = {'rows': rows, 'summary': summary, 'machine': _machine(),
+              'settings': dict(data=str(data), patients=patients, native=native, fractions=list(fractions), modes=list(modes),
+                               seeds=list(seeds), epochs=epochs, pretrain_epochs=pretrain_epochs, bs=bs)}
+    write_json(result, out / 'efficiency.json')
+    table = _efficiency_table(summary)
+    (out / 'efficiency.md').write_text(table + '\n')
+    _efficiency_plot(summary, out / 'data_efficiency.png')
+    print('\n' + table)
+    print(f"\nwrote {out / 'efficiency.json'}, {out / 'efficiency.md'}, {out / 'data_efficiency.png'}")
+    return result
+
+
+def _summarise(rows):
+    out = []
+    for mode in dict.fromkeys(r['mode'] for r in rows):
+        for frac in dict.fromkeys(r['fraction'] for r in rows):
+            sel = [r for r in rows if r['mode'] == mode and r['fraction'] == frac]
+            if not sel: continue
+            agg = {k: float(np.mean([r[k] for r in sel])) for k in ('hit@0.5', 'mean_iou', 'centre_error_mm',
+                                                                     'baseline_hit@0.5', 'baseline_mean_iou', 'time_s')}
+            agg.update(mode=mode, fraction=frac, seeds=len(sel), train_slices=sel[0]['train_slices'],
+                       n_test=sel[0]['n_test'], hit_std=float(np.std([r['hit@0.5'] for r in sel])))
+            out.append(agg)
+    return out
+
+
+def _efficiency_table(summary) -> str:
+    lines = ['| labels (fraction of training patients) | labeled slices | mode | test hit@0.5 | test mean IoU | centre error mm | mean-box hit@0.5 | mean-box IoU | seeds |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for s in sorted(summary, key=lambda s: (s['fraction'], MODES.index(s['mode']) if s['mode'] in MODES else 9)):
+        lines.append(f"| {s['fraction']:g} | {s['train_slices']} | {s['mode']} | {s['hit@0.5']:.3f} | {s['mean_iou']:.3f} | "
+                     f"{s['centre_error_mm']:.1f} | {s['baseline_hit@0.5']:.3f} | {s['baseline_mean_iou']:.3f} | {s['seeds']} |")
+    return '\n'.join(lines)
+
+
+def _efficiency_plot(summary, path):
+    from .plots import plt, save_fig
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, base in ((axs[0], 'hit@0.5', 'baseline_hit@0.5'), (axs[1], 'mean_iou', 'baseline_mean_iou')):
+        for mode in dict.fromkeys(s['mode'] for s in summary):
+            pts = sorted((s['fraction'], s[key]) for s in summary if s['mode'] == mode)
+            ax.plot(*zip(*pts), marker='o', label=mode)
+        b = sorted((s['fraction'], s[base]) for s in summary if s['mode'] == summary[0]['mode'])
+        ax.plot(*zip(*b), ls='--', color='gray', label='mean box')
+        ax.set_xscale('log'); ax.set_xlabel('fraction of labeled training patients'); ax.set_ylabel(f'test {key}')
+        ax.grid(alpha=.3)
+    axs[0].legend()
+    fig.suptitle('data efficiency on synthetic DeepLesion-layout data')
+    return save_fig(fig, path)
+
+
+# --- throughput ----------------------------------------------------------------------------------------------
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _train_speed(kind: str, size: int, bs: int, steps: int, q, device: str = 'cpu', amp: bool = False):
+    "Runs in a fresh process so its peak memory is its own: training images/s of one model."
+    import torch
+    from .losses import BoxLoss
+    from .models.legacy import LegacyLocalizer
+    from .models.localizer import create_localizer
+    torch.manual_seed(0)
+    model = (LegacyLocalizer(size=size) if kind == 'legacy' else create_localizer(1)).to(device)
+    if device == 'cuda': model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    loss_fn = BoxLoss('giou+l1')
+    x = torch.rand(bs, 1, size, size, device=device)
+    y = torch.tensor([[-.5, -.5, .5, .5]], device=device).repeat(bs, 1)
+    for i in range(steps + 1):
+        if i == 1:
+            if device == 'cuda': torch.cuda.synchronize()
+            t = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    if device == 'cuda': torch.cuda.synchronize()
+    ips = bs * steps / (time.perf_counter() - t)
+    mem = torch.cuda.max_memory_allocated() / 2 ** 20 if device == 'cuda' else _peak_rss_mb()
+    q.put((ips, mem))
+
+
+def _measure(kind, size, bs, steps, device='cpu', amp=False):
+    ctx = mp.get_context('spawn')
+    q = ctx.Queue()
+    p = ctx.Process(target=_train_speed, args=(kind, size, bs, steps, q, device, amp))
+    p.start(); res = q.get(); p.join()
+    return res
+
+
+def _loading(paths, size: int):
+    "Slices/s of our loader against a naive scikit-image path (imread + resize), same files, same run."
+    from skimage.io import imread
+    from skimage.transform import resize
+    from .data import CTSlice
+    from .deeplesion import WINDOWS, window
+    ours = CTSlice('soft', 0, size)
+    t = time.perf_counter()
+    for p in paths: ours(p)
+    ours_rate = len(paths) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for p in paths:
+        hu = imread(p).astype(np.float32) - 32768
+        resize(window(hu, *WINDOWS['soft']), (size, size), anti_aliasing=True)
+    naive_rate = len(paths) / (time.perf_counter() - t)
+    cache = {}
+    cached = CTSlice('soft', 0, size, cache)
+    for p in paths: cached(p)
+    t = time.perf_counter()
+    for p in paths: cached(p)
+    return ours_rate, naive_rate, len(paths) / (time.perf_counter() - t)
+
+
+def throughput(out: Path, quick: bool = False) -> dict:
+    """Slice loading (PNG -> HU -> window -> half resolution) against scikit-image, and training
+    images/s and peak memory of our localizer against the earlier experiment's, same input and batch."""
+    import torch
+    from .synthetic import generate
+    from .deeplesion import list_slices
+    from .train import write_json
+    data = out / 'slices512'
+    if not (data / 'DL_info.csv').exists(): generate(data, patients=4, size=512, seed=5)
+    paths = list_slices(data)[:20 if quick else 60]
+    ours, naive, cached = _loading(paths, 256)
+    size, bs = 256, 8
+    loc = _measure('localizer', size, bs, 2 if quick else 5)
+    leg = _measure('legacy', size, 2 if quick else 4, 1 if quick else 2)
+    res = {'machine': _machine(), 'size': size, 'bs': bs,
+           'loading_slices_per_s': {'ours': ours, 'skimage': naive, 'ours_cached': cached},
+           'train_images_per_s': {'ours': loc[0], 'legacy': leg[0]},
+           'peak_memory_mb': {'ours': loc[1], 'legacy': leg[1]}}
+    if torch.cuda.is_available():
+        res['gpu'] = {'ours_fp32': _measure('localizer', size, 64, 20, 'cuda')[0],
+                      'ours_bf16': _measure('localizer', size, 64, 20, 'cuda', amp=True)[0],
+                      'legacy_bf16': _measure('legacy', size, 16, 5, 'cuda', amp=True)[0]}
+        res['gpu']['loader_keeps_up'] = ours * max(1, mp.cpu_count() - 1) >= res['gpu']['ours_bf16']
+    write_json(res, out / 'throughput.json')
+    lines = ['| measure | ours | baseline | ratio |', '|---|---|---|---|',
+             f"| slice loading, 512 px PNG -> 256 px windowed, slices/s per process | {ours:.0f} | {naive:.0f} (scikit-image imread + resize) | {ours / naive:.1f}x |",
+             f"| same, from the in-memory slice cache | {cached:.0f} | {naive:.0f} | {cached / naive:.0f}x |",
+             f"| training images/s at {size} px (CPU) | {loc[0]:.1f} | {leg[0]:.2f} (earlier experiment's localizer) | {loc[0] / leg[0]:.0f}x |",
+             f"| peak memory of the training process, MB | {loc[1]:.0f} | {leg[1]:.0f} | {leg[1] / loc[1]:.1f}x less |"]
+    if 'gpu' in res:
+        g = res['gpu']
+        lines.append(f"| GPU training images/s, bf16 autocast | {g['ours_bf16']:.0f} | {g['legacy_bf16']:.0f} | {g['ours_bf16'] / g['legacy_bf16']:.0f}x |")
+    table = '\n'.join(lines)
+    (out / 'throughput.md').write_text(table + '\n')
+    print(f"{res['machine']}\n\n{table}\n\nwrote {out / 'throughput.json'}")
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog='python -m lesion_fastai.bench', description=__doc__.split('\n\n')[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = ap.add_subparsers(dest='which', required=True)
+    e = sub.add_parser('efficiency', help='data efficiency: label fractions x freeze modes', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument('--out', type=Path, default=Path('runs/bench/efficiency'), help='output folder')
+    e.add_argument('--data', type=Path, default=None, help='data folder (default: generated under --out)')
+    e.add_argument('--patients', type=int, default=250, help='synthetic patients to generate')
+    e.add_argument('--native', type=int, default=256, help='native slice size of the generated data (trained at half)')
+    e.add_argument('--fractions', default='0.02,0.1,0.5,1', help='label fractions of training patients')
+    e.add_argument('--modes', default=','.join(MODES), help='scratch and freeze modes to compare')
+    e.add_argument('--seeds', default='0', help='seeds, comma separated')
+    e.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs, the same for every run')
+    e.add_argument('--pretrain-epochs', type=int, default=10, help='autoencoder epochs (one run serves all)')
+    e.add_argument('--bs', type=int, default=16, help='batch size')
+    e.add_argument('--quick', action='store_true', help='a few-minute smoke run: 40 patients, 2 fractions, 2 epochs')
+    t = sub.add_parser('throughput', help='loading and training speed, peak memory', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument('--out', type=Path, default=Path('runs/bench/throughput'), help='output folder')
+    t.add_argument('--quick', action='store_true', help='fewer slices and steps')
+    args = ap.parse_args(argv)
+    if args.which == 'throughput': return throughput(args.out, args.quick)
+    fractions = [float(f) for f in args.fractions.split(',')]
+    modes = [m for m in args.modes.split(',') if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad: ap.error(f'--modes: unknown {bad}, expected some of {MODES}')
+    if args.quick:
+        args.out = args.out.with_name(args.out.name + '_quick') if args.out == Path('runs/bench/efficiency') else args.out
+        args.patients, fractions, args.epochs, args.pretrain_epochs, args.native = 40, [.1, 1.], 2, 1, 128
+    data = args.data or args.out / f'data_{args.patients}p_{args.native}px'
+    return efficiency(args.out, data, args.patients, args.native, fractions, modes,
+                      [int(s) for s in args.seeds.split(',')], args.epochs, args.pretrain_epochs, args.bs)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,36 @@
+"""The benchmarks' plumbing on tiny settings (the real runs are benchmarks, not tests)."""
+import pytest
+
+from lesion_fastai.bench import _efficiency_table, _summarise, efficiency
+from lesion_fastai.train import FinetuneConfig, finetune
+
+
+def test_same_epoch_length_repeats_the_label_subset(tiny_data, tiny_records, tmp_path):
+    n_train = sum(r.split == 'train' for r in tiny_records)
+    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path, epochs=1, bs=2, size=32, label_fraction=.2,
+                                same_epoch_length=True, quiet=True))
+    assert m['train_slices'] < n_train
+    assert m['slices_per_epoch'] == n_train          # every epoch as long as with all labels
+    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'b', epochs=1, bs=2, size=32, label_fraction=.2, quiet=True))
+    assert m['slices_per_epoch'] == m['train_slices'] < n_train
+
+
+def test_efficiency_smoke_writes_table_plot_and_resumes(tiny_data, tmp_path):
+    args = dict(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[.5, 1.], modes=['scratch', 'sandwich'],
+                seeds=[0], epochs=1, pretrain_epochs=1, bs=2)
+    res = efficiency(**args)
+    assert {(r['mode'], r['fraction']) for r in res['rows']} == {(m, f) for m in ('scratch', 'sandwich') for f in (.5, 1.)}
+    assert (tmp_path / 'data_efficiency.png').stat().st_size > 0
+    table = (tmp_path / 'efficiency.md').read_text()
+    assert table.count('| sandwich |') == 2 and 'mean-box hit@0.5' in table
+    stamp = (tmp_path / 'runs' / 'scratch_1_seed0' / 'metrics.json').stat().st_mtime
+    efficiency(**args)                                                   # finished runs are kept, not redone
+    assert (tmp_path / 'runs' / 'scratch_1_seed0' / 'metrics.json').stat().st_mtime == stamp
+
+
+def test_summary_averages_seeds():
+    rows = [dict(mode='scratch', fraction=.1, seed=s, train_slices=5, n_test=9, **{'hit@0.5': h, 'mean_iou': .2, 'centre_error_mm': 3.,
+                 'baseline_hit@0.5': 0., 'baseline_mean_iou': .05, 'time_s': 1.}) for s, h in ((0, .2), (1, .4))]
+    (s,) = _summarise(rows)
+    assert s['hit@0.5'] == pytest.approx(.3) and s['seeds'] == 2 and s['hit_std'] == pytest.approx(.1)
+    assert '| 0.1 | 5 | scratch | 0.300 |' in _efficiency_table([s])
