@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +98,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     df, records = load_data(cfg.data)
     size = cfg.size or _native_size(records) // 2
     patch = cfg.patch or max(2, size // 16)
+    if cfg.patients not in ('train', 'all'): raise ValueError(f"patients {cfg.patients!r}: expected 'train' or 'all'")
+    # 'all' adds the test patients' slices (labels unused); validation patients stay held out for the loss
     train_p = set(df.patient[df.split == 'train']) if cfg.patients == 'train' else set(df.patient[df.split != 'val'])
     val_p = set(df.patient[df.split == 'val'])
-    if cfg.patients not in ('train', 'all'): raise ValueError(f"patients {cfg.patients!r}: expected 'train' or 'all'")
     paths = list_slices(cfg.data, train_p | val_p)
     n_train = sum(int(Path(p).parent.name.split('_')[0]) in train_p for p in paths)
     print(f"pretraining on {n_train} slices of {len(train_p)} patients ({len(paths) - n_train} validation slices), "
@@ -114,7 +115,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     cbs=[MaskedCorruption(cfg.mask_ratio, patch, cfg.noise_std)])
     untrained = float(learn.validate()[0])
     best = AtomicSaveModelCallback(monitor='valid_loss', fname='best')
-    csv = ResumableCSVLogger(out / 'history.csv')
+    csv = ResumableCSVLogger('history.csv')  # relative to learn.path (= out)
     resume = ResumeState(out / 'last.pth', best, csv)
     start = resume.restore(learn) if cfg.resume and resume.file.exists() else 0
     if cfg.resume and start: print(f"resuming from {resume.file} at epoch {start}")
@@ -183,7 +184,6 @@ class FinetuneConfig:
     cache: bool = True
     n_figure: int = 8
     quiet: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _resolve(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
@@ -245,7 +245,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         lr = float(learn.lr_find(show_plot=False).valley)
         print(f"lr_find: {lr:.2e}")
     best = AtomicSaveModelCallback(monitor='mean_iou', fname='best')
-    csv = ResumableCSVLogger(out / 'history.csv')
+    csv = ResumableCSVLogger('history.csv')  # relative to learn.path (= out)
     resume = ResumeState(out / 'last.pth', best, csv)
     start = resume.restore(learn) if cfg.resume and resume.file.exists() else 0
     if cfg.resume and start: print(f"resuming from {resume.file} at epoch {start}")

@@ -37,9 +37,10 @@ def test_pretrain_writes_checkpoint_figure_and_beats_untrained(pretrained):
     assert m['valid_loss'] < .7 * m['valid_loss_untrained']
 
 
-def test_finetune_cli_scratch_writes_metrics_results_and_export(tiny_data, tmp_path):
+def test_finetune_cli_scratch_writes_metrics_results_and_export(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                      # a relative --out, as users type it
     out = tmp_path / 'run'
-    finetune_cli.main(['--data', str(tiny_data), '--out', str(out), '--epochs', '1', '--bs', '2', '--size', '32'])
+    finetune_cli.main(['--data', str(tiny_data), '--out', 'run', '--epochs', '1', '--bs', '2', '--size', '32'])
     m = json.loads((out / 'metrics.json').read_text())
     assert set(m) >= {'valid', 'test', 'mean_box', 'parameters', 'config', 'train_slices', 'time_s'}
     assert set(m['test']) >= METRIC_KEYS and m['config']['freeze'] == 'scratch' and m['config']['size'] == 32
