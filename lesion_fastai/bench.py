@@ -176,16 +176,33 @@ def _loading(paths, size: int):
     return ours_rate, naive_rate, len(paths) / (time.perf_counter() - t)
 
 
-def throughput(out: Path, quick: bool = False) -> dict:
+def _equal_time_accuracy(data: Path, out: Path, budget_s: float, size: int) -> dict:
+    """Both localizers trained from scratch for the same wall-clock time at the same input size and
+    batch, then evaluated on the test patients (the one-cycle schedule is sized to the time)."""
+    from .train import FinetuneConfig, finetune, load_data
+    n_train = sum(r.split == 'train' for r in load_data(data)[1])
+    res = {}
+    for arch, bs in (('localizer', 16), ('legacy', 16)):
+        ips = _measure(arch, size, bs if arch == 'localizer' else 4, 3 if arch == 'localizer' else 1)[0]
+        epochs = max(1, int(budget_s * ips * .7 / n_train))
+        m = finetune(FinetuneConfig(data=data, out=out / f'equal_time_{arch}', arch=arch, size=size, bs=bs, epochs=epochs,
+                                    time_budget_s=budget_s, quiet=True))
+        res[arch] = {'epochs': epochs, 'hit@0.5': m['test']['hit@0.5'], 'mean_iou': m['test']['mean_iou'],
+                     'baseline_hit@0.5': m['test']['mean_box_baseline']['hit@0.5'],
+                     'baseline_mean_iou': m['test']['mean_box_baseline']['mean_iou'], 'time_s': m['time_s']}
+    return res
+
+
+def throughput(out: Path, quick: bool = False, data: Path | None = None, budget_s: float = 180.) -> dict:
     """Slice loading (PNG -> HU -> window -> half resolution) against scikit-image, and training
     images/s and peak memory of our localizer against the earlier experiment's, same input and batch."""
     import torch
     from .synthetic import generate
     from .deeplesion import list_slices
     from .train import write_json
-    data = out / 'slices512'
-    if not (data / 'DL_info.csv').exists(): generate(data, patients=4, size=512, seed=5)
-    paths = list_slices(data)[:20 if quick else 60]
+    slices = out / 'slices512'
+    if not (slices / 'DL_info.csv').exists(): generate(slices, patients=4, size=512, seed=5)
+    paths = list_slices(slices)[:20 if quick else 60]
     ours, naive, cached = _loading(paths, 256)
     size, bs = 256, 8
     loc = _measure('localizer', size, bs, 2 if quick else 5)
@@ -194,6 +211,10 @@ def throughput(out: Path, quick: bool = False) -> dict:
            'loading_slices_per_s': {'ours': ours, 'skimage': naive, 'ours_cached': cached},
            'train_images_per_s': {'ours': loc[0], 'legacy': leg[0]},
            'peak_memory_mb': {'ours': loc[1], 'legacy': leg[1]}}
+    if data is None:
+        data = out / 'data_250p_256px'
+        if not (data / 'DL_info.csv').exists(): generate(data, patients=40 if quick else 250, size=256, seed=1)
+    acc = res['equal_time'] = _equal_time_accuracy(data, out, 30. if quick else budget_s, 128)
     if torch.cuda.is_available():
         res['gpu'] = {'ours_fp32': _measure('localizer', size, 64, 20, 'cuda')[0],
                       'ours_bf16': _measure('localizer', size, 64, 20, 'cuda', amp=True)[0],
@@ -205,6 +226,10 @@ def throughput(out: Path, quick: bool = False) -> dict:
              f"| same, from the in-memory slice cache | {cached:.0f} | {naive:.0f} | {cached / naive:.0f}x |",
              f"| training images/s at {size} px (CPU) | {loc[0]:.1f} | {leg[0]:.2f} (earlier experiment's localizer) | {loc[0] / leg[0]:.0f}x |",
              f"| peak memory of the training process, MB | {loc[1]:.0f} | {leg[1]:.0f} | {leg[1] / loc[1]:.1f}x less |"]
+    a, b = acc['localizer'], acc['legacy']
+    lines.append(f"| test hit@0.5 / mean IoU after {30. if quick else budget_s:.0f} s of training at 128 px (mean box: "
+                 f"{a['baseline_hit@0.5']:.3f} / {a['baseline_mean_iou']:.3f}) | {a['hit@0.5']:.3f} / {a['mean_iou']:.3f} "
+                 f"({a['epochs']} epochs) | {b['hit@0.5']:.3f} / {b['mean_iou']:.3f} ({b['epochs']} epochs) | |")
     if 'gpu' in res:
         g = res['gpu']
         lines.append(f"| GPU training images/s, bf16 autocast | {g['ours_bf16']:.0f} | {g['legacy_bf16']:.0f} | {g['ours_bf16'] / g['legacy_bf16']:.0f}x |")
@@ -232,9 +257,11 @@ def main(argv=None):
     e.add_argument('--quick', action='store_true', help='a few-minute smoke run: 40 patients, 2 fractions, 2 epochs')
     t = sub.add_parser('throughput', help='loading and training speed, peak memory', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument('--out', type=Path, default=Path('runs/bench/throughput'), help='output folder')
-    t.add_argument('--quick', action='store_true', help='fewer slices and steps')
+    t.add_argument('--quick', action='store_true', help='fewer slices and steps, 30 s accuracy budget')
+    t.add_argument('--data', type=Path, default=None, help='data for the equal-time accuracy comparison (default: generated, 250 patients at 256 px)')
+    t.add_argument('--budget', type=float, default=180., help='seconds of training for each model in the equal-time accuracy comparison')
     args = ap.parse_args(argv)
-    if args.which == 'throughput': return throughput(args.out, args.quick)
+    if args.which == 'throughput': return throughput(args.out, args.quick, args.data, args.budget)
     fractions = [float(f) for f in args.fractions.split(',')]
     modes = [m for m in args.modes.split(',') if m]
     bad = [m for m in modes if m not in MODES]

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fastai.callback.core import Callback
+import time
+
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import SaveModelCallback
 
 from .checkpoint import atomic_save
 from .losses import to_unit
 
-__all__ = ['CentreMapLoss', 'MaskedCorruption', 'corrupt', 'AtomicSaveModelCallback', 'ResumableCSVLogger', 'ResumeState']
+__all__ = ['TimeBudget', 'CentreMapLoss', 'MaskedCorruption', 'corrupt', 'AtomicSaveModelCallback', 'ResumableCSVLogger', 'ResumeState']
 
 
 def corrupt(x: torch.Tensor, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, generator=None):
@@ -36,6 +38,15 @@ class MaskedCorruption(Callback):
         x = self.xb[0]
         self.learn.yb = (x.clone(),)
         self.learn.xb = (corrupt(x, self.mask_ratio, self.patch, self.noise_std)[0],)
+
+
+class TimeBudget(Callback):
+    "Stop training once `seconds` of wall-clock time have passed (for comparisons at equal time)."
+    def __init__(self, seconds: float): self.seconds = seconds
+    def before_fit(self): self.start = time.perf_counter()
+
+    def after_batch(self):
+        if self.training and time.perf_counter() - self.start > self.seconds: raise CancelFitException()
 
 
 class CentreMapLoss(Callback):
@@ -70,6 +81,9 @@ class AtomicSaveModelCallback(SaveModelCallback):
 
     def after_epoch(self):
         if self.epoch >= self.start_epoch: super().after_epoch()
+
+    def after_fit(self, **kwargs):  # a run stopped inside its first epoch has no best model to load
+        if (self.learn.path / self.learn.model_dir / f'{self.fname}.pth').exists(): super().after_fit(**kwargs)
 
     def _save(self, name):
         file = self.learn.path / self.learn.model_dir / f'{name}.pth'

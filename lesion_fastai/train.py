@@ -18,7 +18,7 @@ from fastai.learner import Learner, load_learner
 from fastai.torch_core import set_seed
 from torch import nn
 
-from .callbacks import AtomicSaveModelCallback, CentreMapLoss, MaskedCorruption, ResumableCSVLogger, ResumeState, corrupt
+from .callbacks import AtomicSaveModelCallback, CentreMapLoss, TimeBudget, MaskedCorruption, ResumableCSVLogger, ResumeState, corrupt
 from .checkpoint import load_encoder, load_pretrained, save_pretrained
 from .data import autoencoder_dls, localization_dls, select_patients, CTSlice
 from .deeplesion import list_slices, read_dl_info, resolve_windows, slice_records
@@ -26,6 +26,7 @@ from .freeze import apply_freeze, freeze_callbacks, localizer_splitter, lr_for, 
 from .losses import BoxLoss
 from .metrics import evaluate, mean_box, mean_iou
 from .models.autoencoder import create_autoencoder
+from .models.legacy import LegacyLocalizer
 from .models.localizer import Localizer
 from .plots import plot_reconstructions, plot_results
 
@@ -184,6 +185,8 @@ class FinetuneConfig:
     cache: bool = True
     n_figure: int = 8
     quiet: bool = False
+    arch: str = 'localizer'           # or 'legacy': the earlier experiment's model, for benchmarks (from scratch only)
+    time_budget_s: float | None = None  # stop training after this many seconds
 
 
 def _resolve(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
@@ -232,10 +235,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
     enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans}
     if enc_args['in_chans'] != in_chans:
         raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
-    model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich', out_bn=cfg.out_bn, kappa=cfg.kappa)
-    if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
-    learn = Learner(dls, model, loss_func=BoxLoss(cfg.loss), metrics=[mean_iou], splitter=localizer_splitter,
-                    train_bn=False, path=out, model_dir='models', cbs=[CentreMapLoss(cfg.map_weight)])
+    if cfg.arch == 'legacy':
+        if ckpt is not None: raise ValueError("the legacy localizer trains from scratch only")
+        model, splitter = LegacyLocalizer(in_chans, s['size']), None
+    elif cfg.arch == 'localizer':
+        model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich', out_bn=cfg.out_bn, kappa=cfg.kappa)
+        splitter = localizer_splitter
+        if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
+    else: raise ValueError(f"arch {cfg.arch!r}: expected 'localizer' or 'legacy'")
+    learn = Learner(dls, model, loss_func=BoxLoss(cfg.loss), metrics=[mean_iou], train_bn=False, path=out,
+                    model_dir='models', cbs=[CentreMapLoss(cfg.map_weight)], **({'splitter': splitter} if splitter else {}))
     apply_freeze(learn, s['freeze'])
     counts = parameter_counts(model)
     print(f"freeze {s['freeze']}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters; "
@@ -250,6 +259,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     start = resume.restore(learn) if cfg.resume and resume.file.exists() else 0
     if cfg.resume and start: print(f"resuming from {resume.file} at epoch {start}")
     cbs = [best, resume, csv, *freeze_callbacks(s['freeze'], cfg.update_frozen_bn)]
+    if cfg.time_budget_s: cbs.append(TimeBudget(cfg.time_budget_s))
     if start < cfg.epochs:
         if cfg.quiet:
             with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(cfg.epochs, lr_for(s['freeze'], lr), start_epoch=start, cbs=cbs)
