@@ -20,7 +20,7 @@ from torch import nn
 
 from .callbacks import AtomicSaveModelCallback, CentreMapLoss, TimeBudget, MaskedCorruption, ResumableCSVLogger, ResumeState, corrupt
 from .checkpoint import load_encoder, load_pretrained, save_pretrained
-from .data import autoencoder_dls, localization_dls, select_patients, CTSlice
+from .data import autoencoder_dls, localization_dls, select_patients
 from .deeplesion import list_slices, read_dl_info, resolve_windows, slice_records
 from .freeze import apply_freeze, freeze_callbacks, localizer_splitter, lr_for, parameter_counts
 from .losses import BoxLoss

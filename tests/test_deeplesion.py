@@ -1,7 +1,5 @@
 """The reader: real DeepLesion rows, malformed rows, HU pixels, windows, neighbours."""
 import csv
-import io
-import warnings
 
 import numpy as np
 import pytest

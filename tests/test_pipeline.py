@@ -13,7 +13,7 @@ from lesion_fastai.data import localization_dls
 from lesion_fastai.freeze import apply_freeze, freeze_callbacks, localizer_splitter
 from lesion_fastai.losses import BoxLoss
 from lesion_fastai.models.localizer import Localizer
-from lesion_fastai.train import FinetuneConfig, PretrainConfig, finetune, pretrain
+from lesion_fastai.train import FinetuneConfig, finetune
 
 import finetune.__main__ as finetune_cli
 import pretrain.__main__ as pretrain_cli
