@@ -22,7 +22,7 @@ from .deeplesion import SliceRecord, context_paths, load_hu, resolve_windows, wi
 
 __all__ = ['TensorCT', 'TensorBoxCorners', 'CTSlice', 'BoxTarget', 'BoxTidy', 'split_records', 'select_patients',
            'box_augmentations', 'localization_block', 'localization_dls', 'autoencoder_block', 'autoencoder_dls',
-           'downsample', 'boxes_to_xyxy']
+           'downsample', 'boxes_to_xyxy', 'n_channels']
 
 
 class TensorCT(TensorImage):
@@ -45,6 +45,11 @@ def downsample(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return F.interpolate(img[None], size=size, mode='area')[0]
 
 
+def n_channels(windows: str, context: int) -> int:
+    "Input channels of a slice block: one per window and per slice (key slice and `context` on each side)."
+    return len(resolve_windows(windows, (0, 1))) * (2 * context + 1)
+
+
 class CTSlice(Transform):
     """Load a slice (a `SliceRecord` or a PNG path) as `TensorCT` [C, size, size]: for each window, the
     key slice then its neighbours k-1, k+1, ..., k-c, k+c (missing neighbours fall back to the
@@ -56,7 +61,7 @@ class CTSlice(Transform):
     def __init__(self, windows: str = 'soft', context: int = 0, size: int = 256, cache=None):
         super().__init__()
         self.windows, self.context, self.size, self.cache = windows, context, size, cache
-        self.n_channels = len(resolve_windows(windows, (0, 1))) * (2 * context + 1)
+        self.n_channels = n_channels(windows, context)
 
     def channels(self, path, dicom_window=None) -> torch.Tensor:
         "The windowed, downsampled channels of the slice at `path`, [C, size, size] float32."

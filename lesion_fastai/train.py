@@ -20,8 +20,8 @@ from torch import nn
 
 from .callbacks import AtomicSaveModelCallback, CentreMapLoss, TimeBudget, MaskedCorruption, ResumableCSVLogger, ResumeState, corrupt
 from .checkpoint import load_encoder, load_pretrained, save_pretrained
-from .data import autoencoder_dls, localization_dls, select_patients
-from .deeplesion import list_slices, read_dl_info, resolve_windows, slice_records
+from .data import autoencoder_dls, localization_dls, n_channels, select_patients
+from .deeplesion import list_slices, read_dl_info, slice_records
 from .freeze import apply_freeze, freeze_callbacks, localizer_splitter, lr_for, parameter_counts
 from .losses import BoxLoss
 from .metrics import evaluate, mean_box, mean_iou
@@ -63,8 +63,20 @@ def _native_size(records) -> int:
     return int(np.median([r.width for r in records]))
 
 
-def _n_channels(windows: str, context: int) -> int:
-    return len(resolve_windows(windows, (0, 1))) * (2 * context + 1)
+def _fit_resumable(learn, out: Path, epochs: int, lr, monitor: str, resume: bool, quiet: bool = False, cbs=()) -> None:
+    """`fit_one_cycle` with the best epoch kept by `monitor` (models/best.pth), history.csv, and the
+    resume state last.pth after every epoch; with `resume`, continue from last.pth where it stopped."""
+    best = AtomicSaveModelCallback(monitor=monitor, fname='best')
+    csv = ResumableCSVLogger('history.csv')  # relative to learn.path (= out)
+    state = ResumeState(out / 'last.pth', best, csv)
+    start = state.restore(learn) if resume and state.file.exists() else 0
+    if resume and start: print(f"resuming from {state.file} at epoch {start}")
+    if start >= epochs:  # finished before: the best epoch is the result, as after an uninterrupted fit
+        if (out / 'models' / 'best.pth').exists(): learn.load('best')
+        return
+    fit = lambda: learn.fit_one_cycle(epochs, lr, start_epoch=start, cbs=[best, state, csv, *cbs])
+    if not quiet: return fit()
+    with learn.no_bar(), learn.no_logging(): fit()
 
 
 # --- pretraining ---------------------------------------------------------------------------------------------
@@ -110,22 +122,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
     set_seed(cfg.seed, reproducible=True)
     dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed,
                           cache={} if cfg.cache else None)
-    model = create_autoencoder(_n_channels(cfg.windows, cfg.context))
+    model = create_autoencoder(n_channels(cfg.windows, cfg.context))
     loss = {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
     learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
                     cbs=[MaskedCorruption(cfg.mask_ratio, patch, cfg.noise_std)])
     untrained = float(learn.validate()[0])
-    best = AtomicSaveModelCallback(monitor='valid_loss', fname='best')
-    csv = ResumableCSVLogger('history.csv')  # relative to learn.path (= out)
-    resume = ResumeState(out / 'last.pth', best, csv)
-    start = resume.restore(learn) if cfg.resume and resume.file.exists() else 0
-    if cfg.resume and start: print(f"resuming from {resume.file} at epoch {start}")
-    if start < cfg.epochs:
-        learn.fit_one_cycle(cfg.epochs, cfg.lr, start_epoch=start,
-                            cbs=[best, resume, csv])
+    _fit_resumable(learn, out, cfg.epochs, cfg.lr, 'valid_loss', cfg.resume)
     trained = float(learn.validate()[0])
     config = {**asdict(cfg), 'size': size, 'patch': patch, 'data': str(cfg.data), 'out': str(out),
-              'in_chans': _n_channels(cfg.windows, cfg.context)}
+              'in_chans': n_channels(cfg.windows, cfg.context)}
     ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)
     _reconstruction_figure(learn, cfg, patch, out / 'reconstructions.png')
     copy = _copy_baseline(learn, cfg, patch)
@@ -231,7 +236,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     set_seed(cfg.seed, reproducible=True)
     dls = localization_dls(epoch_items + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
                            cfg.num_workers, cfg.seed, cache={} if cfg.cache else None)
-    in_chans = _n_channels(s['windows'], s['context'])
+    in_chans = n_channels(s['windows'], s['context'])
     enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans}
     if enc_args['in_chans'] != in_chans:
         raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
@@ -253,18 +258,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.lr_find:
         lr = float(learn.lr_find(show_plot=False).valley)
         print(f"lr_find: {lr:.2e}")
-    best = AtomicSaveModelCallback(monitor='mean_iou', fname='best')
-    csv = ResumableCSVLogger('history.csv')  # relative to learn.path (= out)
-    resume = ResumeState(out / 'last.pth', best, csv)
-    start = resume.restore(learn) if cfg.resume and resume.file.exists() else 0
-    if cfg.resume and start: print(f"resuming from {resume.file} at epoch {start}")
-    cbs = [best, resume, csv, *freeze_callbacks(s['freeze'], cfg.update_frozen_bn)]
-    if cfg.time_budget_s: cbs.append(TimeBudget(cfg.time_budget_s))
-    if start < cfg.epochs:
-        if cfg.quiet:
-            with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(cfg.epochs, lr_for(s['freeze'], lr), start_epoch=start, cbs=cbs)
-        else: learn.fit_one_cycle(cfg.epochs, lr_for(s['freeze'], lr), start_epoch=start, cbs=cbs)
-    elif (out / 'models' / 'best.pth').exists(): learn.load('best')
+    cbs = freeze_callbacks(s['freeze'], cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else [])
+    _fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'mean_iou', cfg.resume, cfg.quiet, cbs)
     baseline = mean_box(train)
     results = {}
     for name, recs in (('valid', valid), ('test', test)):
