@@ -33,6 +33,12 @@ def parse_args(argv=None):
     ap.add_argument('--loss', default='ciou+diou+giou', help=f"sum of terms from {', '.join(TERMS)} joined by + (default ciou+diou+giou)")
     ap.add_argument('--map-weight', type=float, default=1., help='weight of the centre-map loss: cross-entropy of the position scores at the '
                     'target centre plus the box loss at that position (default 1; 0 trains on the box loss alone)')
+    ap.add_argument('--map-radius', type=int, default=1, help='the box loss is also applied at positions within this many cells of the '
+                    "target's centre cell, so a best score one cell off still gives a trained box size (default 1)")
+    ap.add_argument('--wd', type=float, default=.01, help='weight decay (default 0.01)')
+    ap.add_argument('--adapter-ratio', type=float, default=1., help='sandwich: hidden width of each transfer layer as a fraction of '
+                    'its stage width (default 1; 0.25 trains about a quarter of the parameters)')
+    ap.add_argument('--adapter-stem', action='store_true', help='sandwich: a transfer layer after the stem too (default: after each stage only)')
     ap.add_argument('--label-fraction', type=float, default=1., help='fraction of training patients whose labels are used, chosen with --seed (default 1)')
     ap.add_argument('--seed', type=int, default=0, help='random seed for labels subset, initialisation, batches and augmentation (default 0)')
     ap.add_argument('--pretrained', type=Path, default=None, metavar='CKPT', help='pretrained.pth from python -m pretrain; its settings are used')
@@ -49,6 +55,9 @@ def parse_args(argv=None):
     if args.eval is None:
         for name, v, lo in (('--epochs', args.epochs, 1), ('--bs', args.bs, 1), ('--context', args.context or 0, 0), ('--size', args.size or 32, 32)):
             if v < lo: ap.error(f'{name} must be at least {lo}, got {v}')
+        if args.map_radius < 0: ap.error(f'--map-radius must be at least 0, got {args.map_radius}')
+        if not 0 < args.adapter_ratio <= 4: ap.error(f'--adapter-ratio must be in (0, 4], got {args.adapter_ratio}')
+        if args.wd < 0: ap.error(f'--wd must be at least 0, got {args.wd}')
         if not 0 < args.label_fraction <= 1: ap.error(f'--label-fraction must be in (0, 1], got {args.label_fraction}')
         if args.lr <= 0: ap.error(f'--lr must be positive, got {args.lr}')
     return args
@@ -66,7 +75,8 @@ def main(argv=None):
         finetune(FinetuneConfig(
             data=args.data, out=args.out or Path('runs/finetune'), head=args.head, target=args.target, size=args.size,
             windows=args.windows, context=args.context, epochs=args.epochs, lr=args.lr, lr_find=args.lr_find, bs=args.bs,
-            loss=args.loss, map_weight=args.map_weight, label_fraction=args.label_fraction, seed=args.seed, pretrained=args.pretrained, freeze=args.freeze,
+            loss=args.loss, map_weight=args.map_weight, map_radius=args.map_radius, wd=args.wd, adapter_ratio=args.adapter_ratio,
+            adapter_stem=args.adapter_stem, label_fraction=args.label_fraction, seed=args.seed, pretrained=args.pretrained, freeze=args.freeze,
             update_frozen_bn=args.update_frozen_bn, kappa=args.kappa, out_bn=args.out_bn, augment=not args.no_augment,
             resume=args.resume, num_workers=args.workers))
     except (FileNotFoundError, ValueError) as e:

@@ -1,6 +1,7 @@
 """Benchmarks: figures printed beside their baselines, results written as JSON, Markdown and plots.
 
     python -m lesion_fastai.bench efficiency [--quick]   # label fractions x {scratch, none, encoder, sandwich}
+    python -m lesion_fastai.bench study [--quick]        # why the sandwich does (not) match: one change at a time
     python -m lesion_fastai.bench throughput [--quick]   # slice loading and training images/s, peak memory
 
 Both resume: finished runs are kept (their metrics.json) and skipped when the command is run again.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ['efficiency', 'throughput', 'main']
+__all__ = ['efficiency', 'study', 'throughput', 'main']
 
 MODES = ('scratch', 'none', 'encoder', 'sandwich')
 
@@ -30,36 +31,59 @@ def _machine() -> str:
 
 # --- data efficiency -----------------------------------------------------------------------------------------
 
-def efficiency(out: Path, data: Path, patients: int, native: int, fractions, modes, seeds, epochs: int,
-               pretrain_epochs: int, bs: int) -> dict:
-    """One pretraining run, then every (label fraction, mode, seed) fine-tune with the same epoch budget
-    (small label sets are repeated to the full training set's length per epoch, so every run takes
-    the same number of steps). Reports test hit@0.5 and mean IoU beside the mean-box baseline."""
+def _prepare(out: Path, data: Path, patients: int, native: int, pretrain_epochs: int, bs: int) -> Path:
+    "The benchmark's data (generated once) and its one autoencoder pretraining; returns the checkpoint."
     from .synthetic import generate
-    from .train import FinetuneConfig, PretrainConfig, finetune, pretrain, write_json
+    from .train import PretrainConfig, pretrain
     if not (data / 'DL_info.csv').exists():
         print(f"generating {patients} synthetic patients at {native} px in {data}")
         generate(data, patients=patients, size=native, seed=1)
     ckpt = out / 'pretrain' / 'pretrained.pth'
     if not ckpt.exists():
         pretrain(PretrainConfig(data=data, out=out / 'pretrain', epochs=pretrain_epochs, bs=bs, resume=True))
+    return ckpt
+
+
+def _run(cfg) -> dict:
+    """Fine-tune with `cfg`, or return the metrics of a finished run in `cfg.out` made with the same
+    settings; a finished run with other settings is an error rather than a silently wrong row."""
+    from dataclasses import asdict
+    from .train import finetune
+    done = Path(cfg.out) / 'metrics.json'
+    if not done.exists(): return finetune(cfg)
+    m = json.loads(done.read_text())
+    want = {k: v for k, v in asdict(cfg).items() if v is not None and k not in ('resume', 'quiet', 'out')}
+    diff = {k: (m['config'].get(k), v) for k, v in want.items() if str(m['config'].get(k)) != str(v)}
+    if diff: raise ValueError(f"{done}: a finished run with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
+                              f"choose another --out or remove {cfg.out}")
+    return m
+
+
+def _row(m: dict, **extra) -> dict:
+    t, b = m['test'], m['test']['mean_box_baseline']
+    return {**extra, 'train_slices': m['train_slices'], 'train_patients': m['train_patients'], 'hit@0.5': t['hit@0.5'],
+            'mean_iou': t['mean_iou'], 'centre_error_mm': t['centre_error_mm'], 'valid_mean_iou': m['valid']['mean_iou'],
+            'baseline_hit@0.5': b['hit@0.5'], 'baseline_mean_iou': b['mean_iou'], 'n_test': t['n'], 'time_s': m['time_s'],
+            'trainable': m['parameters']['trainable']}
+
+
+def efficiency(out: Path, data: Path, patients: int, native: int, fractions, modes, seeds, epochs: int,
+               pretrain_epochs: int, bs: int) -> dict:
+    """One pretraining run, then every (label fraction, mode, seed) fine-tune with the same epoch budget
+    (small label sets are repeated to the full training set's length per epoch, so every run takes
+    the same number of steps). Reports test hit@0.5 and mean IoU beside the mean-box baseline."""
+    from .train import FinetuneConfig, write_json
+    ckpt = _prepare(out, data, patients, native, pretrain_epochs, bs)
     rows = []
     for frac in fractions:
         for seed in seeds:
             for mode in modes:
                 run = out / 'runs' / f'{mode}_{frac:g}_seed{seed}'
-                if (run / 'metrics.json').exists(): m = json.loads((run / 'metrics.json').read_text())
-                else:
-                    print(f"\n== {mode}, label fraction {frac:g}, seed {seed}")
-                    m = finetune(FinetuneConfig(data=data, out=run, epochs=epochs, bs=bs, label_fraction=frac, seed=seed,
-                                                same_epoch_length=True, pretrained=None if mode == 'scratch' else ckpt,
-                                                freeze=mode, quiet=True, resume=True))
-                t, b = m['test'], m['test']['mean_box_baseline']
-                rows.append({'mode': mode, 'fraction': frac, 'seed': seed, 'train_slices': m['train_slices'],
-                             'train_patients': m['train_patients'], 'hit@0.5': t['hit@0.5'], 'mean_iou': t['mean_iou'],
-                             'centre_error_mm': t['centre_error_mm'], 'baseline_hit@0.5': b['hit@0.5'],
-                             'baseline_mean_iou': b['mean_iou'], 'n_test': t['n'], 'time_s': m['time_s'],
-                             'trainable': m['parameters']['trainable']})
+                if not (run / 'metrics.json').exists(): print(f"\n== {mode}, label fraction {frac:g}, seed {seed}")
+                m = _run(FinetuneConfig(data=data, out=run, epochs=epochs, bs=bs, label_fraction=frac, seed=seed,
+                                        same_epoch_length=True, pretrained=None if mode == 'scratch' else ckpt,
+                                        freeze=mode, quiet=True, resume=True))
+                rows.append(_row(m, mode=mode, fraction=frac, seed=seed))
     summary = _summarise(rows)
     result = {'rows': rows, 'summary': summary, 'machine': _machine(),
               'settings': dict(data=str(data), patients=patients, native=native, fractions=list(fractions), modes=list(modes),
@@ -71,6 +95,50 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
     print('\n' + table)
     print(f"\nwrote {out / 'efficiency.json'}, {out / 'efficiency.md'}, {out / 'data_efficiency.png'}")
     return result
+
+
+# (name, mode, label fraction, FinetuneConfig changes): one change at a time from the defaults
+STUDY = [
+    ('scratch, all labels (the target)', 'scratch', 1., {}),
+    ('scratch, all labels, 60 epochs', 'scratch', 1., {'epochs': 60}),
+    ('scratch, 10%', 'scratch', .1, {}),
+    ('sandwich, all labels', 'sandwich', 1., {}),
+    ('sandwich, 10%', 'sandwich', .1, {}),
+    ('sandwich, 10%, boxes at the centre cell only', 'sandwich', .1, {'map_radius': 0}),
+    ('sandwich, 10%, narrow transfer layers (1/4)', 'sandwich', .1, {'adapter_ratio': .25}),
+    ('sandwich, 10%, + transfer layer after the stem', 'sandwich', .1, {'adapter_stem': True}),
+    ('sandwich, 10%, lr 1e-3', 'sandwich', .1, {'lr': 1e-3}),
+    ('sandwich, 10%, weight decay 0.1', 'sandwich', .1, {'wd': .1}),
+    ('sandwich, 10%, 10 epochs', 'sandwich', .1, {'epochs': 10}),
+    ('none, 10%', 'none', .1, {}),
+]
+
+
+def study(out: Path, data: Path, patients: int, native: int, epochs: int, pretrain_epochs: int, bs: int, seed: int = 0,
+          variants=STUDY) -> dict:
+    """Where the sandwich with 10% of the labels stands against scratch with all of them, and what
+    each single change (objective, transfer layers, learning rate, regularisation, epochs) does to
+    it. Same data, pretraining and epoch length as `efficiency` (pass the same --out to share them)."""
+    from .train import FinetuneConfig, write_json
+    ckpt = _prepare(out, data, patients, native, pretrain_epochs, bs)
+    rows = []
+    for i, (name, mode, frac, change) in enumerate(variants):
+        run = out / 'study' / f'{i:02d}_{mode}_{frac:g}_seed{seed}'
+        if not (run / 'metrics.json').exists(): print(f"\n== {name}")
+        cfg = dict(data=data, out=run, epochs=epochs, bs=bs, label_fraction=frac, seed=seed, same_epoch_length=True,
+                   pretrained=None if mode == 'scratch' else ckpt, freeze=mode, quiet=True, resume=True)
+        rows.append(_row(_run(FinetuneConfig(**{**cfg, **change})), variant=name, mode=mode, fraction=frac,
+                         change=change))
+    lines = ['| variant | labeled slices | trainable parameters | test hit@0.5 | test mean IoU | valid mean IoU | mean-box hit@0.5 / IoU | time s |',
+             '|---|---|---|---|---|---|---|---|']
+    lines += [f"| {r['variant']} | {r['train_slices']} | {r['trainable']:,} | {r['hit@0.5']:.3f} | {r['mean_iou']:.3f} | "
+              f"{r['valid_mean_iou']:.3f} | {r['baseline_hit@0.5']:.3f} / {r['baseline_mean_iou']:.3f} | {r['time_s']:.0f} |" for r in rows]
+    table = '\n'.join(lines)
+    write_json({'rows': rows, 'machine': _machine(), 'settings': dict(data=str(data), epochs=epochs, bs=bs, seed=seed)},
+               out / 'study.json')
+    (out / 'study.md').write_text(table + '\n')
+    print(f"\n{table}\n\nwrote {out / 'study.json'}, {out / 'study.md'}")
+    return {'rows': rows}
 
 
 def _summarise(rows):
@@ -254,6 +322,17 @@ def main(argv=None):
     e.add_argument('--pretrain-epochs', type=int, default=10, help='autoencoder epochs (one run serves all)')
     e.add_argument('--bs', type=int, default=16, help='batch size')
     e.add_argument('--quick', action='store_true', help='a few-minute smoke run: 40 patients, 2 fractions, 2 epochs')
+    st = sub.add_parser('study', help='the sandwich at 10%% labels against scratch at 100%%, one change at a time',
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    st.add_argument('--out', type=Path, default=Path('runs/bench/efficiency'), help="output folder (efficiency's: shares its data and pretraining)")
+    st.add_argument('--data', type=Path, default=None, help='data folder (default: generated under --out)')
+    st.add_argument('--patients', type=int, default=250, help='synthetic patients to generate')
+    st.add_argument('--native', type=int, default=256, help='native slice size of the generated data (trained at half)')
+    st.add_argument('--seed', type=int, default=0, help='seed of every run')
+    st.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs (a variant may change them)')
+    st.add_argument('--pretrain-epochs', type=int, default=10, help='autoencoder epochs (one run serves all)')
+    st.add_argument('--bs', type=int, default=16, help='batch size')
+    st.add_argument('--quick', action='store_true', help='a few-minute smoke run: 40 patients, 2 epochs, three variants')
     t = sub.add_parser('throughput', help='loading and training speed, peak memory', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument('--out', type=Path, default=Path('runs/bench/throughput'), help='output folder')
     t.add_argument('--quick', action='store_true', help='fewer slices and steps, 30 s accuracy budget')
@@ -261,14 +340,18 @@ def main(argv=None):
     t.add_argument('--budget', type=float, default=180., help='seconds of training for each model in the equal-time accuracy comparison')
     args = ap.parse_args(argv)
     if args.which == 'throughput': return throughput(args.out, args.quick, args.data, args.budget)
+    if args.quick:
+        args.out = args.out.with_name(args.out.name + '_quick') if args.out == Path('runs/bench/efficiency') else args.out
+        args.patients, args.epochs, args.pretrain_epochs, args.native = 40, 2, 1, 128
+    data = args.data or args.out / f'data_{args.patients}p_{args.native}px'
+    if args.which == 'study':
+        return study(args.out, data, args.patients, args.native, args.epochs, args.pretrain_epochs, args.bs, args.seed,
+                     [STUDY[0], STUDY[4], STUDY[6]] if args.quick else STUDY)
     fractions = [float(f) for f in args.fractions.split(',')]
     modes = [m for m in args.modes.split(',') if m]
     bad = [m for m in modes if m not in MODES]
     if bad: ap.error(f'--modes: unknown {bad}, expected some of {MODES}')
-    if args.quick:
-        args.out = args.out.with_name(args.out.name + '_quick') if args.out == Path('runs/bench/efficiency') else args.out
-        args.patients, fractions, args.epochs, args.pretrain_epochs, args.native = 40, [.1, 1.], 2, 1, 128
-    data = args.data or args.out / f'data_{args.patients}p_{args.native}px'
+    if args.quick: fractions = [.1, 1.]
     return efficiency(args.out, data, args.patients, args.native, fractions, modes,
                       [int(s) for s in args.seeds.split(',')], args.epochs, args.pretrain_epochs, args.bs)
 

@@ -52,11 +52,14 @@ class TimeBudget(Callback):
 class CentreMapLoss(Callback):
     """Dense supervision for the localizer's map head (CenterNet's recipe): cross-entropy of the
     position scores against the cell holding the target box's centre, plus the run's box loss on the
-    box predicted at that cell, added with `weight` to the loss. One box gives one regression target
-    per image; this turns *where* into a classification over every position, which is what lets a
-    few hundred labeled slices teach the model a lesion from a bowel loop."""
-    def __init__(self, weight: float = 1.):
-        self.weight = weight
+    boxes predicted at that cell and at its neighbours within `radius` cells, added with `weight` to
+    the loss. One box gives one regression target per image; this turns *where* into a
+    classification over every position, which is what lets a few hundred labeled slices teach the
+    model a lesion from a bowel loop. The neighbours matter at inference: when the best score lands
+    one cell off the centre, that cell's box size has been trained too (with `radius=0` it was not,
+    and such boxes could cover most of the image)."""
+    def __init__(self, weight: float = 1., radius: int = 1):
+        self.weight, self.radius = weight, radius
 
     def after_loss(self):
         head = self.learn.model.head
@@ -66,9 +69,15 @@ class CentreMapLoss(Callback):
         B, h, w = scores.shape
         ix = ((t[:, 0] + t[:, 2]) / 2 * w).long().clamp(0, w - 1)
         iy = ((t[:, 1] + t[:, 3]) / 2 * h).long().clamp(0, h - 1)
-        cell = iy * w + ix
-        extra = F.cross_entropy(scores.reshape(B, -1).float(), cell)
-        if boxes is not None: extra = extra + self.learn.loss_func(boxes[torch.arange(B, device=cell.device), cell] * 2 - 1, t * 2 - 1)
+        extra = F.cross_entropy(scores.reshape(B, -1).float(), iy * w + ix)
+        if boxes is not None:
+            r = torch.arange(-self.radius, self.radius + 1, device=t.device)
+            ny = (iy[:, None, None] + r[None, :, None]).clamp(0, h - 1)         # [B, k, 1]; clamping repeats edge cells
+            nx = (ix[:, None, None] + r[None, None, :]).clamp(0, w - 1)         # [B, 1, k]
+            cells = (ny * w + nx).flatten(1)                                    # [B, k*k]
+            picked = boxes[torch.arange(B, device=t.device)[:, None], cells]    # [B, k*k, 4]
+            targ = t[:, None].expand_as(picked)
+            extra = extra + self.learn.loss_func(picked.reshape(-1, 4) * 2 - 1, targ.reshape(-1, 4) * 2 - 1)
         self.learn.loss_grad = self.learn.loss_grad + self.weight * extra
         self.learn.loss = self.learn.loss_grad.detach().clone()
 

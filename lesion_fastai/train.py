@@ -176,6 +176,10 @@ class FinetuneConfig:
     bs: int = 16
     loss: str = 'ciou+diou+giou'
     map_weight: float = 1.            # weight of the centre-map loss (0: box loss alone)
+    map_radius: int = 1               # boxes within this many cells of the target's centre cell are supervised
+    wd: float = .01                   # weight decay (fastai's Adam default)
+    adapter_ratio: float = 1.         # sandwich: hidden width of each transfer layer, as a fraction of its stage's
+    adapter_stem: bool = False        # sandwich: a transfer layer after the stem too
     label_fraction: float = 1.
     same_epoch_length: bool = False   # repeat a label subset to the full training set's length per epoch
     seed: int = 0
@@ -244,12 +248,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if ckpt is not None: raise ValueError("the legacy localizer trains from scratch only")
         model, splitter = LegacyLocalizer(in_chans, s['size']), None
     elif cfg.arch == 'localizer':
-        model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich', out_bn=cfg.out_bn, kappa=cfg.kappa)
+        model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich', out_bn=cfg.out_bn, kappa=cfg.kappa,
+                          adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem)
         splitter = localizer_splitter
         if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
     else: raise ValueError(f"arch {cfg.arch!r}: expected 'localizer' or 'legacy'")
-    learn = Learner(dls, model, loss_func=BoxLoss(cfg.loss), metrics=[mean_iou], train_bn=False, path=out,
-                    model_dir='models', cbs=[CentreMapLoss(cfg.map_weight)], **({'splitter': splitter} if splitter else {}))
+    learn = Learner(dls, model, loss_func=BoxLoss(cfg.loss), metrics=[mean_iou], train_bn=False, wd=cfg.wd, path=out,
+                    model_dir='models', cbs=[CentreMapLoss(cfg.map_weight, cfg.map_radius)], **({'splitter': splitter} if splitter else {}))
     apply_freeze(learn, s['freeze'])
     counts = parameter_counts(model)
     print(f"freeze {s['freeze']}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters; "

@@ -148,24 +148,32 @@ def test_evaluate_reports_mean_box_baseline():
     with pytest.raises(ValueError, match='3 predictions for 2 slices'): evaluate(np.zeros((3, 4)), recs)
 
 
-def test_centre_map_loss_adds_ce_and_cell_box_loss():
+@pytest.mark.parametrize('radius', [0, 1])
+def test_centre_map_loss_adds_ce_and_box_loss_around_the_centre(radius):
     from types import SimpleNamespace
     from lesion_fastai.callbacks import CentreMapLoss
     torch.manual_seed(0)
     m = create_localizer(1, 'direct', **TINY)
-    x, y = torch.rand(2, 1, 64, 64), torch.tensor([[[-.9, -.9], [-.6, -.6]], [[.5, .1], [.9, .3]]])  # PointBlock layout
+    # PointBlock layout; the second centre sits in the last column, so its neighbourhood is clamped there
+    x, y = torch.rand(2, 1, 64, 64), torch.tensor([[[-.9, -.9], [-.6, -.6]], [[.8, .1], [1., .3]]])
     pred = m(x)
     box_loss = BoxLoss('giou')
     base = box_loss(pred, y)
     learn = SimpleNamespace(model=m, yb=(y,), loss_func=box_loss, loss_grad=base, loss=base.detach())
-    cb = CentreMapLoss(1.)
+    cb = CentreMapLoss(1., radius=radius)
     cb.learn = learn
     cb.after_loss()
-    # centre cells on the 8x8 map: (-.75 -> unit .125 -> col 1, row 1) and (x .7 -> .85 -> col 6, y .2 -> .6 -> row 4)
-    cells = torch.tensor([1 * 8 + 1, 4 * 8 + 6])
-    ce = torch.nn.functional.cross_entropy(m.head.last_scores.flatten(1), cells)
-    cell_boxes = m.head.last_boxes[torch.arange(2), cells] * 2 - 1
-    assert torch.allclose(learn.loss_grad, base + ce + box_loss(cell_boxes, y))
+    # centre cells on the 8x8 map: (-.75 -> unit .125 -> col 1, row 1) and (x .9 -> .95 -> col 7, y .2 -> .6 -> row 4)
+    centres = [(1, 1), (4, 7)]
+    ce = torch.nn.functional.cross_entropy(m.head.last_scores.flatten(1), torch.tensor([r * 8 + c for r, c in centres]))
+    picked, targs = [], []
+    for i, (row, col) in enumerate(centres):
+        for dr in range(-radius, radius + 1):
+            for dc in range(-radius, radius + 1):
+                picked.append(m.head.last_boxes[i, min(max(row + dr, 0), 7) * 8 + min(max(col + dc, 0), 7)])
+                targs.append(y[i].flatten())
+    expected = base + ce + box_loss(torch.stack(picked) * 2 - 1, torch.stack(targs))
+    assert torch.allclose(learn.loss_grad, expected)
     learn.loss_grad.backward()
     assert m.head.map.score.weight.grad.abs().sum() > 0
 

@@ -18,11 +18,13 @@ __all__ = ['TransferLayer', 'LesionMap', 'DirectHead', 'GaussianHead', 'Localize
 class TransferLayer(nn.Module):
     """A trainable residual 3x3 adapter placed between frozen stages (3FabRec's interleaved transfer
     layers). Its last convolution starts at zero, so an untrained sandwich computes exactly what the
-    pretrained encoder computes and training starts from the pretrained features."""
-    def __init__(self, ch: int):
+    pretrained encoder computes and training starts from the pretrained features. `ratio` < 1 narrows
+    the hidden layer (fewer trainable parameters: 1/4 keeps about a quarter)."""
+    def __init__(self, ch: int, ratio: float = 1.):
         super().__init__()
-        self.conv1 = conv_bn(ch, ch)
-        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        hidden = max(8, round(ch * ratio))
+        self.conv1 = conv_bn(ch, hidden)
+        self.conv2 = nn.Conv2d(hidden, ch, 3, padding=1)
         nn.init.zeros_(self.conv2.weight); nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x):
@@ -124,19 +126,24 @@ HEADS = {'direct': DirectHead, 'gaussian': GaussianHead}
 
 class Localizer(nn.Module):
     """`encoder` (a `ResNetEncoder`, the autoencoder's encoder class) -> optional `adapters` (one
-    `TransferLayer` after each stage: the sandwich) -> `head`. Returns [B, 4] boxes in [-1, 1]."""
+    `TransferLayer` after each stage: the sandwich; with `adapter_stem` one after the stem too, with
+    `adapter_ratio` < 1 narrower ones) -> `head`. Returns [B, 4] boxes in [-1, 1]."""
     def __init__(self, encoder_args: dict | None = None, head: str = 'direct', sandwich: bool = False,
-                 hidden: int = 64, out_bn: bool = False, kappa: float = .05):
+                 hidden: int = 64, out_bn: bool = False, kappa: float = .05, adapter_ratio: float = 1.,
+                 adapter_stem: bool = False):
         super().__init__()
         if head not in HEADS: raise ValueError(f"head {head!r}: expected one of {sorted(HEADS)}")
         self.encoder_args = dict(DEFAULT_ENCODER, **(encoder_args or {}))
         self.encoder = ResNetEncoder(**self.encoder_args)
-        self.adapters = nn.ModuleList([TransferLayer(w) for w in self.encoder.widths]) if sandwich else None
+        self.adapters = nn.ModuleList([TransferLayer(w, adapter_ratio) for w in self.encoder.widths]) if sandwich else None
+        stem_width = self.encoder_args['stem_width']
+        self.stem_adapter = TransferLayer(stem_width, adapter_ratio) if sandwich and adapter_stem else None
         kw = dict(kappa=kappa) if head == 'gaussian' else {}
         self.head = HEADS[head](self.encoder.widths, hidden, out_bn, **kw)
 
     def features(self, x) -> list:  # [B, C, H, W] -> every stage's output, strides 4, 8, 16, 32
         x, out = self.encoder.stem(x), []
+        if self.stem_adapter is not None: x = self.stem_adapter(x)
         for i, stage in enumerate(self.encoder.stages):
             x = stage(x)
             if self.adapters is not None: x = self.adapters[i](x)
