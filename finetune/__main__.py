@@ -50,7 +50,12 @@ def parse_args(argv=None):
     ap.add_argument('--out-bn', action='store_true', help='BatchNorm on the output layer (off by default: it hurt before)')
     ap.add_argument('--no-augment', action='store_true', help='no flips, rotations, zoom or lighting changes')
     ap.add_argument('--resume', action='store_true', help='continue an interrupted run from OUT/last.pth')
-    ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: main process, with a slice cache)')
+    ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: main process; with workers '
+                    'use --cache disk, since an in-memory cache is not shared with them)')
+    ap.add_argument('--cache', choices=['memory', 'disk', 'none'], default='memory',
+                    help='prepared slices: memory (kept for this run, default), disk (a memory-mapped float16 array built once '
+                         'per slices and settings, reused by later runs and workers) or none')
+    ap.add_argument('--cache-dir', type=Path, default=None, help='folder of the disk cache (default ~/.cache/lesion_fastai)')
     args = ap.parse_args(argv)
     if args.eval is None:
         for name, v, lo in (('--epochs', args.epochs, 1), ('--bs', args.bs, 1), ('--context', args.context or 0, 0), ('--size', args.size or 32, 32)):
@@ -78,7 +83,7 @@ def main(argv=None):
             loss=args.loss, map_weight=args.map_weight, map_radius=args.map_radius, wd=args.wd, adapter_ratio=args.adapter_ratio,
             adapter_stem=args.adapter_stem, label_fraction=args.label_fraction, seed=args.seed, pretrained=args.pretrained, freeze=args.freeze,
             update_frozen_bn=args.update_frozen_bn, kappa=args.kappa, out_bn=args.out_bn, augment=not args.no_augment,
-            resume=args.resume, num_workers=args.workers))
+            resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -52,12 +52,15 @@ class TimeBudget(Callback):
 class CentreMapLoss(Callback):
     """Dense supervision for the localizer's map head (CenterNet's recipe): cross-entropy of the
     position scores against the cell holding the target box's centre, plus the run's box loss on the
-    boxes predicted at that cell and at its neighbours within `radius` cells, added with `weight` to
-    the loss. One box gives one regression target per image; this turns *where* into a
-    classification over every position, which is what lets a few hundred labeled slices teach the
-    model a lesion from a bowel loop. The neighbours matter at inference: when the best score lands
-    one cell off the centre, that cell's box size has been trained too (with `radius=0` it was not,
-    and such boxes could cover most of the image)."""
+    box predicted at that cell, added with `weight` to the loss. One box gives one regression target
+    per image; this turns *where* into a classification over every position, which is what lets a
+    few hundred labeled slices teach the model a lesion from a bowel loop.
+
+    With `radius` > 0 the box *sizes* predicted at the neighbouring cells (within `radius` cells) are
+    trained too: each neighbour's width and height, placed on the target's centre, against the target
+    box. When the best score lands one cell off the centre at inference, that cell's size is then a
+    trained one (with `radius=0` it was not, and such boxes could cover most of the image). Only sizes:
+    asking neighbours for the whole box (their centre offsets too) made training much worse."""
     def __init__(self, weight: float = 1., radius: int = 1):
         self.weight, self.radius = weight, radius
 
@@ -69,17 +72,25 @@ class CentreMapLoss(Callback):
         B, h, w = scores.shape
         ix = ((t[:, 0] + t[:, 2]) / 2 * w).long().clamp(0, w - 1)
         iy = ((t[:, 1] + t[:, 3]) / 2 * h).long().clamp(0, h - 1)
-        extra = F.cross_entropy(scores.reshape(B, -1).float(), iy * w + ix)
+        cell = iy * w + ix
+        extra = F.cross_entropy(scores.reshape(B, -1).float(), cell)
         if boxes is not None:
-            r = torch.arange(-self.radius, self.radius + 1, device=t.device)
-            ny = (iy[:, None, None] + r[None, :, None]).clamp(0, h - 1)         # [B, k, 1]; clamping repeats edge cells
-            nx = (ix[:, None, None] + r[None, None, :]).clamp(0, w - 1)         # [B, 1, k]
-            cells = (ny * w + nx).flatten(1)                                    # [B, k*k]
-            picked = boxes[torch.arange(B, device=t.device)[:, None], cells]    # [B, k*k, 4]
-            targ = t[:, None].expand_as(picked)
-            extra = extra + self.learn.loss_func(picked.reshape(-1, 4) * 2 - 1, targ.reshape(-1, 4) * 2 - 1)
+            rows = torch.arange(B, device=t.device)
+            extra = extra + self.learn.loss_func(boxes[rows, cell] * 2 - 1, t * 2 - 1)
+            if self.radius > 0: extra = extra + self._size_loss(boxes, t, ix, iy, h, w)
         self.learn.loss_grad = self.learn.loss_grad + self.weight * extra
         self.learn.loss = self.learn.loss_grad.detach().clone()
+
+    def _size_loss(self, boxes, t, ix, iy, h, w):
+        "The run's box loss on the neighbours' sizes, each placed on the target's centre."
+        r = torch.arange(-self.radius, self.radius + 1, device=t.device)
+        ny, nx = iy[:, None, None] + r[None, :, None], ix[:, None, None] + r[None, None, :]
+        keep = ((ny >= 0) & (ny < h) & (nx >= 0) & (nx < w) & ~((ny == iy[:, None, None]) & (nx == ix[:, None, None]))).flatten(1)
+        cells = (ny.clamp(0, h - 1) * w + nx.clamp(0, w - 1)).flatten(1)                   # [B, k*k]
+        b = boxes[torch.arange(len(t), device=t.device)[:, None], cells][keep]             # [n, 4] inside the map
+        tt = t[:, None].expand(-1, cells.shape[1], -1)[keep]
+        half, c = (b[:, 2:] - b[:, :2]) / 2, (tt[:, :2] + tt[:, 2:]) / 2
+        return self.learn.loss_func(torch.cat([c - half, c + half], 1) * 2 - 1, tt * 2 - 1)
 
 
 class AtomicSaveModelCallback(SaveModelCallback):

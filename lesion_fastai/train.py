@@ -19,6 +19,7 @@ from fastai.torch_core import set_seed
 from torch import nn
 
 from .callbacks import AtomicSaveModelCallback, CentreMapLoss, TimeBudget, MaskedCorruption, ResumableCSVLogger, ResumeState, corrupt
+from .cache import DEFAULT_CACHE_DIR, build_slice_cache
 from .checkpoint import load_encoder, load_pretrained, save_pretrained
 from .data import autoencoder_dls, localization_dls, n_channels, select_patients
 from .deeplesion import list_slices, read_dl_info, slice_records
@@ -99,7 +100,16 @@ class PretrainConfig:
     loss: str = 'l1'
     resume: bool = False
     num_workers: int = 0
-    cache: bool = True
+    cache: str = 'memory'             # 'memory' (per run), 'disk' (memory-mapped, shared by runs) or 'none'
+    cache_dir: Path | None = None     # for 'disk': default ~/.cache/lesion_fastai
+
+
+def _slice_cache(kind: str, items, windows: str, context: int, size: int, folder):
+    "The `cache` argument of the slice block: a dict, a built `SliceCache`, or None."
+    if kind == 'memory': return {}
+    if kind == 'none': return None
+    if kind == 'disk': return build_slice_cache(items, windows, context, size, folder or DEFAULT_CACHE_DIR)
+    raise ValueError(f"cache {kind!r}: expected 'memory', 'disk' or 'none'")
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -121,7 +131,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
           f"{size} px, windows {cfg.windows}, context {cfg.context}")
     set_seed(cfg.seed, reproducible=True)
     dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed,
-                          cache={} if cfg.cache else None)
+                          cache=_slice_cache(cfg.cache, paths, cfg.windows, cfg.context, size, cfg.cache_dir))
     model = create_autoencoder(n_channels(cfg.windows, cfg.context))
     loss = {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
     learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
@@ -191,7 +201,8 @@ class FinetuneConfig:
     augment: bool = True
     resume: bool = False
     num_workers: int = 0
-    cache: bool = True
+    cache: str = 'memory'             # 'memory' (per run), 'disk' (memory-mapped, shared by runs) or 'none'
+    cache_dir: Path | None = None     # for 'disk': default ~/.cache/lesion_fastai
     n_figure: int = 8
     quiet: bool = False
     arch: str = 'localizer'           # or 'legacy': the earlier experiment's model, for benchmarks (from scratch only)
@@ -239,7 +250,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         epoch_items = (train * -(-len(train_all) // len(train)))[:len(train_all)]
     set_seed(cfg.seed, reproducible=True)
     dls = localization_dls(epoch_items + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
-                           cfg.num_workers, cfg.seed, cache={} if cfg.cache else None)
+                           cfg.num_workers, cfg.seed,
+                           cache=_slice_cache(cfg.cache, records, s['windows'], s['context'], s['size'], cfg.cache_dir))
     in_chans = n_channels(s['windows'], s['context'])
     enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans}
     if enc_args['in_chans'] != in_chans:

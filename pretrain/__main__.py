@@ -30,7 +30,12 @@ def parse_args(argv=None):
     ap.add_argument('--loss', choices=['l1', 'mse'], default='l1', help='reconstruction loss (default l1)')
     ap.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     ap.add_argument('--resume', action='store_true', help='continue an interrupted run from OUT/last.pth')
-    ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: main process, with a slice cache)')
+    ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: main process; with workers '
+                    'use --cache disk, since an in-memory cache is not shared with them)')
+    ap.add_argument('--cache', choices=['memory', 'disk', 'none'], default='memory',
+                    help='prepared slices: memory (kept for this run, default), disk (a memory-mapped float16 array built once '
+                         'per slices and settings, reused by later runs and workers) or none')
+    ap.add_argument('--cache-dir', type=Path, default=None, help='folder of the disk cache (default ~/.cache/lesion_fastai)')
     args = ap.parse_args(argv)
     for name, v, lo in (('--epochs', args.epochs, 1), ('--bs', args.bs, 1), ('--context', args.context, 0), ('--size', args.size or 32, 32)):
         if v < lo: ap.error(f'{name} must be at least {lo}, got {v}')
@@ -45,7 +50,7 @@ def main(argv=None):
         pretrain(PretrainConfig(data=args.data, out=args.out, epochs=args.epochs, lr=args.lr, bs=args.bs, size=args.size,
                                 windows=args.windows, context=args.context, seed=args.seed, patients=args.patients,
                                 mask_ratio=args.mask_ratio, patch=args.patch, noise_std=args.noise_std, loss=args.loss,
-                                resume=args.resume, num_workers=args.workers))
+                                resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -165,12 +165,12 @@ def test_evaluate_reports_mean_box_baseline():
 
 
 @pytest.mark.parametrize('radius', [0, 1])
-def test_centre_map_loss_adds_ce_and_box_loss_around_the_centre(radius):
+def test_centre_map_loss_adds_ce_box_loss_and_neighbour_sizes(radius):
     from types import SimpleNamespace
     from lesion_fastai.callbacks import CentreMapLoss
     torch.manual_seed(0)
     m = create_localizer(1, 'direct', **TINY)
-    # PointBlock layout; the second centre sits in the last column, so its neighbourhood is clamped there
+    # PointBlock layout; the second centre sits in the last column, so its neighbourhood is cut there
     x, y = torch.rand(2, 1, 64, 64), torch.tensor([[[-.9, -.9], [-.6, -.6]], [[.8, .1], [1., .3]]])
     pred = m(x)
     box_loss = BoxLoss('giou')
@@ -181,14 +181,21 @@ def test_centre_map_loss_adds_ce_and_box_loss_around_the_centre(radius):
     cb.after_loss()
     # centre cells on the 8x8 map: (-.75 -> unit .125 -> col 1, row 1) and (x .9 -> .95 -> col 7, y .2 -> .6 -> row 4)
     centres = [(1, 1), (4, 7)]
-    ce = torch.nn.functional.cross_entropy(m.head.last_scores.flatten(1), torch.tensor([r * 8 + c for r, c in centres]))
-    picked, targs = [], []
-    for i, (row, col) in enumerate(centres):
-        for dr in range(-radius, radius + 1):
-            for dc in range(-radius, radius + 1):
-                picked.append(m.head.last_boxes[i, min(max(row + dr, 0), 7) * 8 + min(max(col + dc, 0), 7)])
-                targs.append(y[i].flatten())
-    expected = base + ce + box_loss(torch.stack(picked) * 2 - 1, torch.stack(targs))
+    cells = torch.tensor([r * 8 + c for r, c in centres])
+    ce = torch.nn.functional.cross_entropy(m.head.last_scores.flatten(1), cells)
+    expected = base + ce + box_loss(m.head.last_boxes[torch.arange(2), cells] * 2 - 1, y)
+    if radius:
+        sized, targs = [], []
+        for i, (row, col) in enumerate(centres):
+            t = (y[i].flatten() + 1) / 2
+            for dr, dc in [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]:
+                if not (0 <= row + dr < 8 and 0 <= col + dc < 8): continue    # the second centre has 5 neighbours
+                b = m.head.last_boxes[i, (row + dr) * 8 + col + dc]
+                cx, cy, bw, bh = (t[0] + t[2]) / 2, (t[1] + t[3]) / 2, b[2] - b[0], b[3] - b[1]
+                sized.append(torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]))
+                targs.append(t)
+        assert len(sized) == 13
+        expected = expected + box_loss(torch.stack(sized) * 2 - 1, torch.stack(targs) * 2 - 1)
     assert torch.allclose(learn.loss_grad, expected)
     learn.loss_grad.backward()
     assert m.head.map.score.weight.grad.abs().sum() > 0

@@ -75,7 +75,7 @@ def test_eval_cli_on_saved_model(tiny_data, tmp_path):
 
 
 def test_resume_continues_where_it_stopped(tiny_data, tmp_path):
-    cfg = dict(data=tiny_data, bs=2, size=32, seed=1, augment=False, quiet=True, cache=False)
+    cfg = dict(data=tiny_data, bs=2, size=32, seed=1, augment=False, quiet=True, cache='none')
     finetune(FinetuneConfig(out=tmp_path / 'a', epochs=3, **cfg))
     finetune(FinetuneConfig(out=tmp_path / 'b', epochs=2, **cfg))          # "interrupted" after 2 of 3 epochs
     state = torch.load(tmp_path / 'b' / 'last.pth', weights_only=False)

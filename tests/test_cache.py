@@ -1,0 +1,78 @@
+"""The disk slice cache: same pixels as decoding (to float16), built once, rebuilt when anything changes,
+never left half-built."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lesion_fastai.cache import SliceCache, build_slice_cache
+from lesion_fastai.data import CTSlice
+from lesion_fastai.deeplesion import list_slices
+from lesion_fastai.train import FinetuneConfig, finetune
+
+
+@pytest.mark.parametrize('windows,context', [('soft', 0), ('dicom,lung', 1)])
+def test_cached_slices_equal_decoded_ones(tiny_records, tmp_path, windows, context):
+    recs = tiny_records[:5]
+    cache = build_slice_cache(recs, windows, context, 32, tmp_path, quiet=True)
+    prep, cached = CTSlice(windows, context, 32), CTSlice(windows, context, 32, cache)
+    assert len(cache) == 5
+    for r in recs:
+        want = prep(r)
+        got = cached(r)
+        assert got.shape == want.shape == (prep.n_channels, 32, 32) and got.dtype == torch.float32
+        assert torch.allclose(got, want, atol=1e-3)          # float16 storage of values in [0, 1]
+    assert cache.get('not/a/cached.png') is None
+
+
+def test_cache_is_reused_and_rebuilt_when_settings_or_files_change(tiny_data, tmp_path):
+    paths = list_slices(tiny_data)[:6]
+    a = build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True)
+    stamp = a.array_file.stat().st_mtime_ns
+    assert build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True).array_file.stat().st_mtime_ns == stamp
+    assert build_slice_cache(paths, 'soft', 0, 16, tmp_path, quiet=True).array_file != a.array_file
+    assert build_slice_cache(paths, 'lung', 0, 32, tmp_path, quiet=True).array_file != a.array_file
+    st = os.stat(paths[0])
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))   # the file changed after the cache was built
+    try: assert build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True).array_file != a.array_file
+    finally: os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_interrupted_build_leaves_no_cache(tiny_data, tmp_path, monkeypatch):
+    paths = list_slices(tiny_data)[:6]
+    calls = []
+    real = CTSlice.channels
+
+    def failing(self, path, dw=None):
+        calls.append(path)
+        if len(calls) == 3: raise KeyboardInterrupt
+        return real(self, path, dw)
+    monkeypatch.setattr(CTSlice, 'channels', failing)
+    with pytest.raises(KeyboardInterrupt): build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True)
+    assert list(tmp_path.iterdir()) == []                     # neither a half-written array nor its temp file
+    monkeypatch.setattr(CTSlice, 'channels', real)
+    assert len(build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True)) == 6
+
+
+def test_cache_pickles_without_its_pixels(tiny_data, tmp_path):
+    paths = list_slices(tiny_data)[:3]
+    cache = build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True)
+    first = cache.get(paths[0])
+    blob = pickle.dumps(cache)
+    assert len(blob) < 2_000                                  # the index and file name, not 3 x 32 x 32 floats
+    again = pickle.loads(blob)
+    assert isinstance(again, SliceCache) and torch.equal(again.get(paths[0]), first)
+
+
+def test_finetune_with_the_disk_cache_builds_it_once(tiny_data, tmp_path):
+    cfg = dict(data=tiny_data, epochs=1, bs=2, size=32, quiet=True, cache='disk', cache_dir=tmp_path / 'cache')
+    m = finetune(FinetuneConfig(out=tmp_path / 'a', **cfg))
+    (built,) = (tmp_path / 'cache').glob('slices_*.npy')
+    assert np.load(built, mmap_mode='r').shape[1:] == (1, 32, 32) and np.isfinite(m['test']['mean_iou'])
+    stamp = built.stat().st_mtime_ns
+    finetune(FinetuneConfig(out=tmp_path / 'b', label_fraction=.5, **cfg))   # another label subset, same slices
+    assert [p.stat().st_mtime_ns for p in (tmp_path / 'cache').glob('slices_*.npy')] == [stamp]
+    with pytest.raises(ValueError, match="cache 'ram'"):
+        finetune(FinetuneConfig(out=tmp_path / 'c', **{**cfg, 'cache': 'ram'}))
