@@ -46,3 +46,12 @@ def test_study_runs_each_variant_and_refuses_a_finished_run_with_other_settings(
     assert '| narrow sandwich |' in (tmp_path / 'study.md').read_text()
     with pytest.raises(ValueError, match=r'wd: 0.01 there, 0.1 now'):
         study(**args, variants=[('scratch', 'scratch', 1., {'wd': .1})])
+
+
+def test_loading_measures_every_path_and_builds_one_disk_cache(tiny_data, tmp_path):
+    from lesion_fastai.bench import _loading
+    from lesion_fastai.deeplesion import list_slices
+    res = _loading(list_slices(tiny_data)[:4], 32, tmp_path / 'cache')
+    assert set(res) == {'ours', 'skimage', 'ours_cached', 'disk_cache_build', 'ours_disk_cache'}
+    assert all(v > 0 for v in res.values())
+    assert len(list((tmp_path / 'cache').glob('slices_*.npy'))) == 1
