@@ -31,16 +31,20 @@ def _machine() -> str:
 
 # --- data efficiency -----------------------------------------------------------------------------------------
 
-def _prepare(out: Path, data: Path, patients: int, native: int, pretrain_epochs: int, bs: int) -> Path:
-    "The benchmark's data (generated once) and its one autoencoder pretraining; returns the checkpoint."
+def _prepare(out: Path, data: Path, patients: int, native: int, pretrain_epochs: int, bs: int,
+             pretrain_changes: dict | None = None) -> Path:
+    """The benchmark's data (generated once) and its autoencoder pretraining (`out/pretrain`, or
+    `out/pretrain_<changes>` for a pretraining with other settings); returns the checkpoint."""
     from .synthetic import generate
     from .train import PretrainConfig, pretrain
     if not (data / 'DL_info.csv').exists():
         print(f"generating {patients} synthetic patients at {native} px in {data}")
         generate(data, patients=patients, size=native, seed=1)
-    ckpt = out / 'pretrain' / 'pretrained.pth'
+    changes = pretrain_changes or {}
+    folder = out / ('pretrain' + ''.join(f'_{k}{v}' for k, v in sorted(changes.items())))
+    ckpt = folder / 'pretrained.pth'
     if not ckpt.exists():
-        pretrain(PretrainConfig(data=data, out=out / 'pretrain', epochs=pretrain_epochs, bs=bs, resume=True))
+        pretrain(PretrainConfig(**{**dict(data=data, out=folder, epochs=pretrain_epochs, bs=bs, resume=True), **changes}))
     return ckpt
 
 
@@ -97,7 +101,7 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
     return result
 
 
-# (name, mode, label fraction, FinetuneConfig changes): one change at a time from the defaults
+# (name, mode, label fraction, FinetuneConfig changes[, PretrainConfig changes]): one change at a time
 STUDY = [
     ('scratch, all labels (the target)', 'scratch', 1., {}),
     ('scratch, all labels, 60 epochs', 'scratch', 1., {'epochs': 60}),
@@ -111,6 +115,10 @@ STUDY = [
     ('sandwich, 10%, weight decay 0.1', 'sandwich', .1, {'wd': .1}),
     ('sandwich, 10%, 10 epochs', 'sandwich', .1, {'epochs': 10}),
     ('none, 10%', 'none', .1, {}),
+    ('sandwich, 10%, pretext masks 4 px patches (not 8)', 'sandwich', .1, {}, {'patch': 4}),
+    ('sandwich, all labels, 60 epochs', 'sandwich', 1., {'epochs': 60}),
+    ('sandwich, 10%, 60 epochs', 'sandwich', .1, {'epochs': 60}),
+    ('none, 10%, 60 epochs', 'none', .1, {'epochs': 60}),
 ]
 
 
@@ -120,15 +128,15 @@ def study(out: Path, data: Path, patients: int, native: int, epochs: int, pretra
     each single change (objective, transfer layers, learning rate, regularisation, epochs) does to
     it. Same data, pretraining and epoch length as `efficiency` (pass the same --out to share them)."""
     from .train import FinetuneConfig, write_json
-    ckpt = _prepare(out, data, patients, native, pretrain_epochs, bs)
     rows = []
-    for i, (name, mode, frac, change) in enumerate(variants):
+    for i, (name, mode, frac, change, *pretrain_change) in enumerate(variants):
+        ckpt = _prepare(out, data, patients, native, pretrain_epochs, bs, *pretrain_change)
         run = out / 'study' / f'{i:02d}_{mode}_{frac:g}_seed{seed}'
         if not (run / 'metrics.json').exists(): print(f"\n== {name}")
         cfg = dict(data=data, out=run, epochs=epochs, bs=bs, label_fraction=frac, seed=seed, same_epoch_length=True,
                    pretrained=None if mode == 'scratch' else ckpt, freeze=mode, quiet=True, resume=True)
         rows.append(_row(_run(FinetuneConfig(**{**cfg, **change})), variant=name, mode=mode, fraction=frac,
-                         change=change))
+                         change=change, pretrain_change=pretrain_change[0] if pretrain_change else {}))
     lines = ['| variant | labeled slices | trainable parameters | test hit@0.5 | test mean IoU | valid mean IoU | mean-box hit@0.5 / IoU | time s |',
              '|---|---|---|---|---|---|---|---|']
     lines += [f"| {r['variant']} | {r['train_slices']} | {r['trainable']:,} | {r['hit@0.5']:.3f} | {r['mean_iou']:.3f} | "
