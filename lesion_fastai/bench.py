@@ -118,7 +118,6 @@ STUDY = [
     ('sandwich, 10%, pretext masks 4 px patches (not 8)', 'sandwich', .1, {}, {'patch': 4}),
     ('sandwich, all labels, 60 epochs', 'sandwich', 1., {'epochs': 60}),
     ('sandwich, 10%, 60 epochs', 'sandwich', .1, {'epochs': 60}),
-    ('none, 10%, 60 epochs', 'none', .1, {'epochs': 60}),
 ]
 
 
