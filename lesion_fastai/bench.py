@@ -56,7 +56,8 @@ def _run(cfg) -> dict:
     done = Path(cfg.out) / 'metrics.json'
     if not done.exists(): return finetune(cfg)
     m = json.loads(done.read_text())
-    want = {k: v for k, v in asdict(cfg).items() if v is not None and k not in ('resume', 'quiet', 'out')}
+    ignore = {'resume', 'quiet', 'out'} | ({'adapter_ratio', 'adapter_stem'} if cfg.freeze != 'sandwich' else set())
+    want = {k: v for k, v in asdict(cfg).items() if v is not None and k not in ignore}
     diff = {k: (m['config'].get(k), v) for k, v in want.items() if str(m['config'].get(k)) != str(v)}
     if diff: raise ValueError(f"{done}: a finished run with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
                               f"choose another --out or remove {cfg.out}")
@@ -106,18 +107,18 @@ STUDY = [
     ('scratch, all labels (the target)', 'scratch', 1., {}),
     ('scratch, all labels, 60 epochs', 'scratch', 1., {'epochs': 60}),
     ('scratch, 10%', 'scratch', .1, {}),
-    ('sandwich, all labels', 'sandwich', 1., {}),
-    ('sandwich, 10%', 'sandwich', .1, {}),
-    ('sandwich, 10%, boxes at the centre cell only', 'sandwich', .1, {'map_radius': 0}),
-    ('sandwich, 10%, narrow transfer layers (1/4)', 'sandwich', .1, {'adapter_ratio': .25}),
-    ('sandwich, 10%, + transfer layer after the stem', 'sandwich', .1, {'adapter_stem': True}),
-    ('sandwich, 10%, lr 1e-3', 'sandwich', .1, {'lr': 1e-3}),
-    ('sandwich, 10%, weight decay 0.1', 'sandwich', .1, {'wd': .1}),
-    ('sandwich, 10%, 10 epochs', 'sandwich', .1, {'epochs': 10}),
-    ('none, 10%', 'none', .1, {}),
-    ('sandwich, 10%, pretext masks 4 px patches (not 8)', 'sandwich', .1, {}, {'patch': 4}),
-    ('sandwich, all labels, 60 epochs', 'sandwich', 1., {'epochs': 60}),
-    ('sandwich, 10%, 60 epochs', 'sandwich', .1, {'epochs': 60}),
+    ('sandwich, all labels, full-width transfer layers', 'sandwich', 1., {'adapter_ratio': 1.}),
+    ('sandwich, 10%, full-width transfer layers', 'sandwich', .1, {'adapter_ratio': 1.}),
+    ('  same, boxes at the centre cell only (no neighbour sizes)', 'sandwich', .1, {'adapter_ratio': 1., 'map_radius': 0}),
+    ('sandwich, 10%, narrow transfer layers (1/4: the default now)', 'sandwich', .1, {}),
+    ('  full width, + transfer layer after the stem', 'sandwich', .1, {'adapter_ratio': 1., 'adapter_stem': True}),
+    ('  full width, lr 1e-3 (not 3e-3)', 'sandwich', .1, {'adapter_ratio': 1., 'lr': 1e-3}),
+    ('  full width, weight decay 0.1 (not 0.01)', 'sandwich', .1, {'adapter_ratio': 1., 'wd': .1}),
+    ('  full width, 10 epochs', 'sandwich', .1, {'adapter_ratio': 1., 'epochs': 10}),
+    ('none (all layers fine-tuned), 10%', 'none', .1, {}),
+    ('  full width, pretext masks 4 px patches (not 8)', 'sandwich', .1, {'adapter_ratio': 1.}, {'patch': 4}),
+    ('sandwich, all labels, full width, 60 epochs', 'sandwich', 1., {'adapter_ratio': 1., 'epochs': 60}),
+    ('sandwich, 10%, full width, 60 epochs', 'sandwich', .1, {'adapter_ratio': 1., 'epochs': 60}),
 ]
 
 

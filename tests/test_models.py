@@ -69,7 +69,7 @@ def test_output_batchnorm_is_optional_and_off_by_default():
     assert isinstance(create_localizer(1, out_bn=True, **TINY).head.box[-1], torch.nn.BatchNorm2d)
 
 
-@pytest.mark.parametrize('adapters', [{}, {'adapter_ratio': .25}, {'adapter_stem': True}])
+@pytest.mark.parametrize('adapters', [{}, {'adapter_ratio': 1.}, {'adapter_stem': True}])
 def test_untrained_sandwich_computes_the_encoder_features(adapters):
     torch.manual_seed(0)
     plain, sandwich = create_localizer(1, sandwich=False, **TINY), create_localizer(1, sandwich=True, **TINY, **adapters)
@@ -83,10 +83,10 @@ def test_untrained_sandwich_computes_the_encoder_features(adapters):
 def test_transfer_layer_options_change_what_trains():
     enc = dict(stem_width=16, widths=(32, 32, 64, 64), depths=(1, 1, 1, 1))
     n = lambda m: sum(p.numel() for p in m.parameters())
-    full, narrow = create_localizer(1, sandwich=True, **enc), create_localizer(1, sandwich=True, adapter_ratio=.25, **enc)
+    full, narrow = create_localizer(1, sandwich=True, adapter_ratio=1., **enc), create_localizer(1, sandwich=True, **enc)
     assert n(narrow.adapters) < .4 * n(full.adapters)
     assert full.stem_adapter is None
-    stem = create_localizer(1, sandwich=True, adapter_stem=True, **enc)
+    stem = create_localizer(1, sandwich=True, adapter_ratio=1., adapter_stem=True, **enc)
     assert stem.stem_adapter.conv2.out_channels == 16 and n(stem) == n(full) + n(stem.stem_adapter)
     with torch.no_grad(): stem.stem_adapter.conv2.weight.fill_(.01)   # once trained, it changes the features
     x = torch.rand(2, 1, 64, 64)
