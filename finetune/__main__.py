@@ -37,7 +37,7 @@ def parse_args(argv=None):
                     "target's centre cell, so a best score one cell off still gives a trained box size (default 1)")
     ap.add_argument('--wd', type=float, default=.01, help='weight decay (default 0.01)')
     ap.add_argument('--adapter-ratio', type=float, default=.25, help='sandwich: hidden width of each transfer layer as a fraction of '
-                    'its stage width (default 0.25; 1 trains about 3.4x the parameters and overfitted 10%% of the labels more in the benchmark)')
+                    'its stage width (default 0.25, for few labels; with hundreds of labels 1 did better in the benchmark)')
     ap.add_argument('--adapter-stem', action='store_true', help='sandwich: a transfer layer after the stem too (default: after each stage only)')
     ap.add_argument('--label-fraction', type=float, default=1., help='fraction of training patients whose labels are used, chosen with --seed (default 1)')
     ap.add_argument('--seed', type=int, default=0, help='random seed for labels subset, initialisation, batches and augmentation (default 0)')
