@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lesion_fastai.cache import add_loading_args
+
 from lesion_fastai.freeze import FREEZE_MODES
 from lesion_fastai.losses import TERMS
 from lesion_fastai.models.localizer import HEADS
@@ -50,12 +52,7 @@ def parse_args(argv=None):
     ap.add_argument('--out-bn', action='store_true', help='BatchNorm on the output layer (off by default: it hurt before)')
     ap.add_argument('--no-augment', action='store_true', help='no flips, rotations, zoom or lighting changes')
     ap.add_argument('--resume', action='store_true', help='continue an interrupted run from OUT/last.pth')
-    ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: main process; with workers '
-                    'use --cache disk, since an in-memory cache is not shared with them)')
-    ap.add_argument('--cache', choices=['memory', 'disk', 'none'], default='memory',
-                    help='prepared slices: memory (kept for this run, default), disk (a memory-mapped float16 array built once '
-                         'per slices and settings, reused by later runs and workers) or none')
-    ap.add_argument('--cache-dir', type=Path, default=None, help='folder of the disk cache (default ~/.cache/lesion_fastai)')
+    add_loading_args(ap)
     args = ap.parse_args(argv)
     if args.eval is None:
         for name, v, lo in (('--epochs', args.epochs, 1), ('--bs', args.bs, 1), ('--context', args.context or 0, 0), ('--size', args.size or 32, 32)):

@@ -23,7 +23,7 @@ from fastprogress.fastprogress import progress_bar
 
 from .deeplesion import SliceRecord
 
-__all__ = ['SliceCache', 'cache_key', 'build_slice_cache', 'DEFAULT_CACHE_DIR']
+__all__ = ['SliceCache', 'cache_key', 'build_slice_cache', 'add_loading_args', 'DEFAULT_CACHE_DIR']
 
 DEFAULT_CACHE_DIR = Path.home() / '.cache' / 'lesion_fastai'
 
@@ -104,3 +104,13 @@ def build_slice_cache(items, windows: str = 'soft', context: int = 0, size: int 
     finally:
         if tmp.exists(): tmp.unlink()
     return SliceCache(array_file, index)
+
+
+def add_loading_args(ap) -> None:
+    "The --workers, --cache and --cache-dir flags shared by `python -m pretrain` and `python -m finetune`."
+    ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: main process; with workers '
+                    'use --cache disk, since an in-memory cache is not shared with them)')
+    ap.add_argument('--cache', choices=['memory', 'disk', 'none'], default='memory',
+                    help='prepared slices: memory (kept for this run, default), disk (a memory-mapped float16 array built once '
+                         'per slices and settings, reused by later runs and workers) or none')
+    ap.add_argument('--cache-dir', type=Path, default=None, help='folder of the disk cache (default ~/.cache/lesion_fastai)')

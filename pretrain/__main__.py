@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lesion_fastai.cache import add_loading_args
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog='python -m pretrain', description=__doc__.split('\n\n')[0],
@@ -30,12 +32,7 @@ def parse_args(argv=None):
     ap.add_argument('--loss', choices=['l1', 'mse'], default='l1', help='reconstruction loss (default l1)')
     ap.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     ap.add_argument('--resume', action='store_true', help='continue an interrupted run from OUT/last.pth')
-    ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: main process; with workers '
-                    'use --cache disk, since an in-memory cache is not shared with them)')
-    ap.add_argument('--cache', choices=['memory', 'disk', 'none'], default='memory',
-                    help='prepared slices: memory (kept for this run, default), disk (a memory-mapped float16 array built once '
-                         'per slices and settings, reused by later runs and workers) or none')
-    ap.add_argument('--cache-dir', type=Path, default=None, help='folder of the disk cache (default ~/.cache/lesion_fastai)')
+    add_loading_args(ap)
     args = ap.parse_args(argv)
     for name, v, lo in (('--epochs', args.epochs, 1), ('--bs', args.bs, 1), ('--context', args.context, 0), ('--size', args.size or 32, 32)):
         if v < lo: ap.error(f'{name} must be at least {lo}, got {v}')
