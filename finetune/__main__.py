@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from lesion_fastai.cache import add_loading_args
-
 from lesion_fastai.freeze import FREEZE_MODES
 from lesion_fastai.losses import TERMS
 from lesion_fastai.models.localizer import HEADS
@@ -35,8 +34,9 @@ def parse_args(argv=None):
     ap.add_argument('--loss', default='ciou+diou+giou', help=f"sum of terms from {', '.join(TERMS)} joined by + (default ciou+diou+giou)")
     ap.add_argument('--map-weight', type=float, default=1., help='weight of the centre-map loss: cross-entropy of the position scores at the '
                     'target centre plus the box loss at that position (default 1; 0 trains on the box loss alone)')
-    ap.add_argument('--map-radius', type=int, default=1, help='the box loss is also applied at positions within this many cells of the '
-                    "target's centre cell, so a best score one cell off still gives a trained box size (default 1)")
+    ap.add_argument('--map-radius', type=int, default=1, help="the box sizes predicted at positions within this many cells of the "
+                    "target's centre cell are trained too (placed on the target centre), so a best score one cell off still gives "
+                    'a trained box size (default 1; 0: the centre cell only)')
     ap.add_argument('--wd', type=float, default=.01, help='weight decay (default 0.01)')
     ap.add_argument('--adapter-ratio', type=float, default=.25, help='sandwich: hidden width of each transfer layer as a fraction of '
                     'its stage width (default 0.25, for few labels; with hundreds of labels 1 did better in the benchmark)')

@@ -64,6 +64,15 @@ def _run(cfg) -> dict:
     return m
 
 
+def _finetune_config(data: Path, run: Path, mode: str, fraction: float, seed: int, epochs: int, bs: int, ckpt: Path,
+                     changes: dict | None = None):
+    "A benchmark fine-tune: same steps per epoch for every label fraction, pretrained unless from scratch, resumable."
+    from .train import FinetuneConfig
+    cfg = dict(data=data, out=run, epochs=epochs, bs=bs, label_fraction=fraction, seed=seed, same_epoch_length=True,
+               pretrained=None if mode == 'scratch' else ckpt, freeze=mode, quiet=True, resume=True)
+    return FinetuneConfig(**{**cfg, **(changes or {})})
+
+
 def _row(m: dict, **extra) -> dict:
     t, b = m['test'], m['test']['mean_box_baseline']
     return {**extra, 'train_slices': m['train_slices'], 'train_patients': m['train_patients'], 'hit@0.5': t['hit@0.5'],
@@ -77,7 +86,7 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
     """One pretraining run, then every (label fraction, mode, seed) fine-tune with the same epoch budget
     (small label sets are repeated to the full training set's length per epoch, so every run takes
     the same number of steps). Reports test hit@0.5 and mean IoU beside the mean-box baseline."""
-    from .train import FinetuneConfig, write_json
+    from .train import write_json
     ckpt = _prepare(out, data, patients, native, pretrain_epochs, bs)
     rows = []
     for frac in fractions:
@@ -85,9 +94,7 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
             for mode in modes:
                 run = out / 'runs' / f'{mode}_{frac:g}_seed{seed}'
                 if not (run / 'metrics.json').exists(): print(f"\n== {mode}, label fraction {frac:g}, seed {seed}")
-                m = _run(FinetuneConfig(data=data, out=run, epochs=epochs, bs=bs, label_fraction=frac, seed=seed,
-                                        same_epoch_length=True, pretrained=None if mode == 'scratch' else ckpt,
-                                        freeze=mode, quiet=True, resume=True))
+                m = _run(_finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt))
                 rows.append(_row(m, mode=mode, fraction=frac, seed=seed))
     summary = _summarise(rows)
     result = {'rows': rows, 'summary': summary, 'machine': _machine(),
@@ -127,15 +134,13 @@ def study(out: Path, data: Path, patients: int, native: int, epochs: int, pretra
     """Where the sandwich with 10% of the labels stands against scratch with all of them, and what
     each single change (objective, transfer layers, learning rate, regularisation, epochs) does to
     it. Same data, pretraining and epoch length as `efficiency` (pass the same --out to share them)."""
-    from .train import FinetuneConfig, write_json
+    from .train import write_json
     rows = []
     for i, (name, mode, frac, change, *pretrain_change) in enumerate(variants):
         ckpt = _prepare(out, data, patients, native, pretrain_epochs, bs, *pretrain_change)
         run = out / 'study' / f'{i:02d}_{mode}_{frac:g}_seed{seed}'
         if not (run / 'metrics.json').exists(): print(f"\n== {name}")
-        cfg = dict(data=data, out=run, epochs=epochs, bs=bs, label_fraction=frac, seed=seed, same_epoch_length=True,
-                   pretrained=None if mode == 'scratch' else ckpt, freeze=mode, quiet=True, resume=True)
-        rows.append(_row(_run(FinetuneConfig(**{**cfg, **change})), variant=name, mode=mode, fraction=frac,
+        rows.append(_row(_run(_finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, change)), variant=name, mode=mode, fraction=frac,
                          change=change, pretrain_change=pretrain_change[0] if pretrain_change else {}))
     lines = ['| variant | labeled slices | trainable parameters | test hit@0.5 | test mean IoU | valid mean IoU | mean-box hit@0.5 / IoU | time s |',
              '|---|---|---|---|---|---|---|---|']
@@ -232,6 +237,7 @@ def _loading(paths, size: int, cache_dir: Path):
     """Slices/s of our loader against a naive scikit-image path (imread + resize), same files, same run;
     then from the in-memory cache (a later epoch of the same run) and from the disk cache (building it,
     and reading it from a fresh process's view, as a later run or a DataLoader worker does)."""
+    import pickle
     import shutil
     from skimage.io import imread
     from skimage.transform import resize
@@ -257,7 +263,6 @@ def _loading(paths, size: int, cache_dir: Path):
     t = time.perf_counter()
     disk = build_slice_cache(paths, 'soft', 0, size, cache_dir, quiet=True)
     res['disk_cache_build'] = rate(t)
-    import pickle
     disk = pickle.loads(pickle.dumps(disk))          # unmapped, as a worker or a later run receives it
     from_disk = CTSlice('soft', 0, size, disk)
     t = time.perf_counter()
@@ -335,33 +340,32 @@ def throughput(out: Path, quick: bool = False, data: Path | None = None, budget_
     return res
 
 
+def _data_args(p, out_help: str, quick_help: str) -> None:
+    "Flags shared by `efficiency` and `study`: the same data, pretraining and batch size."
+    p.add_argument('--out', type=Path, default=Path('runs/bench/efficiency'), help=out_help)
+    p.add_argument('--data', type=Path, default=None, help='data folder (default: generated under --out)')
+    p.add_argument('--patients', type=int, default=250, help='synthetic patients to generate')
+    p.add_argument('--native', type=int, default=256, help='native slice size of the generated data (trained at half)')
+    p.add_argument('--pretrain-epochs', type=int, default=10, help='autoencoder epochs (one run serves all)')
+    p.add_argument('--bs', type=int, default=16, help='batch size')
+    p.add_argument('--quick', action='store_true', help=quick_help)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog='python -m lesion_fastai.bench', description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest='which', required=True)
     e = sub.add_parser('efficiency', help='data efficiency: label fractions x freeze modes', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument('--out', type=Path, default=Path('runs/bench/efficiency'), help='output folder')
-    e.add_argument('--data', type=Path, default=None, help='data folder (default: generated under --out)')
-    e.add_argument('--patients', type=int, default=250, help='synthetic patients to generate')
-    e.add_argument('--native', type=int, default=256, help='native slice size of the generated data (trained at half)')
+    _data_args(e, 'output folder', 'a few-minute smoke run: 40 patients, 2 fractions, 2 epochs')
     e.add_argument('--fractions', default='0.02,0.1,0.5,1', help='label fractions of training patients')
     e.add_argument('--modes', default=','.join(MODES), help='scratch and freeze modes to compare')
     e.add_argument('--seeds', default='0', help='seeds, comma separated')
     e.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs, the same for every run')
-    e.add_argument('--pretrain-epochs', type=int, default=10, help='autoencoder epochs (one run serves all)')
-    e.add_argument('--bs', type=int, default=16, help='batch size')
-    e.add_argument('--quick', action='store_true', help='a few-minute smoke run: 40 patients, 2 fractions, 2 epochs')
     st = sub.add_parser('study', help='the sandwich at 10%% labels against scratch at 100%%, one change at a time',
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    st.add_argument('--out', type=Path, default=Path('runs/bench/efficiency'), help="output folder (efficiency's: shares its data and pretraining)")
-    st.add_argument('--data', type=Path, default=None, help='data folder (default: generated under --out)')
-    st.add_argument('--patients', type=int, default=250, help='synthetic patients to generate')
-    st.add_argument('--native', type=int, default=256, help='native slice size of the generated data (trained at half)')
+    _data_args(st, "output folder (efficiency's: shares its data and pretraining)", 'a few-minute smoke run: 40 patients, 2 epochs, three variants')
     st.add_argument('--seed', type=int, default=0, help='seed of every run')
     st.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs (a variant may change them)')
-    st.add_argument('--pretrain-epochs', type=int, default=10, help='autoencoder epochs (one run serves all)')
-    st.add_argument('--bs', type=int, default=16, help='batch size')
-    st.add_argument('--quick', action='store_true', help='a few-minute smoke run: 40 patients, 2 epochs, three variants')
     t = sub.add_parser('throughput', help='loading and training speed, peak memory', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument('--out', type=Path, default=Path('runs/bench/throughput'), help='output folder')
     t.add_argument('--quick', action='store_true', help='fewer slices and steps, 30 s accuracy budget')
