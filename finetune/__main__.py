@@ -48,7 +48,10 @@ def parse_args(argv=None):
                     help='with --pretrained: sandwich (frozen encoder, trainable transfer layers between its stages, default), '
                          'encoder (only the head trains), none (all train, encoder at lr/10); scratch without --pretrained')
     ap.add_argument('--update-frozen-bn', action='store_true', help='let frozen BatchNorm layers update their running statistics (default: keep them)')
-    ap.add_argument('--kappa', type=float, default=.05, help='gaussian head: std scale (default 0.05)')
+    ap.add_argument('--kappa', type=float, default=.05, help='gaussian head: std scale, std = kappa * softplus(output) (default 0.05)')
+    ap.add_argument('--nll-weight', type=float, default=1., help='gaussian head: weight of the negative log-likelihood of the target '
+                    'under the predicted mean and std, the term that makes the std an uncertainty (default 1; 0: the std is '
+                    'trained only through the sampled box, which shrinks it)')
     ap.add_argument('--out-bn', action='store_true', help='BatchNorm on the output layer (off by default: it hurt before)')
     ap.add_argument('--no-augment', action='store_true', help='no flips, rotations, zoom or lighting changes')
     ap.add_argument('--resume', action='store_true', help='continue an interrupted run from OUT/last.pth')
@@ -62,6 +65,8 @@ def parse_args(argv=None):
         if args.wd < 0: ap.error(f'--wd must be at least 0, got {args.wd}')
         if not 0 < args.label_fraction <= 1: ap.error(f'--label-fraction must be in (0, 1], got {args.label_fraction}')
         if args.lr <= 0: ap.error(f'--lr must be positive, got {args.lr}')
+        if args.kappa <= 0: ap.error(f'--kappa must be positive, got {args.kappa}')
+        if args.nll_weight < 0: ap.error(f'--nll-weight must be at least 0, got {args.nll_weight}')
     return args
 
 
@@ -79,9 +84,9 @@ def main(argv=None):
             windows=args.windows, context=args.context, epochs=args.epochs, lr=args.lr, lr_find=args.lr_find, bs=args.bs,
             loss=args.loss, map_weight=args.map_weight, map_radius=args.map_radius, wd=args.wd, adapter_ratio=args.adapter_ratio,
             adapter_stem=args.adapter_stem, label_fraction=args.label_fraction, seed=args.seed, pretrained=args.pretrained, freeze=args.freeze,
-            update_frozen_bn=args.update_frozen_bn, kappa=args.kappa, out_bn=args.out_bn, augment=not args.no_augment,
+            update_frozen_bn=args.update_frozen_bn, kappa=args.kappa, nll_weight=args.nll_weight, out_bn=args.out_bn, augment=not args.no_augment,
             resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 
 

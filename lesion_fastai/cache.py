@@ -9,6 +9,11 @@ at the ~110 slices/s of PNG decoding measured by `bench throughput`).
 
     cache = build_slice_cache(records, 'soft', 0, 256, '~/.cache/lesion_fastai')
     CTSlice('soft', 0, 256, cache)      # reads the array; items not in the cache are decoded as usual
+
+Every run checks the slices it needs before it trains (`prepare_slices`): the memory cache decodes them
+all up front (the first epoch's work, done first), the disk cache decodes them while it is built, and
+without a cache every file is checked without decoding. A slice that cannot be read stops the run
+with one error naming every such file and the DL_info.csv line that needs it.
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ import numpy as np
 import torch
 from fastprogress.fastprogress import progress_bar
 
-from .deeplesion import SliceRecord
+from .deeplesion import SliceRecord, check_png, context_paths
+from .files import atomic_path, atomic_write_text, remove_stale_temps
 
-__all__ = ['SliceCache', 'cache_key', 'build_slice_cache', 'add_loading_args', 'DEFAULT_CACHE_DIR']
+__all__ = ['SliceCache', 'BadSlicesError', 'cache_key', 'decode_all', 'check_files', 'build_slice_cache', 'prepare_slices',
+           'add_loading_args', 'DEFAULT_CACHE_DIR']
 
 DEFAULT_CACHE_DIR = Path.home() / '.cache' / 'lesion_fastai'
 
@@ -36,7 +43,7 @@ def _path_and_window(item):
 def cache_key(items, windows: str, context: int, size: int) -> str:
     """A digest of the settings and of every item's path, file size and modification time: any change
     of settings, slices or files gives another cache."""
-    h = hashlib.sha1(json.dumps({'windows': windows, 'context': context, 'size': size, 'version': 1}).encode())
+    h = hashlib.sha1(json.dumps({'windows': windows, 'context': context, 'size': size, 'version': 2}).encode())
     for item in items:
         path, dw = _path_and_window(item)
         st = os.stat(path)
@@ -45,11 +52,12 @@ def cache_key(items, windows: str, context: int, size: int) -> str:
 
 
 class SliceCache:
-    """Dict-like view (path -> [C, size, size] float32 tensor) of a built cache, for `CTSlice(cache=...)`.
-    `get` returns None for a path that is not in it (CTSlice then decodes the PNG); assignments are
-    ignored, so the file is never modified after it is built. Pickles without the mapped array
-    (workers and exported learners reopen it lazily)."""
-    def __init__(self, array_file: Path | str, index: dict[str, int]):
+    """Dict-like view (path -> `TensorCT` [C, size, size] float32 with the file's `orig_size`) of a built
+    cache, for `CTSlice(cache=...)`. `index` maps each path to (row, width, height). `get` returns None
+    for a path that is not in it (CTSlice then decodes the PNG); assignments are ignored, so the file
+    is never modified after it is built. Pickles without the mapped array (workers and exported
+    learners reopen it lazily)."""
+    def __init__(self, array_file: Path | str, index: dict[str, list[int]]):
         self.array_file, self.index, self._array = Path(array_file), index, None
 
     @property
@@ -58,8 +66,11 @@ class SliceCache:
         return self._array
 
     def get(self, path, default=None):
-        i = self.index.get(str(path))
-        return default if i is None else torch.from_numpy(self.array[i].astype(np.float32))
+        from .data import TensorCT
+        entry = self.index.get(str(path))
+        if entry is None: return default
+        i, w, h = entry
+        return TensorCT(torch.from_numpy(self.array[i].astype(np.float32)), orig_size=(w, h))
 
     def __setitem__(self, path, value): pass
     def __contains__(self, path): return str(path) in self.index
@@ -68,42 +79,106 @@ class SliceCache:
     def __repr__(self): return f"SliceCache({self.array_file}, {len(self)} slices)"
 
 
+class BadSlicesError(ValueError):
+    "Slices that cannot be read, each named with its problem and the DL_info.csv line that needs it."
+
+
+def _who_needs(item) -> str:
+    return f" (key slice of {item.where()})" if isinstance(item, SliceRecord) else ''
+
+
+def _raise_problems(problems: list[str], n_items: int) -> None:
+    if not problems: return
+    shown = '\n  '.join(problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ''
+    raise BadSlicesError(f"{len(problems)} of {n_items} slice(s) cannot be used; nothing was trained:\n  {shown}{more}")
+
+
+def decode_all(items, prep, store, quiet: bool = False, what: str = 'checking and preparing') -> None:
+    """Decode every item once with `prep` (a `CTSlice`), passing each result to `store(i, path, tensor)`;
+    every slice that cannot be read (the key slice or a neighbour it needs) is collected, and one
+    `BadSlicesError` names them all before any training starts."""
+    problems = []
+    bar = items if quiet else progress_bar(items)
+    if not quiet: bar.comment = what
+    for i, item in enumerate(bar):
+        path, dw = _path_and_window(item)
+        try: t = prep.load(path, dw)
+        except (ValueError, FileNotFoundError) as e:
+            problems.append(f"{e}{_who_needs(item)}")
+            continue
+        if isinstance(item, SliceRecord) and tuple(t.orig_size) != (item.width, item.height):
+            problems.append(f"{path}: {t.orig_size[0]} x {t.orig_size[1]} pixels, but Image_size in {item.where()} says "
+                            f"{item.width} x {item.height} (its boxes are in those pixels)")
+            continue
+        store(i, path, t)
+    _raise_problems(problems, len(items))
+
+
+def check_files(items, context: int, quiet: bool = False) -> None:
+    """Without decoding pixels: every key slice and neighbour `items` need is a readable 16-bit PNG
+    (`deeplesion.check_png`); one `BadSlicesError` names every bad file."""
+    problems, seen = [], set()
+    bar = items if quiet else progress_bar(items)
+    if not quiet: bar.comment = 'checking slice files'
+    for item in bar:
+        for p in context_paths(_path_and_window(item)[0], context):
+            if p in seen: continue
+            seen.add(p)
+            try: check_png(p)
+            except (ValueError, FileNotFoundError) as e: problems.append(f"{e}{_who_needs(item)}")
+    _raise_problems(problems, len(seen))
+
+
 def build_slice_cache(items, windows: str = 'soft', context: int = 0, size: int = 256,
                       folder: Path | str = DEFAULT_CACHE_DIR, quiet: bool = False) -> SliceCache:
     """The cache of `items` (`SliceRecord`s or PNG paths) for these settings in `folder`: opened if it
     exists, else built (each slice decoded once, exactly as `CTSlice` prepares it, stored as float16)
     into a temporary file renamed into place only when complete, so an interrupted build leaves no
-    cache that looks finished."""
+    cache that looks finished. A slice that cannot be read stops the build with a `BadSlicesError`
+    naming every such file."""
     from .data import CTSlice
     items = list({_path_and_window(i)[0]: i for i in items}.values())      # one entry per slice
     if not items: raise ValueError("build_slice_cache: no slices given")
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder, recursive=False)
     key = cache_key(items, windows, context, size)
     array_file, index_file = folder / f'slices_{key}.npy', folder / f'slices_{key}.json'
     if array_file.exists() and index_file.exists():
         return SliceCache(array_file, json.loads(index_file.read_text())['index'])
     prep = CTSlice(windows, context, size)
-    tmp = folder / f'.slices_{key}.{os.getpid()}.npy.tmp'
-    arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=(len(items), prep.n_channels, size, size))
     index = {}
-    try:
-        bar = items if quiet else progress_bar(items)
-        if not quiet: bar.comment = f'building the slice cache {array_file.name}'
-        for i, item in enumerate(bar):
-            path, dw = _path_and_window(item)
-            arr[i] = prep.channels(path, dw).numpy().astype(np.float16)
-            index[path] = i
+    with atomic_path(array_file) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=(len(items), prep.n_channels, size, size))
+
+        def store(i, path, t):
+            arr[i] = t.numpy().astype(np.float16)
+            index[path] = [i, *t.orig_size]
+        decode_all(items, prep, store, quiet, f'building the slice cache {array_file.name}')
         arr.flush()
         del arr
         meta = {'windows': windows, 'context': context, 'size': size, 'n': len(index), 'index': index}
-        tmp_index = index_file.with_name(f'.{index_file.name}.{os.getpid()}.tmp')
-        tmp_index.write_text(json.dumps(meta))
-        os.replace(tmp_index, index_file)
-        os.replace(tmp, array_file)        # last: the array's presence means the cache is complete
-    finally:
-        if tmp.exists(): tmp.unlink()
+        atomic_write_text(index_file, json.dumps(meta))
+    # the array is renamed last: its presence means the cache is complete
     return SliceCache(array_file, index)
+
+
+def prepare_slices(kind: str, items, windows: str, context: int, size: int, folder=None, quiet: bool = False):
+    """Check every slice a run needs before it trains, and return the `cache` argument of its slice block:
+    'memory' decodes every slice now into a dict (the work the first epoch would do, done up front),
+    'disk' builds or opens the memory-mapped cache (`build_slice_cache`), 'none' checks the files
+    without decoding (`check_files`) and returns None. A bad slice raises `BadSlicesError`."""
+    from .data import CTSlice
+    if kind == 'disk': return build_slice_cache(items, windows, context, size, folder or DEFAULT_CACHE_DIR, quiet)
+    if kind == 'none':
+        check_files(items, context, quiet)
+        return None
+    if kind != 'memory': raise ValueError(f"cache {kind!r}: expected 'memory', 'disk' or 'none'")
+    items = list({_path_and_window(i)[0]: i for i in items}.values())
+    cache = {}
+    decode_all(items, CTSlice(windows, context, size), lambda i, path, t: cache.__setitem__(path, t), quiet)
+    return cache
 
 
 def add_loading_args(ap) -> None:

@@ -1,18 +1,24 @@
-"""Callbacks: input corruption for the autoencoder, atomic best-model saving, and per-epoch resume state."""
+"""Callbacks: input corruption for the autoencoder, dense supervision of the localizer's map, a stop on a
+non-finite loss, atomic best-model saving, and per-epoch resume state that resumes exactly."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import random
 import time
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import SaveModelCallback
 
+from .boxes import box_params, to_unit
 from .checkpoint import atomic_save
-from .losses import to_unit
+from .files import atomic_path
+from .losses import gaussian_nll
 
-__all__ = ['TimeBudget', 'CentreMapLoss', 'MaskedCorruption', 'corrupt', 'AtomicSaveModelCallback', 'ResumableCSVLogger', 'ResumeState']
+__all__ = ['TimeBudget', 'CentreMapLoss', 'StopOnNonFinite', 'MaskedCorruption', 'corrupt', 'AtomicSaveModelCallback',
+           'ResumableCSVLogger', 'ResumeState', 'rng_state', 'set_rng_state']
 
 
 def corrupt(x: torch.Tensor, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, generator=None):
@@ -60,9 +66,12 @@ class CentreMapLoss(Callback):
     trained too: each neighbour's width and height, placed on the target's centre, against the target
     box. When the best score lands one cell off the centre at inference, that cell's size is then a
     trained one (with `radius=0` it was not, and such boxes could cover most of the image). Only sizes:
-    asking neighbours for the whole box (their centre offsets too) made training much worse."""
-    def __init__(self, weight: float = 1., radius: int = 1):
-        self.weight, self.radius = weight, radius
+    asking neighbours for the whole box (their centre offsets too) made training much worse.
+
+    For the Gaussian head, `nll_weight` times the negative log-likelihood of the target (cx, cy, log w,
+    log h) under the centre cell's mean and std is added (`losses.gaussian_nll`): it calibrates the std."""
+    def __init__(self, weight: float = 1., radius: int = 1, nll_weight: float = 1.):
+        self.weight, self.radius, self.nll_weight = weight, radius, nll_weight
 
     def after_loss(self):
         head = self.learn.model.head
@@ -78,6 +87,9 @@ class CentreMapLoss(Callback):
             rows = torch.arange(B, device=t.device)
             extra = extra + self.learn.loss_func(boxes[rows, cell] * 2 - 1, t * 2 - 1)
             if self.radius > 0: extra = extra + self._size_loss(boxes, t, ix, iy, h, w)
+            sd = getattr(head, 'last_sd', None)
+            if sd is not None and self.nll_weight:
+                extra = extra + self.nll_weight * gaussian_nll(head.last_params[rows, cell], sd[rows, cell], box_params(t))
         self.learn.loss_grad = self.learn.loss_grad + self.weight * extra
         self.learn.loss = self.learn.loss_grad.detach().clone()
 
@@ -91,6 +103,26 @@ class CentreMapLoss(Callback):
         tt = t[:, None].expand(-1, cells.shape[1], -1)[keep]
         half, c = (b[:, 2:] - b[:, :2]) / 2, (tt[:, :2] + tt[:, 2:]) / 2
         return self.learn.loss_func(torch.cat([c - half, c + half], 1) * 2 - 1, tt * 2 - 1)
+
+
+class StopOnNonFinite(Callback):
+    """Stop a run whose loss is NaN or infinite, before the backward pass could carry it into the
+    weights. It cancels the fit and keeps the cause in `problem`, naming the epoch and batch; the
+    caller raises it (`FloatingPointError`), so a run never goes on to export what it has as a
+    result, as after fastai's silent `TerminateOnNaNCallback`. Runs after every loss term."""
+    order = 90
+    problem = None
+
+    def before_fit(self): self.problem = None
+
+    def after_loss(self):
+        loss = self.learn.loss_grad if self.training else self.learn.loss
+        if torch.isfinite(loss).all(): return
+        phase = 'training' if self.training else 'validation'
+        self.problem = (f"{phase} loss is {float(loss.detach().float().mean())} at epoch {self.epoch + 1} of {self.n_epoch}, "
+                        f"{phase} batch {self.iter + 1} of {self.n_iter}: the run stopped before it reached the weights "
+                        f"(last.pth holds the last finished epoch, if any); try a lower --lr")
+        raise CancelFitException()
 
 
 class AtomicSaveModelCallback(SaveModelCallback):
@@ -113,13 +145,17 @@ class AtomicSaveModelCallback(SaveModelCallback):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """fastai's `CSVLogger`; when resuming it appends to the existing log without a second header and
-    without rows for the skipped epochs."""
+    """fastai's `CSVLogger`; when resuming it first cuts the log back to the epochs the resume state
+    holds (a run killed after writing an epoch's row but before saving that epoch's state would
+    otherwise get the row twice), then appends without a second header and without rows for the
+    skipped epochs."""
     start_epoch = 0
 
     def before_fit(self):
         path = self.path / self.fname
         if not (self.start_epoch and path.exists()): return super().before_fit()
+        lines = path.read_text().splitlines(keepends=True)
+        with atomic_path(path) as tmp: tmp.write_text(''.join(lines[:1 + self.start_epoch]))   # header + finished epochs
         self.file = path.open('a')
         self.old_logger, self.learn.logger = self.logger, self._write_line
 
@@ -128,20 +164,49 @@ class ResumableCSVLogger(CSVLogger):
         else: self.old_logger(log)
 
 
+def rng_state(dls=()) -> dict:
+    "Every random state a fit draws from: Python, NumPy, torch (CPU and CUDA) and each DataLoader's own."
+    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'loaders': [dl.rng.getstate() for dl in dls]}
+
+
+def set_rng_state(state: dict, dls=()) -> None:
+    "Put back what `rng_state` saved."
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
+    for dl, s in zip(dls, state['loaders']): dl.rng.setstate(s)
+
+
 class ResumeState(Callback):
-    """After every epoch, atomically save model, optimizer, epoch and the best score so far to `file`;
-    `restore` puts them back so `fit_one_cycle(..., start_epoch=epoch + 1)` continues the same schedule."""
+    """After every epoch, atomically save model, optimizer, epoch, the best score so far, every random
+    state (shuffling, augmentation, sampling) and the smoothed training loss to `file`. `restore` puts
+    model, optimizer and scores back; the random states and the smoothed loss are put back as the
+    first resumed epoch begins, so `fit_one_cycle(..., start_epoch=epoch + 1)` continues exactly as the
+    uninterrupted run would have: the same history and the same weights."""
     order = AtomicSaveModelCallback.order + 1
 
     def __init__(self, file, tracker: SaveModelCallback | None = None, csv: ResumableCSVLogger | None = None):
         self.file, self.tracker, self.csv = file, tracker, csv
+        self.pending = None
 
     start_epoch = 0
 
+    def before_epoch(self):
+        if self.pending is None or self.epoch != self.start_epoch: return
+        set_rng_state(self.pending['rng'], self.learn.dls.loaders)
+        smooth = self.learn.recorder.smooth_loss
+        smooth.count, smooth.val = self.pending['smooth_loss']
+        self.pending = None
+
     def after_epoch(self):
         if self.epoch < self.start_epoch: return  # skipped while resuming
+        smooth = self.learn.recorder.smooth_loss
         atomic_save({'model': self.learn.model.state_dict(), 'opt': self.learn.opt.state_dict(), 'epoch': self.epoch,
-                     'n_epoch': self.n_epoch, 'best': None if self.tracker is None else self.tracker.best}, self.file)
+                     'n_epoch': self.n_epoch, 'best': None if self.tracker is None else self.tracker.best,
+                     'rng': rng_state(self.learn.dls.loaders), 'smooth_loss': (smooth.count, smooth.val)}, self.file)
 
     def restore(self, learn) -> int:
         "Load the saved state into `learn`; returns the next epoch to run."
@@ -150,6 +215,7 @@ class ResumeState(Callback):
         if learn.opt is None: learn.create_opt()
         learn.opt.load_state_dict(state['opt'])
         self.start_epoch = state['epoch'] + 1
+        if 'rng' in state: self.pending = state
         if self.csv is not None: self.csv.start_epoch = self.start_epoch
         if self.tracker is not None:
             self.tracker.start_epoch = self.start_epoch

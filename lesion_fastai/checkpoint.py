@@ -2,10 +2,11 @@
 arguments, so `finetune` rebuilds the encoder from the checkpoint rather than from flags."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+
+from .files import atomic_path
 
 __all__ = ['atomic_save', 'save_pretrained', 'load_pretrained', 'load_encoder', 'PRETRAINED_FORMAT']
 
@@ -15,15 +16,8 @@ PRETRAINED_FORMAT = 'lesion_fastai.autoencoder/1'
 def atomic_save(obj, path: Path | str, **kwargs) -> Path:
     """`torch.save` to a temporary file beside `path`, then rename: an interrupted save never leaves a
     truncated checkpoint where a good one was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        torch.save(obj, tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
+    with atomic_path(path) as tmp: torch.save(obj, tmp, **kwargs)
+    return Path(path)
 
 
 def save_pretrained(path: Path | str, autoencoder, config: dict, **extra) -> Path:

@@ -18,15 +18,17 @@ from fastai.vision.all import (DataBlock, TransformBlock, PointBlock, BBoxBlock,
                                TensorBBox, Transform, aug_transforms, noop, dispatch, get_grid, show_image,
                                FuncSplitter)
 
-from .deeplesion import SliceRecord, context_paths, load_hu, resolve_windows, window
+from .boxes import boxes_to_xyxy
+from .deeplesion import SliceRecord, context_paths, evaluation_records, load_data, load_hu, resolve_windows, window
 
-__all__ = ['TensorCT', 'TensorBoxCorners', 'CTSlice', 'BoxTarget', 'BoxTidy', 'split_records', 'select_patients',
+__all__ = ['TensorCT', 'TensorBoxCorners', 'CTSlice', 'SlicePixels', 'BoxTarget', 'BoxTidy', 'split_records', 'select_patients',
            'box_augmentations', 'localization_block', 'localization_dls', 'autoencoder_block', 'autoencoder_dls',
-           'downsample', 'boxes_to_xyxy', 'n_channels']
+           'labelled_dl', 'slice_transform', 'downsample', 'n_channels']
 
 
 class TensorCT(TensorImage):
-    "Windowed CT [C, H, W] in [0, 1]; channel 0 is the key slice in the first window. Shown in 'bone'."
+    """Windowed CT [C, H, W] in [0, 1]; channel 0 is the key slice in the first window. Shown in 'bone'.
+    `orig_size` (width, height) is the slice file's size, so boxes can be decoded into its pixels."""
     _show_args = {'cmap': 'bone'}
 
     def show(self, ctx=None, **kwargs):
@@ -63,8 +65,8 @@ class CTSlice(Transform):
         self.windows, self.context, self.size, self.cache = windows, context, size, cache
         self.n_channels = n_channels(windows, context)
 
-    def channels(self, path, dicom_window=None) -> torch.Tensor:
-        "The windowed, downsampled channels of the slice at `path`, [C, size, size] float32."
+    def load(self, path, dicom_window=None) -> TensorCT:
+        "The windowed, downsampled channels of the slice at `path`, [C, size, size] float32, with its `orig_size`."
         wins = resolve_windows(self.windows, dicom_window if dicom_window is not None else (-150., 250.))
         paths = context_paths(path, self.context)
         order = [self.context] + [i for o in range(1, self.context + 1) for i in (self.context - o, self.context + o)]
@@ -73,18 +75,43 @@ class CTSlice(Transform):
         for p, h in zip([paths[i] for i in order], hus):
             if h.shape != shape: raise ValueError(f"{p}: size {h.shape} differs from its key slice's {shape}")
         chans = np.stack([window(h, lo, hi) for lo, hi in wins for h in hus])
-        return downsample(torch.from_numpy(chans), self.size)
+        return TensorCT(downsample(torch.from_numpy(chans), self.size), orig_size=(shape[1], shape[0]))
+
+    def channels(self, path, dicom_window=None) -> torch.Tensor:
+        "`load` as a plain tensor."
+        return self.load(path, dicom_window).as_subclass(torch.Tensor)
 
     def encodes(self, item) -> TensorCT:
         if isinstance(item, SliceRecord): path, dw = item.image_path, item.dicom_window
         else: path, dw = str(item), None
-        if self.cache is None: return TensorCT(self.channels(path, dw))
+        if self.cache is None: return self.load(path, dw)
         t = self.cache.get(path)
-        if t is None: t = self.cache[path] = self.channels(path, dw)
-        return TensorCT(t)
+        if t is None: t = self.cache[path] = self.load(path, dw)
+        return t
 
     def __getstate__(self):  # an exported learner carries the settings, not the cached pixels
         return {**self.__dict__, 'cache': None}
+
+
+class SlicePixels(Transform):
+    """Decoding only: boxes from pixels of the model input to pixels of the slice file, using the
+    `orig_size` the decoded `TensorCT` carries. With it `learn.predict('slice.png')` returns corners in
+    the file's own pixels whatever the training size. It runs its decodes after `PointScaler`'s."""
+    order = 0
+
+    def decodes(self, x: TensorCT):
+        w, h = getattr(x, 'orig_size', None) or (x.shape[-1], x.shape[-2])
+        self.scale = torch.tensor([w / x.shape[-1], h / x.shape[-2]])
+        return x
+
+    def decodes(self, x: TensorPoint | TensorBBox):  # x, y pairs along the last axis
+        return x * getattr(self, 'scale', torch.ones(2)).to(x.device).repeat(x.shape[-1] // 2)
+
+
+def _display_scale(img) -> torch.Tensor:
+    "Slice-file pixels -> pixels of the displayed (model input) image, [2] x, y."
+    w, h = getattr(img, 'orig_size', None) or (img.shape[-1], img.shape[-2])
+    return torch.tensor([img.shape[-1] / w, img.shape[-2] / h])
 
 
 class BoxTarget:
@@ -101,13 +128,6 @@ class BoxTarget:
         x1, x2, y1, y2 = x1 * sx, x2 * sx, y1 * sy, y2 * sy
         if self.kind == 'bbox': return [[x1, y1, x2, y2]]
         return [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]
-
-
-def boxes_to_xyxy(t: torch.Tensor) -> torch.Tensor:
-    "Targets or predictions of any kind ([B, 4], [B, 1, 4], [B, 2, 2], [B, 4, 2]) -> [B, 4] x1,y1,x2,y2."
-    if t.ndim == 3 and t.shape[-1] == 2:  # corner points: enclosing box
-        return torch.cat([t.min(1).values, t.max(1).values], 1)
-    return t.reshape(t.shape[0], 4)
 
 
 class BoxTidy(Transform):
@@ -162,7 +182,7 @@ def localization_block(windows='soft', context=0, size=256, target='points', aug
     corners) or `BBoxBlock` target. Train / valid follow the records' `split` ('train' / 'val')."""
     target_block = PointBlock if target == 'points' else BBoxBlock
     return DataBlock(blocks=(TransformBlock(type_tfms=CTSlice(windows, context, size, cache)), target_block),
-                     get_y=BoxTarget(size, target), splitter=_IndexSplitter(), n_inp=1,
+                     get_y=BoxTarget(size, target), splitter=_IndexSplitter(), n_inp=1, item_tfms=[SlicePixels()],
                      batch_tfms=box_augmentations() if augment else [BoxTidy()])
 
 
@@ -175,6 +195,24 @@ def localization_dls(records: list[SliceRecord], windows='soft', context=0, size
     dls = block.dataloaders(records, bs=bs, num_workers=num_workers, seed=seed, **kwargs)
     if len(dls.valid_ds) == 0: raise ValueError("no validation slices: the data has no rows with Train_Val_Test = 2")
     return dls
+
+
+def slice_transform(dls) -> CTSlice:
+    "The `CTSlice` of a learner's DataLoaders (also of an exported learner's empty ones): its windows, context and size."
+    for t in dls.valid.dataset.tls[0].tfms.fs:
+        if isinstance(t, CTSlice): return t
+    raise ValueError("these DataLoaders do not read CT slices with CTSlice")
+
+
+def labelled_dl(learn, data, split: str = 'test', bs: int | None = None):
+    """A labelled DataLoader of the `split` slices ('test' or 'val', scored as DeepLesion's protocol
+    scores them) of the data folder `data`, built with `learn`'s own transforms. It makes the visual
+    check work on an exported learner, whose own DataLoaders hold no items:
+    `learn.show_results(dl=labelled_dl(learn, 'data/synthetic'))`."""
+    _, records = load_data(data)
+    recs = evaluation_records(records, split)
+    if not recs: raise ValueError(f"{data}: no {split} slices (Train_Val_Test {'3' if split == 'test' else '2'}) left to show")
+    return learn.dls.test_dl(recs, with_labels=True, bs=bs or min(len(recs), 9))
 
 
 def autoencoder_block(windows='soft', context=0, size=256, valid_patients=(), augment=True, cache=None) -> DataBlock:
@@ -198,11 +236,13 @@ def autoencoder_dls(paths: list, valid_patients, windows='soft', context=0, size
 
 # --- display: CT in 'bone', ground truth green, prediction yellow --------------------------------------------
 
+# Decoded boxes are in slice-file pixels (`SlicePixels`); they are drawn on the model-size image.
+
 @dispatch
 def show_batch(x: TensorCT, y: TensorPoint | TensorBBox, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
     if ctxs is None: ctxs = get_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)
     ctxs = [s[0].show(ctx=c) for s, c, _ in zip(samples, ctxs, range(max_n))]
-    return [_show_box(s[1], c, 'lime') for s, c in zip(samples, ctxs)]
+    return [_show_box(s[1], c, 'lime', _display_scale(s[0])) for s, c in zip(samples, ctxs)]
 
 
 @dispatch
@@ -210,13 +250,14 @@ def show_results(x: TensorCT, y: TensorPoint | TensorBBox, samples, outs, ctxs=N
                  figsize=None, **kwargs):
     if ctxs is None: ctxs = get_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)
     ctxs = [s[0].show(ctx=c) for s, c, _ in zip(samples, ctxs, range(max_n))]
-    ctxs = [_show_box(s[1], c, 'lime') for s, c in zip(samples, ctxs)]
-    return [_show_box(o[0], c, 'yellow') for o, c in zip(outs, ctxs)]
+    ctxs = [_show_box(s[1], c, 'lime', _display_scale(s[0])) for s, c in zip(samples, ctxs)]
+    return [_show_box(o[0], c, 'yellow', _display_scale(s[0])) for s, o, c in zip(samples, outs, ctxs)]
 
 
-def _show_box(t, ctx, color):
-    "Draw a decoded target or prediction (corner points or x1,y1,x2,y2, in pixels) as its enclosing box."
+def _show_box(t, ctx, color, scale=None):
+    "Draw a decoded target or prediction (corner points or x1,y1,x2,y2, in slice pixels) as its enclosing box."
     from .plots import draw_box
-    pts = torch.as_tensor(t).detach().reshape(-1, 2).float()
+    pts = torch.as_tensor(t).detach().reshape(-1, 2).float().cpu()
+    if scale is not None: pts = pts * scale
     draw_box(ctx, (*pts.min(0).values.tolist(), *pts.max(0).values.tolist()), color)
     return ctx

@@ -6,6 +6,7 @@ This module knows the dataset's columns, paths and pixel encoding and nothing ab
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-__all__ = ['COLUMNS', 'SPLITS', 'WINDOWS', 'HU_OFFSET', 'read_dl_info', 'image_path', 'load_hu', 'save_hu',
+__all__ = ['COLUMNS', 'SPLITS', 'WINDOWS', 'HU_OFFSET', 'read_dl_info', 'image_path', 'load_hu', 'check_png', 'save_hu',
            'window', 'resolve_windows', 'neighbour_path', 'context_paths', 'list_slices', 'SliceRecord',
-           'slice_records', 'patient_of']
+           'slice_records', 'evaluation_records', 'load_data', 'patient_of']
 
 # The 18 columns of DL_info.csv, in the official order.
 COLUMNS = ('File_name', 'Patient_index', 'Study_index', 'Series_ID', 'Key_slice_index',
@@ -56,7 +57,7 @@ _VECTORS = (
 _SCALARS = (('Patient_index', 'patient'), ('Study_index', 'study'), ('Series_ID', 'series_id'),
             ('Key_slice_index', 'key_slice'), ('Coarse_lesion_type', 'lesion_type'))
 _INT_COLUMNS = ('patient', 'study', 'series_id', 'key_slice', 'lesion_type', 'slice_first', 'slice_last',
-                'width', 'height')
+                'width', 'height', 'line')
 
 
 def image_path(file_name: str, root: Path | str = '.') -> Path:
@@ -122,7 +123,7 @@ def read_dl_info(path: Path | str, root: Path | str | None = None, strict: bool 
     Every official column is parsed: boxes `x1, y1, x2, y2` in pixels, the 8 RECIST numbers, diameters,
     normalized location, slice range, spacing in mm, image size, DICOM window, gender, age (NaN when
     missing), `split` as 'train' / 'val' / 'test', plus `series_dir` and the slice's `image_path` under
-    `root` (default: the CSV's folder). Bad input raises `ValueError` naming the file, line and field;
+    `root` (default: the CSV's folder) and `line`, the row's line in the file. Bad input raises `ValueError` naming the file, line and field;
     with `strict=False` bad rows are skipped with one warning that lists them.
     """
     path = Path(path)
@@ -140,7 +141,7 @@ def read_dl_info(path: Path | str, root: Path | str | None = None, strict: bool 
             if not row: continue
             try:
                 if len(row) != len(COLUMNS): raise ValueError(f"row has {len(row)} fields, expected {len(COLUMNS)}")
-                records.append(_parse_row(dict(zip(COLUMNS, row)), root))
+                records.append({**_parse_row(dict(zip(COLUMNS, row)), root), 'line': reader.line_num})
             except ValueError as e:
                 msg = f"{path} line {reader.line_num}: {e}"
                 if strict: raise ValueError(msg) from None
@@ -155,17 +156,45 @@ def read_dl_info(path: Path | str, root: Path | str | None = None, strict: bool 
 
 # --- pixels --------------------------------------------------------------------------------------
 
+_SLICE_MODES = ('I;16', 'I;16B', 'I;16L', 'I')
+_EXPECTED = 'expected a 16-bit single-channel DeepLesion slice (I;16)'
+
+
+def _open_png(path) -> Image.Image:
+    "Open a slice; an unreadable file raises ValueError naming it and saying what is wrong."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such slice")
+    if path.stat().st_size == 0: raise ValueError(f"{path}: empty file (0 bytes), {_EXPECTED}")
+    try: im = Image.open(path)
+    except UnidentifiedImageError: raise ValueError(f"{path}: not an image file (unreadable header), {_EXPECTED}") from None
+    if im.mode not in _SLICE_MODES:
+        im.close()
+        raise ValueError(f"{path}: PNG mode {im.mode!r}, {_EXPECTED}")
+    return im
+
+
 def load_hu(path: Path | str) -> np.ndarray:
     """A DeepLesion slice in HU as float32 [H, W] (value - 32768), any image size.
 
-    Raises `ValueError` for a PNG that is not 16-bit single channel: such a file is not DeepLesion data.
+    Raises `ValueError` naming the file for one that is empty, not an image, truncated or corrupt, or
+    not 16-bit single channel: such a file is not DeepLesion data.
     """
-    with Image.open(path) as im:
-        if im.mode not in ('I;16', 'I;16B', 'I;16L', 'I'):
-            raise ValueError(f"{path}: PNG mode {im.mode!r}, expected a 16-bit single-channel DeepLesion slice (I;16)")
-        a = np.asarray(im)
+    with _open_png(path) as im:
+        try: a = np.asarray(im)
+        except (OSError, SyntaxError, ValueError) as e:   # truncated or corrupt pixel data
+            raise ValueError(f"{path}: corrupt or truncated image data ({e}), {_EXPECTED}") from None
     if a.dtype != np.uint16: a = a.astype(np.int64)
     return (a.astype(np.int32) - HU_OFFSET).astype(np.float32)
+
+
+def check_png(path: Path | str) -> None:
+    """Check a slice without decoding its pixels: header, mode, and every chunk's checksum through to the
+    end of the file (Pillow's `verify`). Catches empty, foreign, 8-bit / RGB and truncated files, as
+    `load_hu` would, at a fraction of the cost; raises `ValueError` naming the file."""
+    with _open_png(path) as im:
+        try: im.verify()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{path}: corrupt or truncated image data ({e}), {_EXPECTED}") from None
 
 
 def save_hu(path: Path | str, hu: np.ndarray, compress_level: int = 1) -> None:
@@ -233,8 +262,9 @@ def list_slices(root: Path | str, patients: set[int] | None = None) -> list[Path
 
 @dataclass
 class SliceRecord:
-    """One key slice and all its lesions. `boxes` [n, 4] x1,y1,x2,y2 in pixels; `target` is the box a
-    one-box model trains on (the largest lesion)."""
+    """One key slice and all its lesions. `boxes` [n, 4] x1,y1,x2,y2 in pixels, with one entry per lesion
+    in `lesion_types`, `noisy` (Possibly_noisy) and `lines` (its line in DL_info.csv); `target` is the
+    box a one-box model trains on (the largest lesion)."""
     image_path: str
     split: str
     patient: int
@@ -244,12 +274,32 @@ class SliceRecord:
     dicom_window: tuple[float, float]
     boxes: np.ndarray
     lesion_types: tuple[int, ...]
-    noisy: bool = False
+    noisy: tuple[bool, ...] = ()
+    lines: tuple[int, ...] = ()
+    file_name: str = ''
     target: np.ndarray = field(init=False)
 
     def __post_init__(self):
+        n = len(self.boxes)
+        if not self.noisy: self.noisy = (False,) * n
+        if len(self.lesion_types) != n or len(self.noisy) != n or (self.lines and len(self.lines) != n):
+            raise ValueError(f"{self.image_path}: {n} boxes but {len(self.lesion_types)} types, {len(self.noisy)} noisy flags")
         areas = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
         self.target = self.boxes[int(np.argmax(areas))]
+
+    def where(self) -> str:
+        "Where this slice is named: 'DL_info.csv line 17' (or lines 17, 18 for several lesions)."
+        if not self.lines: return 'DL_info.csv'
+        return f"DL_info.csv line{'s' if len(self.lines) > 1 else ''} {', '.join(map(str, self.lines))}"
+
+    def without_noisy(self) -> 'SliceRecord | None':
+        "The same slice with its `Possibly_noisy` lesions dropped; None when none is left."
+        keep = [i for i, n in enumerate(self.noisy) if not n]
+        if len(keep) == len(self.noisy): return self
+        if not keep: return None
+        pick = lambda t: tuple(t[i] for i in keep)
+        return dataclasses.replace(self, boxes=self.boxes[keep], lesion_types=pick(self.lesion_types), noisy=pick(self.noisy),
+                                   lines=pick(self.lines) if self.lines else ())
 
 
 def slice_records(df: pd.DataFrame) -> list[SliceRecord]:
@@ -263,5 +313,34 @@ def slice_records(df: pd.DataFrame) -> list[SliceRecord]:
             width=int(r.width), height=int(r.height), spacing_mm=(float(r.spacing_x_mm), float(r.spacing_y_mm)),
             dicom_window=(float(r.window_low), float(r.window_high)),
             boxes=g[['x1', 'y1', 'x2', 'y2']].to_numpy(np.float32), lesion_types=tuple(int(t) for t in g.lesion_type),
-            noisy=bool(g.noisy.any())))
+            noisy=tuple(bool(n) for n in g.noisy), lines=tuple(int(n) for n in g.line) if 'line' in g else (),
+            file_name=str(fname)))
     return out
+
+
+def evaluation_records(records: list[SliceRecord], split: str) -> list[SliceRecord]:
+    """The slices of `split` as DeepLesion's evaluation protocol scores them (3DCE, MULAN): lesions
+    marked `Possibly_noisy` are dropped, then slices left without a lesion. Used for validation and
+    test alike."""
+    out = [r.without_noisy() for r in records if r.split == split]
+    return [r for r in out if r is not None]
+
+
+def load_data(data: Path | str) -> tuple[pd.DataFrame, list[SliceRecord]]:
+    """(lesion table, slice records) of a DeepLesion-layout folder; clear errors when it is not one or
+    when a key slice named in DL_info.csv is missing."""
+    data = Path(data)
+    if not data.is_dir(): raise FileNotFoundError(f"--data {data}: no such folder")
+    csv_path = data / 'DL_info.csv'
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path}: missing; --data must hold DL_info.csv and Images_png/ as NIH ships them "
+                                f"(to try the pipeline on built-in synthetic data, write it to a folder of its own: "
+                                f"python -m lesion_fastai.synthetic --out data/synthetic, then --data data/synthetic)")
+    df = read_dl_info(csv_path)
+    if df.empty: raise ValueError(f"{csv_path}: no lesion rows")
+    records = slice_records(df)
+    missing = [r for r in records if not Path(r.image_path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} key slice(s) named in {csv_path} are missing, first {missing[0].image_path} "
+                                f"({missing[0].where()})")
+    return df, records

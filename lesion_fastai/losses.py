@@ -2,17 +2,19 @@
 
 Predictions are [B, 4] x1,y1,x2,y2 in [-1, 1]; targets are whatever the DataBlock gives ([B, 2, 2]
 corners or [B, 1, 4] boxes). Both are moved to [0, 1] before the terms, so L1 / MSE are in image
-fractions and the IoU terms are torchvision's.
+fractions and the IoU terms are torchvision's. `gaussian_nll` is the Gaussian head's likelihood term.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
-from .data import boxes_to_xyxy
+from .boxes import to_unit
 
-__all__ = ['TERMS', 'BoxLoss', 'to_unit']
+__all__ = ['TERMS', 'BoxLoss', 'gaussian_nll']
 
 TERMS = {
     'ciou': lambda p, t: complete_box_iou_loss(p, t, reduction='mean'),
@@ -21,11 +23,6 @@ TERMS = {
     'l1': F.l1_loss,
     'mse': F.mse_loss,
 }
-
-
-def to_unit(t: torch.Tensor) -> torch.Tensor:
-    "Any box layout in [-1, 1] -> [B, 4] x1,y1,x2,y2 in [0, 1] (float32)."
-    return (boxes_to_xyxy(torch.as_tensor(t)).float() + 1) / 2
 
 
 class BoxLoss:
@@ -42,3 +39,12 @@ class BoxLoss:
         return sum(TERMS[name](p, t) for name in self.terms)
 
     def __repr__(self): return f"BoxLoss('{self.spec}')"
+
+
+def gaussian_nll(mean: torch.Tensor, std: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of `target` under independent Normal(`mean`, `std`) per number: the
+    Gaussian head's calibration term. It is lowest when `std` equals the typical error |target - mean|,
+    so a std trained with it is an uncertainty, where the sampled box's loss alone only shrinks it.
+    The mean is detached: box accuracy stays the box loss's job, this term only sets the std."""
+    z = (target - mean.detach()) / std
+    return (std.log() + .5 * z ** 2).mean() + .5 * math.log(2 * math.pi)

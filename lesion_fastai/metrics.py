@@ -1,9 +1,10 @@
 """Localization metrics for a one-box model, always beside the mean-box baseline.
 
 * `mean_iou`: a fastai metric (IoU with the slice's training target) for epoch logs and model selection.
-* `evaluate`: per slice, the prediction is matched to the lesion it overlaps most; reports hit rate
-  at IoU >= 0.5 against any lesion of the slice, mean IoU with that lesion, centre error in mm
-  (from the slice's pixel spacing), and a breakdown by coarse lesion type where types are known.
+* `evaluate`: per slice, the prediction is matched to the lesion it overlaps most (the nearest lesion
+  by centre distance when it overlaps none); reports hit rate at IoU >= 0.5 against any lesion of the
+  slice, mean IoU with that lesion, centre error in mm (from the slice's pixel spacing), a breakdown
+  by coarse lesion type where types are known, and for the Gaussian head the calibration of its std.
 """
 from __future__ import annotations
 
@@ -11,20 +12,12 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from .losses import to_unit
+from .boxes import box_params, paired_iou, to_pixels, to_unit
 
-__all__ = ['LESION_TYPES', 'mean_iou', 'paired_iou', 'evaluate', 'mean_box', 'to_pixels']
+__all__ = ['LESION_TYPES', 'mean_iou', 'evaluate', 'match_lesion', 'calibration', 'mean_box']
 
 # Coarse_lesion_type 1-8 as listed in the DeepLesion release's readme; -1 = not labelled.
 LESION_TYPES = {1: 'bone', 2: 'abdomen', 3: 'mediastinum', 4: 'liver', 5: 'lung', 6: 'kidney', 7: 'soft tissue', 8: 'pelvis'}
-
-
-def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    "IoU of a[i] with b[i], both [N, 4] x1,y1,x2,y2."
-    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(1)
-    return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
 
 
 def mean_iou(pred, targ) -> torch.Tensor:
@@ -32,23 +25,38 @@ def mean_iou(pred, targ) -> torch.Tensor:
     return paired_iou(to_unit(pred), to_unit(targ)).mean()
 
 
-def to_pixels(box_unit: np.ndarray, width: int, height: int) -> np.ndarray:
-    "x1,y1,x2,y2 in [0, 1] -> pixels of a width x height slice."
-    return np.asarray(box_unit, np.float64) * np.array([width, height, width, height])
-
-
 def mean_box(records) -> np.ndarray:
     "The mean training target box, x1,y1,x2,y2 in [0, 1]: the baseline every model must beat."
     return np.mean([r.target / np.array([r.width, r.height, r.width, r.height]) for r in records], 0)
 
 
-def _slice_scores(box_px: np.ndarray, r) -> tuple[float, float, int]:
-    ious = box_iou(torch.tensor(box_px[None], dtype=torch.float64), torch.tensor(r.boxes, dtype=torch.float64))[0]
-    j = int(ious.argmax())
+def match_lesion(box_px: np.ndarray, r) -> tuple[int, float, float]:
+    """The lesion of slice `r` a predicted box (pixels) is scored against: the one it overlaps most, or,
+    when it overlaps none, the nearest by centre distance in mm. Returns (lesion index, IoU, centre
+    error in mm)."""
+    ious = box_iou(torch.tensor(box_px[None], dtype=torch.float64), torch.tensor(r.boxes, dtype=torch.float64))[0].numpy()
     centre = (box_px[:2] + box_px[2:]) / 2
-    lesion = (r.boxes[j, :2] + r.boxes[j, 2:]) / 2
-    err_mm = float(np.hypot(*((centre - lesion) * np.asarray(r.spacing_mm))))
-    return float(ious[j]), err_mm, r.lesion_types[j]
+    dist_mm = np.hypot(*(((r.boxes[:, :2] + r.boxes[:, 2:]) / 2 - centre) * np.asarray(r.spacing_mm)).T)
+    j = int(ious.argmax()) if ious.max() > 0 else int(dist_mm.argmin())
+    return j, float(ious[j]), float(dist_mm[j])
+
+
+def calibration(pred_unit: np.ndarray, pred_std: np.ndarray, records, lesions: list[int]) -> dict:
+    """How well the Gaussian head's std describes its errors: for each slice's predicted box and its
+    matched lesion (`lesions[i]`), the target's centre x, y and log width, log height (the head's
+    coordinates, `boxes.box_params`) against the predicted mean and std. Reports the fraction of target
+    coordinates within 1 and 2 std of the mean (a calibrated Gaussian: 0.683 and 0.954), per coordinate
+    too, and the median std and median absolute error."""
+    scale = lambda r: np.array([r.width, r.height, r.width, r.height], np.float64)
+    targ = np.stack([r.boxes[j] / scale(r) for r, j in zip(records, lesions)])
+    mu, t = box_params(torch.as_tensor(pred_unit, dtype=torch.float64)), box_params(torch.as_tensor(targ))
+    err = (t - mu).abs().numpy()
+    z = err / np.asarray(pred_std, np.float64)
+    names = ('cx', 'cy', 'log_w', 'log_h')
+    return {'within_1std': float((z <= 1).mean()), 'within_2std': float((z <= 2).mean()), 'ideal': [0.683, 0.954],
+            'per_coordinate': {k: {'within_1std': float((z[:, i] <= 1).mean()), 'within_2std': float((z[:, i] <= 2).mean()),
+                                   'median_std': float(np.median(pred_std[:, i])), 'median_abs_error': float(np.median(err[:, i]))}
+                               for i, k in enumerate(names)}}
 
 
 def _summary(ious, errs):
@@ -59,19 +67,22 @@ def _summary(ious, errs):
             'centre_error_mm_mean': float(errs.mean()) if len(errs) else float('nan')}
 
 
-def evaluate(pred_unit: np.ndarray, records, baseline_unit: np.ndarray | None = None) -> dict:
+def evaluate(pred_unit: np.ndarray, records, baseline_unit: np.ndarray | None = None, pred_std: np.ndarray | None = None) -> dict:
     """Score predictions `pred_unit` [N, 4] (x1,y1,x2,y2 in [0, 1] of each slice) against every lesion of
-    the matching `records`. Returns hit@0.5, mean IoU, median / mean centre error in mm, per-type
-    breakdown (types > 0 only), and the same for the mean-box baseline when given."""
+    the matching `records` (`match_lesion`). Returns hit@0.5, mean IoU, median / mean centre error in mm,
+    per-type breakdown (types > 0 only, by the matched lesion's type), the same for the mean-box
+    baseline when given, and `calibration` when the Gaussian head's `pred_std` [N, 4] is given."""
     pred_unit = np.asarray(pred_unit, np.float64)
     if len(pred_unit) != len(records): raise ValueError(f"{len(pred_unit)} predictions for {len(records)} slices")
-    scores = [_slice_scores(to_pixels(p, r.width, r.height), r) for p, r in zip(pred_unit, records)]
+    matches = [match_lesion(to_pixels(p, r.width, r.height), r) for p, r in zip(pred_unit, records)]
+    scores = [(iou, err, r.lesion_types[j]) for (j, iou, err), r in zip(matches, records)]
     out = _summary([s[0] for s in scores], [s[1] for s in scores])
     by_type = {}
     for t in sorted({s[2] for s in scores if s[2] > 0}):
         sel = [s for s in scores if s[2] == t]
         by_type[f'{t}_{LESION_TYPES.get(t, "unknown")}'] = _summary([s[0] for s in sel], [s[1] for s in sel])
     out['by_type'] = by_type
+    if pred_std is not None: out['calibration'] = calibration(pred_unit, pred_std, records, [m[0] for m in matches])
     if baseline_unit is not None:
         base = evaluate(np.repeat(np.asarray(baseline_unit)[None], len(records), 0), records)
         base.pop('by_type')

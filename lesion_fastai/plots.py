@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.patches import Rectangle
 
 from .deeplesion import load_hu, window, WINDOWS
+from .files import atomic_path
 
 __all__ = ['GT_COLOR', 'PRED_COLOR', 'draw_box', 'plot_slices', 'plot_results', 'plot_reconstructions', 'save_fig']
 
@@ -19,13 +20,10 @@ GT_COLOR, PRED_COLOR = 'lime', 'yellow'
 
 def save_fig(fig, path: Path | str) -> Path:
     "Save atomically (temp file + rename) and close."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.stem}.tmp{path.suffix}')
-    fig.savefig(tmp, dpi=110, bbox_inches='tight')
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        with atomic_path(path) as tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or 'png', dpi=110, bbox_inches='tight')
+    finally: plt.close(fig)
+    return Path(path)
 
 
 def draw_box(ax, box, color, lw=1.5, ls='-'):
@@ -52,10 +50,11 @@ def plot_slices(records, path: Path | str, win=WINDOWS['soft'], ncols=4) -> Path
     return save_fig(fig, path)
 
 
-def plot_results(images, records, pred_boxes, path: Path | str, pred_std=None, ious=None, ncols=4) -> Path:
+def plot_results(images, records, pred_boxes, path: Path | str, pred_margins=None, ious=None, ncols=4) -> Path:
     """Slices with ground truth (all lesions, green) and the predicted box (yellow). `images` [n, H, W]
-    in [0, 1]; boxes in pixels of those images. With `pred_std` (Gaussian head, pixels, x1,y1,x2,y2),
-    dashed yellow boxes mark the one-sigma margin around the prediction."""
+    in [0, 1]; boxes in pixels of those images. With `pred_margins` (Gaussian head: per slice [2, 4],
+    the smallest and largest box within one std, `boxes.one_std_boxes`, in pixels) dashed yellow
+    boxes mark the one-std range around the prediction."""
     fig, axs = _grid(len(records), ncols)
     for i, (ax, r) in enumerate(zip(axs, records)):
         img = images[i]
@@ -63,10 +62,8 @@ def plot_results(images, records, pred_boxes, path: Path | str, pred_std=None, i
         sx, sy = img.shape[1] / r.width, img.shape[0] / r.height
         for b in r.boxes: draw_box(ax, b * np.array([sx, sy, sx, sy]), GT_COLOR)
         draw_box(ax, pred_boxes[i], PRED_COLOR)
-        if pred_std is not None:
-            s = pred_std[i]
-            draw_box(ax, pred_boxes[i] + np.array([-s[0], -s[1], s[2], s[3]]), PRED_COLOR, lw=.8, ls='--')
-            draw_box(ax, pred_boxes[i] + np.array([s[0], s[1], -s[2], -s[3]]), PRED_COLOR, lw=.8, ls='--')
+        if pred_margins is not None:
+            for b in pred_margins[i]: draw_box(ax, b, PRED_COLOR, lw=.8, ls='--')
         title = Path(r.image_path).parent.name
         if ious is not None: title += f'  IoU {ious[i]:.2f}'
         ax.set_title(title, fontsize=7)

@@ -168,26 +168,29 @@ def _fmt(*v) -> str:
     return ', '.join(f'{x:g}' if isinstance(x, (int, np.integer)) else f'{x:.4f}'.rstrip('0').rstrip('.') for x in v)
 
 
-def _row(fname, patient, study, series, key, les, box, spacing, z_mm, S, slice_range, gender, age, split, lesion_type):
+def _row(fname, patient, study, series, key, les, box, spacing, z_mm, S, slice_range, gender, age, split, lesion_type, noisy=0):
     e = les['ellipse']
     c, s = math.cos(e.theta), math.sin(e.theta)
     (a, ua), (b, ub) = sorted([(e.a, (c, s)), (e.b, (-s, c))], key=lambda t: -t[0])
     recist = (e.cx - a * ua[0], e.cy - a * ua[1], e.cx + a * ua[0], e.cy + a * ua[1],
               e.cx - b * ub[0], e.cy - b * ub[1], e.cx + b * ub[0], e.cy + b * ub[1])
     return [fname, patient, study, series, key, _fmt(*recist), _fmt(*box), _fmt(2 * a, 2 * b),
-            _fmt(e.cx / S, e.cy / S, z_mm), lesion_type, 0, _fmt(*slice_range),
+            _fmt(e.cx / S, e.cy / S, z_mm), lesion_type, noisy, _fmt(*slice_range),
             _fmt(spacing, spacing, 5.0), _fmt(S, S), '-175, 275', gender, age, split]
 
 
 def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0, neighbours: int = 2,
-             noise: tuple[float, float] = (10., 20.)) -> Path:
+             noise: tuple[float, float] = (10., 20.), noisy: float = 0.) -> Path:
     """Write a synthetic DeepLesion-layout data set to `out` and return the path of its `DL_info.csv`.
 
     Patients are split 70 / 15 / 15 into train / val / test (Train_Val_Test 1 / 2 / 3). Each patient has
     1-2 studies; each study one series with 1-2 key slices and `neighbours` unlabeled slices on each side.
-    Deterministic for a seed. Written to a temporary folder first, then moved into place, so an
-    interrupted run leaves no half data set behind.
+    Deterministic for a seed. A `noisy` fraction of the lesion rows is marked `Possibly_noisy` = 1
+    (DeepLesion marks about 0.3% of its test lesions), drawn from a stream of its own, so the images
+    and every other column are the same whatever `noisy` is. Written to a temporary folder first, then
+    moved into place, so an interrupted run leaves no half data set behind.
     """
+    if not 0 <= noisy <= 1: raise ValueError(f"noisy {noisy}: expected a fraction in [0, 1]")
     out = Path(out)
     if (out / 'DL_info.csv').exists(): raise FileExistsError(f"{out}/DL_info.csv exists; remove {out} to regenerate")
     rng = np.random.default_rng(seed)
@@ -196,7 +199,7 @@ def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0
     rng.shuffle(splits)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix='.synthetic-', dir=out.parent))
-    rows = []
+    rows, noisy_rng = [], np.random.default_rng([seed, 7919])
     for p in range(1, patients + 1):
         prng = np.random.default_rng([seed, p])
         gender, age = prng.choice(['M', 'F']), int(prng.integers(20, 90))
@@ -229,7 +232,7 @@ def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0
                     box = (max(0., e.cx - hx - 5), max(0., e.cy - hy - 5), min(size - 1., e.cx + hx + 5), min(size - 1., e.cy + hy + 5))
                     lesion_type = -1 if split == 1 else l['type']
                     rows.append(_row(fname, p, study, 1, k, l, box, spacing, k * 5. / 400, size, (k - neighbours, k + neighbours),
-                                     gender, age, split, lesion_type))
+                                     gender, age, split, lesion_type, int(noisy_rng.random() < noisy)))
     with open(tmp / 'DL_info.csv', 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
@@ -248,11 +251,14 @@ def main(argv=None):
     ap.add_argument('--size', type=int, default=512, help='slice size in pixels (DeepLesion: 512)')
     ap.add_argument('--seed', type=int, default=0, help='random seed; the same seed gives the same files')
     ap.add_argument('--neighbours', type=int, default=2, help='unlabeled slices written on each side of a key slice')
+    ap.add_argument('--noisy', type=float, default=0., help='fraction of lesion rows marked Possibly_noisy = 1 (DeepLesion: about '
+                    '0.003 of its test lesions); evaluation drops them as the official protocol does')
     ap.add_argument('--figure', type=Path, default=None, help='also save a figure of a few key slices with their boxes')
     args = ap.parse_args(argv)
     if args.patients < 3: ap.error('--patients must be at least 3 (one per split)')
     if args.size < 32: ap.error('--size must be at least 32')
-    csv_path = generate(args.out, args.patients, args.size, args.seed, args.neighbours)
+    if not 0 <= args.noisy <= 1: ap.error(f'--noisy must be a fraction in [0, 1], got {args.noisy}')
+    csv_path = generate(args.out, args.patients, args.size, args.seed, args.neighbours, noisy=args.noisy)
     print(f"wrote {csv_path} and {args.out / 'Images_png'}")
     if args.figure is not None:
         from .deeplesion import read_dl_info, slice_records

@@ -7,7 +7,6 @@ epoch, atomically), `last.pth` (resume state after every epoch), figures and a J
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,14 +17,17 @@ from fastai.learner import Learner, load_learner
 from fastai.torch_core import set_seed
 from torch import nn
 
-from .callbacks import AtomicSaveModelCallback, CentreMapLoss, TimeBudget, MaskedCorruption, ResumableCSVLogger, ResumeState, corrupt
-from .cache import DEFAULT_CACHE_DIR, build_slice_cache
+from .boxes import one_std_boxes, to_pixels
+from .callbacks import (AtomicSaveModelCallback, CentreMapLoss, MaskedCorruption, ResumableCSVLogger, ResumeState,
+                        StopOnNonFinite, TimeBudget, corrupt)
+from .cache import prepare_slices
 from .checkpoint import load_encoder, load_pretrained, save_pretrained
-from .data import autoencoder_dls, localization_dls, n_channels, select_patients
-from .deeplesion import list_slices, read_dl_info, slice_records
+from .data import autoencoder_dls, localization_dls, n_channels, select_patients, slice_transform
+from .deeplesion import evaluation_records, list_slices, load_data
+from .files import atomic_path, atomic_write_text, check_out_folder, output_folder
 from .freeze import apply_freeze, freeze_callbacks, localizer_splitter, lr_for, parameter_counts
 from .losses import BoxLoss
-from .metrics import evaluate, mean_box, mean_iou
+from .metrics import evaluate, match_lesion, mean_box, mean_iou
 from .models.autoencoder import create_autoencoder
 from .models.legacy import LegacyLocalizer
 from .models.localizer import Localizer
@@ -37,27 +39,14 @@ __all__ = ['PretrainConfig', 'FinetuneConfig', 'pretrain', 'finetune', 'evaluate
 
 def write_json(obj, path: Path) -> Path:
     "Atomic JSON write (temp file + rename)."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
-def load_data(data: Path | str):
-    """(lesion table, slice records) of a DeepLesion-layout folder; clear errors when it is not one."""
-    data = Path(data)
-    if not data.is_dir(): raise FileNotFoundError(f"--data {data}: no such folder")
-    csv = data / 'DL_info.csv'
-    if not csv.is_file(): raise FileNotFoundError(f"{csv}: missing; --data must hold DL_info.csv and Images_png/ "
-                                                  f"(make one with python -m lesion_fastai.synthetic --out {data})")
-    df = read_dl_info(csv)
-    if df.empty: raise ValueError(f"{csv}: no lesion rows")
-    records = slice_records(df)
-    missing = [r.image_path for r in records if not Path(r.image_path).is_file()]
-    if missing: raise FileNotFoundError(f"{len(missing)} key slice(s) named in {csv} are missing, first {missing[0]}")
-    return df, records
+def _check_batches(n_items: int, bs: int, what: str, hint: str) -> None:
+    "Training drops the last incomplete batch: fewer items than --bs would train on nothing."
+    if n_items < bs:
+        raise ValueError(f"{what}: {n_items} training slice(s), fewer than --bs {bs}, so an epoch would have no batch "
+                         f"and nothing would train; use --bs {max(1, n_items)} or less{hint}")
 
 
 def _native_size(records) -> int:
@@ -75,9 +64,12 @@ def _fit_resumable(learn, out: Path, epochs: int, lr, monitor: str, resume: bool
     if start >= epochs:  # finished before: the best epoch is the result, as after an uninterrupted fit
         if (out / 'models' / 'best.pth').exists(): learn.load('best')
         return
-    fit = lambda: learn.fit_one_cycle(epochs, lr, start_epoch=start, cbs=[best, state, csv, *cbs])
-    if not quiet: return fit()
-    with learn.no_bar(), learn.no_logging(): fit()
+    finite = StopOnNonFinite()
+    fit = lambda: learn.fit_one_cycle(epochs, lr, start_epoch=start, cbs=[best, state, csv, finite, *cbs])
+    if not quiet: fit()
+    else:
+        with learn.no_bar(), learn.no_logging(): fit()
+    if finite.problem: raise FloatingPointError(finite.problem)
 
 
 # --- pretraining ---------------------------------------------------------------------------------------------
@@ -104,49 +96,45 @@ class PretrainConfig:
     cache_dir: Path | None = None     # for 'disk': default ~/.cache/lesion_fastai
 
 
-def _slice_cache(kind: str, items, windows: str, context: int, size: int, folder):
-    "The `cache` argument of the slice block: a dict, a built `SliceCache`, or None."
-    if kind == 'memory': return {}
-    if kind == 'none': return None
-    if kind == 'disk': return build_slice_cache(items, windows, context, size, folder or DEFAULT_CACHE_DIR)
-    raise ValueError(f"cache {kind!r}: expected 'memory', 'disk' or 'none'")
-
-
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train the autoencoder on every slice of the chosen patients (labels unused), reconstructing clean
     slices from masked, noisy ones. Writes `pretrained.pth` (encoder + decoder + construction
     arguments + config), `reconstructions.png`, `history.csv`, `pretrain_metrics.json`."""
     t0 = time.time()
-    out = Path(cfg.out); out.mkdir(parents=True, exist_ok=True)
+    out = check_out_folder(cfg.out)
+    if cfg.patients not in ('train', 'all'): raise ValueError(f"patients {cfg.patients!r}: expected 'train' or 'all'")
     df, records = load_data(cfg.data)
     size = cfg.size or _native_size(records) // 2
     patch = cfg.patch or max(2, size // 16)
-    if cfg.patients not in ('train', 'all'): raise ValueError(f"patients {cfg.patients!r}: expected 'train' or 'all'")
     # 'all' adds the test patients' slices (labels unused); validation patients stay held out for the loss
     train_p = set(df.patient[df.split == 'train']) if cfg.patients == 'train' else set(df.patient[df.split != 'val'])
     val_p = set(df.patient[df.split == 'val'])
+    if not val_p: raise ValueError(f"{cfg.data}: no validation patients (Train_Val_Test = 2), which pretraining needs to "
+                                   f"measure its reconstruction loss and keep the best epoch")
     paths = list_slices(cfg.data, train_p | val_p)
     n_train = sum(int(Path(p).parent.name.split('_')[0]) in train_p for p in paths)
+    _check_batches(n_train, cfg.bs, f"{cfg.data}", '')
     print(f"pretraining on {n_train} slices of {len(train_p)} patients ({len(paths) - n_train} validation slices), "
           f"{size} px, windows {cfg.windows}, context {cfg.context}")
-    set_seed(cfg.seed, reproducible=True)
-    dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed,
-                          cache=_slice_cache(cfg.cache, paths, cfg.windows, cfg.context, size, cfg.cache_dir))
-    model = create_autoencoder(n_channels(cfg.windows, cfg.context))
-    loss = {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
-    learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
-                    cbs=[MaskedCorruption(cfg.mask_ratio, patch, cfg.noise_std)])
-    untrained = float(learn.validate()[0])
-    _fit_resumable(learn, out, cfg.epochs, cfg.lr, 'valid_loss', cfg.resume)
-    trained = float(learn.validate()[0])
-    config = {**asdict(cfg), 'size': size, 'patch': patch, 'data': str(cfg.data), 'out': str(out),
-              'in_chans': n_channels(cfg.windows, cfg.context)}
-    ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)
-    _reconstruction_figure(learn, cfg, patch, out / 'reconstructions.png')
-    copy = _copy_baseline(learn, cfg, patch)
-    metrics = {'valid_loss_untrained': untrained, 'valid_loss': trained, 'valid_loss_copy_input': copy,
-               'train_slices': n_train, 'config': config, 'time_s': round(time.time() - t0, 1)}
-    write_json(metrics, out / 'pretrain_metrics.json')
+    cache = prepare_slices(cfg.cache, paths, cfg.windows, cfg.context, size, cfg.cache_dir)
+    with output_folder(out):
+        set_seed(cfg.seed, reproducible=True)
+        dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed, cache=cache)
+        model = create_autoencoder(n_channels(cfg.windows, cfg.context))
+        loss = {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
+        learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
+                        cbs=[MaskedCorruption(cfg.mask_ratio, patch, cfg.noise_std)])
+        untrained = float(learn.validate()[0])
+        _fit_resumable(learn, out, cfg.epochs, cfg.lr, 'valid_loss', cfg.resume)
+        trained = float(learn.validate()[0])
+        config = {**asdict(cfg), 'size': size, 'patch': patch, 'data': str(cfg.data), 'out': str(out),
+                  'in_chans': n_channels(cfg.windows, cfg.context)}
+        ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)
+        _reconstruction_figure(learn, cfg, patch, out / 'reconstructions.png')
+        copy = _copy_baseline(learn, cfg, patch)
+        metrics = {'valid_loss_untrained': untrained, 'valid_loss': trained, 'valid_loss_copy_input': copy,
+                   'train_slices': n_train, 'config': config, 'time_s': round(time.time() - t0, 1)}
+        write_json(metrics, out / 'pretrain_metrics.json')
     print(f"valid loss {trained:.4f} (untrained {untrained:.4f}, copying the corrupted input {copy:.4f}); wrote {ckpt}")
     return metrics
 
@@ -197,6 +185,7 @@ class FinetuneConfig:
     freeze: str | None = None         # default: 'sandwich' with --pretrained, else 'scratch'
     update_frozen_bn: bool = False
     kappa: float = .05
+    nll_weight: float = 1.            # gaussian head: weight of the likelihood term that calibrates its std
     out_bn: bool = False
     augment: bool = True
     resume: bool = False
@@ -235,63 +224,75 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Train the localizer (from scratch or from a pretrained encoder in a freeze mode) with
     `fit_one_cycle`, keep the best epoch by validation IoU, evaluate on validation and test patients
     beside the mean-box baseline, and write `metrics.json`, `results.png`, `history.csv` and the
-    exported learner `export.pkl`."""
+    exported learner `export.pkl`.
+
+    Everything that can be checked is checked before the output folder is made: the folder, the data,
+    the checkpoint, the batch size, and every slice the run needs (decoded once, `cache.prepare_slices`).
+    Validation and test follow DeepLesion's protocol (`deeplesion.evaluation_records`)."""
     t0 = time.time()
-    out = Path(cfg.out); out.mkdir(parents=True, exist_ok=True)
+    out = check_out_folder(cfg.out)
+    loss_func = BoxLoss(cfg.loss)
     df, records = load_data(cfg.data)
     s, ckpt = _resolve(cfg, records)
     train_all = [r for r in records if r.split == 'train']
     train = select_patients(train_all, cfg.label_fraction, cfg.seed)
-    valid = [r for r in records if r.split == 'val']
-    test = [r for r in records if r.split == 'test' and not r.noisy]   # the standard test set drops noisy rows
-    if not train or not valid: raise ValueError(f"{cfg.data}: needs train (Train_Val_Test 1) and validation (2) slices")
+    valid, test = evaluation_records(records, 'val'), evaluation_records(records, 'test')
+    if not train or not valid:
+        raise ValueError(f"{cfg.data}: needs train (Train_Val_Test 1) and validation (2) slices, with lesions not all Possibly_noisy")
     epoch_items = train
     if cfg.same_epoch_length and len(train) < len(train_all):  # same steps per epoch for every label fraction
         epoch_items = (train * -(-len(train_all) // len(train)))[:len(train_all)]
-    set_seed(cfg.seed, reproducible=True)
-    dls = localization_dls(epoch_items + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
-                           cfg.num_workers, cfg.seed,
-                           cache=_slice_cache(cfg.cache, records, s['windows'], s['context'], s['size'], cfg.cache_dir))
+    _check_batches(len(epoch_items), cfg.bs, f"--label-fraction {cfg.label_fraction:g} leaves {len({r.patient for r in train})} patient(s)",
+                   ' or a larger --label-fraction')
     in_chans = n_channels(s['windows'], s['context'])
     enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans}
     if enc_args['in_chans'] != in_chans:
         raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
-    if cfg.arch == 'legacy':
-        if ckpt is not None: raise ValueError("the legacy localizer trains from scratch only")
-        model, splitter = LegacyLocalizer(in_chans, s['size']), None
-    elif cfg.arch == 'localizer':
-        model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich', out_bn=cfg.out_bn, kappa=cfg.kappa,
-                          adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem)
-        splitter = localizer_splitter
-        if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
-    else: raise ValueError(f"arch {cfg.arch!r}: expected 'localizer' or 'legacy'")
-    learn = Learner(dls, model, loss_func=BoxLoss(cfg.loss), metrics=[mean_iou], train_bn=False, wd=cfg.wd, path=out,
-                    model_dir='models', cbs=[CentreMapLoss(cfg.map_weight, cfg.map_radius)], **({'splitter': splitter} if splitter else {}))
-    apply_freeze(learn, s['freeze'])
-    counts = parameter_counts(model)
-    print(f"freeze {s['freeze']}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters; "
-          f"{len(train)} training slices of {len({r.patient for r in train})} patients, {len(valid)} validation, {len(test)} test")
-    lr = cfg.lr
-    if cfg.lr_find:
-        lr = float(learn.lr_find(show_plot=False).valley)
-        print(f"lr_find: {lr:.2e}")
-    cbs = freeze_callbacks(s['freeze'], cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else [])
-    _fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'mean_iou', cfg.resume, cfg.quiet, cbs)
-    baseline = mean_box(train)
-    results = {}
-    for name, recs in (('valid', valid), ('test', test)):
-        if not recs: continue
-        boxes, std, images = predict_boxes(learn, recs)
-        results[name] = evaluate(boxes, recs, baseline)
-        if name == 'test': _results_figure(recs, boxes, std, images, results[name], out / 'results.png', cfg.n_figure)
-    config = {**asdict(cfg), **s, 'lr': lr, 'data': str(cfg.data), 'out': str(out),
-              'pretrained': str(cfg.pretrained) if cfg.pretrained else None}
-    learn.export('export.pkl.tmp')
-    os.replace(out / 'export.pkl.tmp', out / 'export.pkl')
-    metrics = {**results, 'mean_box': baseline.tolist(), 'parameters': counts, 'train_slices': len(train),
-               'slices_per_epoch': len(dls.train_ds),
-               'train_patients': len({r.patient for r in train}), 'config': config, 'time_s': round(time.time() - t0, 1)}
-    write_json(metrics, out / 'metrics.json')
+    if cfg.arch not in ('localizer', 'legacy'): raise ValueError(f"arch {cfg.arch!r}: expected 'localizer' or 'legacy'")
+    if cfg.arch == 'legacy' and ckpt is not None: raise ValueError("the legacy localizer trains from scratch only")
+    # every slice this run reads: the disk cache is shared by all label fractions, the memory cache holds this run's
+    needed = records if cfg.cache == 'disk' else epoch_items + valid + test
+    cache = prepare_slices(cfg.cache, needed, s['windows'], s['context'], s['size'], cfg.cache_dir, cfg.quiet)
+    with output_folder(out):
+        set_seed(cfg.seed, reproducible=True)
+        dls = localization_dls(epoch_items + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
+                               cfg.num_workers, cfg.seed, cache=cache)
+        if cfg.arch == 'legacy': model, splitter = LegacyLocalizer(in_chans, s['size']), None
+        else:
+            model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich', out_bn=cfg.out_bn, kappa=cfg.kappa,
+                              adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem)
+            splitter = localizer_splitter
+            if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
+        learn = Learner(dls, model, loss_func=loss_func, metrics=[mean_iou], train_bn=False, wd=cfg.wd, path=out,
+                        model_dir='models', cbs=[CentreMapLoss(cfg.map_weight, cfg.map_radius, cfg.nll_weight)],
+                        **({'splitter': splitter} if splitter else {}))
+        apply_freeze(learn, s['freeze'])
+        counts = parameter_counts(model)
+        print(f"freeze {s['freeze']}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters; "
+              f"{len(train)} training slices of {len({r.patient for r in train})} patients, {len(valid)} validation, {len(test)} test")
+        lr = cfg.lr
+        if cfg.lr_find:
+            lr = float(learn.lr_find(show_plot=False).valley)
+            print(f"lr_find: {lr:.2e}")
+        cbs = freeze_callbacks(s['freeze'], cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else [])
+        _fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'mean_iou', cfg.resume, cfg.quiet, cbs)
+        baseline = mean_box(train)
+        results = {}
+        for name, recs in (('valid', valid), ('test', test)):
+            if not recs: continue
+            boxes, std, images = predict_boxes(learn, recs)
+            results[name] = evaluate(boxes, recs, baseline, std)
+            if name == 'test': _results_figure(recs, boxes, std, images, out / 'results.png', cfg.n_figure)
+        config = {**asdict(cfg), **s, 'lr': lr, 'data': str(cfg.data), 'out': str(out),
+                  'pretrained': str(cfg.pretrained) if cfg.pretrained else None}
+        # the export carries what evaluating it later needs: the baseline of the labels it was trained with
+        learn.train_info = {'mean_box': baseline.tolist(), 'train_slices': len(train), 'label_fraction': cfg.label_fraction,
+                            'seed': cfg.seed, 'data': str(cfg.data)}
+        with atomic_path(out / 'export.pkl') as tmp: learn.export(tmp.name)
+        metrics = {**results, 'mean_box': baseline.tolist(), 'parameters': counts, 'train_slices': len(train),
+                   'slices_per_epoch': len(dls.train_ds),
+                   'train_patients': len({r.patient for r in train}), 'config': config, 'time_s': round(time.time() - t0, 1)}
+        write_json(metrics, out / 'metrics.json')
     if 'test' in results:
         t, b = results['test'], results['test']['mean_box_baseline']
         print(f"test: hit@0.5 {t['hit@0.5']:.3f} (mean box {b['hit@0.5']:.3f}), mean IoU {t['mean_iou']:.3f} "
@@ -315,28 +316,38 @@ def predict_boxes(learn, records, bs: int | None = None):
     return torch.cat(boxes).numpy(), (torch.cat(stds).numpy() if stds else None), images
 
 
-def _results_figure(records, boxes, std, images, metrics, path, n):
+def _results_figure(records, boxes, std, images, path, n):
+    """Test slices with ground truth and the predicted box; for the Gaussian head the one-std box range
+    (centre +- std, sides x exp(+-std)) as dashed boxes."""
     n = min(n, len(images))
     H, W = images.shape[-2:]
     scale = np.array([W, H, W, H])
-    from .metrics import _slice_scores, to_pixels
-    ious = [_slice_scores(to_pixels(b, r.width, r.height), r)[0] for b, r in zip(boxes[:n], records[:n])]
-    return plot_results(images[:n], records[:n], boxes[:n] * scale, path,
-                        pred_std=None if std is None else std[:n] * scale, ious=ious)
+    ious = [match_lesion(to_pixels(b, r.width, r.height), r)[1] for b, r in zip(boxes[:n], records[:n])]
+    margins = None if std is None else [one_std_boxes(b, sd) * scale for b, sd in zip(boxes[:n], std[:n])]
+    return plot_results(images[:n], records[:n], boxes[:n] * scale, path, pred_margins=margins, ious=ious)
 
 
 def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | None = None) -> dict:
-    """Evaluate an exported learner (`export.pkl`) on the test patients of `data`, beside the mean-box
-    baseline of the data's training split; writes `eval_metrics.json` and `eval_results.png`."""
+    """Evaluate an exported learner (`export.pkl`) on the test patients of `data` (DeepLesion's protocol),
+    beside the mean-box baseline it was trained with (stored in the export); writes `eval_metrics.json`
+    and `eval_results.png`. Checks the output folder and every test slice before evaluating."""
     model_path = Path(model_path)
     if not model_path.is_file(): raise FileNotFoundError(f"--eval {model_path}: no such exported model")
-    out = Path(out) if out else model_path.parent
+    out = check_out_folder(Path(out) if out else model_path.parent)
     _, records = load_data(data)
-    learn = load_learner(model_path, cpu=not torch.cuda.is_available())
-    test = [r for r in records if r.split == 'test' and not r.noisy]
-    if not test: raise ValueError(f"{data}: no test slices (Train_Val_Test = 3)")
+    test = evaluation_records(records, 'test')
+    if not test: raise ValueError(f"{data}: no test slices (Train_Val_Test = 3) with a lesion not Possibly_noisy")
+    try: learn = load_learner(model_path, cpu=not torch.cuda.is_available())
+    except Exception as e: raise ValueError(f"--eval {model_path}: not a learner exported by finetune ({type(e).__name__}: {e})") from None
+    if not isinstance(learn, Learner): raise ValueError(f"--eval {model_path}: not a learner exported by finetune")
+    ct = slice_transform(learn.dls)                   # the preprocessing the model was trained with
+    prepare_slices('none', test, ct.windows, ct.context, ct.size)
+    info = getattr(learn, 'train_info', None)
+    baseline, source = (np.asarray(info['mean_box']), 'stored with the model') if info else \
+        (mean_box([r for r in records if r.split == 'train']), 'training split of --data (the export stores none)')
     boxes, std, images = predict_boxes(learn, test)
-    metrics = {'test': evaluate(boxes, test, mean_box([r for r in records if r.split == 'train'])), 'model': str(model_path)}
-    _results_figure(test, boxes, std, images, metrics['test'], out / 'eval_results.png', 8)
-    write_json(metrics, out / 'eval_metrics.json')
+    metrics = {'test': evaluate(boxes, test, baseline, std), 'model': str(model_path), 'mean_box_source': source}
+    with output_folder(out):
+        _results_figure(test, boxes, std, images, out / 'eval_results.png', 8)
+        write_json(metrics, out / 'eval_metrics.json')
     return metrics

@@ -48,7 +48,7 @@ def main(argv=None):
                                 windows=args.windows, context=args.context, seed=args.seed, patients=args.patients,
                                 mask_ratio=args.mask_ratio, patch=args.patch, noise_std=args.noise_std, loss=args.loss,
                                 resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -43,16 +43,16 @@ def test_cache_is_reused_and_rebuilt_when_settings_or_files_change(tiny_data, tm
 def test_interrupted_build_leaves_no_cache(tiny_data, tmp_path, monkeypatch):
     paths = list_slices(tiny_data)[:6]
     calls = []
-    real = CTSlice.channels
+    real = CTSlice.load
 
     def failing(self, path, dw=None):
         calls.append(path)
         if len(calls) == 3: raise KeyboardInterrupt
         return real(self, path, dw)
-    monkeypatch.setattr(CTSlice, 'channels', failing)
+    monkeypatch.setattr(CTSlice, 'load', failing)
     with pytest.raises(KeyboardInterrupt): build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True)
     assert list(tmp_path.iterdir()) == []                     # neither a half-written array nor its temp file
-    monkeypatch.setattr(CTSlice, 'channels', real)
+    monkeypatch.setattr(CTSlice, 'load', real)
     assert len(build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True)) == 6
 
 

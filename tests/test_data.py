@@ -58,6 +58,21 @@ def test_context_channels_put_key_slice_first(tiny_records):
     assert torch.allclose(t[0], torch.from_numpy(window(load_hu(r.image_path), *WINDOWS['soft'])))
 
 
+def test_every_channel_of_a_multi_window_multi_context_input(tmp_path):
+    """Channels are window-major; within a window the key slice, then k-1, k+1, k-2, k+2. Each slice of the
+    series has its own constant HU, so every channel tells which slice and window it came from."""
+    series = tmp_path / 'Images_png' / '000001_01_01'
+    hu = {k: 10. * (k - 10) for k in range(8, 13)}                 # slice 8: -20 HU ... slice 12: +20 HU
+    for k, v in hu.items(): save_hu(series / f'{k:03d}.png', np.full((8, 8), v, np.float32))
+    wins = [(-100., 100.), (-20., 20.)]
+    t = CTSlice('-100:100,-20:20', 2, 4)(series / '010.png')
+    order = [10, 9, 11, 8, 12]
+    expect = [window(np.array(hu[k]), *w) for w in wins for k in order]
+    assert t.shape == (10, 4, 4)
+    assert [round(float(c.mean()), 4) for c in t] == [round(float(e), 4) for e in expect]
+    assert t.orig_size == (8, 8)
+
+
 def _lesion_image(size=64):
     yy, xx = np.mgrid[0:size, 0:size]
     mask = ((xx - 20.5) / 9) ** 2 + ((yy - 40.5) / 5) ** 2 <= 1

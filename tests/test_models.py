@@ -1,9 +1,12 @@
 """Localizer heads, transfer layers, autoencoder, losses and metrics on tiny inputs."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
+from lesion_fastai.boxes import MIN_SIZE
 from lesion_fastai.deeplesion import SliceRecord
 from lesion_fastai.losses import BoxLoss
 from lesion_fastai.metrics import evaluate, mean_box, mean_iou
@@ -39,6 +42,37 @@ def test_boxes_valid_for_extreme_outputs(head, bias):
     for mode in ('train', 'eval'):
         out = getattr(m, mode)()(torch.rand(2, 1, 32, 32))
         assert torch.isfinite(out).all() and _valid(out)
+        assert ((out[:, 2:] - out[:, :2]) / 2 >= MIN_SIZE / 2 - 1e-7).all()     # positive size, also at the border
+
+
+@pytest.mark.parametrize('head', ['direct', 'gaussian'])
+@pytest.mark.parametrize('term', ['ciou', 'diou', 'giou', 'l1', 'mse'])
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_smallest_boxes_give_finite_loss_and_gradients(head, term, mode):
+    """Every box output driven to its smallest size and its centre pushed off the image (so clipping to
+    the image would leave nothing), the Gaussian head's std huge: every loss term, the centre-map
+    loss and the likelihood stay finite, and so do all gradients."""
+    from types import SimpleNamespace
+    from lesion_fastai.callbacks import CentreMapLoss
+    torch.manual_seed(0)
+    m = create_localizer(1, head, **TINY)
+    with torch.no_grad():
+        m.head.box[-1].weight.zero_(); m.head.box[-1].bias.copy_(torch.tensor([-40., -40., -40., -40.]))
+        if head == 'gaussian': m.head.spread[-1].weight.zero_(); m.head.spread[-1].bias.fill_(60.)   # std = 3 in log size
+    getattr(m, mode)()
+    x = torch.rand(2, 1, 64, 64)
+    y = torch.tensor([[[-1., -1.], [-.96, -.96]], [[.2, .3], [.25, .31]]])      # a lesion in the corner cell, a tiny one
+    loss_func = BoxLoss(term)
+    out = m(x)
+    base = loss_func(out, y)
+    learn = SimpleNamespace(model=m, yb=(y,), loss_func=loss_func, loss_grad=base, loss=base.detach())
+    cb = CentreMapLoss(1., 1, nll_weight=1.)
+    cb.learn = learn
+    cb.after_loss()
+    assert torch.isfinite(learn.loss_grad), learn.loss_grad
+    learn.loss_grad.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
 
 
 def test_eval_box_is_the_best_scoring_positions_box():
@@ -56,8 +90,14 @@ def test_gaussian_head_samples_in_training_and_is_deterministic_in_eval():
     m.eval()
     a, b = m(x), m(x)
     assert torch.equal(a, b)
-    std = m.head.last_std
-    assert std.shape == (2, 4) and (std > 0).all() and (std < 1).all()
+    # the std of the returned box is kappa * softplus(spread output) at the best-scoring position
+    p, scores = m.head.map(m.features(x))
+    expected = (.05 * torch.nn.functional.softplus(m.head.spread(p))).flatten(2).transpose(1, 2)[torch.arange(2), scores.argmax(1)]
+    assert m.head.last_std.shape == (2, 4) and torch.allclose(m.head.last_std, expected)
+    m.head.kappa = .1
+    m(x)
+    assert torch.allclose(m.head.last_std, 2 * expected)
+    m.head.kappa = .05
     m.train()
     for mod in m.modules():  # keep BatchNorm out of the comparison
         if isinstance(mod, torch.nn.BatchNorm2d): mod.eval()
@@ -106,6 +146,51 @@ def test_autoencoder_shapes_and_encoder_moves_strictly(size):
     assert all(torch.equal(a, b) for a, b in zip(loc.encoder.state_dict().values(), ae.encoder.state_dict().values()))
 
 
+def test_gaussian_std_grows_to_the_error_when_the_mean_is_persistently_off():
+    """Only the std branch trains, against a target the fixed mean misses: with the likelihood term (and
+    the sampled box's loss, as in training) the std at the target grows from its start to the size of
+    the error, per coordinate, so one std means something."""
+    from types import SimpleNamespace
+    from lesion_fastai.boxes import box_params
+    from lesion_fastai.callbacks import CentreMapLoss
+    torch.manual_seed(0)
+    m = create_localizer(1, 'gaussian', **TINY)
+    for name, p in m.named_parameters(): p.requires_grad_(name.startswith('head.spread'))
+    m.train()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d): mod.eval()      # fixed features: only the std can move
+    x = torch.rand(4, 1, 64, 64)
+    y = torch.tensor([[[-.9, -.8], [-.5, -.2]]] * 4)                 # centre (.15, .25) in cell (row 2, col 1) of the 8x8 map
+    cell = 2 * 8 + 1
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-2)
+    cb = CentreMapLoss(1., 0, nll_weight=1.)
+    for step in range(150):
+        out = m(x)
+        if step == 0: sd0 = m.head.last_sd[:, cell].detach().clone()
+        base = BoxLoss('giou+l1')(out, y)
+        cb.learn = SimpleNamespace(model=m, yb=(y,), loss_func=BoxLoss('giou+l1'), loss_grad=base, loss=base.detach())
+        cb.after_loss()
+        opt.zero_grad(); cb.learn.loss_grad.backward(); opt.step()
+    m(x)
+    err = (box_params((y.reshape(4, 4) + 1) / 2) - m.head.last_params[:, cell]).abs().mean(0)
+    sd = m.head.last_sd[:, cell].detach().mean(0)
+    far = err > 4 * sd0.mean(0)                                       # the sizes: missed by far more than the start std
+    assert far[2:].all() and (sd[far] > 4 * sd0.mean(0)[far]).all()   # there the std has grown
+    assert ((sd / err > .6) & (sd / err < 1.6)).all(), (sd, err)      # to the size of the error, in every coordinate
+
+
+def test_nll_is_lowest_when_the_std_covers_the_error():
+    from lesion_fastai.losses import gaussian_nll
+    mean, target = torch.zeros(8, 4), torch.full((8, 4), .2)
+    nll = lambda sd: float(gaussian_nll(mean, torch.full((8, 4), sd), target))
+    assert nll(.2) < nll(.02) and nll(.2) < nll(.1) and nll(.2) < nll(.4) and nll(.2) < nll(2.)
+    assert nll(.2) == pytest.approx(np.log(.2) + .5 + .5 * np.log(2 * np.pi))
+    mean.requires_grad_(True)
+    sd = torch.full((8, 4), .1, requires_grad=True)
+    gaussian_nll(mean, sd, target).backward()
+    assert mean.grad is None and (sd.grad < 0).all()                  # it sets the std only (up, here); the box loss moves the mean
+
+
 # --- losses -------------------------------------------------------------------------------------------------
 
 P = torch.tensor([[-.5, -.5, .2, .3], [0., .1, .5, .6], [-.9, -.9, -.8, -.7]])
@@ -132,9 +217,9 @@ def test_loss_sum_of_terms_and_l1_mse():
 
 # --- metrics ------------------------------------------------------------------------------------------------
 
-def _record(boxes, types=(-1,), spacing=(.5, .5), size=100):
+def _record(boxes, types=(-1,), spacing=(.5, .5), size=100, noisy=()):
     return SliceRecord(image_path='x.png', split='test', patient=1, width=size, height=size, spacing_mm=spacing,
-                       dicom_window=(-175, 275), boxes=np.array(boxes, np.float32), lesion_types=tuple(types))
+                       dicom_window=(-175, 275), boxes=np.array(boxes, np.float32), lesion_types=tuple(types), noisy=tuple(noisy))
 
 
 def test_mean_iou_metric_hand_computed():
@@ -153,6 +238,36 @@ def test_evaluate_matches_any_lesion_on_the_slice():
     assert m['mean_iou'] == pytest.approx((1 + .6) / 2)
     assert m['centre_error_mm_mean'] == pytest.approx((0 + 5 * 1.) / 2)
     assert m['by_type']['6_kidney']['mean_iou'] == pytest.approx(1) and m['by_type']['4_liver']['hit@0.5'] == 1
+
+
+def test_a_box_overlapping_no_lesion_is_scored_against_the_nearest_one():
+    two = _record([[10, 10, 20, 20], [70, 70, 80, 80]], types=(4, 6), spacing=(1., 1.))
+    m = evaluate(np.array([[.55, .55, .65, .65]]), [two])            # centre (60, 60): nearest is the kidney lesion at (75, 75)
+    assert m['mean_iou'] == 0 and m['centre_error_mm'] == pytest.approx(np.hypot(15, 15))
+    assert list(m['by_type']) == ['6_kidney']
+
+
+def test_calibration_counts_target_coordinates_within_one_and_two_std():
+    rec = _record([[40, 40, 60, 60]])                                  # unit centre (.5, .5), sides .2
+    pred = np.array([[.42, .42, .62, .62]])                            # centre off by .02, sides exact
+    cal = lambda sd: evaluate(pred, [rec], pred_std=np.array([sd]))['calibration']
+    c = cal([.03, .015, .1, .1])                                       # cx within 1 std, cy within 2, sizes exact
+    assert c['within_1std'] == pytest.approx(3 / 4) and c['within_2std'] == 1.
+    assert c['per_coordinate']['cy']['within_1std'] == 0 and c['per_coordinate']['cy']['median_abs_error'] == pytest.approx(.02)
+    assert cal([.005, .005, .1, .1])['within_2std'] == pytest.approx(2 / 4)
+
+
+def test_noisy_lesions_and_then_empty_slices_are_dropped_for_evaluation():
+    from lesion_fastai.deeplesion import evaluation_records
+    mixed = _record([[10, 10, 30, 30], [60, 60, 80, 80]], types=(4, 6), noisy=(True, False))
+    only_noisy = _record([[10, 10, 30, 30]], noisy=(True,))
+    clean = _record([[20, 20, 40, 40]])
+    val = dataclasses.replace(clean, split='val')
+    kept = evaluation_records([mixed, only_noisy, clean, val], 'test')
+    assert len(kept) == 2 and kept[1] is clean
+    assert kept[0].boxes.tolist() == [[60, 60, 80, 80]] and kept[0].lesion_types == (6,) and kept[0].noisy == (False,)
+    assert np.array_equal(kept[0].target, [60, 60, 80, 80])
+    assert [r.split for r in evaluation_records([mixed, val], 'val')] == ['val']
 
 
 def test_evaluate_reports_mean_box_baseline():

@@ -48,42 +48,115 @@ def test_finetune_cli_scratch_writes_metrics_results_and_export(tiny_data, tmp_p
     assert len((out / 'history.csv').read_text().strip().splitlines()) == 2
 
 
-@pytest.mark.parametrize('target', ['points', 'bbox'])
-def test_export_load_learner_predict_round_trip(tiny_data, tiny_records, tmp_path, target):
-    out = tmp_path / target
-    finetune(FinetuneConfig(data=tiny_data, out=out, epochs=1, bs=2, size=32, target=target, head='gaussian', quiet=True))
-    learn = load_learner(out / 'export.pkl')
-    rec = next(r for r in tiny_records if r.split == 'test')
-    dec, raw, _ = learn.predict(rec.image_path)            # a new slice, by path
-    assert raw.shape == (4,) and (raw[:2] <= raw[2:]).all()
-    pts = torch.as_tensor(dec).reshape(-1, 2)
-    assert pts.shape == (2, 2) and (pts >= 0).all() and (pts <= 32).all()   # pixels of the 32 px input
+@pytest.fixture(scope='module', params=['points', 'bbox'])
+def exported(request, tiny_data, tmp_path_factory):
+    "A one-epoch Gaussian-head model at 32 px (the slices are 64 px), exported, per target block."
+    out = tmp_path_factory.mktemp(request.param)
+    finetune(FinetuneConfig(data=tiny_data, out=out, epochs=1, bs=2, size=32, target=request.param, head='gaussian', quiet=True))
+    return out
+
+
+def test_predict_returns_boxes_in_the_slice_files_pixels(exported, tiny_records, tmp_path):
+    from lesion_fastai.deeplesion import load_hu, save_hu
+    learn = load_learner(exported / 'export.pkl')
+    rec = next(r for r in tiny_records if r.split == 'test')    # a 64 px slice; the model sees it at 32 px
+    dec, raw, _ = learn.predict(rec.image_path)
+    assert raw.shape == (4,) and (raw[:2] < raw[2:]).all()
+    corners = torch.as_tensor(dec).flatten()                    # x1, y1, x2, y2 in the file's pixels
+    assert torch.allclose(corners, (raw + 1) / 2 * 64, atol=1e-4)
+    # the same slice written at twice the size: the same model input, so the same box at twice the pixels
+    big = tmp_path / 'Images_png' / '000001_01_01' / '001.png'
+    save_hu(big, np.kron(load_hu(rec.image_path), np.ones((2, 2), np.float32)))
+    dec2, raw2, _ = learn.predict(big)
+    assert torch.allclose(raw2, raw, atol=1e-4)
+    assert torch.allclose(torch.as_tensor(dec2).flatten(), 2 * corners, atol=1e-2) and corners.max() > 32
+
+
+def test_show_results_on_an_exported_learner(exported, tiny_data, tiny_records):
     import matplotlib.pyplot as plt
-    learn2 = Learner(localization_dls(tiny_records, size=32, bs=2, target=target, seed=0), learn.model, loss_func=BoxLoss())
-    learn2.show_results(max_n=2)
+    from lesion_fastai.data import labelled_dl
+    learn = load_learner(exported / 'export.pkl')
+    dl = labelled_dl(learn, tiny_data)                          # test slices of the folder, with their boxes
+    learn.show_results(dl=dl, max_n=2)
     ax = plt.gcf().axes[0]
-    assert [p.get_edgecolor()[:3] for p in ax.patches] == [(0., 1., 0.), (1., 1., 0.)]   # truth green, prediction yellow
+    truth, pred = ax.patches
+    assert truth.get_edgecolor()[:3] == (0., 1., 0.) and pred.get_edgecolor()[:3] == (1., 1., 0.)  # green, yellow
+    rec = dl.dataset.items[0]
+    x1, y1, x2, y2 = rec.target * 32 / 64                       # drawn on the 32 px image the model saw
+    assert truth.get_xy() == pytest.approx((x1, y1), abs=1e-3) and truth.get_width() == pytest.approx(x2 - x1, abs=1e-3)
+    plt.close('all')
+    learn2 = Learner(localization_dls(tiny_records, size=32, bs=2, seed=0), learn.model, loss_func=BoxLoss())
+    learn2.show_results(max_n=2)                                # and on a learner with its training data
+    assert [p.get_edgecolor()[:3] for p in plt.gcf().axes[0].patches] == [(0., 1., 0.), (1., 1., 0.)]
     plt.close('all')
 
 
-def test_eval_cli_on_saved_model(tiny_data, tmp_path):
-    finetune(FinetuneConfig(data=tiny_data, out=tmp_path, epochs=1, bs=2, size=32, quiet=True))
-    finetune_cli.main(['--eval', str(tmp_path / 'export.pkl'), '--data', str(tiny_data)])
-    m = json.loads((tmp_path / 'eval_metrics.json').read_text())
-    assert set(m['test']) >= METRIC_KEYS
-    assert m['test']['mean_iou'] == pytest.approx(json.loads((tmp_path / 'metrics.json').read_text())['test']['mean_iou'])
+def test_eval_cli_reports_what_finetune_reported_with_the_baseline_it_trained_with(tiny_data, tmp_path):
+    """With half the labels, the mean box of the training subset is the baseline; --eval reads it from the
+    export (the data's whole training split would give another)."""
+    finetune(FinetuneConfig(data=tiny_data, out=tmp_path, epochs=1, bs=2, size=32, label_fraction=.5, quiet=True))
+    finetune_cli.main(['--eval', str(tmp_path / 'export.pkl'), '--data', str(tiny_data), '--out', str(tmp_path / 'eval')])
+    m, ref = (json.loads(p.read_text()) for p in (tmp_path / 'eval' / 'eval_metrics.json', tmp_path / 'metrics.json'))
+    assert set(m['test']) >= METRIC_KEYS and (tmp_path / 'eval' / 'eval_results.png').exists()
+    assert m['test']['mean_iou'] == pytest.approx(ref['test']['mean_iou'])
+    assert m['test']['mean_box_baseline'] == ref['test']['mean_box_baseline'] and m['mean_box_source'] == 'stored with the model'
+    from lesion_fastai.deeplesion import load_data
+    from lesion_fastai.metrics import mean_box
+    assert not np.allclose(mean_box([r for r in load_data(tiny_data)[1] if r.split == 'train']), ref['mean_box'])
 
 
-def test_resume_continues_where_it_stopped(tiny_data, tmp_path):
-    cfg = dict(data=tiny_data, bs=2, size=32, seed=1, augment=False, quiet=True, cache='none')
-    finetune(FinetuneConfig(out=tmp_path / 'a', epochs=3, **cfg))
-    finetune(FinetuneConfig(out=tmp_path / 'b', epochs=2, **cfg))          # "interrupted" after 2 of 3 epochs
-    state = torch.load(tmp_path / 'b' / 'last.pth', weights_only=False)
-    assert state['epoch'] == 1
-    m = finetune(FinetuneConfig(out=tmp_path / 'b', epochs=3, resume=True, **cfg))
-    assert len((tmp_path / 'b' / 'history.csv').read_text().strip().splitlines()) == 4   # header + 3 epochs
-    assert torch.load(tmp_path / 'b' / 'last.pth', weights_only=False)['epoch'] == 2
-    assert np.isfinite(m['test']['mean_iou'])
+def test_noisy_lesions_are_dropped_from_validation_and_test(tmp_path):
+    """The generator marks lesions Possibly_noisy; fine-tuning scores validation and test on the others,
+    and on the slices that keep at least one."""
+    from lesion_fastai.deeplesion import read_dl_info
+    from lesion_fastai.synthetic import generate
+    generate(tmp_path / 'data', patients=10, size=64, seed=3, neighbours=1, noisy=.4)
+    df = read_dl_info(tmp_path / 'data' / 'DL_info.csv')
+    assert 0 < df.noisy.sum() < len(df)
+    m = finetune(FinetuneConfig(data=tmp_path / 'data', out=tmp_path / 'run', epochs=1, bs=2, size=32, quiet=True))
+    for split, key in (('val', 'valid'), ('test', 'test')):
+        sel = df[df.split == split]
+        clean_slices = sel[~sel.noisy].file_name.nunique()
+        assert clean_slices < sel.file_name.nunique() or split == 'val'
+        assert m[key]['n'] == clean_slices, split
+
+
+def _history(run):
+    "history.csv rows without the time column."
+    return [line.rsplit(',', 1)[0] for line in (run / 'history.csv').read_text().strip().splitlines()]
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, '-c', 'pass'])
+    p.wait()
+    return p.pid
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    """Killed at the worst moment (epoch 2's history row written, its resume state not), then resumed:
+    the same history, weights and metrics as the run that was never interrupted, with augmentation,
+    shuffling and the Gaussian head's sampling all drawing random numbers."""
+    from lesion_fastai.callbacks import ResumeState
+    cfg = dict(data=tiny_data, bs=2, size=32, seed=1, epochs=3, head='gaussian', quiet=True)
+    ref = finetune(FinetuneConfig(out=tmp_path / 'ref', **cfg))
+    real = ResumeState.after_epoch
+
+    def killed(self):
+        if self.epoch == 1: raise KeyboardInterrupt
+        real(self)
+    monkeypatch.setattr(ResumeState, 'after_epoch', killed)
+    run = tmp_path / 'run'
+    with pytest.raises(KeyboardInterrupt): finetune(FinetuneConfig(out=run, **cfg))
+    monkeypatch.undo()
+    assert torch.load(run / 'last.pth', weights_only=False)['epoch'] == 0 and len(_history(run)) == 3   # header + 2 rows
+    stale = run / f'.last.pth.{_dead_pid()}.tmp'
+    stale.write_bytes(b'half a checkpoint')                    # what a kill during a save leaves
+    m = finetune(FinetuneConfig(out=run, resume=True, **cfg))
+    assert _history(run) == _history(tmp_path / 'ref') and len(_history(run)) == 4
+    a, b = (torch.load(p / 'last.pth', weights_only=False)['model'] for p in (tmp_path / 'ref', run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert m['test'] == ref['test'] and m['valid'] == ref['valid']
+    assert not stale.exists() and not list(run.rglob('.*.tmp'))
 
 
 def test_pretrain_then_finetune_loads_exactly_the_encoder(tiny_data, pretrained, tmp_path):
@@ -167,6 +240,9 @@ def test_cli_errors_are_clear(tmp_path, tiny_data):
     for mod in ('finetune', 'pretrain'):
         h = subprocess.run([sys.executable, '-m', mod, '--help'], capture_output=True, text=True)
         assert h.returncode == 0 and '--resume' in h.stdout and '--seed' in h.stdout
+    # a command that imports fastai prints no torch.jit deprecation warning
+    r = run('--data', str(tmp_path / 'missing'))
+    assert 'Warning' not in r.stderr and r.stderr.strip() == f"error: --data {tmp_path / 'missing'}: no such folder"
 
 
 def test_autoencoder_inpaints_masked_regions_from_context(pretrained, tiny_data):

@@ -9,7 +9,8 @@ from lesion_fastai.synthetic import generate, main
 
 def test_round_trip_layout(tiny_data):
     df = read_dl_info(tiny_data / 'DL_info.csv')
-    assert len(df.columns) == 38 and df.file_name.nunique() < len(df)   # some slices carry several lesions
+    assert len(df.columns) == 39 and df.file_name.nunique() < len(df)   # some slices carry several lesions
+    assert list(df.line) == list(range(2, len(df) + 2))               # each row's line in DL_info.csv
     for path in set(df.image_path):
         with Image.open(path) as im: assert im.mode.startswith('I;16') and im.size == (64, 64)
     assert ((df.x1 >= 0) & (df.y1 >= 0) & (df.x2 <= df.width) & (df.y2 <= df.height) & (df.x1 < df.x2) & (df.y1 < df.y2)).all()

@@ -2,7 +2,7 @@
 stages (the frozen sandwich), and a direct or Gaussian box head.
 
 Every head returns [B, 4] boxes x1, y1, x2, y2 in [-1, 1] (fastai's point scale), valid by
-construction (x1 <= x2, y1 <= y2, inside the image).
+construction (x1 < x2, y1 < y2, inside the image: every side at least half of `boxes.MIN_SIZE`).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..boxes import MIN_SIZE, params_to_boxes
 from .resnet import DEFAULT_ENCODER, ResNetEncoder, conv_bn
 
 __all__ = ['TransferLayer', 'LesionMap', 'DirectHead', 'GaussianHead', 'Localizer', 'create_localizer', 'HEADS']
@@ -51,75 +52,79 @@ class LesionMap(nn.Module):
         return p, self.score(p).flatten(1)
 
 
-def _cell_boxes(raw, h, w):
-    """Per-position sigmoid outputs [B, 4, h, w] -> boxes [B, h*w, 4] x1,y1,x2,y2 in [0, 1]: the first two
-    move the centre within +-1 cell of the position, the last two are w and h as image fractions, so
-    x1 = cx - w/2, x2 = x1 + w: always valid, then clamped to the image."""
+def _cell_params(raw, h, w, min_size: float = MIN_SIZE):
+    """Per-position outputs [B, 4, h, w] -> [B, h*w, 4] cx, cy, log w, log h in image fractions. The first
+    two (sigmoid) move the centre within +-1 cell of the position, clamped into the image; the last two
+    (sigmoid) are the sides, at least `min_size`. `params_to_boxes` turns them into corners
+    x1 = cx - w/2, x2 = x1 + w: valid and of positive size, also after clipping to the image."""
     s = torch.sigmoid(raw.float()).flatten(2).transpose(1, 2)                       # [B, h*w, 4]
     ys, xs = torch.meshgrid(torch.arange(h, device=raw.device), torch.arange(w, device=raw.device), indexing='ij')
     gx, gy = (xs.flatten() + .5) / w, (ys.flatten() + .5) / h
-    cx, cy = gx + (2 * s[..., 0] - 1) / w, gy + (2 * s[..., 1] - 1) / h
-    bw, bh = s[..., 2], s[..., 3]
-    return torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1).clamp(0, 1)
+    cx, cy = (gx + (2 * s[..., 0] - 1) / w).clamp(0, 1), (gy + (2 * s[..., 1] - 1) / h).clamp(0, 1)
+    wh = min_size + (1 - min_size) * s[..., 2:]
+    return torch.cat([cx[..., None], cy[..., None], wh.log()], -1)
 
 
 class _MapHead(nn.Module):
     """Scores every stride-8 position and predicts a box at each (translation-equivariant, so a
     lesion learned in one place is found in another). Returns one box per image in [-1, 1]: in
     training the score-weighted mean of the per-position boxes (so the box loss also shapes the
-    scores), in evaluation the box of the best-scoring position. `last_scores` [B, h, w] and
-    `last_boxes` [B, h*w, 4] are kept for `callbacks.CentreMapLoss`."""
-    n_out = 4
-
+    scores), in evaluation the box of the best-scoring position. Kept for `callbacks.CentreMapLoss`:
+    `last_scores` [B, h, w], `last_params` [B, h*w, 4] (cx, cy, log w, log h) and `last_boxes`
+    [B, h*w, 4] (x1,y1,x2,y2 in [0, 1])."""
     def __init__(self, widths, hidden: int = 64, out_bn: bool = False):
         super().__init__()
         self.map = LesionMap(widths)
-        layers = [conv_bn(self.map.ch, hidden), nn.Conv2d(hidden, self.n_out, 1)]
-        if out_bn: layers.append(nn.BatchNorm2d(self.n_out))  # off by default: it hurt the earlier experiment
-        self.box = nn.Sequential(*layers)
-        self.last_scores = self.last_boxes = None
+        self.box = _branch(self.map.ch, hidden, out_bn)
+        self.last_scores = self.last_params = self.last_boxes = None
 
-    def _pick(self, boxes, scores):  # [B, n, 4], [B, n] -> [B, 4]
-        if self.training: return torch.einsum('bn,bnk->bk', scores.float().softmax(1), boxes)
-        return boxes[torch.arange(len(boxes), device=boxes.device), scores.argmax(1)]
+    def _pick(self, x, scores):  # [B, n, k], [B, n] -> [B, k]
+        if self.training: return torch.einsum('bn,bnk->bk', scores.float().softmax(1), x)
+        return x[torch.arange(len(x), device=x.device), scores.argmax(1)]
 
     def _run(self, feats):
         p, scores = self.map(feats)
         B, _, h, w = p.shape
         self.last_scores = scores.view(B, h, w)
-        return self.box(p), scores, h, w
+        self.last_params = _cell_params(self.box(p), h, w)
+        self.last_boxes = params_to_boxes(self.last_params)
+        return p, scores
+
+
+def _branch(ch, hidden, out_bn=False, n_out=4):
+    layers = [conv_bn(ch, hidden), nn.Conv2d(hidden, n_out, 1)]
+    if out_bn: layers.append(nn.BatchNorm2d(n_out))  # off by default: it hurt the earlier experiment
+    return nn.Sequential(*layers)
 
 
 class DirectHead(_MapHead):
     "Sigmoid outputs per position (centre offset, w, h) read as x1, y1, w, h: a box that is always valid."
     def forward(self, feats):
-        raw, scores, h, w = self._run(feats)
-        self.last_boxes = _cell_boxes(raw, h, w)
+        _, scores = self._run(feats)
         return self._pick(self.last_boxes, scores) * 2 - 1
 
 
 class GaussianHead(_MapHead):
-    """Per position a mean box (as `DirectHead`) and a std for its centre x, y and w, h; std = `kappa` *
-    softplus(raw), in image fractions. Training samples `Normal(mean, std).rsample()` over (cx, cy, w, h)
-    (w, h clamped at 0: the box stays valid), evaluation uses the mean. The std of the chosen box, in x1,y1,x2,y2 image fractions, is kept in `last_std`."""
-    n_out = 8
-
+    """Per position a mean box (as `DirectHead`) and a std for its centre x, y and its log width and log
+    height: std = `kappa` * softplus(raw), from a branch of its own. Training samples
+    `Normal(mean, std).rsample()` over (cx, cy, log w, log h), so every sampled box has a positive size
+    (the centre is kept in the image, the sides at least `MIN_SIZE`); evaluation uses the mean.
+    `CentreMapLoss` adds the likelihood of the target under (mean, std), which makes the std an
+    uncertainty: centre std in image fractions, size std as a factor exp(std) on the side.
+    `last_sd` [B, h*w, 4] per position; `last_std` [B, 4] for the returned box."""
     def __init__(self, widths, hidden: int = 64, out_bn: bool = False, kappa: float = .05):
         super().__init__(widths, hidden, out_bn)
-        self.kappa, self.last_std = kappa, None
+        self.spread = _branch(self.map.ch, hidden)
+        self.kappa, self.last_sd, self.last_std = kappa, None, None
 
     def forward(self, feats):
-        raw, scores, h, w = self._run(feats)
-        self.last_boxes = _cell_boxes(raw[:, :4], h, w)                                # means
-        std = (self.kappa * F.softplus(raw[:, 4:].float())).flatten(2).transpose(1, 2)  # [B, h*w, 4]
-        mu, sd = self._pick(self.last_boxes, scores), self._pick(std, scores)
-        sx, sy, sw, sh = sd.detach().unbind(1)   # centre and size std -> corner std (independent terms)
-        self.last_std = torch.stack([(sx ** 2 + sw ** 2 / 4).sqrt(), (sy ** 2 + sh ** 2 / 4).sqrt()] * 2, 1)
-        if not self.training: return mu * 2 - 1
-        cwh = torch.cat([(mu[:, :2] + mu[:, 2:]) / 2, mu[:, 2:] - mu[:, :2]], 1)       # [B, 4] cx,cy,w,h
-        z = torch.distributions.Normal(cwh, sd).rsample()
-        c, wh = z[:, :2], z[:, 2:].clamp(min=0)
-        return torch.cat([c - wh / 2, c + wh / 2], 1).clamp(0, 1) * 2 - 1
+        p, scores = self._run(feats)
+        self.last_sd = (self.kappa * F.softplus(self.spread(p).float())).flatten(2).transpose(1, 2)   # [B, h*w, 4]
+        sd = self._pick(self.last_sd, scores)
+        self.last_std = sd.detach()
+        if not self.training: return self._pick(self.last_boxes, scores) * 2 - 1
+        mean = self._pick(self.last_params, scores)                                  # [B, 4] cx, cy, log w, log h
+        return params_to_boxes(torch.distributions.Normal(mean, sd).rsample()) * 2 - 1
 
 
 HEADS = {'direct': DirectHead, 'gaussian': GaussianHead}

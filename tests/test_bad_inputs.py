@@ -1,0 +1,166 @@
+"""Every row of README's bad-input table: a named error, exit status 1, and nothing written to --out."""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import finetune.__main__ as finetune_cli
+import pretrain.__main__ as pretrain_cli
+from lesion_fastai.deeplesion import COLUMNS, read_dl_info
+
+
+@pytest.fixture
+def data(tiny_data, tmp_path):
+    "A private copy of the tiny data set, to break."
+    root = tmp_path / 'data'
+    shutil.copytree(tiny_data, root)
+    return root
+
+
+def _rows(root):
+    with open(root / 'DL_info.csv', newline='') as f: return list(csv.reader(f))
+
+
+def _write_rows(root, rows):
+    with open(root / 'DL_info.csv', 'w', newline='') as f: csv.writer(f).writerows(rows)
+
+
+def _set(root, column, value, row=0):
+    rows = _rows(root)
+    rows[row + 1][COLUMNS.index(column)] = value
+    _write_rows(root, rows)
+
+
+def _key_slice(root, split='train'):
+    "(PNG path, line) of the first key slice of `split`."
+    df = read_dl_info(root / 'DL_info.csv')
+    r = df[df.split == split].iloc[0]
+    return Path(r.image_path), int(r.line)
+
+
+def _neighbour(root):
+    key, line = _key_slice(root)
+    return key.with_name(f'{int(key.stem) + 1:03d}.png'), line
+
+
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[:200])
+
+
+def _unwritable_dir(tmp_path):
+    "A folder this process cannot write to, or None (root writes anywhere but on read-only mounts)."
+    if os.geteuid() != 0:
+        d = tmp_path / 'locked'
+        d.mkdir()
+        d.chmod(0o555)
+        return d
+    try:
+        (Path('/sys') / '.lesion_fastai_probe').touch()
+    except OSError: return Path('/sys')
+    return None
+
+
+# (id, entry point, how the input is broken, extra arguments, what the error must say)
+CASES = [
+    ('data folder missing', 'finetune', lambda root: shutil.rmtree(root), [], r'--data .*: no such folder'),
+    ('DL_info.csv missing', 'finetune', lambda root: (root / 'DL_info.csv').unlink(), [],
+     r'DL_info.csv: missing; .*write it to a folder of its own: python -m lesion_fastai.synthetic --out data/synthetic'),
+    ('row with 3 box numbers', 'finetune', lambda root: _set(root, 'Bounding_boxes', '1, 2, 3', row=4), [],
+     r'DL_info.csv line 6: Bounding_boxes has 3 numbers, expected 4'),
+    ('key slice missing', 'finetune', lambda root: _key_slice(root)[0].unlink(), [],
+     r'key slice\(s\) named in .*DL_info.csv are missing, first .*\.png \(DL_info.csv line \d+\)'),
+    ('key slice empty (0 bytes)', 'finetune', lambda root: _key_slice(root)[0].write_bytes(b''), [],
+     r'\.png: empty file \(0 bytes\).*\(key slice of DL_info.csv line \d+\)'),
+    ('key slice random bytes', 'finetune', lambda root: _key_slice(root)[0].write_bytes(np.random.default_rng(0).bytes(3000)), [],
+     r'\.png: not an image file .*\(key slice of DL_info.csv line \d+\)'),
+    ('key slice truncated', 'finetune', lambda root: _truncate(_key_slice(root)[0]), [],
+     r'\.png: corrupt or truncated image data .*\(key slice of DL_info.csv line \d+\)'),
+    ('key slice 8-bit', 'finetune', lambda root: Image.new('L', (64, 64)).save(_key_slice(root)[0]), [],
+     r"\.png: PNG mode 'L', expected a 16-bit single-channel DeepLesion slice"),
+    ('key slice RGB', 'finetune', lambda root: Image.new('RGB', (64, 64)).save(_key_slice(root, 'test')[0]), [],
+     r"\.png: PNG mode 'RGB', expected a 16-bit"),
+    ('neighbour slice truncated (--context 1)', 'finetune', lambda root: _truncate(_neighbour(root)[0]), ['--context', '1'],
+     r'/\d+\.png: corrupt or truncated image data .*\(key slice of DL_info.csv line \d+\)'),
+    ('Image_size disagrees with the file', 'finetune', lambda root: _set(root, 'Image_size', '512, 512'), [],
+     r'64 x 64 pixels, but Image_size in DL_info.csv line 2 says 512 x 512'),
+    ('a slice broken, cache none', 'finetune', lambda root: _truncate(_key_slice(root)[0]), ['--cache', 'none'],
+     r'corrupt or truncated image data'),
+    ('a slice broken, cache disk', 'finetune', lambda root: _truncate(_key_slice(root)[0]), ['--cache', 'disk'],
+     r'corrupt or truncated image data'),
+    ('a slice broken, pretraining', 'pretrain', lambda root: _truncate(_neighbour(root)[0]), [], r'corrupt or truncated image data'),
+    ('fewer training slices than --bs', 'finetune', None, ['--label-fraction', '0.1', '--bs', '4'],
+     r'--label-fraction 0.1 leaves 1 patient\(s\): \d training slice\(s\), fewer than --bs 4'),
+    ('no validation patients, pretraining', 'pretrain', lambda root: _write_rows(root, [[c if c != '2' or i != 17 else '1' for i, c in enumerate(r)] for r in _rows(root)]),
+     [], r'no validation patients \(Train_Val_Test = 2\)'),
+    ('no validation slices, fine-tuning', 'finetune', lambda root: _write_rows(root, [[c if c != '2' or i != 17 else '1' for i, c in enumerate(r)] for r in _rows(root)]),
+     [], r'needs train \(Train_Val_Test 1\) and validation \(2\) slices'),
+    ('--out is a file', 'finetune', 'out-file', [], r'--out .* is a file, expected a folder'),
+    ('--out not writable', 'finetune', 'out-locked', [], r'--out .* is not writable by this user'),
+    ('--pretrained not a checkpoint', 'finetune', 'bad-ckpt', [], r'not a lesion_fastai pretrained checkpoint'),
+]
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_named_and_writes_nothing(case, data, tmp_path, capsys):
+    name, entry, breaker, args, message = case
+    out = tmp_path / 'runs' / 'out'
+    if breaker == 'out-file':
+        out.parent.mkdir(); out.write_text('not a folder')
+    elif breaker == 'out-locked':
+        locked = _unwritable_dir(tmp_path)
+        if locked is None: pytest.skip('no folder here is unwritable to this user')
+        out = locked / 'out'
+    elif breaker == 'bad-ckpt':
+        torch.save({'weights': 1}, tmp_path / 'other.pth')
+        args = ['--pretrained', str(tmp_path / 'other.pth')]
+    elif breaker is not None: breaker(data)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    main = finetune_cli.main if entry == 'finetune' else pretrain_cli.main
+    with pytest.raises(SystemExit) as e:
+        main(['--data', str(data), '--out', str(out), '--epochs', '1', '--bs', str(2), '--size', '32', *args])
+    assert isinstance(e.value.code, str) and e.value.code.startswith('error: ')       # exit status 1, one line of cause
+    import re
+    assert re.search(message, e.value.code), e.value.code
+    if breaker not in ('out-file', 'out-locked'): assert not out.exists() and not out.parent.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before                      # nothing new beside it either
+
+
+def test_bad_input_exit_status_is_1_without_traceback(data, tmp_path):
+    _truncate(_key_slice(data)[0])
+    r = subprocess.run([sys.executable, '-m', 'finetune', '--data', str(data), '--out', str(tmp_path / 'o'), '--size', '32', '--bs', '2'],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr and 'corrupt or truncated image data' in r.stderr
+    assert not (tmp_path / 'o').exists()
+
+
+def test_a_run_whose_loss_is_not_finite_stops_naming_epoch_and_batch(data, tmp_path, monkeypatch):
+    from lesion_fastai.models.localizer import Localizer
+    calls = []
+    real = Localizer.forward
+
+    def nan_on_third(self, x):                       # one forward per training batch: the third batch goes wrong
+        calls.append(1)
+        out = real(self, x)
+        return out * float('nan') if len(calls) == 3 else out
+    monkeypatch.setattr(Localizer, 'forward', nan_on_third)
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        finetune_cli.main(['--data', str(data), '--out', str(out), '--epochs', '2', '--bs', '2', '--size', '32'])
+    assert 'training loss is nan at epoch 1 of 2, training batch 3 of' in e.value.code
+    assert not out.exists()                  # it stopped in its first epoch: nothing worth keeping, nothing exported
+
+
+def test_eval_of_a_missing_or_foreign_model(data, tmp_path):
+    with pytest.raises(SystemExit, match=r'--eval .*missing.pkl: no such exported model'):
+        finetune_cli.main(['--eval', str(tmp_path / 'missing.pkl'), '--data', str(data)])
+    (tmp_path / 'foreign.pkl').write_bytes(b'not a pickle')
+    with pytest.raises(SystemExit, match=r'--eval .*foreign.pkl: not a learner exported by finetune'):
+        finetune_cli.main(['--eval', str(tmp_path / 'foreign.pkl'), '--data', str(data), '--out', str(tmp_path / 'e')])
+    assert not (tmp_path / 'e').exists()
