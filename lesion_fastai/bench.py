@@ -2,6 +2,7 @@
 
     python -m lesion_fastai.bench efficiency [--quick]   # label fractions x {scratch, none, encoder, sandwich}
     python -m lesion_fastai.bench study [--quick]        # why the sandwich does (not) match: one change at a time
+    python -m lesion_fastai.bench select --setting adapter_ratio --values 0.25,1   # a default, chosen on validation
     python -m lesion_fastai.bench throughput [--quick]   # slice loading and training images/s, peak memory
 
 Both resume: finished runs are kept (their metrics.json) and skipped when the command is run again.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ['efficiency', 'study', 'throughput', 'main']
+__all__ = ['efficiency', 'study', 'select', 'throughput', 'main']
 
 MODES = ('scratch', 'none', 'encoder', 'sandwich')
 
@@ -152,6 +153,73 @@ def study(out: Path, data: Path, patients: int, native: int, epochs: int, pretra
     (out / 'study.md').write_text(table + '\n')
     print(f"\n{table}\n\nwrote {out / 'study.json'}, {out / 'study.md'}")
     return {'rows': rows}
+
+
+def _validation_row(m: dict, **extra) -> dict:
+    "What `select` may look at: validation figures only."
+    v = m['valid']
+    cal = v.get('calibration')
+    return {**extra, 'valid_mean_iou': v['mean_iou'], 'valid_hit@0.5': v['hit@0.5'], 'train_slices': m['train_slices'],
+            'valid_within_1std': cal['within_1std'] if cal else None, 'valid_within_2std': cal['within_2std'] if cal else None,
+            'calibration_error': (abs(cal['within_1std'] - .683) + abs(cal['within_2std'] - .954)) / 2 if cal else None}
+
+
+CRITERIA = {'iou': ('valid_mean_iou', max), 'calibration': ('calibration_error', min)}
+
+
+def select(out: Path, data: Path, patients: int, native: int, setting: str, values, mode: str, fractions, seeds,
+           epochs: int, pretrain_epochs: int, bs: int, changes: dict | None = None, criterion: str = 'iou') -> dict:
+    """Choose the default of one fine-tuning `setting` on validation, never on test: every value x label
+    fraction x seed is fine-tuned (same data, pretraining and steps as `efficiency`; a seed fixes the
+    label subset and the initialisation, shared by all values), and only validation figures are
+    reported: per value the mean and 95% interval of `criterion` ('iou': validation mean IoU, higher
+    is better; 'calibration': the Gaussian std's distance from 68% / 95% coverage, lower is better),
+    and its paired difference from the first value (the current default) over the same seeds."""
+    from .stats import mean_ci
+    from .train import write_json
+    from .synthetic import generate
+    key, best_of = CRITERIA[criterion]
+    if mode == 'scratch':
+        ckpt = None
+        if not (data / 'DL_info.csv').exists(): generate(data, patients=patients, size=native, seed=1)
+    else: ckpt = _prepare(out, data, patients, native, pretrain_epochs, bs)
+    rows = []
+    for frac in fractions:
+        for seed in seeds:
+            for v in values:
+                run = out / 'select' / setting / f'{mode}_{v:g}_{frac:g}_seed{seed}'
+                if not (run / 'metrics.json').exists(): print(f"\n== {setting} {v:g}, {mode}, label fraction {frac:g}, seed {seed}")
+                m = _run(_finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, {**(changes or {}), setting: v}))
+                rows.append(_validation_row(m, value=v, fraction=frac, seed=seed))
+    summary = []
+    for frac in fractions:
+        ref = {r['seed']: r[key] for r in rows if r['fraction'] == frac and r['value'] == values[0]}
+        for v in values:
+            sel = [r for r in rows if r['fraction'] == frac and r['value'] == v]
+            mean, ci = mean_ci([r[key] for r in sel])
+            diff, diff_ci = mean_ci([r[key] - ref[r['seed']] for r in sel])
+            summary.append({'value': v, 'fraction': frac, 'seeds': len(sel), 'mean': mean, 'ci': ci, 'diff': diff, 'diff_ci': diff_ci,
+                            'valid_mean_iou': float(np.mean([r['valid_mean_iou'] for r in sel])),
+                            'train_slices': sel[0]['train_slices']})
+    overall = {v: float(np.mean([s['mean'] for s in summary if s['value'] == v])) for v in values}
+    best = best_of(values, key=lambda v: overall[v])
+    verdict = f"{setting} = {best:g} is best on validation {criterion}, averaged over the label fractions"
+    if best != values[0]:
+        clear = [f"{s['fraction']:g}" for s in summary if s['value'] == best and abs(s['diff']) > s['diff_ci']]
+        verdict += (f"; its paired difference from {values[0]:g} is outside the 95% interval at label fraction {', '.join(clear)}"
+                    if clear else f"; no difference from {values[0]:g} is resolved (every paired interval holds 0)")
+    lines = [f"| {setting} | labels | labeled slices | seeds | validation {criterion} (mean +- 95% CI) | difference from {values[0]:g} (paired) | validation mean IoU |",
+             '|---|---|---|---|---|---|---|']
+    lines += [f"| {s['value']:g} | {s['fraction']:g} | {s['train_slices']} | {s['seeds']} | {s['mean']:.3f} +- {s['ci']:.3f} | "
+              f"{s['diff']:+.3f} +- {s['diff_ci']:.3f} | {s['valid_mean_iou']:.3f} |" for s in summary]
+    table = '\n'.join(lines)
+    result = {'rows': rows, 'summary': summary, 'verdict': verdict, 'best': best, 'machine': _machine(),
+              'settings': dict(setting=setting, values=list(values), mode=mode, fractions=list(fractions), seeds=list(seeds),
+                               epochs=epochs, criterion=criterion, changes=changes or {})}
+    write_json(result, out / f'select_{setting}.json')
+    (out / f'select_{setting}.md').write_text(table + f"\n\n{verdict}\n")
+    print(f"\n{table}\n\n{verdict}\n\nwrote {out / f'select_{setting}.json'}, {out / f'select_{setting}.md'}")
+    return result
 
 
 def _summarise(rows):
@@ -366,6 +434,18 @@ def main(argv=None):
     _data_args(st, "output folder (efficiency's: shares its data and pretraining)", 'a few-minute smoke run: 40 patients, 2 epochs, three variants')
     st.add_argument('--seed', type=int, default=0, help='seed of every run')
     st.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs (a variant may change them)')
+    se = sub.add_parser('select', help='choose the default of one fine-tuning setting on validation (never on test)',
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _data_args(se, "output folder (efficiency's: shares its data and pretraining)", 'a few-minute smoke run: 40 patients, 2 epochs')
+    se.add_argument('--setting', required=True, help='a FinetuneConfig field, e.g. adapter_ratio, nll_weight, map_radius, lr, wd')
+    se.add_argument('--values', required=True, help='values to compare, comma separated; the first is the current default')
+    se.add_argument('--mode', choices=MODES, default='sandwich', help='scratch or freeze mode of every run')
+    se.add_argument('--head', choices=['direct', 'gaussian'], default='direct', help='box head of every run')
+    se.add_argument('--fractions', default='0.1,1', help='label fractions of training patients')
+    se.add_argument('--seeds', default='0,1,2', help='seeds, comma separated (label subset and initialisation)')
+    se.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs, the same for every run')
+    se.add_argument('--criterion', choices=sorted(CRITERIA), default='iou',
+                    help='iou: validation mean IoU; calibration: the Gaussian std\'s distance from 68%% / 95%% coverage')
     t = sub.add_parser('throughput', help='loading and training speed, peak memory', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument('--out', type=Path, default=Path('runs/bench/throughput'), help='output folder')
     t.add_argument('--quick', action='store_true', help='fewer slices and steps, 30 s accuracy budget')
@@ -377,6 +457,12 @@ def main(argv=None):
         args.out = args.out.with_name(args.out.name + '_quick') if args.out == Path('runs/bench/efficiency') else args.out
         args.patients, args.epochs, args.pretrain_epochs, args.native = 40, 2, 1, 128
     data = args.data or args.out / f'data_{args.patients}p_{args.native}px'
+    if args.which == 'select':
+        from .train import FinetuneConfig
+        if args.setting not in FinetuneConfig.__dataclass_fields__: ap.error(f'--setting {args.setting!r} is not a fine-tuning setting')
+        return select(args.out, data, args.patients, args.native, args.setting, [float(v) for v in args.values.split(',')], args.mode,
+                      [float(f) for f in args.fractions.split(',')], [int(s) for s in args.seeds.split(',')], args.epochs,
+                      args.pretrain_epochs, args.bs, {'head': args.head} if args.head != 'direct' else None, args.criterion)
     if args.which == 'study':
         return study(args.out, data, args.patients, args.native, args.epochs, args.pretrain_epochs, args.bs, args.seed,
                      [STUDY[0], STUDY[4], STUDY[6]] if args.quick else STUDY)

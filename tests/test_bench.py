@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lesion_fastai.bench import _efficiency_table, _summarise, efficiency, study
+from lesion_fastai.bench import _efficiency_table, _summarise, efficiency, select, study
 from lesion_fastai.train import FinetuneConfig, finetune
 
 
@@ -60,3 +60,22 @@ def test_loading_measures_every_path_and_builds_one_disk_cache(tiny_data, tmp_pa
     # each figure is slices read / seconds between its two readings: 4 slices (20 for five passes) in 0.5 s
     assert res == {'ours': 8., 'skimage': 8., 'ours_cached': 8., 'disk_cache_build': 8., 'ours_disk_cache': 40.}
     assert len(list((tmp_path / 'cache').glob('slices_*.npy'))) == 1
+
+
+def test_select_compares_values_on_validation_only_over_paired_seeds(tiny_data, tmp_path):
+    res = select(tmp_path, tiny_data, 10, 64, 'wd', [.01, .1], 'scratch', [1.], [0, 1], epochs=1, pretrain_epochs=1, bs=2)
+    assert [(r['value'], r['seed']) for r in res['rows']] == [(.01, 0), (.1, 0), (.01, 1), (.1, 1)]
+    assert not any('test' in k for r in res['rows'] for k in r)                 # test figures never reach a choice
+    first, second = res['summary']
+    assert first['diff'] == 0 and first['seeds'] == second['seeds'] == 2
+    by = {(r['value'], r['seed']): r['valid_mean_iou'] for r in res['rows']}
+    assert second['diff'] == pytest.approx(np.mean([by[.1, s] - by[.01, s] for s in (0, 1)]))
+    assert res['best'] == max((.01, .1), key=lambda v: np.mean([by[v, s] for s in (0, 1)]))
+    assert (tmp_path / 'select_wd.md').read_text().startswith('| wd | labels |') and res['verdict'].startswith(f"wd = {res['best']:g}")
+
+
+def test_mean_ci_is_students_t_interval():
+    from lesion_fastai.stats import mean_ci
+    m, h = mean_ci([1., 2., 3.])
+    assert m == 2 and h == pytest.approx(4.303 * 1 / np.sqrt(3))
+    assert np.isnan(mean_ci([5.])[1]) and mean_ci([5.])[0] == 5
