@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write_text
+
 __all__ = ['efficiency', 'study', 'select', 'throughput', 'main']
 
 MODES = ('scratch', 'none', 'encoder', 'sandwich')
@@ -103,7 +105,7 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
                                seeds=list(seeds), epochs=epochs, pretrain_epochs=pretrain_epochs, bs=bs)}
     write_json(result, out / 'efficiency.json')
     table = _efficiency_table(summary)
-    (out / 'efficiency.md').write_text(table + '\n')
+    atomic_write_text(out / 'efficiency.md', table + '\n')
     _efficiency_plot(summary, out / 'data_efficiency.png')
     print('\n' + table)
     print(f"\nwrote {out / 'efficiency.json'}, {out / 'efficiency.md'}, {out / 'data_efficiency.png'}")
@@ -150,7 +152,7 @@ def study(out: Path, data: Path, patients: int, native: int, epochs: int, pretra
     table = '\n'.join(lines)
     write_json({'rows': rows, 'machine': _machine(), 'settings': dict(data=str(data), epochs=epochs, bs=bs, seed=seed)},
                out / 'study.json')
-    (out / 'study.md').write_text(table + '\n')
+    atomic_write_text(out / 'study.md', table + '\n')
     print(f"\n{table}\n\nwrote {out / 'study.json'}, {out / 'study.md'}")
     return {'rows': rows}
 
@@ -217,7 +219,7 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
               'settings': dict(setting=setting, values=list(values), mode=mode, fractions=list(fractions), seeds=list(seeds),
                                epochs=epochs, criterion=criterion, changes=changes or {})}
     write_json(result, out / f'select_{setting}.json')
-    (out / f'select_{setting}.md').write_text(table + f"\n\n{verdict}\n")
+    atomic_write_text(out / f'select_{setting}.md', table + f"\n\n{verdict}\n")
     print(f"\n{table}\n\n{verdict}\n\nwrote {out / f'select_{setting}.json'}, {out / f'select_{setting}.md'}")
     return result
 
@@ -403,7 +405,7 @@ def throughput(out: Path, quick: bool = False, data: Path | None = None, budget_
         g = res['gpu']
         lines.append(f"| GPU training images/s, bf16 autocast | {g['ours_bf16']:.0f} | {g['legacy_bf16']:.0f} | {g['ours_bf16'] / g['legacy_bf16']:.0f}x |")
     table = '\n'.join(lines)
-    (out / 'throughput.md').write_text(table + '\n')
+    atomic_write_text(out / 'throughput.md', table + '\n')
     print(f"{res['machine']}\n\n{table}\n\nwrote {out / 'throughput.json'}")
     return res
 

@@ -83,8 +83,14 @@ class BadSlicesError(ValueError):
     "Slices that cannot be read, each named with its problem and the DL_info.csv line that needs it."
 
 
-def _who_needs(item) -> str:
-    return f" (key slice of {item.where()})" if isinstance(item, SliceRecord) else ''
+def _who_needs(item, error) -> str:
+    "Which DL_info.csv row needs the file an error names: the key slice itself, or a neighbour of it."
+    path = getattr(error, 'path', None)
+    if isinstance(item, SliceRecord):
+        if path is None or path == Path(item.image_path): return f" (key slice of {item.where()})"
+        return f" (neighbour slice needed by the key slice {Path(item.image_path).name} of {item.where()})"
+    if path is not None and path != Path(_path_and_window(item)[0]): return f" (neighbour slice needed by {_path_and_window(item)[0]})"
+    return ''
 
 
 def _raise_problems(problems: list[str], n_items: int) -> None:
@@ -105,7 +111,7 @@ def decode_all(items, prep, store, quiet: bool = False, what: str = 'checking an
         path, dw = _path_and_window(item)
         try: t = prep.load(path, dw)
         except (ValueError, FileNotFoundError) as e:
-            problems.append(f"{e}{_who_needs(item)}")
+            problems.append(f"{e}{_who_needs(item, e)}")
             continue
         if isinstance(item, SliceRecord) and tuple(t.orig_size) != (item.width, item.height):
             problems.append(f"{path}: {t.orig_size[0]} x {t.orig_size[1]} pixels, but Image_size in {item.where()} says "
@@ -126,7 +132,7 @@ def check_files(items, context: int, quiet: bool = False) -> None:
             if p in seen: continue
             seen.add(p)
             try: check_png(p)
-            except (ValueError, FileNotFoundError) as e: problems.append(f"{e}{_who_needs(item)}")
+            except (ValueError, FileNotFoundError) as e: problems.append(f"{e}{_who_needs(item, e)}")
     _raise_problems(problems, len(seen))
 
 

@@ -19,7 +19,7 @@ from fastai.vision.all import (DataBlock, TransformBlock, PointBlock, BBoxBlock,
                                FuncSplitter)
 
 from .boxes import boxes_to_xyxy
-from .deeplesion import SliceRecord, context_paths, evaluation_records, load_data, load_hu, resolve_windows, window
+from .deeplesion import SliceFileError, SliceRecord, context_paths, evaluation_records, load_data, load_hu, resolve_windows, window
 
 __all__ = ['TensorCT', 'TensorBoxCorners', 'CTSlice', 'SlicePixels', 'BoxTarget', 'BoxTidy', 'split_records', 'select_patients',
            'box_augmentations', 'localization_block', 'localization_dls', 'autoencoder_block', 'autoencoder_dls',
@@ -73,7 +73,7 @@ class CTSlice(Transform):
         hus = [load_hu(paths[i]) for i in order]
         shape = hus[0].shape
         for p, h in zip([paths[i] for i in order], hus):
-            if h.shape != shape: raise ValueError(f"{p}: size {h.shape} differs from its key slice's {shape}")
+            if h.shape != shape: raise SliceFileError(p, f"size {h.shape} differs from its key slice's {shape}")
         chans = np.stack([window(h, lo, hi) for lo, hi in wins for h in hus])
         return TensorCT(downsample(torch.from_numpy(chans), self.size), orig_size=(shape[1], shape[0]))
 

@@ -6,9 +6,11 @@ and train the same localizer from scratch with the same budget, then print where
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+from .files import atomic_write_text
 from .train import FinetuneConfig, PretrainConfig, finetune, pretrain, write_json
 
 __all__ = ['main']
@@ -31,6 +33,11 @@ def main(argv=None):
     ap.add_argument('--seed', type=int, default=0, help='random seed')
     ap.add_argument('--resume', action='store_true', help='continue interrupted runs')
     args = ap.parse_args(argv)
+    try: _run(args)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e: sys.exit(f"error: {e}")
+
+
+def _run(args):
     t0 = time.time()
     print('== 1/3 autoencoder pretraining (labels unused)')
     pretrain(PretrainConfig(data=args.data, out=args.out / 'pretrain', epochs=args.pretrain_epochs, size=args.size,
@@ -44,7 +51,7 @@ def main(argv=None):
                                       epochs=args.finetune_epochs, seed=args.seed, resume=args.resume))
     table = '\n'.join(['| model | labeled slices | test hit@0.5 | test mean IoU | centre error mm (median) | mean-box hit@0.5 | mean-box IoU | time s |',
                        '|---|---|---|---|---|---|---|---|', _row('sandwich (pretrained, frozen)', sandwich), _row('scratch', scratch)])
-    (args.out / 'summary.md').write_text(table + '\n')
+    atomic_write_text(args.out / 'summary.md', table + '\n')
     write_json({'sandwich': sandwich, 'scratch': scratch, 'time_s': round(time.time() - t0, 1)}, args.out / 'summary.json')
     print(f"\n{table}\n\ndone in {time.time() - t0:.0f} s. Results in {args.out}/:")
     for p in ('summary.md', 'pretrain/reconstructions.png', 'sandwich/results.png', 'sandwich/metrics.json',

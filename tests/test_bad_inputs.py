@@ -87,7 +87,7 @@ CASES = [
     ('key slice RGB', 'finetune', lambda root: Image.new('RGB', (64, 64)).save(_key_slice(root, 'test')[0]), [],
      r"\.png: PNG mode 'RGB', expected a 16-bit"),
     ('neighbour slice truncated (--context 1)', 'finetune', lambda root: _truncate(_neighbour(root)[0]), ['--context', '1'],
-     r'/\d+\.png: corrupt or truncated image data .*\(key slice of DL_info.csv line \d+\)'),
+     r'/(\d+)\.png: corrupt or truncated image data .*\(neighbour slice needed by the key slice \d+\.png of DL_info.csv line \d+\)'),
     ('Image_size disagrees with the file', 'finetune', lambda root: _set(root, 'Image_size', '512, 512'), [],
      r'64 x 64 pixels, but Image_size in DL_info.csv line 2 says 512 x 512'),
     ('a slice broken, cache none', 'finetune', lambda root: _truncate(_key_slice(root)[0]), ['--cache', 'none'],
