@@ -120,7 +120,7 @@ STUDY = [
     ('sandwich, all labels, full-width transfer layers', 'sandwich', 1., {'adapter_ratio': 1.}),
     ('sandwich, 10%, full-width transfer layers', 'sandwich', .1, {'adapter_ratio': 1.}),
     ('  same, boxes at the centre cell only (no neighbour sizes)', 'sandwich', .1, {'adapter_ratio': 1., 'map_radius': 0}),
-    ('sandwich, 10%, narrow transfer layers (1/4: the default now)', 'sandwich', .1, {}),
+    ('sandwich, 10%, narrow transfer layers (1/4)', 'sandwich', .1, {'adapter_ratio': .25}),
     ('  full width, + transfer layer after the stem', 'sandwich', .1, {'adapter_ratio': 1., 'adapter_stem': True}),
     ('  full width, lr 1e-3 (not 3e-3)', 'sandwich', .1, {'adapter_ratio': 1., 'lr': 1e-3}),
     ('  full width, weight decay 0.1 (not 0.01)', 'sandwich', .1, {'adapter_ratio': 1., 'wd': .1}),

@@ -70,7 +70,7 @@ class CentreMapLoss(Callback):
 
     For the Gaussian head, `nll_weight` times the negative log-likelihood of the target (cx, cy, log w,
     log h) under the centre cell's mean and std is added (`losses.gaussian_nll`): it calibrates the std."""
-    def __init__(self, weight: float = 1., radius: int = 1, nll_weight: float = 1.):
+    def __init__(self, weight: float = 1., radius: int = 1, nll_weight: float = .1):
         self.weight, self.radius, self.nll_weight = weight, radius, nll_weight
 
     def after_loss(self):

@@ -41,21 +41,30 @@ def match_lesion(box_px: np.ndarray, r) -> tuple[int, float, float]:
     return j, float(ious[j]), float(dist_mm[j])
 
 
-def calibration(pred_unit: np.ndarray, pred_std: np.ndarray, records, lesions: list[int]) -> dict:
+def calibration(pred_unit: np.ndarray, pred_std: np.ndarray, records, lesions: list[int], ious=None) -> dict:
     """How well the Gaussian head's std describes its errors: for each slice's predicted box and its
     matched lesion (`lesions[i]`), the target's centre x, y and log width, log height (the head's
     coordinates, `boxes.box_params`) against the predicted mean and std. Reports the fraction of target
     coordinates within 1 and 2 std of the mean (a calibrated Gaussian: 0.683 and 0.954), per coordinate
-    too, and the median std and median absolute error."""
+    too, with the median std and median absolute error; with `ious`, the same again on the slices
+    whose box found its lesion (IoU >= 0.5), where the error is the box's, not the choice of object."""
     scale = lambda r: np.array([r.width, r.height, r.width, r.height], np.float64)
     targ = np.stack([r.boxes[j] / scale(r) for r, j in zip(records, lesions)])
     mu, t = box_params(torch.as_tensor(pred_unit, dtype=torch.float64)), box_params(torch.as_tensor(targ))
-    err = (t - mu).abs().numpy()
-    z = err / np.asarray(pred_std, np.float64)
+    err, std = (t - mu).abs().numpy(), np.asarray(pred_std, np.float64)
+    out = _coverage(err, std)
+    if ious is not None:
+        found = np.asarray(ious) >= .5
+        out['found'] = {'n': int(found.sum()), **(_coverage(err[found], std[found]) if found.any() else {})}
+    return out
+
+
+def _coverage(err, std) -> dict:
+    z = err / std
     names = ('cx', 'cy', 'log_w', 'log_h')
     return {'within_1std': float((z <= 1).mean()), 'within_2std': float((z <= 2).mean()), 'ideal': [0.683, 0.954],
             'per_coordinate': {k: {'within_1std': float((z[:, i] <= 1).mean()), 'within_2std': float((z[:, i] <= 2).mean()),
-                                   'median_std': float(np.median(pred_std[:, i])), 'median_abs_error': float(np.median(err[:, i]))}
+                                   'median_std': float(np.median(std[:, i])), 'median_abs_error': float(np.median(err[:, i]))}
                                for i, k in enumerate(names)}}
 
 
@@ -82,7 +91,7 @@ def evaluate(pred_unit: np.ndarray, records, baseline_unit: np.ndarray | None = 
         sel = [s for s in scores if s[2] == t]
         by_type[f'{t}_{LESION_TYPES.get(t, "unknown")}'] = _summary([s[0] for s in sel], [s[1] for s in sel])
     out['by_type'] = by_type
-    if pred_std is not None: out['calibration'] = calibration(pred_unit, pred_std, records, [m[0] for m in matches])
+    if pred_std is not None: out['calibration'] = calibration(pred_unit, pred_std, records, [m[0] for m in matches], [m[1] for m in matches])
     if baseline_unit is not None:
         base = evaluate(np.repeat(np.asarray(baseline_unit)[None], len(records), 0), records)
         base.pop('by_type')

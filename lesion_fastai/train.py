@@ -176,7 +176,7 @@ class FinetuneConfig:
     map_weight: float = 1.            # weight of the centre-map loss (0: box loss alone)
     map_radius: int = 1               # boxes within this many cells of the target's centre cell are supervised
     wd: float = .01                   # weight decay (fastai's Adam default)
-    adapter_ratio: float = .25        # sandwich: hidden width of each transfer layer, as a fraction of its stage's
+    adapter_ratio: float = 1.         # sandwich: hidden width of each transfer layer, as a fraction of its stage's
     adapter_stem: bool = False        # sandwich: a transfer layer after the stem too
     label_fraction: float = 1.
     same_epoch_length: bool = False   # repeat a label subset to the full training set's length per epoch
@@ -185,7 +185,7 @@ class FinetuneConfig:
     freeze: str | None = None         # default: 'sandwich' with --pretrained, else 'scratch'
     update_frozen_bn: bool = False
     kappa: float = .05
-    nll_weight: float = 1.            # gaussian head: weight of the likelihood term that calibrates its std
+    nll_weight: float = .1            # gaussian head: weight of the likelihood term that calibrates its std
     out_bn: bool = False
     augment: bool = True
     resume: bool = False

@@ -39,13 +39,13 @@ def test_summary_averages_seeds():
 
 def test_study_runs_each_variant_and_refuses_a_finished_run_with_other_settings(tiny_data, tmp_path):
     args = dict(out=tmp_path, data=tiny_data, patients=10, native=64, epochs=1, pretrain_epochs=1, bs=2)
-    variants = [('scratch', 'scratch', 1., {}), ('narrow sandwich', 'sandwich', .5, {}),
-                ('sandwich', 'sandwich', .5, {'adapter_ratio': 1.})]
+    variants = [('scratch', 'scratch', 1., {}), ('narrow sandwich', 'sandwich', .5, {'adapter_ratio': .25}),
+                ('sandwich', 'sandwich', .5, {})]
     rows = study(**args, variants=variants)['rows']
     assert [r['variant'] for r in rows] == ['scratch', 'narrow sandwich', 'sandwich']
     assert rows[1]['trainable'] < rows[2]['trainable'] and rows[1]['train_slices'] < rows[0]['train_slices']
     assert '| narrow sandwich |' in (tmp_path / 'study.md').read_text()
-    study(**args, variants=[('scratch', 'scratch', 1., {'adapter_ratio': 1.})])   # transfer layers do not concern scratch
+    study(**args, variants=[('scratch', 'scratch', 1., {'adapter_ratio': .25})])   # transfer layers do not concern scratch
     with pytest.raises(ValueError, match=r'wd: 0.01 there, 0.1 now'):
         study(**args, variants=[('scratch', 'scratch', 1., {'wd': .1})])
 

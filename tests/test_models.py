@@ -123,7 +123,7 @@ def test_untrained_sandwich_computes_the_encoder_features(adapters):
 def test_transfer_layer_options_change_what_trains():
     enc = dict(stem_width=16, widths=(32, 32, 64, 64), depths=(1, 1, 1, 1))
     n = lambda m: sum(p.numel() for p in m.parameters())
-    full, narrow = create_localizer(1, sandwich=True, adapter_ratio=1., **enc), create_localizer(1, sandwich=True, **enc)
+    full, narrow = create_localizer(1, sandwich=True, **enc), create_localizer(1, sandwich=True, adapter_ratio=.25, **enc)
     assert n(narrow.adapters) < .4 * n(full.adapters)
     assert full.stem_adapter is None
     stem = create_localizer(1, sandwich=True, adapter_ratio=1., adapter_stem=True, **enc)
@@ -255,6 +255,9 @@ def test_calibration_counts_target_coordinates_within_one_and_two_std():
     assert c['within_1std'] == pytest.approx(3 / 4) and c['within_2std'] == 1.
     assert c['per_coordinate']['cy']['within_1std'] == 0 and c['per_coordinate']['cy']['median_abs_error'] == pytest.approx(.02)
     assert cal([.005, .005, .1, .1])['within_2std'] == pytest.approx(2 / 4)
+    assert c['found']['n'] == 1 and c['found']['within_1std'] == c['within_1std']      # IoU 0.68: the box found its lesion
+    far = evaluate(np.array([[.0, .0, .1, .1]]), [rec], pred_std=np.array([[.03, .03, .1, .1]]))['calibration']
+    assert far['found'] == {'n': 0} and far['within_1std'] == 0
 
 
 def test_noisy_lesions_and_then_empty_slices_are_dropped_for_evaluation():
