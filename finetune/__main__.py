@@ -1,4 +1,4 @@
-"""python -m finetune: train the one-box lesion localizer, from scratch or from a pretrained encoder.
+"""python -m finetune: train the lesion detector, from scratch or from a pretrained encoder.
 
 Examples:
     python -m finetune --data data/synthetic --out runs/scratch
@@ -20,9 +20,17 @@ def parse_args(argv=None):
                                  epilog=__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--data', type=Path, required=True, help='DeepLesion-layout folder: DL_info.csv and Images_png/')
     ap.add_argument('--out', type=Path, default=None, help='output folder (default runs/finetune); with --eval, where eval files go')
-    ap.add_argument('--eval', type=Path, default=None, metavar='MODEL', help='only evaluate an exported model (export.pkl) on the test split')
-    ap.add_argument('--head', choices=sorted(HEADS), default='direct', help='direct (sigmoid x1,y1,w,h) or gaussian (mean + kappa-scaled std) (default direct)')
-    ap.add_argument('--target', choices=['points', 'bbox'], default='points', help='fastai target block: PointBlock corners or BBoxBlock (default points)')
+    ap.add_argument('--eval', type=Path, default=None, metavar='MODEL', help='only evaluate an exported model (export.pkl) on the test split: '
+                    'eval_metrics.json, eval_predictions.csv, eval_froc.png, eval_results.png')
+    ap.add_argument('--head', choices=sorted(HEADS), default='direct', help='box head at each heatmap cell: direct (sigmoid x1,y1,w,h) or '
+                    'gaussian (mean + kappa-scaled std) (default direct)')
+    ap.add_argument('--target', choices=['points', 'bbox'], default='points', help='fastai target block for every lesion of a slice: '
+                    'PointBlock (four corners each) or BBoxBlock (default points)')
+    ap.add_argument('--keep', type=int, default=50, help='boxes kept per slice, the best heatmap peaks (default 50, as MULAN keeps)')
+    ap.add_argument('--nms', type=float, default=None, metavar='IOU', help='also suppress kept boxes overlapping a better one at this IoU '
+                    '(torchvision.ops.nms; default: off, the heatmap peaks are already one per 3x3 cells)')
+    ap.add_argument('--stride', type=int, choices=[4, 8], default=4, help='stride of the centre heatmap in input pixels (default 4, so that '
+                    'lesions of a few pixels get a cell of their own)')
     ap.add_argument('--size', type=int, default=None, help='input size in pixels (default half the native size, or the checkpoint\'s)')
     ap.add_argument('--windows', default=None, help="CT windows as channels, e.g. soft,lung or -100:200 or dicom (default soft, or the checkpoint's)")
     ap.add_argument('--context', type=int, default=None, help="neighbour slices on each side as extra channels (default 0, or the checkpoint's)")
@@ -32,10 +40,9 @@ def parse_args(argv=None):
     lr.add_argument('--lr-find', action='store_true', help="pick the learning rate with fastai's lr_find (valley)")
     ap.add_argument('--bs', type=int, default=16, help='batch size (default 16)')
     ap.add_argument('--loss', default='ciou+diou+giou', help=f"sum of terms from {', '.join(TERMS)} joined by + (default ciou+diou+giou)")
-    ap.add_argument('--map-weight', type=float, default=1., help='weight of the centre-map loss: cross-entropy of the position scores at the '
-                    'target centre plus the box loss at that position (default 1; 0 trains on the box loss alone)')
-    ap.add_argument('--map-radius', type=int, default=1, help="the box sizes predicted at positions within this many cells of the "
-                    "target's centre cell are trained too (placed on the target centre), so a best score one cell off still gives "
+    ap.add_argument('--map-weight', type=float, default=1., help="weight of the centre heatmap's focal loss against the box loss (default 1)")
+    ap.add_argument('--map-radius', type=int, default=1, help="the box sizes predicted at cells within this many cells of each lesion's "
+                    "centre cell are trained too (placed on the lesion's centre), so a heatmap peak one cell off still gives "
                     'a trained box size (default 1; 0: the centre cell only)')
     ap.add_argument('--wd', type=float, default=.01, help='weight decay (default 0.01)')
     ap.add_argument('--adapter-ratio', type=float, default=1., help='sandwich: hidden width of each transfer layer as a fraction of '
@@ -67,6 +74,8 @@ def parse_args(argv=None):
         if args.lr <= 0: ap.error(f'--lr must be positive, got {args.lr}')
         if args.kappa <= 0: ap.error(f'--kappa must be positive, got {args.kappa}')
         if args.nll_weight < 0: ap.error(f'--nll-weight must be at least 0, got {args.nll_weight}')
+        if args.keep < 1: ap.error(f'--keep must be at least 1, got {args.keep}')
+        if args.nms is not None and not 0 < args.nms < 1: ap.error(f'--nms must be an IoU in (0, 1), got {args.nms}')
     return args
 
 
@@ -75,12 +84,11 @@ def main(argv=None):
     from lesion_fastai.train import FinetuneConfig, evaluate_export, finetune
     try:
         if args.eval is not None:
-            m = evaluate_export(args.eval, args.data, args.out)['test']
-            b = m['mean_box_baseline']
-            print(f"test: hit@0.5 {m['hit@0.5']:.3f} (mean box {b['hit@0.5']:.3f}), mean IoU {m['mean_iou']:.3f} ({b['mean_iou']:.3f})")
+            from lesion_fastai.metrics import summary_line
+            print(f"test: {summary_line(evaluate_export(args.eval, args.data, args.out)['test'])}")
             return
         finetune(FinetuneConfig(
-            data=args.data, out=args.out or Path('runs/finetune'), head=args.head, target=args.target, size=args.size,
+            data=args.data, out=args.out or Path('runs/finetune'), head=args.head, target=args.target, stride=args.stride, keep=args.keep, nms_iou=args.nms, size=args.size,
             windows=args.windows, context=args.context, epochs=args.epochs, lr=args.lr, lr_find=args.lr_find, bs=args.bs,
             loss=args.loss, map_weight=args.map_weight, map_radius=args.map_radius, wd=args.wd, adapter_ratio=args.adapter_ratio,
             adapter_stem=args.adapter_stem, label_fraction=args.label_fraction, seed=args.seed, pretrained=args.pretrained, freeze=args.freeze,

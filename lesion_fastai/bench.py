@@ -4,6 +4,7 @@
     python -m lesion_fastai.bench study [--quick]        # why the sandwich does (not) match: one change at a time
     python -m lesion_fastai.bench select --setting adapter_ratio --values 0.25,1   # a default, chosen on validation
     python -m lesion_fastai.bench throughput [--quick]   # slice loading and training images/s, peak memory
+    python -m lesion_fastai.bench stats                  # the built-in data's lesion statistics beside DeepLesion's
 
 Both resume: finished runs are kept (their metrics.json) and skipped when the command is run again.
 """
@@ -77,19 +78,23 @@ def _finetune_config(data: Path, run: Path, mode: str, fraction: float, seed: in
 
 
 def _row(m: dict, **extra) -> dict:
+    "A run's test figures (FROC and top box) beside the mean box's, and its validation FROC."
     t, b = m['test'], m['test']['mean_box_baseline']
-    return {**extra, 'train_slices': m['train_slices'], 'train_patients': m['train_patients'], 'hit@0.5': t['hit@0.5'],
-            'mean_iou': t['mean_iou'], 'centre_error_mm': t['centre_error_mm'], 'valid_mean_iou': m['valid']['mean_iou'],
-            'baseline_hit@0.5': b['hit@0.5'], 'baseline_mean_iou': b['mean_iou'], 'n_test': t['n'], 'time_s': m['time_s'],
-            'trainable': m['parameters']['trainable']}
+    return {**extra, 'train_slices': m['train_slices'], 'train_patients': m['train_patients'],
+            'froc': t['froc']['mean_0.5_4'], 'sens@4': t['froc']['sensitivity']['4'], 'hit@0.5': t['top1']['hit@0.5'],
+            'mean_iou': t['top1']['mean_iou'], 'centre_error_mm': t['top1']['centre_error_mm'],
+            'valid_froc': m['valid']['froc']['mean_0.5_4'], 'baseline_froc': b['froc']['mean_0.5_4'],
+            'baseline_hit@0.5': b['top1']['hit@0.5'], 'baseline_mean_iou': b['top1']['mean_iou'], 'n_test': t['froc']['slices'],
+            'time_s': m['time_s'], 'trainable': m['parameters']['trainable']}
 
 
 def efficiency(out: Path, data: Path, patients: int, native: int, fractions, modes, seeds, epochs: int,
                pretrain_epochs: int, bs: int) -> dict:
     """One pretraining run, then every (label fraction, mode, seed) fine-tune with the same epoch budget
     (small label sets are repeated to the full training set's length per epoch, so every run takes
-    the same number of steps). Reports test hit@0.5 and mean IoU beside the mean-box baseline."""
-    from .train import write_json
+    the same number of steps). Reports test FROC (mean sensitivity over 0.5-4 FPs per slice) and the
+    top box's hit@0.5, as mean and 95% interval over the seeds, beside the mean-box baseline."""
+    from .files import write_json
     ckpt = _prepare(out, data, patients, native, pretrain_epochs, bs)
     rows = []
     for frac in fractions:
@@ -137,7 +142,7 @@ def study(out: Path, data: Path, patients: int, native: int, epochs: int, pretra
     """Where the sandwich with 10% of the labels stands against scratch with all of them, and what
     each single change (objective, transfer layers, learning rate, regularisation, epochs) does to
     it. Same data, pretraining and epoch length as `efficiency` (pass the same --out to share them)."""
-    from .train import write_json
+    from .files import write_json
     rows = []
     for i, (name, mode, frac, change, *pretrain_change) in enumerate(variants):
         ckpt = _prepare(out, data, patients, native, pretrain_epochs, bs, *pretrain_change)
@@ -145,10 +150,10 @@ def study(out: Path, data: Path, patients: int, native: int, epochs: int, pretra
         if not (run / 'metrics.json').exists(): print(f"\n== {name}")
         rows.append(_row(_run(_finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, change)), variant=name, mode=mode, fraction=frac,
                          change=change, pretrain_change=pretrain_change[0] if pretrain_change else {}))
-    lines = ['| variant | labeled slices | trainable parameters | test hit@0.5 | test mean IoU | valid mean IoU | mean-box hit@0.5 / IoU | time s |',
+    lines = ['| variant | labeled slices | trainable parameters | test FROC | top box hit@0.5 / IoU | valid FROC | mean box FROC / hit@0.5 | time s |',
              '|---|---|---|---|---|---|---|---|']
-    lines += [f"| {r['variant']} | {r['train_slices']} | {r['trainable']:,} | {r['hit@0.5']:.3f} | {r['mean_iou']:.3f} | "
-              f"{r['valid_mean_iou']:.3f} | {r['baseline_hit@0.5']:.3f} / {r['baseline_mean_iou']:.3f} | {r['time_s']:.0f} |" for r in rows]
+    lines += [f"| {r['variant']} | {r['train_slices']} | {r['trainable']:,} | {r['froc']:.3f} | {r['hit@0.5']:.3f} / {r['mean_iou']:.3f} | "
+              f"{r['valid_froc']:.3f} | {r['baseline_froc']:.3f} / {r['baseline_hit@0.5']:.3f} | {r['time_s']:.0f} |" for r in rows]
     table = '\n'.join(lines)
     write_json({'rows': rows, 'machine': _machine(), 'settings': dict(data=str(data), epochs=epochs, bs=bs, seed=seed)},
                out / 'study.json')
@@ -160,25 +165,27 @@ def study(out: Path, data: Path, patients: int, native: int, epochs: int, pretra
 def _validation_row(m: dict, **extra) -> dict:
     "What `select` may look at: validation figures only."
     v = m['valid']
-    cal = v.get('calibration')
-    return {**extra, 'valid_mean_iou': v['mean_iou'], 'valid_hit@0.5': v['hit@0.5'], 'train_slices': m['train_slices'],
+    cal = v['top1'].get('calibration')
+    return {**extra, 'valid_froc': v['froc']['mean_0.5_4'], 'valid_mean_iou': v['top1']['mean_iou'], 'valid_hit@0.5': v['top1']['hit@0.5'],
+            'train_slices': m['train_slices'],
             'valid_within_1std': cal['within_1std'] if cal else None, 'valid_within_2std': cal['within_2std'] if cal else None,
             'calibration_error': (abs(cal['within_1std'] - .683) + abs(cal['within_2std'] - .954)) / 2 if cal else None}
 
 
-CRITERIA = {'iou': ('valid_mean_iou', max), 'calibration': ('calibration_error', min)}
+CRITERIA = {'froc': ('valid_froc', max), 'iou': ('valid_mean_iou', max), 'calibration': ('calibration_error', min)}
 
 
 def select(out: Path, data: Path, patients: int, native: int, setting: str, values, mode: str, fractions, seeds,
-           epochs: int, pretrain_epochs: int, bs: int, changes: dict | None = None, criterion: str = 'iou') -> dict:
+           epochs: int, pretrain_epochs: int, bs: int, changes: dict | None = None, criterion: str = 'froc') -> dict:
     """Choose the default of one fine-tuning `setting` on validation, never on test: every value x label
     fraction x seed is fine-tuned (same data, pretraining and steps as `efficiency`; a seed fixes the
     label subset and the initialisation, shared by all values), and only validation figures are
-    reported: per value the mean and 95% interval of `criterion` ('iou': validation mean IoU, higher
-    is better; 'calibration': the Gaussian std's distance from 68% / 95% coverage, lower is better),
+    reported: per value the mean and 95% interval of `criterion` ('froc': validation FROC, mean
+    sensitivity over 0.5-4 FPs per slice; 'iou': the top box's validation mean IoU, both higher is
+    better; 'calibration': the Gaussian std's distance from 68% / 95% coverage, lower is better),
     and its paired difference from the first value (the current default) over the same seeds."""
     from .stats import mean_ci
-    from .train import write_json
+    from .files import write_json
     from .synthetic import generate
     key, best_of = CRITERIA[criterion]
     if mode == 'scratch':
@@ -201,7 +208,7 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
             mean, ci = mean_ci([r[key] for r in sel])
             diff, diff_ci = mean_ci([r[key] - ref[r['seed']] for r in sel])
             summary.append({'value': v, 'fraction': frac, 'seeds': len(sel), 'mean': mean, 'ci': ci, 'diff': diff, 'diff_ci': diff_ci,
-                            'valid_mean_iou': float(np.mean([r['valid_mean_iou'] for r in sel])),
+                            'valid_froc': float(np.mean([r['valid_froc'] for r in sel])),
                             'train_slices': sel[0]['train_slices']})
     overall = {v: float(np.mean([s['mean'] for s in summary if s['value'] == v])) for v in values}
     best = best_of(values, key=lambda v: overall[v])
@@ -210,10 +217,10 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
         clear = [f"{s['fraction']:g}" for s in summary if s['value'] == best and abs(s['diff']) > s['diff_ci']]
         verdict += (f"; its paired difference from {values[0]:g} is outside the 95% interval at label fraction {', '.join(clear)}"
                     if clear else f"; no difference from {values[0]:g} is resolved (every paired interval holds 0)")
-    lines = [f"| {setting} | labels | labeled slices | seeds | validation {criterion} (mean +- 95% CI) | difference from {values[0]:g} (paired) | validation mean IoU |",
+    lines = [f"| {setting} | labels | labeled slices | seeds | validation {criterion} (mean +- 95% CI) | difference from {values[0]:g} (paired) | validation FROC |",
              '|---|---|---|---|---|---|---|']
     lines += [f"| {s['value']:g} | {s['fraction']:g} | {s['train_slices']} | {s['seeds']} | {s['mean']:.3f} +- {s['ci']:.3f} | "
-              f"{s['diff']:+.3f} +- {s['diff_ci']:.3f} | {s['valid_mean_iou']:.3f} |" for s in summary]
+              f"{s['diff']:+.3f} +- {s['diff_ci']:.3f} | {s['valid_froc']:.3f} |" for s in summary]
     table = '\n'.join(lines)
     result = {'rows': rows, 'summary': summary, 'verdict': verdict, 'best': best, 'machine': _machine(),
               'settings': dict(setting=setting, values=list(values), mode=mode, fractions=list(fractions), seeds=list(seeds),
@@ -225,42 +232,77 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
 
 
 def _summarise(rows):
+    "Mean over seeds of each (mode, fraction) cell, with 95% intervals of the FROC score and the top-box hit rate."
+    from .stats import mean_ci
     out = []
     for mode in dict.fromkeys(r['mode'] for r in rows):
         for frac in dict.fromkeys(r['fraction'] for r in rows):
             sel = [r for r in rows if r['mode'] == mode and r['fraction'] == frac]
             if not sel: continue
-            agg = {k: float(np.mean([r[k] for r in sel])) for k in ('hit@0.5', 'mean_iou', 'centre_error_mm',
-                                                                     'baseline_hit@0.5', 'baseline_mean_iou', 'time_s')}
-            agg.update(mode=mode, fraction=frac, seeds=len(sel), train_slices=sel[0]['train_slices'],
-                       n_test=sel[0]['n_test'], hit_std=float(np.std([r['hit@0.5'] for r in sel])))
+            agg = {k: float(np.mean([r[k] for r in sel])) for k in ('froc', 'sens@4', 'hit@0.5', 'mean_iou', 'centre_error_mm',
+                                                                     'baseline_froc', 'baseline_hit@0.5', 'baseline_mean_iou', 'time_s')}
+            agg.update(mode=mode, fraction=frac, seeds=len(sel), train_slices=sel[0]['train_slices'], n_test=sel[0]['n_test'],
+                       froc_ci=mean_ci([r['froc'] for r in sel])[1], hit_ci=mean_ci([r['hit@0.5'] for r in sel])[1])
             out.append(agg)
     return out
 
 
+def _pm(mean, ci) -> str:
+    return f"{mean:.3f}" if np.isnan(ci) else f"{mean:.3f} +- {ci:.3f}"
+
+
 def _efficiency_table(summary) -> str:
-    lines = ['| labels (fraction of training patients) | labeled slices | mode | test hit@0.5 | test mean IoU | centre error mm | mean-box hit@0.5 | mean-box IoU | seeds |',
+    lines = ['| labels (fraction of training patients) | labeled slices | mode | test FROC, mean 0.5-4 FPs | sensitivity at 4 FPs | top box hit@0.5 | top box IoU | mean box FROC / hit@0.5 | seeds |',
              '|---|---|---|---|---|---|---|---|---|']
     for s in sorted(summary, key=lambda s: (s['fraction'], MODES.index(s['mode']) if s['mode'] in MODES else 9)):
-        lines.append(f"| {s['fraction']:g} | {s['train_slices']} | {s['mode']} | {s['hit@0.5']:.3f} | {s['mean_iou']:.3f} | "
-                     f"{s['centre_error_mm']:.1f} | {s['baseline_hit@0.5']:.3f} | {s['baseline_mean_iou']:.3f} | {s['seeds']} |")
+        lines.append(f"| {s['fraction']:g} | {s['train_slices']} | {s['mode']} | {_pm(s['froc'], s['froc_ci'])} | {s['sens@4']:.3f} | "
+                     f"{_pm(s['hit@0.5'], s['hit_ci'])} | {s['mean_iou']:.3f} | {s['baseline_froc']:.3f} / {s['baseline_hit@0.5']:.3f} | {s['seeds']} |")
     return '\n'.join(lines)
 
 
 def _efficiency_plot(summary, path):
     from .plots import plt, save_fig
     fig, axs = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, base in ((axs[0], 'hit@0.5', 'baseline_hit@0.5'), (axs[1], 'mean_iou', 'baseline_mean_iou')):
+    for ax, key, ci, base, label in ((axs[0], 'froc', 'froc_ci', 'baseline_froc', 'test FROC, mean sensitivity 0.5-4 FPs'),
+                                     (axs[1], 'hit@0.5', 'hit_ci', 'baseline_hit@0.5', 'test top box hit@0.5')):
         for mode in dict.fromkeys(s['mode'] for s in summary):
-            pts = sorted((s['fraction'], s[key]) for s in summary if s['mode'] == mode)
-            ax.plot(*zip(*pts), marker='o', label=mode)
+            pts = sorted((s['fraction'], s[key], 0 if np.isnan(s[ci]) else s[ci]) for s in summary if s['mode'] == mode)
+            f, m, e = zip(*pts)
+            ax.errorbar(f, m, yerr=e, marker='o', capsize=3, label=mode)
         b = sorted((s['fraction'], s[base]) for s in summary if s['mode'] == summary[0]['mode'])
         ax.plot(*zip(*b), ls='--', color='gray', label='mean box')
-        ax.set_xscale('log'); ax.set_xlabel('fraction of labeled training patients'); ax.set_ylabel(f'test {key}')
+        ax.set_xscale('log'); ax.set_xlabel('fraction of labeled training patients'); ax.set_ylabel(label)
         ax.grid(alpha=.3)
     axs[0].legend()
-    fig.suptitle('data efficiency on synthetic DeepLesion-layout data')
+    fig.suptitle('data efficiency on synthetic DeepLesion-layout data (error bars: 95% interval over seeds)')
     return save_fig(fig, path)
+
+
+# --- data statistics -------------------------------------------------------------------------------------------
+
+def stats(data: Path, sample: Path | None, patients: int, native: int) -> str:
+    """The built-in generator's lesion statistics beside DeepLesion's: the published totals (32,735 lesions
+    on 32,120 key slices) and the real sample of DL_info rows (`sample`), as a Markdown table."""
+    from .deeplesion import lesion_statistics, read_dl_info
+    from .metrics import LESION_TYPES
+    from .synthetic import generate
+    if not (data / 'DL_info.csv').exists(): generate(data, patients=patients, size=native, seed=1)
+    cols = {'built-in generator': lesion_statistics(read_dl_info(data / 'DL_info.csv'))}
+    if sample is not None and Path(sample).exists(): cols['real DeepLesion sample'] = lesion_statistics(read_dl_info(sample, root=Path(sample).parent))
+    published = {'lesions_per_slice': 32735 / 32120}
+    d = lambda c, k: f"{c['diameter_mm'][k]:.1f}"
+    rows = [('lesions / key slices', lambda c: f"{c['lesions']} / {c['key_slices']}", '32,735 / 32,120'),
+            ('lesions per key slice', lambda c: f"{c['lesions_per_slice']:.3f}", f"{published['lesions_per_slice']:.3f}"),
+            ('key slices with several lesions', lambda c: f"{100 * c['multi_lesion_slices']:.1f}%", ''),
+            ('long diameter, mm: 5% / 25% / median / 75% / 95%', lambda c: ' / '.join(d(c, k) for k in ('p5', 'p25', 'p50', 'p75', 'p95')), ''),
+            ('Possibly_noisy lesions', lambda c: f"{100 * c['noisy']:.1f}%", '0.3% of the test split')]
+    rows += [(f"type {t} ({name}), share of labelled lesions", (lambda t: lambda c: f"{100 * c['types'].get(t, 0):.0f}%")(t), '')
+             for t, name in LESION_TYPES.items()]
+    lines = [f"| statistic | {' | '.join(cols)} | DeepLesion, published |", '|---' * (len(cols) + 2) + '|']
+    lines += [f"| {name} | {' | '.join(f(c) for c in cols.values())} | {pub} |" for name, f, pub in rows]
+    table = '\n'.join(lines)
+    print(table)
+    return table
 
 
 # --- throughput ----------------------------------------------------------------------------------------------
@@ -270,24 +312,33 @@ def _peak_rss_mb() -> float:
 
 
 def _train_speed(kind: str, size: int, bs: int, steps: int, q, device: str = 'cpu', amp: bool = False):
-    "Runs in a fresh process so its peak memory is its own: training images/s of one model."
+    """Runs in a fresh process so its peak memory is its own: training images/s of one model (the
+    detector with its whole loss, or the earlier experiment's one-box localizer with a box loss), or
+    with kind 'infer' the detector's inference slices/s, decoding included."""
     import torch
-    from .losses import BoxLoss
+    from .losses import BoxLoss, DetectionLoss
     from .models.legacy import LegacyLocalizer
-    from .models.localizer import create_localizer
+    from .models.localizer import create_localizer, detections
     torch.manual_seed(0)
     model = (LegacyLocalizer(size=size) if kind == 'legacy' else create_localizer(1)).to(device)
     if device == 'cuda': model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    loss_fn = BoxLoss('giou+l1')
     x = torch.rand(bs, 1, size, size, device=device)
-    y = torch.tensor([[-.5, -.5, .5, .5]], device=device).repeat(bs, 1)
+    box = torch.tensor([[.25, .25, .75, .75]], device=device)
+    if kind == 'legacy': loss_fn = lambda out: BoxLoss('giou+l1')((out + 1) / 2, box.repeat(bs, 1))
+    else:
+        y, flags = (box * 2 - 1).reshape(1, 2, 2).repeat(bs, 1, 1), torch.ones(bs, 1, device=device)
+        loss_fn = lambda out: DetectionLoss()(out, y, flags)
+    if kind == 'infer': model.eval()
     for i in range(steps + 1):
         if i == 1:
             if device == 'cuda': torch.cuda.synchronize()
             t = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-            loss = loss_fn(model(x), y)
+            if kind == 'infer':
+                with torch.no_grad(): detections(model(x), 50)
+                continue
+            loss = loss_fn(model(x))
         opt.zero_grad(); loss.backward(); opt.step()
     if device == 'cuda': torch.cuda.synchronize()
     ips = bs * steps / (time.perf_counter() - t)
@@ -342,30 +393,14 @@ def _loading(paths, size: int, cache_dir: Path):
     return res
 
 
-def _equal_time_accuracy(data: Path, out: Path, budget_s: float, size: int) -> dict:
-    """Both localizers trained from scratch for the same wall-clock time at the same input size and
-    batch, then evaluated on the test patients (the one-cycle schedule is sized to the time)."""
-    from .train import FinetuneConfig, finetune, load_data
-    n_train = sum(r.split == 'train' for r in load_data(data)[1])
-    res = {}
-    for arch, bs in (('localizer', 16), ('legacy', 16)):
-        ips = _measure(arch, size, bs if arch == 'localizer' else 4, 3 if arch == 'localizer' else 1)[0]
-        epochs = max(1, int(budget_s * ips * .7 / n_train))
-        m = finetune(FinetuneConfig(data=data, out=out / f'equal_time_{arch}', arch=arch, size=size, bs=bs, epochs=epochs,
-                                    time_budget_s=budget_s, quiet=True))
-        res[arch] = {'epochs': epochs, 'hit@0.5': m['test']['hit@0.5'], 'mean_iou': m['test']['mean_iou'],
-                     'baseline_hit@0.5': m['test']['mean_box_baseline']['hit@0.5'],
-                     'baseline_mean_iou': m['test']['mean_box_baseline']['mean_iou'], 'time_s': m['time_s']}
-    return res
-
-
-def throughput(out: Path, quick: bool = False, data: Path | None = None, budget_s: float = 180.) -> dict:
-    """Slice loading (PNG -> HU -> window -> half resolution) against scikit-image, and training
-    images/s and peak memory of our localizer against the earlier experiment's, same input and batch."""
+def throughput(out: Path, quick: bool = False) -> dict:
+    """Slice loading (PNG -> HU -> window -> half resolution) against scikit-image, training images/s
+    and peak memory of our detector against the earlier experiment's localizer (same input and
+    batch), and the detector's inference slices/s, decoding into scored boxes included."""
     import torch
     from .synthetic import generate
     from .deeplesion import list_slices
-    from .train import write_json
+    from .files import write_json
     slices = out / 'slices512'
     if not (slices / 'DL_info.csv').exists(): generate(slices, patients=4, size=512, seed=5)
     paths = list_slices(slices)[:20 if quick else 60]
@@ -374,14 +409,12 @@ def throughput(out: Path, quick: bool = False, data: Path | None = None, budget_
     size, bs = 256, 8
     loc = _measure('localizer', size, bs, 2 if quick else 5)
     leg = _measure('legacy', size, 2 if quick else 4, 1 if quick else 2)
+    inf = _measure('infer', size, 16, 2 if quick else 8)
     res = {'machine': _machine(), 'size': size, 'bs': bs,
            'loading_slices_per_s': load,
            'train_images_per_s': {'ours': loc[0], 'legacy': leg[0]},
-           'peak_memory_mb': {'ours': loc[1], 'legacy': leg[1]}}
-    if data is None:
-        data = out / 'data_250p_256px'
-        if not (data / 'DL_info.csv').exists(): generate(data, patients=40 if quick else 250, size=256, seed=1)
-    acc = res['equal_time'] = _equal_time_accuracy(data, out, 30. if quick else budget_s, 128)
+           'peak_memory_mb': {'ours': loc[1], 'legacy': leg[1]},
+           'inference_slices_per_s': inf[0]}
     if torch.cuda.is_available():
         res['gpu'] = {'ours_fp32': _measure('localizer', size, 64, 20, 'cuda')[0],
                       'ours_bf16': _measure('localizer', size, 64, 20, 'cuda', amp=True)[0],
@@ -396,11 +429,8 @@ def throughput(out: Path, quick: bool = False, data: Path | None = None, budget_
              f"| building the disk slice cache (once per slices and settings) | {load['disk_cache_build']:.0f} | {naive:.0f} | {load['disk_cache_build'] / naive:.1f}x |",
              f"| same, from the disk cache (memory-mapped float16; later runs, workers) | {disk:.0f} | {naive:.0f} | {disk / naive:.0f}x |",
              f"| training images/s at {size} px (CPU) | {loc[0]:.1f} | {leg[0]:.2f} (earlier experiment's localizer) | {loc[0] / leg[0]:.0f}x |",
-             f"| peak memory of the training process, MB | {loc[1]:.0f} | {leg[1]:.0f} | {leg[1] / loc[1]:.1f}x less |"]
-    a, b = acc['localizer'], acc['legacy']
-    lines.append(f"| test hit@0.5 / mean IoU after {30. if quick else budget_s:.0f} s of training at 128 px (mean box: "
-                 f"{a['baseline_hit@0.5']:.3f} / {a['baseline_mean_iou']:.3f}) | {a['hit@0.5']:.3f} / {a['mean_iou']:.3f} "
-                 f"({a['epochs']} epochs) | {b['hit@0.5']:.3f} / {b['mean_iou']:.3f} ({b['epochs']} epochs) | |")
+             f"| peak memory of the training process, MB | {loc[1]:.0f} | {leg[1]:.0f} | {leg[1] / loc[1]:.1f}x less |",
+             f"| detector inference at {size} px, slices/s (batch 16, up to 50 scored boxes each) | {inf[0]:.1f} | | |"]
     if 'gpu' in res:
         g = res['gpu']
         lines.append(f"| GPU training images/s, bf16 autocast | {g['ours_bf16']:.0f} | {g['legacy_bf16']:.0f} | {g['ours_bf16'] / g['legacy_bf16']:.0f}x |")
@@ -446,15 +476,20 @@ def main(argv=None):
     se.add_argument('--fractions', default='0.1,1', help='label fractions of training patients')
     se.add_argument('--seeds', default='0,1,2', help='seeds, comma separated (label subset and initialisation)')
     se.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs, the same for every run')
-    se.add_argument('--criterion', choices=sorted(CRITERIA), default='iou',
-                    help='iou: validation mean IoU; calibration: the Gaussian std\'s distance from 68%% / 95%% coverage')
+    se.add_argument('--criterion', choices=sorted(CRITERIA), default='froc',
+                    help="froc: validation FROC (mean sensitivity 0.5-4 FPs per slice); iou: the top box's validation mean IoU; "
+                         "calibration: the Gaussian std's distance from 68%% / 95%% coverage")
+    sa = sub.add_parser('stats', help="the built-in data's lesion statistics beside DeepLesion's", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sa.add_argument('--data', type=Path, default=Path('runs/bench/efficiency/data_250p_256px'), help='data folder (generated if missing)')
+    sa.add_argument('--sample', type=Path, default=Path('../shared/fixtures/DL_info_sample.csv'), help='real DL_info rows to compare with')
+    sa.add_argument('--patients', type=int, default=250, help='patients to generate if --data is missing')
+    sa.add_argument('--native', type=int, default=256, help='slice size to generate if --data is missing')
     t = sub.add_parser('throughput', help='loading and training speed, peak memory', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument('--out', type=Path, default=Path('runs/bench/throughput'), help='output folder')
-    t.add_argument('--quick', action='store_true', help='fewer slices and steps, 30 s accuracy budget')
-    t.add_argument('--data', type=Path, default=None, help='data for the equal-time accuracy comparison (default: generated, 250 patients at 256 px)')
-    t.add_argument('--budget', type=float, default=180., help='seconds of training for each model in the equal-time accuracy comparison')
+    t.add_argument('--quick', action='store_true', help='fewer slices and steps')
     args = ap.parse_args(argv)
-    if args.which == 'throughput': return throughput(args.out, args.quick, args.data, args.budget)
+    if args.which == 'throughput': return throughput(args.out, args.quick)
+    if args.which == 'stats': return stats(args.data, args.sample, args.patients, args.native)
     if args.quick:
         args.out = args.out.with_name(args.out.name + '_quick') if args.out == Path('runs/bench/efficiency') else args.out
         args.patients, args.epochs, args.pretrain_epochs, args.native = 40, 2, 1, 128

@@ -6,25 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, box_iou
 
-__all__ = ['MIN_SIZE', 'boxes_to_xyxy', 'to_unit', 'to_pixels', 'paired_iou', 'box_params', 'params_to_boxes', 'one_std_boxes']
+__all__ = ['MIN_SIZE', 'targets_to_unit', 'to_pixels', 'protocol_iou', 'box_params', 'params_to_boxes', 'one_std_boxes']
 
 # The smallest box side a head predicts, as a fraction of the image (1 px of a 512 px slice). With every
 # box of positive size the IoU losses and their gradients are finite (a zero-size box makes CIoU NaN).
 MIN_SIZE = 1 / 512
 
 
-def boxes_to_xyxy(t: torch.Tensor) -> torch.Tensor:
-    "Targets or predictions of any kind ([B, 4], [B, 1, 4], [B, 2, 2], [B, 4, 2]) -> [B, 4] x1,y1,x2,y2."
-    if t.ndim == 3 and t.shape[-1] == 2:  # corner points: enclosing box
-        return torch.cat([t.min(1).values, t.max(1).values], 1)
-    return t.reshape(t.shape[0], 4)
-
-
-def to_unit(t: torch.Tensor) -> torch.Tensor:
-    "Any box layout in [-1, 1] -> [B, 4] x1,y1,x2,y2 in [0, 1] (float32)."
-    return (boxes_to_xyxy(torch.as_tensor(t)).float() + 1) / 2
+def targets_to_unit(y: torch.Tensor) -> torch.Tensor:
+    """fastai box layouts in [-1, 1] ([B, 2M, 2] corner pairs or [B, M, 4] boxes, as the DataBlock's
+    tidied targets and the loss's decoded predictions are) -> [B, M, 4] x1,y1,x2,y2 in [0, 1]."""
+    return (y.reshape(len(y), -1, 4).float() + 1) / 2
 
 
 def to_pixels(box_unit: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -32,12 +26,12 @@ def to_pixels(box_unit: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(box_unit, np.float64) * np.array([width, height, width, height])
 
 
-def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    "IoU of a[i] with b[i], both [N, 4] x1,y1,x2,y2."
-    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(1)
-    return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
+def protocol_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU matrix [N, M] of pixel boxes as DeepLesion's evaluation code computes it: a box covers its
+    corner pixels inclusively (width x2 - x1 + 1), so every side is one pixel longer than
+    torchvision's continuous `box_iou` counts it."""
+    one = torch.tensor([0., 0., 1., 1.], dtype=a.dtype)
+    return box_iou(a + one, b.to(a.dtype) + one)
 
 
 def box_params(boxes: torch.Tensor, min_size: float = MIN_SIZE) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Callbacks: input corruption for the autoencoder, dense supervision of the localizer's map, a stop on a
-non-finite loss, atomic best-model saving, and per-epoch resume state that resumes exactly."""
+"""Callbacks: input corruption for the autoencoder, a stop on a non-finite loss, atomic best-model saving,
+and per-epoch resume state that resumes exactly."""
 from __future__ import annotations
 
 import random
@@ -12,12 +12,10 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import SaveModelCallback
 
-from .boxes import box_params, to_unit
 from .checkpoint import atomic_save
 from .files import atomic_path
-from .losses import gaussian_nll
 
-__all__ = ['TimeBudget', 'CentreMapLoss', 'StopOnNonFinite', 'MaskedCorruption', 'corrupt', 'AtomicSaveModelCallback',
+__all__ = ['TimeBudget', 'StopOnNonFinite', 'MaskedCorruption', 'corrupt', 'AtomicSaveModelCallback',
            'ResumableCSVLogger', 'ResumeState', 'rng_state', 'set_rng_state']
 
 
@@ -53,56 +51,6 @@ class TimeBudget(Callback):
 
     def after_batch(self):
         if self.training and time.perf_counter() - self.start > self.seconds: raise CancelFitException()
-
-
-class CentreMapLoss(Callback):
-    """Dense supervision for the localizer's map head (CenterNet's recipe): cross-entropy of the
-    position scores against the cell holding the target box's centre, plus the run's box loss on the
-    box predicted at that cell, added with `weight` to the loss. One box gives one regression target
-    per image; this turns *where* into a classification over every position, which is what lets a
-    few hundred labeled slices teach the model a lesion from a bowel loop.
-
-    With `radius` > 0 the box *sizes* predicted at the neighbouring cells (within `radius` cells) are
-    trained too: each neighbour's width and height, placed on the target's centre, against the target
-    box. When the best score lands one cell off the centre at inference, that cell's size is then a
-    trained one (with `radius=0` it was not, and such boxes could cover most of the image). Only sizes:
-    asking neighbours for the whole box (their centre offsets too) made training much worse.
-
-    For the Gaussian head, `nll_weight` times the negative log-likelihood of the target (cx, cy, log w,
-    log h) under the centre cell's mean and std is added (`losses.gaussian_nll`): it calibrates the std."""
-    def __init__(self, weight: float = 1., radius: int = 1, nll_weight: float = .1):
-        self.weight, self.radius, self.nll_weight = weight, radius, nll_weight
-
-    def after_loss(self):
-        head = self.learn.model.head
-        scores, boxes = getattr(head, 'last_scores', None), getattr(head, 'last_boxes', None)
-        if not self.weight or scores is None or not len(self.yb): return
-        t = to_unit(self.yb[0])                                                 # [B, 4] x1,y1,x2,y2 in [0, 1]
-        B, h, w = scores.shape
-        ix = ((t[:, 0] + t[:, 2]) / 2 * w).long().clamp(0, w - 1)
-        iy = ((t[:, 1] + t[:, 3]) / 2 * h).long().clamp(0, h - 1)
-        cell = iy * w + ix
-        extra = F.cross_entropy(scores.reshape(B, -1).float(), cell)
-        if boxes is not None:
-            rows = torch.arange(B, device=t.device)
-            extra = extra + self.learn.loss_func(boxes[rows, cell] * 2 - 1, t * 2 - 1)
-            if self.radius > 0: extra = extra + self._size_loss(boxes, t, ix, iy, h, w)
-            sd = getattr(head, 'last_sd', None)
-            if sd is not None and self.nll_weight:
-                extra = extra + self.nll_weight * gaussian_nll(head.last_params[rows, cell], sd[rows, cell], box_params(t))
-        self.learn.loss_grad = self.learn.loss_grad + self.weight * extra
-        self.learn.loss = self.learn.loss_grad.detach().clone()
-
-    def _size_loss(self, boxes, t, ix, iy, h, w):
-        "The run's box loss on the neighbours' sizes, each placed on the target's centre."
-        r = torch.arange(-self.radius, self.radius + 1, device=t.device)
-        ny, nx = iy[:, None, None] + r[None, :, None], ix[:, None, None] + r[None, None, :]
-        keep = ((ny >= 0) & (ny < h) & (nx >= 0) & (nx < w) & ~((ny == iy[:, None, None]) & (nx == ix[:, None, None]))).flatten(1)
-        cells = (ny.clamp(0, h - 1) * w + nx.clamp(0, w - 1)).flatten(1)                   # [B, k*k]
-        b = boxes[torch.arange(len(t), device=t.device)[:, None], cells][keep]             # [n, 4] inside the map
-        tt = t[:, None].expand(-1, cells.shape[1], -1)[keep]
-        half, c = (b[:, 2:] - b[:, :2]) / 2, (tt[:, :2] + tt[:, 2:]) / 2
-        return self.learn.loss_func(torch.cat([c - half, c + half], 1) * 2 - 1, tt * 2 - 1)
 
 
 class StopOnNonFinite(Callback):

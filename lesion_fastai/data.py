@@ -1,11 +1,14 @@
 """fastai DataBlocks over DeepLesion: CT slices (HU -> windows -> [0, 1] -> half resolution by area
-averaging, neighbour slices as extra channels) with `PointBlock` or `BBoxBlock` box targets, and
-image-only blocks for the autoencoder.
+averaging, neighbour slices as extra channels) with every lesion of the slice as a `PointBlock` or
+`BBoxBlock` target, padded to a fixed count and flagged (`TensorScore`), and image-only blocks for the
+autoencoder.
 
 Facts this module is built around (checked on fastai 2.8.12): PIL's RGB / L conversions destroy
 16-bit CT, so slices are read in HU by `deeplesion.load_hu` and windowed here; `PointScaler` scales
 points by the size of the image tensor in the same tuple; flips and rotations neither re-sort nor
-clip corners, so `BoxTidy` does both after augmentation.
+clip corners, so `BoxTidy` does both after augmentation; fastai's `bb_pad` pads each batch to its own
+largest count with boxes at the image centre, which augmentation moves, so padding is fixed and
+flagged here instead; `test_set` does not carry `n_inp` over (`labelled_dl` sets it).
 """
 from __future__ import annotations
 
@@ -14,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastai.vision.all import (DataBlock, TransformBlock, PointBlock, BBoxBlock, TensorImage, TensorPoint,
-                               TensorBBox, Transform, aug_transforms, noop, dispatch, get_grid, show_image,
+from fastai.vision.all import (DataBlock, TransformBlock, PointBlock, BBoxBlock, TensorBase, TensorImage, TensorPoint,
+                               TensorBBox, Transform, ItemTransform, aug_transforms, noop, dispatch, get_grid, show_image,
                                FuncSplitter)
 
-from .boxes import boxes_to_xyxy
 from .deeplesion import SliceFileError, SliceRecord, context_paths, evaluation_records, load_data, load_hu, resolve_windows, window
 
-__all__ = ['TensorCT', 'TensorBoxCorners', 'CTSlice', 'SlicePixels', 'BoxTarget', 'BoxTidy', 'split_records', 'select_patients',
+__all__ = ['TensorCT', 'TensorBoxCorners', 'TensorScore', 'CTSlice', 'SlicePixels', 'LesionBoxes', 'LesionFlags',
+           'target_slots', 'MAX_LESIONS', 'BoxTidy', 'split_records', 'select_patients',
            'box_augmentations', 'localization_block', 'localization_dls', 'autoencoder_block', 'autoencoder_dls',
            'labelled_dl', 'slice_transform', 'downsample', 'n_channels']
 
@@ -36,8 +39,8 @@ class TensorCT(TensorImage):
 
 
 class TensorBoxCorners(TensorPoint):
-    "Two corner points (x1, y1), (x2, y2) of one box, shown as a rectangle (ground truth green)."
-    def show(self, ctx=None, color='lime', **kwargs): return _show_box(self, ctx, color)
+    "Boxes as pairs of corner points (x1, y1), (x2, y2), [2M, 2]; shown as rectangles (ground truth green)."
+    def show(self, ctx=None, color='lime', **kwargs): return _show_boxes(self, None, ctx, color)
 
 
 def downsample(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -114,36 +117,65 @@ def _display_scale(img) -> torch.Tensor:
     return torch.tensor([img.shape[-1] / w, img.shape[-2] / h])
 
 
-class BoxTarget:
-    """A record's training target box (its largest lesion) in pixels of the `size` x `size` input:
-    `points` gives the box's four corners [4, 2] (so rotation moves all of them; `BoxTidy` reduces
-    them to two), `bbox` gives [[x1, y1, x2, y2]]."""
-    def __init__(self, size: int, kind: str = 'points'):
+class TensorScore(TensorBase):
+    """[M] (an item) or [B, M] (a batch) scores of boxes: for a target 1 marks a real lesion and 0 a
+    padding slot; for a prediction it is the detection score. Image augmentations leave it alone."""
+
+
+MAX_LESIONS = 4   # target slots per slice at least (DeepLesion has 1-3 lesions per key slice)
+
+
+def target_slots(records) -> int:
+    "How many lesions a target holds: the most of any record, and at least `MAX_LESIONS`."
+    return max([MAX_LESIONS] + [len(r.boxes) for r in records])
+
+
+class LesionBoxes:
+    """Every lesion of a record, in pixels of the `size` x `size` input, padded to `slots`: `points`
+    gives each box's four corners ([4 * slots, 2]: rotation moves all of them, `BoxTidy` reduces them
+    to two), `bbox` gives [slots, 4] x1,y1,x2,y2. Padding repeats the first lesion: it is found by
+    `LesionFlags`, never by value (augmentation moves it like any box)."""
+    def __init__(self, size: int, kind: str = 'points', slots: int = MAX_LESIONS):
         if kind not in ('points', 'bbox'): raise ValueError(f"target {kind!r}: expected 'points' or 'bbox'")
-        self.size, self.kind = size, kind
+        self.size, self.kind, self.slots = size, kind, slots
 
     def __call__(self, r: SliceRecord):
-        sx, sy = self.size / r.width, self.size / r.height
-        x1, y1, x2, y2 = (float(v) for v in r.target)
-        x1, x2, y1, y2 = x1 * sx, x2 * sx, y1 * sy, y2 * sy
-        if self.kind == 'bbox': return [[x1, y1, x2, y2]]
-        return [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]
+        if len(r.boxes) > self.slots:
+            raise ValueError(f"{r.image_path} ({r.where()}): {len(r.boxes)} lesions, more than the {self.slots} a target of this "
+                             f"model holds")
+        b = np.asarray(r.boxes, np.float64) * np.array([self.size / r.width, self.size / r.height] * 2)
+        b = np.concatenate([b, np.repeat(b[:1], self.slots - len(b), 0)])
+        if self.kind == 'bbox': return b.tolist()
+        return [[x, y] for x1, y1, x2, y2 in b for x, y in ((x1, y1), (x2, y1), (x2, y2), (x1, y2))]
 
 
-class BoxTidy(Transform):
-    """After augmentation: corner points -> the enclosing two corners (x1, y1), (x2, y2); boxes re-sorted
-    so x1 <= x2 and y1 <= y2; everything clipped to the image ([-1, 1]). Flips swap corners and affine
-    warps push them outside the image; this keeps every target a valid box."""
+class LesionFlags:
+    "[slots] `TensorScore`: 1 for each real lesion of the record, 0 for the padding slots."
+    def __init__(self, slots: int = MAX_LESIONS): self.slots = slots
+    def __call__(self, r: SliceRecord):
+        return TensorScore(torch.tensor([1.] * len(r.boxes) + [0.] * (self.slots - len(r.boxes))))
+
+
+class BoxTidy(ItemTransform):
+    """After augmentation, on the whole batch (image, boxes, flags): each box's corner points -> its
+    enclosing two corners (x1, y1), (x2, y2) ([B, 2M, 2]), boxes re-sorted so x1 <= x2 and y1 <= y2
+    (a flip swaps corners) and clipped to the image ([-1, 1]); a lesion whose centre the augmentation
+    pushed out of the image is dropped (its flag becomes 0). Every real target stays a valid box."""
     order = 50  # after fastai's affine (30) and lighting (40) transforms
 
-    def encodes(self, x: TensorBBox):
-        b = boxes_to_xyxy(x).clamp(-1, 1)
-        b = torch.cat([torch.minimum(b[:, :2], b[:, 2:]), torch.maximum(b[:, :2], b[:, 2:])], 1)
-        return TensorBBox(b.view(-1, 1, 4), img_size=getattr(x, 'img_size', None))
-
-    def encodes(self, x: TensorPoint):
-        b = boxes_to_xyxy(x).clamp(-1, 1)
-        return TensorBoxCorners(b.view(-1, 2, 2), img_size=getattr(x, 'img_size', None))
+    def encodes(self, b):
+        if len(b) < 3: return b                           # images only (a test DataLoader without labels)
+        x, y, flags = b
+        B, is_points = len(y), not isinstance(y, TensorBBox)       # (a TensorBBox is a TensorPoint too)
+        plain = y.as_subclass(torch.Tensor)
+        pts = plain.reshape(B, -1, 4, 2) if is_points else plain.reshape(B, -1, 2, 2)            # corners per box
+        lo, hi = pts.min(2).values, pts.max(2).values                                           # [B, M, 2]
+        centre = (lo + hi) / 2
+        inside = ((centre > -1) & (centre < 1)).all(-1)
+        boxes = torch.cat([lo, hi], -1).clamp(-1, 1)                                              # [B, M, 4]
+        size = getattr(y, 'img_size', None)
+        out = TensorBoxCorners(boxes.reshape(B, -1, 2), img_size=size) if is_points else TensorBBox(boxes, img_size=size)
+        return x, out, TensorScore(flags.as_subclass(torch.Tensor) * inside.to(flags.dtype))
 
 
 def box_augmentations(flip: bool = True, max_rotate: float = 10., max_zoom: float = 1.1, max_lighting: float = 0.1,
@@ -177,20 +209,25 @@ class _IndexSplitter:
     def __call__(self, items): return split_records(items, self.train, self.valid)
 
 
-def localization_block(windows='soft', context=0, size=256, target='points', augment=True, cache=None) -> DataBlock:
-    """DataBlock over `SliceRecord`s: a CT slice block (module-level `CTSlice`) and a `PointBlock` (box
-    corners) or `BBoxBlock` target. Train / valid follow the records' `split` ('train' / 'val')."""
+def localization_block(windows='soft', context=0, size=256, target='points', augment=True, cache=None,
+                       slots: int = MAX_LESIONS) -> DataBlock:
+    """DataBlock over `SliceRecord`s: a CT slice block (module-level `CTSlice`), every lesion of the
+    slice as a `PointBlock` (four corners each) or `BBoxBlock` target padded to `slots`, and their
+    `TensorScore` flags (1 real, 0 padding), a fixed count that needs no per-batch padding (fastai's
+    `bb_pad` puts padding at the image centre, where augmentation moves it; a fixed count also keeps
+    batches gatherable across processes). Train / valid follow the records' `split` ('train' / 'val')."""
     target_block = PointBlock if target == 'points' else BBoxBlock
-    return DataBlock(blocks=(TransformBlock(type_tfms=CTSlice(windows, context, size, cache)), target_block),
-                     get_y=BoxTarget(size, target), splitter=_IndexSplitter(), n_inp=1, item_tfms=[SlicePixels()],
-                     batch_tfms=box_augmentations() if augment else [BoxTidy()])
+    return DataBlock(blocks=(TransformBlock(type_tfms=CTSlice(windows, context, size, cache)), target_block, TransformBlock()),
+                     getters=[noop, LesionBoxes(size, target, slots), LesionFlags(slots)], splitter=_IndexSplitter(), n_inp=1,
+                     item_tfms=[SlicePixels()], batch_tfms=box_augmentations() if augment else [BoxTidy()])
 
 
 def localization_dls(records: list[SliceRecord], windows='soft', context=0, size=256, target='points', bs=16,
                      augment=True, num_workers=0, seed=None, cache=None, **kwargs):
-    """DataLoaders for box regression. `BBoxBlock` targets need `before_batch=noop` (no labels to pad),
-    giving [bs, 1, 4]; `PointBlock` targets come out as [bs, 2, 2] corners."""
-    block = localization_block(windows, context, size, target, augment, cache)
+    """DataLoaders for detection: batches (image [B, C, size, size], boxes, flags [B, M]) where boxes are
+    [B, 2M, 2] corners (`points`) or [B, M, 4] (`bbox`, with `before_batch=noop`: no labels to pad),
+    M = `target_slots(records)`."""
+    block = localization_block(windows, context, size, target, augment, cache, target_slots(records))
     if target == 'bbox': kwargs.setdefault('before_batch', noop)
     dls = block.dataloaders(records, bs=bs, num_workers=num_workers, seed=seed, **kwargs)
     if len(dls.valid_ds) == 0: raise ValueError("no validation slices: the data has no rows with Train_Val_Test = 2")
@@ -212,7 +249,9 @@ def labelled_dl(learn, data, split: str = 'test', bs: int | None = None):
     _, records = load_data(data)
     recs = evaluation_records(records, split)
     if not recs: raise ValueError(f"{data}: no {split} slices (Train_Val_Test {'3' if split == 'test' else '2'}) left to show")
-    return learn.dls.test_dl(recs, with_labels=True, bs=bs or min(len(recs), 9))
+    dl = learn.dls.test_dl(recs, with_labels=True, bs=bs or min(len(recs), 9))
+    dl.dataset.n_inp = learn.dls.n_inp      # fastai's test_set does not carry n_inp over: with two targets it would guess 2
+    return dl
 
 
 def autoencoder_block(windows='soft', context=0, size=256, valid_patients=(), augment=True, cache=None) -> DataBlock:
@@ -236,28 +275,36 @@ def autoencoder_dls(paths: list, valid_patients, windows='soft', context=0, size
 
 # --- display: CT in 'bone', ground truth green, prediction yellow --------------------------------------------
 
-# Decoded boxes are in slice-file pixels (`SlicePixels`); they are drawn on the model-size image.
+# Decoded boxes are in slice-file pixels (`SlicePixels`); they are drawn on the model-size image. A batch's
+# targets are (boxes, flags), its decoded predictions (boxes, scores).
 
 @dispatch
-def show_batch(x: TensorCT, y: TensorPoint | TensorBBox, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
+def show_batch(x: TensorCT, y: tuple, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
     if ctxs is None: ctxs = get_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)
     ctxs = [s[0].show(ctx=c) for s, c, _ in zip(samples, ctxs, range(max_n))]
-    return [_show_box(s[1], c, 'lime', _display_scale(s[0])) for s, c in zip(samples, ctxs)]
+    return [_show_boxes(s[1], s[2], c, 'lime', _display_scale(s[0])) for s, c in zip(samples, ctxs)]
 
 
 @dispatch
-def show_results(x: TensorCT, y: TensorPoint | TensorBBox, samples, outs, ctxs=None, max_n=9, nrows=None, ncols=None,
-                 figsize=None, **kwargs):
+def show_results(x: TensorCT, y: tuple, samples, outs, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None,
+                 min_score: float = .3, **kwargs):
+    """Ground truth green; predicted boxes scoring at least `min_score` yellow, each with its score."""
     if ctxs is None: ctxs = get_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)
     ctxs = [s[0].show(ctx=c) for s, c, _ in zip(samples, ctxs, range(max_n))]
-    ctxs = [_show_box(s[1], c, 'lime', _display_scale(s[0])) for s, c in zip(samples, ctxs)]
-    return [_show_box(o[0], c, 'yellow', _display_scale(s[0])) for s, o, c in zip(samples, outs, ctxs)]
+    ctxs = [_show_boxes(s[1], s[2], c, 'lime', _display_scale(s[0])) for s, c in zip(samples, ctxs)]
+    return [_show_boxes(o[0], o[1], c, 'yellow', _display_scale(s[0]), min_score, label=True) for s, o, c in zip(samples, outs, ctxs)]
 
 
-def _show_box(t, ctx, color, scale=None):
-    "Draw a decoded target or prediction (corner points or x1,y1,x2,y2, in slice pixels) as its enclosing box."
+def _show_boxes(boxes, scores, ctx, color, scale=None, min_score: float = .5, label: bool = False):
+    """Draw decoded boxes (corner pairs or x1,y1,x2,y2, slice pixels) whose score (or target flag) is at
+    least `min_score`; with `label`, each with its score."""
     from .plots import draw_box
-    pts = torch.as_tensor(t).detach().reshape(-1, 2).float().cpu()
-    if scale is not None: pts = pts * scale
-    draw_box(ctx, (*pts.min(0).values.tolist(), *pts.max(0).values.tolist()), color)
+    b = torch.as_tensor(boxes).detach().reshape(-1, 2, 2).float().cpu()
+    if scale is not None: b = b * scale
+    b = torch.cat([b.min(1).values, b.max(1).values], 1)                                # [M, 4]
+    sc = torch.ones(len(b)) if scores is None else torch.as_tensor(scores).detach().float().cpu().reshape(-1)
+    for box, score in zip(b.tolist(), sc.tolist()):
+        if score < min_score: continue
+        draw_box(ctx, box, color)
+        if label: ctx.text(box[0], box[1] - 1, f'{score:.2f}', color=color, fontsize=7)
     return ctx

@@ -9,7 +9,7 @@ import csv
 import dataclasses
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = ['COLUMNS', 'SPLITS', 'WINDOWS', 'HU_OFFSET', 'read_dl_info', 'image_path', 'SliceFileError', 'load_hu', 'check_png', 'save_hu',
            'window', 'resolve_windows', 'neighbour_path', 'context_paths', 'list_slices', 'SliceRecord',
-           'slice_records', 'evaluation_records', 'load_data', 'patient_of']
+           'slice_records', 'evaluation_records', 'load_data', 'lesion_statistics', 'patient_of']
 
 # The 18 columns of DL_info.csv, in the official order.
 COLUMNS = ('File_name', 'Patient_index', 'Study_index', 'Series_ID', 'Key_slice_index',
@@ -270,8 +270,7 @@ def list_slices(root: Path | str, patients: set[int] | None = None) -> list[Path
 @dataclass
 class SliceRecord:
     """One key slice and all its lesions. `boxes` [n, 4] x1,y1,x2,y2 in pixels, with one entry per lesion
-    in `lesion_types`, `noisy` (Possibly_noisy) and `lines` (its line in DL_info.csv); `target` is the
-    box a one-box model trains on (the largest lesion)."""
+    in `lesion_types`, `noisy` (Possibly_noisy) and `lines` (its line in DL_info.csv)."""
     image_path: str
     split: str
     patient: int
@@ -284,15 +283,12 @@ class SliceRecord:
     noisy: tuple[bool, ...] = ()
     lines: tuple[int, ...] = ()
     file_name: str = ''
-    target: np.ndarray = field(init=False)
 
     def __post_init__(self):
         n = len(self.boxes)
         if not self.noisy: self.noisy = (False,) * n
         if len(self.lesion_types) != n or len(self.noisy) != n or (self.lines and len(self.lines) != n):
             raise ValueError(f"{self.image_path}: {n} boxes but {len(self.lesion_types)} types, {len(self.noisy)} noisy flags")
-        areas = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
-        self.target = self.boxes[int(np.argmax(areas))]
 
     def where(self) -> str:
         "Where this slice is named: 'DL_info.csv line 17' (or lines 17, 18 for several lesions)."
@@ -310,8 +306,7 @@ class SliceRecord:
 
 
 def slice_records(df: pd.DataFrame) -> list[SliceRecord]:
-    """Group lesion rows into one `SliceRecord` per key slice, in file order. The training target of a
-    slice with several lesions is its largest box; all boxes stay for evaluation."""
+    """Group lesion rows into one `SliceRecord` per key slice (rows sharing a File_name), in file order."""
     out = []
     for fname, g in df.groupby('file_name', sort=False):
         r = g.iloc[0]
@@ -351,3 +346,17 @@ def load_data(data: Path | str) -> tuple[pd.DataFrame, list[SliceRecord]]:
         raise FileNotFoundError(f"{len(missing)} key slice(s) named in {csv_path} are missing, first {missing[0].image_path} "
                                 f"({missing[0].where()})")
     return df, records
+
+
+def lesion_statistics(df: pd.DataFrame) -> dict:
+    """What a set of DL_info rows looks like: lesions per key slice and the share of slices with
+    several, long diameters in mm (diameter in pixels x pixel spacing), the coarse type mix of the
+    labelled lesions (types 1-8), and the share marked Possibly_noisy."""
+    per_slice = df.groupby('file_name').size()
+    d_mm = (df.diameter_long_px * df.spacing_x_mm).to_numpy()
+    typed = df.lesion_type[df.lesion_type > 0]
+    return {'lesions': int(len(df)), 'key_slices': int(len(per_slice)), 'lesions_per_slice': float(per_slice.mean()),
+            'multi_lesion_slices': float((per_slice > 1).mean()),
+            'diameter_mm': {f'p{q}': float(np.percentile(d_mm, q)) for q in (5, 25, 50, 75, 95)},
+            'labelled_lesions': int(len(typed)), 'types': {int(t): float(c / len(typed)) for t, c in typed.value_counts().items()},
+            'noisy': float(df.noisy.mean())}

@@ -10,16 +10,21 @@ import sys
 import time
 from pathlib import Path
 
-from .files import atomic_write_text
-from .train import FinetuneConfig, PretrainConfig, finetune, pretrain, write_json
+from .files import atomic_write_text, write_json
+from .train import FinetuneConfig, PretrainConfig, finetune, pretrain
 
 __all__ = ['main']
 
 
+HEADER = ('| model | labeled slices | test sensitivity at 0.5 / 1 / 2 / 4 / 8 / 16 FPs per slice | FROC, mean 0.5-4 | '
+          'top box hit@0.5 / IoU | mean box FROC / hit@0.5 | time s |\n|---|---|---|---|---|---|---|')
+
+
 def _row(name, m):
     t, b = m['test'], m['test']['mean_box_baseline']
-    return (f"| {name} | {m['train_slices']} | {t['hit@0.5']:.3f} | {t['mean_iou']:.3f} | {t['centre_error_mm']:.1f} | "
-            f"{b['hit@0.5']:.3f} | {b['mean_iou']:.3f} | {m['time_s']:.0f} |")
+    sens = ' / '.join(f"{t['froc']['sensitivity'][k]:.3f}" for k in ('0.5', '1', '2', '4', '8', '16'))
+    return (f"| {name} | {m['train_slices']} | {sens} | {t['froc']['mean_0.5_4']:.3f} | {t['top1']['hit@0.5']:.3f} / "
+            f"{t['top1']['mean_iou']:.3f} | {b['froc']['mean_0.5_4']:.3f} / {b['top1']['hit@0.5']:.3f} | {m['time_s']:.0f} |")
 
 
 def main(argv=None):
@@ -49,13 +54,12 @@ def _run(args):
     print('== 3/3 the same localizer from scratch, same budget')
     scratch = finetune(FinetuneConfig(data=args.data, out=args.out / 'scratch', size=sandwich['config']['size'],
                                       epochs=args.finetune_epochs, seed=args.seed, resume=args.resume))
-    table = '\n'.join(['| model | labeled slices | test hit@0.5 | test mean IoU | centre error mm (median) | mean-box hit@0.5 | mean-box IoU | time s |',
-                       '|---|---|---|---|---|---|---|---|', _row('sandwich (pretrained, frozen)', sandwich), _row('scratch', scratch)])
+    table = '\n'.join([HEADER, _row('sandwich (pretrained, frozen)', sandwich), _row('scratch', scratch)])
     atomic_write_text(args.out / 'summary.md', table + '\n')
     write_json({'sandwich': sandwich, 'scratch': scratch, 'time_s': round(time.time() - t0, 1)}, args.out / 'summary.json')
     print(f"\n{table}\n\ndone in {time.time() - t0:.0f} s. Results in {args.out}/:")
-    for p in ('summary.md', 'pretrain/reconstructions.png', 'sandwich/results.png', 'sandwich/metrics.json',
-              'scratch/results.png', 'scratch/metrics.json', 'sandwich/export.pkl'):
+    for p in ('summary.md', 'pretrain/reconstructions.png', 'sandwich/froc.png', 'sandwich/results.png', 'sandwich/metrics.json',
+              'sandwich/predictions.csv', 'scratch/froc.png', 'scratch/results.png', 'scratch/metrics.json', 'sandwich/export.pkl'):
         print(f"  {args.out / p}")
 
 

@@ -7,13 +7,14 @@ Every temp file is named `.<name>.<pid>.tmp` beside its target, so a killed writ
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ['atomic_path', 'atomic_write_text', 'remove_stale_temps', 'check_out_folder', 'output_folder']
+__all__ = ['atomic_path', 'atomic_write_text', 'write_json', 'remove_stale_temps', 'check_out_folder', 'output_folder']
 
 _TEMP_RE = re.compile(r'^\..+\.(\d+)\.tmp$')
 
@@ -36,6 +37,11 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     "Write `text` to `path` atomically."
     with atomic_path(path) as tmp: tmp.write_text(text)
     return Path(path)
+
+
+def write_json(obj, path: Path | str) -> Path:
+    "Write `obj` as indented JSON atomically (values JSON does not know are written as strings)."
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def _alive(pid: int) -> bool:

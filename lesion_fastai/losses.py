@@ -1,8 +1,9 @@
-"""Box regression losses: a sum of terms named by a string such as 'ciou+diou+giou'.
+"""The detector's loss: the centre heatmap's focal loss, box terms named by a string such as
+'ciou+diou+giou' at every lesion centre, and the Gaussian head's likelihood term.
 
-Predictions are [B, 4] x1,y1,x2,y2 in [-1, 1]; targets are whatever the DataBlock gives ([B, 2, 2]
-corners or [B, 1, 4] boxes). Both are moved to [0, 1] before the terms, so L1 / MSE are in image
-fractions and the IoU terms are torchvision's. `gaussian_nll` is the Gaussian head's likelihood term.
+Boxes are x1,y1,x2,y2 in image fractions [0, 1], so L1 / MSE are in image fractions and the IoU terms
+are torchvision's. Targets are what the DataBlock gives: every lesion's box, padded to a fixed count
+([B, 2M, 2] corners or [B, M, 4] boxes in fastai's [-1, 1]) and a [B, M] score, 1 for a real lesion.
 """
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
-from .boxes import to_unit
+from fastai.vision.all import TensorBBox, TensorPoint
 
-__all__ = ['TERMS', 'BoxLoss', 'gaussian_nll']
+from .boxes import box_params, params_to_boxes, targets_to_unit
+from .data import TensorScore
+from .heatmap import centre_cells, focal_loss, heatmap_target
+from .models.localizer import detections
+
+__all__ = ['TERMS', 'BoxLoss', 'gaussian_nll', 'DetectionLoss']
 
 TERMS = {
     'ciou': lambda p, t: complete_box_iou_loss(p, t, reduction='mean'),
@@ -35,7 +41,9 @@ class BoxLoss:
         self.spec = '+'.join(self.terms)
 
     def __call__(self, pred, targ):
-        p, t = to_unit(pred), to_unit(targ)
+        "Mean of each term over [n, 4] box pairs, summed (0, still differentiable, for n = 0)."
+        if not len(pred): return pred.sum() * 0.
+        p, t = pred.float(), targ.float()
         return sum(TERMS[name](p, t) for name in self.terms)
 
     def __repr__(self): return f"BoxLoss('{self.spec}')"
@@ -48,3 +56,61 @@ def gaussian_nll(mean: torch.Tensor, std: torch.Tensor, target: torch.Tensor) ->
     The mean is detached: box accuracy stays the box loss's job, this term only sets the std."""
     z = (target - mean.detach()) / std
     return (std.log() + .5 * z ** 2).mean() + .5 * math.log(2 * math.pi)
+
+
+class DetectionLoss:
+    """CenterNet's recipe for every lesion of the slice: `map_weight` times the focal loss of the centre
+    heatmap against Gaussian peaks at all lesion centres (`heatmap`), plus the box terms (`spec`) of the
+    box at each lesion's centre cell, plus, with `radius` > 0, the box terms of the sizes predicted at
+    the cells within `radius` of it, each placed on the lesion's centre (when the peak lands a cell off
+    at inference, that cell's size has been trained), plus, for the Gaussian head, `nll_weight` times
+    the likelihood of each lesion under its centre cell's mean and std (`gaussian_nll`).
+
+    As fastai's loss function it also decodes a batch of outputs (`decodes`): the `k` best boxes of each
+    slice, in the layout of the targets (`target`: 'points' or 'bbox', [-1, 1]), with their scores, so
+    `learn.predict` and `show_results` get boxes in pixels and scores."""
+    def __init__(self, spec: str = 'ciou+diou+giou', map_weight: float = 1., radius: int = 1, nll_weight: float = .1,
+                 target: str = 'points', k: int = 50, nms_iou: float | None = None):
+        self.box = BoxLoss(spec)
+        self.map_weight, self.radius, self.nll_weight = map_weight, radius, nll_weight
+        self.target, self.k, self.nms_iou = target, k, nms_iou
+
+    def __call__(self, out, y, valid):
+        heat, params = out[0], out[1]
+        boxes, valid = targets_to_unit(y), valid.bool()                            # [B, M, 4] in [0, 1], [B, M]
+        B, h, w = heat.shape
+        loss = self.map_weight * focal_loss(heat, heatmap_target(boxes, valid, h, w))
+        iy, ix = centre_cells(boxes, h, w)
+        rows = torch.arange(B, device=heat.device)[:, None].expand_as(iy)
+        cell = iy * w + ix
+        targ = boxes[valid]                                                       # [n, 4]
+        loss = loss + self.box(params_to_boxes(params[rows, cell][valid]), targ)
+        if self.radius > 0: loss = loss + self._size_loss(params, boxes, valid, iy, ix, h, w)
+        if len(out) > 3 and self.nll_weight:
+            mean, sd = out[2][rows, cell][valid], out[3][rows, cell][valid]
+            if len(targ): loss = loss + self.nll_weight * gaussian_nll(mean, sd, box_params(targ))
+        return loss
+
+    def _size_loss(self, params, boxes, valid, iy, ix, h, w):
+        "The box terms on the sizes at the cells around each centre, each box placed on the lesion's centre."
+        r = torch.arange(-self.radius, self.radius + 1, device=params.device)
+        ny, nx = iy[..., None, None] + r[:, None], ix[..., None, None] + r[None, :]      # [B, M, k, k]
+        inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w) & ~((ny == iy[..., None, None]) & (nx == ix[..., None, None]))
+        keep = (inside & valid[..., None, None]).flatten(2)                               # [B, M, k*k]
+        cells = (ny.clamp(0, h - 1) * w + nx.clamp(0, w - 1)).flatten(2)
+        rows = torch.arange(len(params), device=params.device)[:, None, None].expand_as(cells)
+        p = params[rows, cells][keep]                                                     # [n, 4] cx, cy, log w, log h
+        t = boxes[..., None, :].expand(*cells.shape, 4)[keep]
+        centre = box_params(t)[:, :2]
+        return self.box(params_to_boxes(torch.cat([centre, p[:, 2:]], 1)), t)
+
+    def activation(self, out): return out
+
+    def decodes(self, out):
+        "A batch of outputs -> (the k best boxes in the targets' layout and [-1, 1], their scores)."
+        boxes, scores, _ = detections(out, self.k, self.nms_iou)
+        b = boxes * 2 - 1
+        b = TensorPoint(b.reshape(len(b), -1, 2)) if self.target == 'points' else TensorBBox(b)
+        return b, TensorScore(scores)
+
+    def __repr__(self): return f"DetectionLoss('{self.box.spec}', map_weight={self.map_weight}, radius={self.radius})"

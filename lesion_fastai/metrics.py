@@ -1,10 +1,13 @@
-"""Localization metrics for a one-box model, always beside the mean-box baseline.
+"""Detection metrics, always beside the mean-box baseline.
 
-* `mean_iou`: a fastai metric (IoU with the slice's training target) for epoch logs and model selection.
-* `evaluate`: per slice, the prediction is matched to the lesion it overlaps most (the nearest lesion
-  by centre distance when it overlaps none); reports hit rate at IoU >= 0.5 against any lesion of the
-  slice, mean IoU with that lesion, centre error in mm (from the slice's pixel spacing), a breakdown
-  by coarse lesion type where types are known, and for the Gaussian head the calibration of its std.
+* `evaluate_detections`: DeepLesion's FROC (`froc.py`) of every slice's scored boxes, and beside it the
+  top box of each slice scored as a one-box prediction (`top1_metrics`).
+* `top1_metrics`: per slice, the box is matched to the lesion it overlaps most (the nearest lesion by
+  centre distance when it overlaps none); hit rate at IoU >= 0.5 against any lesion of the slice,
+  mean IoU with that lesion, centre error in mm (from the slice's pixel spacing), a breakdown by
+  coarse lesion type where types are known, and for the Gaussian head the calibration of its std.
+* `ValidFROC`: the FROC score (mean sensitivity over 0.5-4 FPs per slice) as a fastai metric, for the
+  epoch log and for choosing the best epoch.
 """
 from __future__ import annotations
 
@@ -12,22 +15,26 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from .boxes import box_params, paired_iou, to_pixels, to_unit
+from fastai.learner import Metric
 
-__all__ = ['LESION_TYPES', 'mean_iou', 'evaluate', 'match_lesion', 'calibration', 'mean_box']
+from .boxes import box_params, to_pixels
+from .froc import froc
+from .models.localizer import detections
+
+__all__ = ['LESION_TYPES', 'Detections', 'ValidFROC', 'evaluate_detections', 'top1_metrics', 'match_lesion', 'calibration',
+           'mean_box', 'summary_line', 'KEEP', 'MIN_SCORE', 'NMS_IOU']
+
+# What a detector keeps per slice for evaluation, as MULAN does: at most 50 boxes, score at least 0.05.
+# Peaks of the heatmap are already one per 3x3 cells; NMS is off unless asked for.
+KEEP, MIN_SCORE, NMS_IOU = 50, .05, None
 
 # Coarse_lesion_type 1-8 as listed in the DeepLesion release's readme; -1 = not labelled.
 LESION_TYPES = {1: 'bone', 2: 'abdomen', 3: 'mediastinum', 4: 'liver', 5: 'lung', 6: 'kidney', 7: 'soft tissue', 8: 'pelvis'}
 
 
-def mean_iou(pred, targ) -> torch.Tensor:
-    "fastai metric: mean IoU between the predicted and the target box (any layout, [-1, 1])."
-    return paired_iou(to_unit(pred), to_unit(targ)).mean()
-
-
 def mean_box(records) -> np.ndarray:
-    "The mean training target box, x1,y1,x2,y2 in [0, 1]: the baseline every model must beat."
-    return np.mean([r.target / np.array([r.width, r.height, r.width, r.height]) for r in records], 0)
+    "The mean lesion box of `records`, x1,y1,x2,y2 in [0, 1]: the baseline every model must beat."
+    return np.concatenate([r.boxes / np.array([r.width, r.height, r.width, r.height]) for r in records]).mean(0)
 
 
 def match_lesion(box_px: np.ndarray, r) -> tuple[int, float, float]:
@@ -76,11 +83,11 @@ def _summary(ious, errs):
             'centre_error_mm_mean': float(errs.mean()) if len(errs) else float('nan')}
 
 
-def evaluate(pred_unit: np.ndarray, records, baseline_unit: np.ndarray | None = None, pred_std: np.ndarray | None = None) -> dict:
-    """Score predictions `pred_unit` [N, 4] (x1,y1,x2,y2 in [0, 1] of each slice) against every lesion of
-    the matching `records` (`match_lesion`). Returns hit@0.5, mean IoU, median / mean centre error in mm,
-    per-type breakdown (types > 0 only, by the matched lesion's type), the same for the mean-box
-    baseline when given, and `calibration` when the Gaussian head's `pred_std` [N, 4] is given."""
+def top1_metrics(pred_unit: np.ndarray, records, pred_std: np.ndarray | None = None) -> dict:
+    """Score one box per slice, `pred_unit` [N, 4] (x1,y1,x2,y2 in [0, 1] of each slice), against every
+    lesion of the matching `records` (`match_lesion`). Returns hit@0.5, mean IoU, median / mean centre
+    error in mm, per-type breakdown (types > 0 only, by the matched lesion's type), and `calibration`
+    when the Gaussian head's `pred_std` [N, 4] is given."""
     pred_unit = np.asarray(pred_unit, np.float64)
     if len(pred_unit) != len(records): raise ValueError(f"{len(pred_unit)} predictions for {len(records)} slices")
     matches = [match_lesion(to_pixels(p, r.width, r.height), r) for p, r in zip(pred_unit, records)]
@@ -92,8 +99,70 @@ def evaluate(pred_unit: np.ndarray, records, baseline_unit: np.ndarray | None = 
         by_type[f'{t}_{LESION_TYPES.get(t, "unknown")}'] = _summary([s[0] for s in sel], [s[1] for s in sel])
     out['by_type'] = by_type
     if pred_std is not None: out['calibration'] = calibration(pred_unit, pred_std, records, [m[0] for m in matches], [m[1] for m in matches])
-    if baseline_unit is not None:
-        base = evaluate(np.repeat(np.asarray(baseline_unit)[None], len(records), 0), records)
-        base.pop('by_type')
-        out['mean_box_baseline'] = base
     return out
+
+
+class Detections:
+    """A detector's output on N slices, K boxes each: `boxes` [N, K, 4] x1,y1,x2,y2 in [0, 1], `scores`
+    [N, K] (0: no box), `sd` [N, K, 4] (Gaussian head) or None; the highest score first in each slice."""
+    def __init__(self, boxes, scores, sd=None):
+        order = np.argsort(-np.asarray(scores), axis=1, kind='stable')
+        take = lambda a: None if a is None else np.take_along_axis(np.asarray(a), order[..., None] if np.ndim(a) == 3 else order, 1)
+        self.boxes, self.scores, self.sd = take(boxes), take(scores), take(sd)
+
+    def __len__(self): return len(self.scores)
+
+    def in_pixels(self, records):
+        "Per slice: (boxes [n, 4] in its pixels, scores [n]) of the boxes that score above 0."
+        return [(to_pixels(b[s > 0], r.width, r.height), s[s > 0]) for b, s, r in zip(self.boxes, self.scores, records)]
+
+
+def evaluate_detections(dets: Detections, records, baseline_unit: np.ndarray | None = None) -> dict:
+    """`froc`: DeepLesion's FROC of every slice's boxes against its lesions; `top1`: the highest-scoring
+    box of each slice as a one-box prediction (`top1_metrics`); `mean_box_baseline`: the same two for
+    the mean box as a detector (one box per slice, score 1), when given."""
+    if len(dets) != len(records): raise ValueError(f"{len(dets)} detection sets for {len(records)} slices")
+    per_slice = dets.in_pixels(records)
+    out = {'froc': froc([b for b, _ in per_slice], [s for _, s in per_slice], [r.boxes for r in records]),
+           'top1': top1_metrics(dets.boxes[:, 0], records, None if dets.sd is None else dets.sd[:, 0])}
+    if baseline_unit is not None:
+        base = Detections(np.repeat(np.asarray(baseline_unit, np.float64)[None, None], len(records), 0), np.ones((len(records), 1)))
+        top = top1_metrics(base.boxes[:, 0], records)
+        top.pop('by_type')
+        out['mean_box_baseline'] = {'froc': evaluate_detections(base, records)['froc'], 'top1': top}
+    return out
+
+
+class ValidFROC(Metric):
+    """FROC score of the validation slices, the mean sensitivity over 0.5-4 FPs per slice, as a fastai
+    metric: each batch's output is decoded (`detections`) and scored against the lesions of the
+    DataLoader's records, which a validation DataLoader keeps in order."""
+    def __init__(self, k: int = KEEP, nms_iou: float | None = NMS_IOU, min_score: float = MIN_SCORE):
+        self.k, self.nms_iou, self.min_score = k, nms_iou, min_score
+
+    def reset(self): self.parts, self.records = [], None
+
+    def accumulate(self, learn):
+        if self.records is None: self.records = list(learn.dl.dataset.items)
+        b, s, _ = detections(learn.pred, self.k, self.nms_iou, self.min_score)
+        self.parts.append((b.detach().float().cpu().numpy(), s.detach().float().cpu().numpy()))
+
+    @property
+    def value(self):
+        if not self.parts: return None
+        dets = Detections(np.concatenate([p[0] for p in self.parts]), np.concatenate([p[1] for p in self.parts]))
+        recs = self.records[:len(dets)]
+        per_slice = dets.in_pixels(recs)
+        return froc([b for b, _ in per_slice], [s for _, s in per_slice], [r.boxes for r in recs])['mean_0.5_4']
+
+    @property
+    def name(self): return 'froc'
+
+
+def summary_line(m: dict) -> str:
+    "One line of a split's metrics beside the mean box's."
+    f, t, b = m['froc'], m['top1'], m['mean_box_baseline']
+    sens = ' / '.join(f"{f['sensitivity'][k]:.3f}" for k in ('0.5', '1', '2', '4', '8', '16'))
+    return (f"FROC sensitivity at 0.5/1/2/4/8/16 FPs per slice {sens}, mean 0.5-4 {f['mean_0.5_4']:.3f} "
+            f"(mean box {b['froc']['mean_0.5_4']:.3f}); top box hit@0.5 {t['hit@0.5']:.3f} (mean box {b['top1']['hit@0.5']:.3f}), "
+            f"mean IoU {t['mean_iou']:.3f} ({b['top1']['mean_iou']:.3f})")

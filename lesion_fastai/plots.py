@@ -13,7 +13,7 @@ from matplotlib.patches import Rectangle
 from .deeplesion import load_hu, window, WINDOWS
 from .files import atomic_path
 
-__all__ = ['GT_COLOR', 'PRED_COLOR', 'draw_box', 'plot_slices', 'plot_results', 'plot_reconstructions', 'save_fig']
+__all__ = ['GT_COLOR', 'PRED_COLOR', 'draw_box', 'plot_slices', 'plot_results', 'plot_froc', 'plot_reconstructions', 'save_fig']
 
 GT_COLOR, PRED_COLOR = 'lime', 'yellow'
 
@@ -50,24 +50,51 @@ def plot_slices(records, path: Path | str, win=WINDOWS['soft'], ncols=4) -> Path
     return save_fig(fig, path)
 
 
-def plot_results(images, records, pred_boxes, path: Path | str, pred_margins=None, ious=None, ncols=4) -> Path:
-    """Slices with ground truth (all lesions, green) and the predicted box (yellow). `images` [n, H, W]
-    in [0, 1]; boxes in pixels of those images. With `pred_margins` (Gaussian head: per slice [2, 4],
-    the smallest and largest box within one std, `boxes.one_std_boxes`, in pixels) dashed yellow
-    boxes mark the one-std range around the prediction."""
+def plot_results(images, records, pred_boxes, path: Path | str, pred_scores=None, pred_margins=None, ious=None, ncols=4) -> Path:
+    """Slices with ground truth (all lesions, green) and the predicted boxes (yellow, each with its score
+    when `pred_scores` is given). `images` [n, H, W] in [0, 1]; `pred_boxes[i]` [k, 4] in pixels of those
+    images, best first. With `pred_margins` (Gaussian head: per slice [2, 4], the smallest and largest
+    box within one std of the top box, `boxes.one_std_boxes`, in pixels) dashed yellow boxes mark the
+    one-std range around it."""
     fig, axs = _grid(len(records), ncols)
     for i, (ax, r) in enumerate(zip(axs, records)):
         img = images[i]
         ax.imshow(img, cmap='bone', vmin=0, vmax=1)
         sx, sy = img.shape[1] / r.width, img.shape[0] / r.height
         for b in r.boxes: draw_box(ax, b * np.array([sx, sy, sx, sy]), GT_COLOR)
-        draw_box(ax, pred_boxes[i], PRED_COLOR)
+        for j, b in enumerate(np.asarray(pred_boxes[i]).reshape(-1, 4)):
+            draw_box(ax, b, PRED_COLOR)
+            if pred_scores is not None: ax.text(b[0], b[1] - 1, f'{pred_scores[i][j]:.2f}', color=PRED_COLOR, fontsize=6)
         if pred_margins is not None:
             for b in pred_margins[i]: draw_box(ax, b, PRED_COLOR, lw=.8, ls='--')
         title = Path(r.image_path).parent.name
-        if ious is not None: title += f'  IoU {ious[i]:.2f}'
+        if ious is not None: title += f'  top box IoU {ious[i]:.2f}'
         ax.set_title(title, fontsize=7)
-    fig.suptitle('ground truth green, prediction yellow', fontsize=9)
+    fig.suptitle('ground truth green, predictions yellow (score)', fontsize=9)
+    return save_fig(fig, path)
+
+
+def plot_froc(curves: dict, summaries: dict, baseline: dict | None, path: Path | str) -> Path:
+    """FROC curves (`curves`: split -> (FPs per slice, sensitivity)) with the points read at 0.5-16 FPs
+    (`summaries`: split -> `froc.froc` result), the mean-box baseline's points, and the sensitivities
+    published on DeepLesion's real test split, marked as such (other data: not comparable)."""
+    from .froc import FP_RATES, PUBLISHED
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for (name, (fp, sens)), color in zip(curves.items(), ('C0', 'C1', 'C2')):
+        ax.step(np.r_[0, fp], np.r_[0, sens], where='post', color=color, alpha=.5, lw=1)
+        s = summaries[name]
+        ax.plot(FP_RATES, [s['sensitivity'][f'{r:g}'] for r in FP_RATES], 'o-', color=color,
+                label=f"{name}: mean 0.5-4 FPs {s['mean_0.5_4']:.3f}")
+    if baseline is not None:
+        ax.plot(FP_RATES, [baseline['sensitivity'][f'{r:g}'] for r in FP_RATES], 's--', color='gray', ms=4,
+                label=f"mean box, one per slice: {baseline['mean_0.5_4']:.3f}")
+    for (name, pts), marker in zip(PUBLISHED.items(), ('^', 'v', 'D')):
+        ax.plot(FP_RATES[:len(pts)], np.array(pts) / 100, marker, ls=':', color='k', alpha=.45, ms=4,
+                label=f'{name} (published, real DeepLesion test)')
+    ax.set_xscale('log', base=2); ax.set_xticks(FP_RATES); ax.set_xticklabels([f'{r:g}' for r in FP_RATES])
+    ax.set_xlim(.35, 20); ax.set_ylim(0, 1.02); ax.grid(alpha=.3)
+    ax.set_xlabel('false positives per slice'); ax.set_ylabel('sensitivity (IoU >= 0.5)')
+    ax.legend(fontsize=7, loc='lower right')
     return save_fig(fig, path)
 
 

@@ -3,8 +3,10 @@
 
 Each slice is an abdominal phantom in HU: body with subcutaneous fat and muscle wall, liver, spleen,
 kidneys, spine, aorta and bowel loops, some of which are soft-tissue blobs that look like lesions (the
-distractors a localizer must learn to ignore). 1-3 lesions per key slice sit in organs or beside the
-aorta (lymph nodes), tens of HU from their background, with DeepLesion-like sizes. Lesions are
+distractors a localizer must learn to ignore). Lesions follow DeepLesion's statistics (`SITES`,
+`LESIONS_PER_SLICE`, `DIAMETER_MM`): about 1.02 per key slice, long diameters log-normal around 19 mm,
+in the liver, kidneys, spleen, psoas, abdominal wall or beside the aorta (lymph nodes), tens of HU from
+their background. Lesions are
 ellipsoids, so they shrink or vanish on the neighbour slices, which carry no labels, as in DeepLesion.
 
     python -m lesion_fastai.synthetic --out data/synthetic --patients 60 --size 512 --seed 0
@@ -25,7 +27,15 @@ from .deeplesion import COLUMNS, save_hu
 
 __all__ = ['generate', 'render_slice', 'main']
 
-LESION_TYPES = {'liver': 4, 'kidney': 6, 'spleen': 2, 'node': 2, 'muscle': 7}  # DeepLesion's coarse types
+LESION_TYPES = {'liver': 4, 'kidney': 6, 'spleen': 2, 'node': 2, 'muscle': 7, 'wall': 7}  # DeepLesion's coarse types
+
+# Where lesions go: types in the mix of the real DeepLesion sample's labelled abdominal lesions (abdomen 46%,
+# soft tissue 36%, liver 13%; kidney 5%, which DeepLesion has though the sample does not).
+SITES = {'node': .36, 'spleen': .10, 'muscle': .16, 'wall': .20, 'liver': .13, 'kidney': .05}
+# Lesions per labelled key slice: DeepLesion has 32,735 lesions on 32,120 key slices (1.019 per slice).
+LESIONS_PER_SLICE = {1: .981, 2: .018, 3: .001}
+# Long diameter in mm: log-normal, median 19 mm, as the real sample (5% / 95%: 7 / 60 mm), within 3-120 mm.
+DIAMETER_MM = dict(median=19., sigma=.65, low=3., high=120.)
 
 
 @dataclass
@@ -101,18 +111,25 @@ def _anatomy(rng: np.random.Generator, S: int) -> dict:
 
 
 def _lesion(rng: np.random.Generator, an: dict, S: int, spacing: float, hu: dict) -> dict:
-    "A lesion ellipsoid placed in an organ or beside the aorta, with a contrast of tens of HU."
-    site = rng.choice(['liver', 'liver', 'liver', 'kidney', 'spleen', 'node', 'node', 'muscle'])
-    # Long diameter at 512 px: log-normal, most 10-40 px, range 5-100; scaled to this image size.
-    d = float(np.clip(rng.lognormal(math.log(22), .5), 5, 100)) * S / 512
-    a = d / 2
+    """A lesion ellipsoid placed in an organ, the abdominal wall or beside the aorta, with a contrast of
+    tens of HU; `spacing` is mm per pixel at this image size."""
+    site = rng.choice(list(SITES), p=list(SITES.values()))
+    d_mm = float(np.clip(rng.lognormal(math.log(DIAMETER_MM['median']), DIAMETER_MM['sigma']), DIAMETER_MM['low'], DIAMETER_MM['high']))
+    a = d_mm / spacing / 2
     b = a * rng.uniform(.55, 1.)
     if site == 'liver': host = an['liver']
     elif site == 'spleen': host = an['spleen']
     elif site == 'kidney': host = an['kidney_l' if rng.random() < .5 else 'kidney_r']
     elif site == 'muscle': host = an['psoas_l' if rng.random() < .5 else 'psoas_r']
     else: host = None
-    if host is not None:
+    if site == 'wall':  # a soft-tissue nodule in the subcutaneous fat, between the skin and the muscle wall
+        body, wall = an['body'], an['muscle_wall']
+        ang = rng.uniform(0, 2 * math.pi)
+        f = rng.uniform(.2, .8)
+        cx = body.cx + (wall.a + f * (body.a - wall.a)) * math.cos(ang)
+        cy = body.cy + (wall.b + f * (body.b - wall.b)) * math.sin(ang)
+        value = rng.uniform(20, 50)
+    elif host is not None:
         ang, rad = rng.uniform(0, 2 * math.pi), math.sqrt(rng.uniform(0, .5))
         cx, cy = host.cx + host.a * rad * math.cos(ang), host.cy + host.b * rad * math.sin(ang)
         base = {'liver': hu['liver'], 'spleen': hu['spleen'], 'kidney': hu['kidney'], 'muscle': hu['muscle']}[site]
@@ -180,12 +197,13 @@ def _row(fname, patient, study, series, key, les, box, spacing, z_mm, S, slice_r
 
 
 def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0, neighbours: int = 2,
-             noise: tuple[float, float] = (10., 20.), noisy: float = 0.) -> Path:
+             noise: tuple[float, float] = (10., 20.), noisy: float = 0., lesions_per_slice: dict | None = None) -> Path:
     """Write a synthetic DeepLesion-layout data set to `out` and return the path of its `DL_info.csv`.
 
     Patients are split 70 / 15 / 15 into train / val / test (Train_Val_Test 1 / 2 / 3). Each patient has
     1-2 studies; each study one series with 1-2 key slices and `neighbours` unlabeled slices on each side.
-    Deterministic for a seed. A `noisy` fraction of the lesion rows is marked `Possibly_noisy` = 1
+    `lesions_per_slice` ({count: probability}) replaces DeepLesion's mix (`LESIONS_PER_SLICE`), e.g. for
+    a small set that must hold multi-lesion slices. Deterministic for a seed. A `noisy` fraction of the lesion rows is marked `Possibly_noisy` = 1
     (DeepLesion marks about 0.3% of its test lesions), drawn from a stream of its own, so the images
     and every other column are the same whatever `noisy` is. Written to a temporary folder first, then
     moved into place, so an interrupted run leaves no half data set behind.
@@ -200,17 +218,18 @@ def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix='.synthetic-', dir=out.parent))
     rows, noisy_rng = [], np.random.default_rng([seed, 7919])
+    mix = lesions_per_slice or LESIONS_PER_SLICE
     for p in range(1, patients + 1):
         prng = np.random.default_rng([seed, p])
         gender, age = prng.choice(['M', 'F']), int(prng.integers(20, 90))
         split = splits[p - 1]
         for study in range(1, int(prng.integers(1, 3)) + 1):
             an = _anatomy(prng, size)
-            spacing = float(prng.uniform(.6, .95)) * 512 / size
+            spacing = float(np.clip(prng.normal(.82, .12), .5, .98)) * 512 / size      # mm per pixel (DeepLesion: median ~0.82)
             keys = sorted(int(k) for k in prng.choice(np.arange(20, 80), size=int(prng.integers(1, 3)), replace=False))
             if len(keys) == 2 and keys[1] - keys[0] < 2 * neighbours + 1: keys = keys[:1]
-            key_lesions = {k: [_lesion(prng, an, size, spacing, an['hu']) for _ in range(int(prng.choice([1, 1, 1, 2, 3])))]
-                           for k in keys}
+            counts = prng.choice(list(mix), size=len(keys), p=list(mix.values()))
+            key_lesions = {k: [_lesion(prng, an, size, spacing, an['hu']) for _ in range(int(n))] for k, n in zip(keys, counts)}
             series_dir = tmp / 'Images_png' / f'{p:06d}_{study:02d}_01'
             # As in DeepLesion, only slices around each key slice are shipped.
             for sl in sorted({k + o for k in keys for o in range(-neighbours, neighbours + 1)}):

@@ -1,12 +1,11 @@
-"""The two training runs and the evaluation, as functions of a config, shared by `python -m pretrain`,
-`python -m finetune`, the demo and the benchmarks (the entry points only parse arguments).
+"""The two training runs, as functions of a config, shared by `python -m pretrain`, `python -m finetune`,
+the demo and the benchmarks (the entry points only parse arguments); `evaluation.py` scores the result.
 
 Each run writes into its `out` folder: `history.csv` (one row per epoch), `models/best.pth` (best
 epoch, atomically), `last.pth` (resume state after every epoch), figures and a JSON of results.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,29 +16,22 @@ from fastai.learner import Learner, load_learner
 from fastai.torch_core import set_seed
 from torch import nn
 
-from .boxes import one_std_boxes, to_pixels
-from .callbacks import (AtomicSaveModelCallback, CentreMapLoss, MaskedCorruption, ResumableCSVLogger, ResumeState,
-                        StopOnNonFinite, TimeBudget, corrupt)
+from .callbacks import (AtomicSaveModelCallback, MaskedCorruption, ResumableCSVLogger, ResumeState, StopOnNonFinite,
+                        TimeBudget, corrupt)
 from .cache import prepare_slices
 from .checkpoint import load_encoder, load_pretrained, save_pretrained
-from .data import autoencoder_dls, localization_dls, n_channels, select_patients, slice_transform
+from .data import autoencoder_dls, localization_dls, n_channels, select_patients
 from .deeplesion import evaluation_records, list_slices, load_data
-from .files import atomic_path, atomic_write_text, check_out_folder, output_folder
+from .evaluation import evaluate_export, report
+from .files import atomic_path, check_out_folder, output_folder, write_json
 from .freeze import apply_freeze, freeze_callbacks, localizer_splitter, lr_for, parameter_counts
-from .losses import BoxLoss
-from .metrics import evaluate, match_lesion, mean_box, mean_iou
+from .losses import DetectionLoss
+from .metrics import KEEP, NMS_IOU, ValidFROC, mean_box, summary_line
 from .models.autoencoder import create_autoencoder
-from .models.legacy import LegacyLocalizer
 from .models.localizer import Localizer
-from .plots import plot_reconstructions, plot_results
+from .plots import plot_reconstructions
 
-__all__ = ['PretrainConfig', 'FinetuneConfig', 'pretrain', 'finetune', 'evaluate_export', 'load_data', 'predict_boxes',
-           'write_json']
-
-
-def write_json(obj, path: Path) -> Path:
-    "Atomic JSON write (temp file + rename)."
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+__all__ = ['PretrainConfig', 'FinetuneConfig', 'pretrain', 'finetune', 'evaluate_export', 'load_data', 'write_json']
 
 
 def _check_batches(n_items: int, bs: int, what: str, hint: str) -> None:
@@ -173,8 +165,11 @@ class FinetuneConfig:
     lr_find: bool = False
     bs: int = 16
     loss: str = 'ciou+diou+giou'
-    map_weight: float = 1.            # weight of the centre-map loss (0: box loss alone)
-    map_radius: int = 1               # boxes within this many cells of the target's centre cell are supervised
+    map_weight: float = 1.            # weight of the centre heatmap's focal loss
+    map_radius: int = 1               # box sizes within this many cells of each lesion's centre cell are trained too
+    stride: int = 4                   # heatmap stride (4 or 8)
+    keep: int = KEEP                  # boxes kept per slice (heatmap peaks, best first)
+    nms_iou: float | None = NMS_IOU   # non-maximum suppression of the kept boxes at this IoU (None: peaks only)
     wd: float = .01                   # weight decay (fastai's Adam default)
     adapter_ratio: float = 1.         # sandwich: hidden width of each transfer layer, as a fraction of its stage's
     adapter_stem: bool = False        # sandwich: a transfer layer after the stem too
@@ -194,7 +189,6 @@ class FinetuneConfig:
     cache_dir: Path | None = None     # for 'disk': default ~/.cache/lesion_fastai
     n_figure: int = 8
     quiet: bool = False
-    arch: str = 'localizer'           # or 'legacy': the earlier experiment's model, for benchmarks (from scratch only)
     time_budget_s: float | None = None  # stop training after this many seconds
 
 
@@ -221,20 +215,22 @@ def _resolve(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Train the localizer (from scratch or from a pretrained encoder in a freeze mode) with
-    `fit_one_cycle`, keep the best epoch by validation IoU, evaluate on validation and test patients
-    beside the mean-box baseline, and write `metrics.json`, `results.png`, `history.csv` and the
-    exported learner `export.pkl`.
+    """Train the detector (from scratch or from a pretrained encoder in a freeze mode) with
+    `fit_one_cycle` on every lesion of the training slices, keep the best epoch by validation FROC
+    (mean sensitivity over 0.5-4 FPs per slice), evaluate on validation and test beside the mean-box
+    baseline (`evaluation.report`), and write `metrics.json`, `predictions.csv`, `froc.png`,
+    `results.png`, `history.csv` and the exported learner `export.pkl`.
 
     Everything that can be checked is checked before the output folder is made: the folder, the data,
     the checkpoint, the batch size, and every slice the run needs (decoded once, `cache.prepare_slices`).
-    Validation and test follow DeepLesion's protocol (`deeplesion.evaluation_records`)."""
+    Training, validation and test follow DeepLesion's protocol (`deeplesion.evaluation_records`):
+    Possibly_noisy lesions are no targets, and slices left without a lesion are left out."""
     t0 = time.time()
     out = check_out_folder(cfg.out)
-    loss_func = BoxLoss(cfg.loss)
+    loss_func = DetectionLoss(cfg.loss, cfg.map_weight, cfg.map_radius, cfg.nll_weight, cfg.target, cfg.keep, cfg.nms_iou)
     df, records = load_data(cfg.data)
     s, ckpt = _resolve(cfg, records)
-    train_all = [r for r in records if r.split == 'train']
+    train_all = evaluation_records(records, 'train')
     train = select_patients(train_all, cfg.label_fraction, cfg.seed)
     valid, test = evaluation_records(records, 'val'), evaluation_records(records, 'test')
     if not train or not valid:
@@ -248,8 +244,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans}
     if enc_args['in_chans'] != in_chans:
         raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
-    if cfg.arch not in ('localizer', 'legacy'): raise ValueError(f"arch {cfg.arch!r}: expected 'localizer' or 'legacy'")
-    if cfg.arch == 'legacy' and ckpt is not None: raise ValueError("the legacy localizer trains from scratch only")
     # every slice this run reads: the disk cache is shared by all label fractions, the memory cache holds this run's
     needed = records if cfg.cache == 'disk' else epoch_items + valid + test
     cache = prepare_slices(cfg.cache, needed, s['windows'], s['context'], s['size'], cfg.cache_dir, cfg.quiet)
@@ -257,15 +251,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         set_seed(cfg.seed, reproducible=True)
         dls = localization_dls(epoch_items + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
                                cfg.num_workers, cfg.seed, cache=cache)
-        if cfg.arch == 'legacy': model, splitter = LegacyLocalizer(in_chans, s['size']), None
-        else:
-            model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich', out_bn=cfg.out_bn, kappa=cfg.kappa,
-                              adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem)
-            splitter = localizer_splitter
-            if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
-        learn = Learner(dls, model, loss_func=loss_func, metrics=[mean_iou], train_bn=False, wd=cfg.wd, path=out,
-                        model_dir='models', cbs=[CentreMapLoss(cfg.map_weight, cfg.map_radius, cfg.nll_weight)],
-                        **({'splitter': splitter} if splitter else {}))
+        model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich', out_bn=cfg.out_bn, kappa=cfg.kappa,
+                          adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, stride=cfg.stride)
+        if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
+        learn = Learner(dls, model, loss_func=loss_func, metrics=[ValidFROC(cfg.keep, cfg.nms_iou)], train_bn=False, wd=cfg.wd, path=out,
+                        model_dir='models', splitter=localizer_splitter)
         apply_freeze(learn, s['freeze'])
         counts = parameter_counts(model)
         print(f"freeze {s['freeze']}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters; "
@@ -275,79 +265,19 @@ def finetune(cfg: FinetuneConfig) -> dict:
             lr = float(learn.lr_find(show_plot=False).valley)
             print(f"lr_find: {lr:.2e}")
         cbs = freeze_callbacks(s['freeze'], cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else [])
-        _fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'mean_iou', cfg.resume, cfg.quiet, cbs)
+        _fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'froc', cfg.resume, cfg.quiet, cbs)
         baseline = mean_box(train)
-        results = {}
-        for name, recs in (('valid', valid), ('test', test)):
-            if not recs: continue
-            boxes, std, images = predict_boxes(learn, recs)
-            results[name] = evaluate(boxes, recs, baseline, std)
-            if name == 'test': _results_figure(recs, boxes, std, images, out / 'results.png', cfg.n_figure)
+        results = report(learn, {'valid': valid, 'test': test}, baseline, out, n_figure=cfg.n_figure)
         config = {**asdict(cfg), **s, 'lr': lr, 'data': str(cfg.data), 'out': str(out),
                   'pretrained': str(cfg.pretrained) if cfg.pretrained else None}
         # the export carries what evaluating it later needs: the baseline of the labels it was trained with
         learn.train_info = {'mean_box': baseline.tolist(), 'train_slices': len(train), 'label_fraction': cfg.label_fraction,
                             'seed': cfg.seed, 'data': str(cfg.data)}
+        learn.metrics = []                            # the validation FROC keeps records; an export carries none
         with atomic_path(out / 'export.pkl') as tmp: learn.export(tmp.name)
         metrics = {**results, 'mean_box': baseline.tolist(), 'parameters': counts, 'train_slices': len(train),
                    'slices_per_epoch': len(dls.train_ds),
                    'train_patients': len({r.patient for r in train}), 'config': config, 'time_s': round(time.time() - t0, 1)}
         write_json(metrics, out / 'metrics.json')
-    if 'test' in results:
-        t, b = results['test'], results['test']['mean_box_baseline']
-        print(f"test: hit@0.5 {t['hit@0.5']:.3f} (mean box {b['hit@0.5']:.3f}), mean IoU {t['mean_iou']:.3f} "
-              f"({b['mean_iou']:.3f}), centre error {t['centre_error_mm']:.1f} mm ({b['centre_error_mm']:.1f}); wrote {out}")
-    return metrics
-
-
-@torch.no_grad()
-def predict_boxes(learn, records, bs: int | None = None):
-    """Predicted boxes [N, 4] (x1,y1,x2,y2 in [0, 1]) for `records`, the Gaussian head's std in the same
-    units (else None), and the first batch's key-slice images [n, H, W] for figures."""
-    dl = learn.dls.test_dl(records, with_labels=False, bs=bs or learn.dls.bs)
-    model = learn.model.eval()
-    boxes, stds, images = [], [], None
-    for b in dl:
-        x = b[0]
-        boxes.append(((model(x) + 1) / 2).float().cpu())
-        std = getattr(model.head, 'last_std', None)
-        if std is not None: stds.append(std.float().cpu())
-        if images is None: images = x[:, 0].float().cpu().numpy()
-    return torch.cat(boxes).numpy(), (torch.cat(stds).numpy() if stds else None), images
-
-
-def _results_figure(records, boxes, std, images, path, n):
-    """Test slices with ground truth and the predicted box; for the Gaussian head the one-std box range
-    (centre +- std, sides x exp(+-std)) as dashed boxes."""
-    n = min(n, len(images))
-    H, W = images.shape[-2:]
-    scale = np.array([W, H, W, H])
-    ious = [match_lesion(to_pixels(b, r.width, r.height), r)[1] for b, r in zip(boxes[:n], records[:n])]
-    margins = None if std is None else [one_std_boxes(b, sd) * scale for b, sd in zip(boxes[:n], std[:n])]
-    return plot_results(images[:n], records[:n], boxes[:n] * scale, path, pred_margins=margins, ious=ious)
-
-
-def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | None = None) -> dict:
-    """Evaluate an exported learner (`export.pkl`) on the test patients of `data` (DeepLesion's protocol),
-    beside the mean-box baseline it was trained with (stored in the export); writes `eval_metrics.json`
-    and `eval_results.png`. Checks the output folder and every test slice before evaluating."""
-    model_path = Path(model_path)
-    if not model_path.is_file(): raise FileNotFoundError(f"--eval {model_path}: no such exported model")
-    out = check_out_folder(Path(out) if out else model_path.parent)
-    _, records = load_data(data)
-    test = evaluation_records(records, 'test')
-    if not test: raise ValueError(f"{data}: no test slices (Train_Val_Test = 3) with a lesion not Possibly_noisy")
-    try: learn = load_learner(model_path, cpu=not torch.cuda.is_available())
-    except Exception as e: raise ValueError(f"--eval {model_path}: not a learner exported by finetune ({type(e).__name__}: {e})") from None
-    if not isinstance(learn, Learner): raise ValueError(f"--eval {model_path}: not a learner exported by finetune")
-    ct = slice_transform(learn.dls)                   # the preprocessing the model was trained with
-    prepare_slices('none', test, ct.windows, ct.context, ct.size)
-    info = getattr(learn, 'train_info', None)
-    baseline, source = (np.asarray(info['mean_box']), 'stored with the model') if info else \
-        (mean_box([r for r in records if r.split == 'train']), 'training split of --data (the export stores none)')
-    boxes, std, images = predict_boxes(learn, test)
-    metrics = {'test': evaluate(boxes, test, baseline, std), 'model': str(model_path), 'mean_box_source': source}
-    with output_folder(out):
-        _results_figure(test, boxes, std, images, out / 'eval_results.png', 8)
-        write_json(metrics, out / 'eval_metrics.json')
+    if 'test' in results: print(f"test: {summary_line(results['test'])}; wrote {out}")
     return metrics

@@ -10,7 +10,7 @@ SAMPLE = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'DL_info_
 def tiny_data(tmp_path_factory):
     from lesion_fastai.synthetic import generate
     root = tmp_path_factory.mktemp('synthetic') / 'data'
-    generate(root, patients=10, size=64, seed=3, neighbours=1)
+    generate(root, patients=10, size=64, seed=3, neighbours=1, lesions_per_slice={1: .6, 2: .3, 3: .1})   # several multi-lesion slices
     return root
 
 

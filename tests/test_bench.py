@@ -23,18 +23,20 @@ def test_efficiency_smoke_writes_table_plot_and_resumes(tiny_data, tmp_path):
     assert {(r['mode'], r['fraction']) for r in res['rows']} == {(m, f) for m in ('scratch', 'sandwich') for f in (.5, 1.)}
     assert (tmp_path / 'data_efficiency.png').stat().st_size > 0
     table = (tmp_path / 'efficiency.md').read_text()
-    assert table.count('| sandwich |') == 2 and 'mean-box hit@0.5' in table
+    assert table.count('| sandwich |') == 2 and 'mean box FROC / hit@0.5' in table and 'test FROC, mean 0.5-4 FPs' in table
     stamp = (tmp_path / 'runs' / 'scratch_1_seed0' / 'metrics.json').stat().st_mtime
     efficiency(**args)                                                   # finished runs are kept, not redone
     assert (tmp_path / 'runs' / 'scratch_1_seed0' / 'metrics.json').stat().st_mtime == stamp
 
 
-def test_summary_averages_seeds():
-    rows = [dict(mode='scratch', fraction=.1, seed=s, train_slices=5, n_test=9, **{'hit@0.5': h, 'mean_iou': .2, 'centre_error_mm': 3.,
-                 'baseline_hit@0.5': 0., 'baseline_mean_iou': .05, 'time_s': 1.}) for s, h in ((0, .2), (1, .4))]
+def test_summary_averages_seeds_with_intervals():
+    rows = [dict(mode='scratch', fraction=.1, seed=s, train_slices=5, n_test=9, **{'froc': f, 'sens@4': .5, 'hit@0.5': h, 'mean_iou': .2,
+                 'centre_error_mm': 3., 'baseline_froc': .01, 'baseline_hit@0.5': 0., 'baseline_mean_iou': .05, 'time_s': 1.})
+            for s, h, f in ((0, .2, .4), (1, .4, .6), (2, .3, .5))]
     (s,) = _summarise(rows)
-    assert s['hit@0.5'] == pytest.approx(.3) and s['seeds'] == 2 and s['hit_std'] == pytest.approx(.1)
-    assert '| 0.1 | 5 | scratch | 0.300 |' in _efficiency_table([s])
+    assert s['hit@0.5'] == pytest.approx(.3) and s['froc'] == pytest.approx(.5) and s['seeds'] == 3
+    assert s['froc_ci'] == pytest.approx(4.303 * .1 / np.sqrt(3)) and s['hit_ci'] == pytest.approx(4.303 * .1 / np.sqrt(3))
+    assert '| 0.1 | 5 | scratch | 0.500 +- 0.248 | 0.500 | 0.300 +- 0.248 |' in _efficiency_table([s])
 
 
 def test_study_runs_each_variant_and_refuses_a_finished_run_with_other_settings(tiny_data, tmp_path):
@@ -68,7 +70,7 @@ def test_select_compares_values_on_validation_only_over_paired_seeds(tiny_data, 
     assert not any('test' in k for r in res['rows'] for k in r)                 # test figures never reach a choice
     first, second = res['summary']
     assert first['diff'] == 0 and first['seeds'] == second['seeds'] == 2
-    by = {(r['value'], r['seed']): r['valid_mean_iou'] for r in res['rows']}
+    by = {(r['value'], r['seed']): r['valid_froc'] for r in res['rows']}
     assert second['diff'] == pytest.approx(np.mean([by[.1, s] - by[.01, s] for s in (0, 1)]))
     assert res['best'] == max((.01, .1), key=lambda v: np.mean([by[v, s] for s in (0, 1)]))
     assert (tmp_path / 'select_wd.md').read_text().startswith('| wd | labels |') and res['verdict'].startswith(f"wd = {res['best']:g}")

@@ -70,7 +70,7 @@ def test_finetune_with_the_disk_cache_builds_it_once(tiny_data, tmp_path):
     cfg = dict(data=tiny_data, epochs=1, bs=2, size=32, quiet=True, cache='disk', cache_dir=tmp_path / 'cache')
     m = finetune(FinetuneConfig(out=tmp_path / 'a', **cfg))
     (built,) = (tmp_path / 'cache').glob('slices_*.npy')
-    assert np.load(built, mmap_mode='r').shape[1:] == (1, 32, 32) and np.isfinite(m['test']['mean_iou'])
+    assert np.load(built, mmap_mode='r').shape[1:] == (1, 32, 32) and np.isfinite(m['test']['top1']['mean_iou'])
     stamp = built.stat().st_mtime_ns
     finetune(FinetuneConfig(out=tmp_path / 'b', label_fraction=.5, **cfg))   # another label subset, same slices
     assert [p.stat().st_mtime_ns for p in (tmp_path / 'cache').glob('slices_*.npy')] == [stamp]

@@ -4,21 +4,35 @@ import pytest
 import torch
 from fastai.vision.all import Flip, Pipeline, Rotate, TensorBBox, TensorPoint
 
-from lesion_fastai.data import (BoxTidy, CTSlice, TensorBoxCorners, TensorCT, autoencoder_dls, downsample,
+from lesion_fastai.data import (BoxTidy, CTSlice, TensorBoxCorners, TensorCT, TensorScore, autoencoder_dls, downsample,
                                 localization_dls, select_patients)
 from lesion_fastai.deeplesion import WINDOWS, list_slices, load_hu, save_hu, window
 
 
-@pytest.mark.parametrize('target,yshape', [('points', (2, 2, 2)), ('bbox', (2, 1, 4))])
+@pytest.mark.parametrize('target,yshape', [('points', (2, 8, 2)), ('bbox', (2, 4, 4))])
 @pytest.mark.parametrize('windows,context,channels', [('soft', 0, 1), ('soft,lung', 1, 6)])
 def test_batch_shapes_and_dtypes(tiny_records, target, yshape, windows, context, channels):
     dls = localization_dls(tiny_records, windows=windows, context=context, size=32, target=target, bs=2, seed=0)
-    x, y = dls.one_batch()
+    x, y, flags = dls.one_batch()
     assert isinstance(x, TensorCT) and x.shape == (2, channels, 32, 32) and x.dtype == torch.float32
     assert 0 <= x.min() and x.max() <= 1
-    assert y.shape == yshape and y.dtype == torch.float32 and y.abs().max() <= 1
-    b = y.reshape(2, 4)
-    assert (b[:, 0] <= b[:, 2]).all() and (b[:, 1] <= b[:, 3]).all()
+    assert y.shape == yshape and y.dtype == torch.float32 and y.abs().max() <= 1      # 4 slots: the most of any slice, at least 4
+    assert isinstance(flags, TensorScore) and flags.shape == (2, 4) and set(flags.unique().tolist()) <= {0., 1.}
+    b = y.reshape(2, 4, 4)
+    assert (b[..., 0] <= b[..., 2]).all() and (b[..., 1] <= b[..., 3]).all()
+
+
+@pytest.mark.parametrize('target', ['points', 'bbox'])
+def test_every_lesion_of_a_slice_is_a_target_and_padding_is_flagged(tiny_records, target):
+    train = [r for r in tiny_records if r.split == 'train']
+    dls = localization_dls(tiny_records, size=32, target=target, bs=len(train), seed=0, augment=False, shuffle=False)
+    x, y, flags = dls.one_batch()
+    boxes = (y.reshape(len(y), -1, 4).as_subclass(torch.Tensor) + 1) * 16                # pixels of the 32 px input
+    assert any(len(r.boxes) > 1 for r in train)
+    for r, b, f in zip(dls.train_ds.items, boxes, flags):
+        n = len(r.boxes)
+        assert f.tolist() == [1.] * n + [0.] * (4 - n)
+        assert torch.allclose(b[:n], torch.tensor(r.boxes / 2), atol=1e-4)          # every lesion, in order, at half size
 
 
 def test_split_by_patient_never_random(tiny_records):
@@ -92,8 +106,8 @@ def test_flip_and_rotation_keep_box_on_lesion(kind, seed):
     else:
         y = TensorBBox(torch.tensor([[[x1, y1, x2, y2]]] * 2, dtype=torch.float32) / 32 - 1)
     pipe = Pipeline([Flip(p=1.), Rotate(max_deg=10, p=1.), BoxTidy()], split_idx=0)
-    xt, yt = pipe((x, y))
-    assert isinstance(yt, TensorBoxCorners if kind == 'points' else TensorBBox)
+    xt, yt, ft = pipe((x, y, TensorScore(torch.ones(2, 1))))
+    assert isinstance(yt, TensorBoxCorners if kind == 'points' else TensorBBox) and ft.tolist() == [[1.], [1.]]
     for i in range(2):
         bx1, by1, bx2, by2 = ((yt[i].reshape(4) + 1) * 32).tolist()
         assert bx1 < bx2 and by1 < by2
@@ -104,20 +118,26 @@ def test_flip_and_rotation_keep_box_on_lesion(kind, seed):
         assert xs.mean() > 32  # it was flipped: the lesion moved to the right half
 
 
-def test_box_tidy_sorts_and_clips():
-    y = TensorBBox(torch.tensor([[[.5, .9, -.2, 1.3]]]))
-    assert torch.allclose(BoxTidy()(y), torch.tensor([[[-.2, .9, .5, 1.]]]))
-    p = TensorPoint(torch.tensor([[[.3, -1.2], [-.4, .6]]]))
-    out = BoxTidy()(p)
-    assert isinstance(out, TensorBoxCorners) and torch.allclose(out, torch.tensor([[[-.4, -1.], [.3, .6]]]))
+def test_box_tidy_sorts_clips_and_drops_boxes_pushed_out():
+    x = TensorCT(torch.zeros(1, 1, 4, 4))
+    y = TensorBBox(torch.tensor([[[.5, .9, -.2, 1.05], [1.2, .1, 1.6, .3], [0., 0., .1, .1]]]))    # crosses the edge; outside
+    _, yt, ft = BoxTidy()((x, y, TensorScore(torch.tensor([[1., 1., 0.]]))))
+    assert torch.allclose(yt[0, 0], torch.tensor([-.2, .9, .5, 1.]))               # sorted, clipped to the image
+    assert ft.tolist() == [[1., 0., 0.]]                                            # its centre left the image: dropped
+    p = TensorPoint(torch.tensor([[[.3, -1.2], [-.4, -1.2], [-.4, .6], [.3, .6]]]))               # one box's four corners
+    _, out, f = BoxTidy()((x, p, TensorScore(torch.ones(1, 1))))
+    assert isinstance(out, TensorBoxCorners) and torch.allclose(out, torch.tensor([[[-.4, -1.], [.3, .6]]])) and f.tolist() == [[1.]]
 
 
-def test_show_batch_draws_ct_and_boxes(tiny_records):
+def test_show_batch_draws_every_lesion(tiny_records):
     import matplotlib.pyplot as plt
-    dls = localization_dls(tiny_records, size=32, bs=2, seed=0)
-    dls.show_batch(max_n=2)
+    multi = [r for r in tiny_records if r.split == 'train' and len(r.boxes) > 1][:1]
+    recs = multi + [r for r in tiny_records if r.split == 'val']
+    dls = localization_dls(recs, size=32, bs=1, seed=0, augment=False)
+    dls.show_batch(max_n=1)
     ax = plt.gcf().axes[0]
-    assert ax.images[0].get_cmap().name == 'bone' and len(ax.patches) == 1
+    assert ax.images[0].get_cmap().name == 'bone' and len(ax.patches) == len(multi[0].boxes) > 1
+    assert {p.get_edgecolor()[:3] for p in ax.patches} == {(0., 1., 0.)}
     plt.close('all')
 
 

@@ -30,14 +30,15 @@ def test_real_sample_first_row_typed(sample_csv):
     assert r.image_path.endswith('Images_png/000089_01_01/037.png')
 
 
-def test_multi_lesion_slices_keep_all_boxes_and_train_on_largest(sample_csv):
-    recs = slice_records(read_dl_info(sample_csv))
+def test_multi_lesion_slices_keep_all_boxes(sample_csv):
+    df = read_dl_info(sample_csv)
+    recs = slice_records(df)
     multi = [r for r in recs if len(r.boxes) > 1]
     assert len(multi) == 6  # 158 rows on 152 slices: six slices with two lesions
     assert sum(len(r.boxes) for r in recs) == 158
     for r in multi:
-        areas = (r.boxes[:, 2] - r.boxes[:, 0]) * (r.boxes[:, 3] - r.boxes[:, 1])
-        assert np.array_equal(r.target, r.boxes[areas.argmax()])
+        rows = df[df.file_name == r.file_name]
+        assert np.array_equal(r.boxes, rows[['x1', 'y1', 'x2', 'y2']].to_numpy(np.float32)) and r.lines == tuple(rows.line)
 
 
 def test_image_path_layout():

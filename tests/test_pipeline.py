@@ -11,7 +11,7 @@ from fastai.learner import Learner, load_learner
 from lesion_fastai.checkpoint import load_pretrained
 from lesion_fastai.data import localization_dls
 from lesion_fastai.freeze import apply_freeze, freeze_callbacks, localizer_splitter
-from lesion_fastai.losses import BoxLoss
+from lesion_fastai.losses import DetectionLoss
 from lesion_fastai.models.localizer import Localizer
 from lesion_fastai.train import FinetuneConfig, finetune
 
@@ -19,7 +19,8 @@ import finetune.__main__ as finetune_cli
 import pretrain.__main__ as pretrain_cli
 
 ENC = dict(stem_width=8, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1))
-METRIC_KEYS = {'n', 'hit@0.5', 'mean_iou', 'centre_error_mm', 'centre_error_mm_mean', 'by_type', 'mean_box_baseline'}
+METRIC_KEYS = {'froc', 'top1', 'mean_box_baseline'}
+TOP1_KEYS = {'n', 'hit@0.5', 'mean_iou', 'centre_error_mm', 'centre_error_mm_mean', 'by_type'}
 
 
 @pytest.fixture(scope='module')
@@ -43,9 +44,17 @@ def test_finetune_cli_scratch_writes_metrics_results_and_export(tiny_data, tmp_p
     finetune_cli.main(['--data', str(tiny_data), '--out', 'run', '--epochs', '1', '--bs', '2', '--size', '32'])
     m = json.loads((out / 'metrics.json').read_text())
     assert set(m) >= {'valid', 'test', 'mean_box', 'parameters', 'config', 'train_slices', 'time_s'}
-    assert set(m['test']) >= METRIC_KEYS and m['config']['freeze'] == 'scratch' and m['config']['size'] == 32
-    assert (out / 'results.png').stat().st_size > 0 and (out / 'models' / 'best.pth').exists()
-    assert len((out / 'history.csv').read_text().strip().splitlines()) == 2
+    assert set(m['test']) >= METRIC_KEYS and set(m['test']['top1']) >= TOP1_KEYS and m['config']['freeze'] == 'scratch'
+    assert set(m['test']['froc']['sensitivity']) == {'0.5', '1', '2', '4', '8', '16'} and m['config']['size'] == 32
+    for f in ('results.png', 'froc.png', 'models/best.pth'): assert (out / f).stat().st_size > 0, f
+    history = (out / 'history.csv').read_text().strip().splitlines()
+    assert len(history) == 2 and history[0] == 'epoch,train_loss,valid_loss,froc,time'
+    import csv
+    for name, split in (('predictions.csv', 'test'), ('predictions_valid.csv', 'valid')):
+        rows = list(csv.reader(open(out / name)))
+        assert rows[0] == ['File_name', 'x1', 'y1', 'x2', 'y2', 'score']
+        assert len(rows) - 1 == m[split]['froc']['predictions'] > 0
+        assert all(r[0].endswith('.png') and 0 <= float(r[1]) <= float(r[3]) <= 64 and 0 < float(r[5]) <= 1 for r in rows[1:])
 
 
 @pytest.fixture(scope='module', params=['points', 'bbox'])
@@ -58,18 +67,19 @@ def exported(request, tiny_data, tmp_path_factory):
 
 def test_predict_returns_boxes_in_the_slice_files_pixels(exported, tiny_records, tmp_path):
     from lesion_fastai.deeplesion import load_hu, save_hu
+    from lesion_fastai.metrics import KEEP
     learn = load_learner(exported / 'export.pkl')
     rec = next(r for r in tiny_records if r.split == 'test')    # a 64 px slice; the model sees it at 32 px
-    dec, raw, _ = learn.predict(rec.image_path)
-    assert raw.shape == (4,) and (raw[:2] < raw[2:]).all()
-    corners = torch.as_tensor(dec).flatten()                    # x1, y1, x2, y2 in the file's pixels
-    assert torch.allclose(corners, (raw + 1) / 2 * 64, atol=1e-4)
-    # the same slice written at twice the size: the same model input, so the same box at twice the pixels
+    (boxes, scores), raw, _ = learn.predict(rec.image_path)
+    corners = torch.as_tensor(boxes).reshape(-1, 4)             # every box: x1, y1, x2, y2 in the file's pixels
+    assert corners.shape == (KEEP, 4) and scores.shape == (KEEP,) and (scores[:-1] >= scores[1:]).all()
+    assert (corners[:, :2] < corners[:, 2:]).all() and torch.allclose(corners, (raw.reshape(-1, 4) + 1) / 2 * 64, atol=1e-4)
+    # the same slice written at twice the size: the same model input, so the same boxes at twice the pixels
     big = tmp_path / 'Images_png' / '000001_01_01' / '001.png'
     save_hu(big, np.kron(load_hu(rec.image_path), np.ones((2, 2), np.float32)))
-    dec2, raw2, _ = learn.predict(big)
-    assert torch.allclose(raw2, raw, atol=1e-4)
-    assert torch.allclose(torch.as_tensor(dec2).flatten(), 2 * corners, atol=1e-2) and corners.max() > 32
+    (boxes2, scores2), _, _ = learn.predict(big)
+    assert torch.allclose(scores2, scores, atol=1e-5)
+    assert torch.allclose(torch.as_tensor(boxes2).reshape(-1, 4), 2 * corners, atol=1e-2) and corners.max() > 32
 
 
 def test_show_results_on_an_exported_learner(exported, tiny_data, tiny_records):
@@ -77,17 +87,22 @@ def test_show_results_on_an_exported_learner(exported, tiny_data, tiny_records):
     from lesion_fastai.data import labelled_dl
     learn = load_learner(exported / 'export.pkl')
     dl = labelled_dl(learn, tiny_data)                          # test slices of the folder, with their boxes
-    learn.show_results(dl=dl, max_n=2)
-    ax = plt.gcf().axes[0]
-    truth, pred = ax.patches
-    assert truth.get_edgecolor()[:3] == (0., 1., 0.) and pred.get_edgecolor()[:3] == (1., 1., 0.)  # green, yellow
     rec = dl.dataset.items[0]
-    x1, y1, x2, y2 = rec.target * 32 / 64                       # drawn on the 32 px image the model saw
+    (_, scores), _, _ = learn.predict(rec)
+    threshold = float(scores[2])                                # so that the three best boxes are drawn
+    learn.show_results(dl=dl, max_n=2, min_score=threshold)
+    ax = plt.gcf().axes[0]
+    colours = [p.get_edgecolor()[:3] for p in ax.patches]
+    n = len(rec.boxes)
+    assert colours == [(0., 1., 0.)] * n + [(1., 1., 0.)] * int((scores >= threshold).sum())   # every lesion green, boxes yellow
+    assert len(ax.texts) == int((scores >= threshold).sum())                                 # each box with its score
+    x1, y1, x2, y2 = rec.boxes[0] * 32 / 64                     # drawn on the 32 px image the model saw
+    truth = ax.patches[0]
     assert truth.get_xy() == pytest.approx((x1, y1), abs=1e-3) and truth.get_width() == pytest.approx(x2 - x1, abs=1e-3)
     plt.close('all')
-    learn2 = Learner(localization_dls(tiny_records, size=32, bs=2, seed=0), learn.model, loss_func=BoxLoss())
-    learn2.show_results(max_n=2)                                # and on a learner with its training data
-    assert [p.get_edgecolor()[:3] for p in plt.gcf().axes[0].patches] == [(0., 1., 0.), (1., 1., 0.)]
+    learn2 = Learner(localization_dls(tiny_records, size=32, bs=2, seed=0), learn.model, loss_func=learn.loss_func)
+    learn2.show_results(max_n=2, min_score=0.)                  # and on a learner with its training data
+    assert {p.get_edgecolor()[:3] for p in plt.gcf().axes[0].patches} == {(0., 1., 0.), (1., 1., 0.)}
     plt.close('all')
 
 
@@ -97,8 +112,10 @@ def test_eval_cli_reports_what_finetune_reported_with_the_baseline_it_trained_wi
     finetune(FinetuneConfig(data=tiny_data, out=tmp_path, epochs=1, bs=2, size=32, label_fraction=.5, quiet=True))
     finetune_cli.main(['--eval', str(tmp_path / 'export.pkl'), '--data', str(tiny_data), '--out', str(tmp_path / 'eval')])
     m, ref = (json.loads(p.read_text()) for p in (tmp_path / 'eval' / 'eval_metrics.json', tmp_path / 'metrics.json'))
-    assert set(m['test']) >= METRIC_KEYS and (tmp_path / 'eval' / 'eval_results.png').exists()
-    assert m['test']['mean_iou'] == pytest.approx(ref['test']['mean_iou'])
+    assert set(m['test']) >= METRIC_KEYS
+    for f in ('eval_results.png', 'eval_froc.png', 'eval_predictions.csv'): assert (tmp_path / 'eval' / f).exists(), f
+    assert m['test']['froc'] == ref['test']['froc'] and m['test']['top1']['mean_iou'] == pytest.approx(ref['test']['top1']['mean_iou'])
+    assert (tmp_path / 'eval' / 'eval_predictions.csv').read_text() == (tmp_path / 'predictions.csv').read_text()
     assert m['test']['mean_box_baseline'] == ref['test']['mean_box_baseline'] and m['mean_box_source'] == 'stored with the model'
     from lesion_fastai.deeplesion import load_data
     from lesion_fastai.metrics import mean_box
@@ -118,7 +135,8 @@ def test_noisy_lesions_are_dropped_from_validation_and_test(tmp_path):
         sel = df[df.split == split]
         clean_slices = sel[~sel.noisy].file_name.nunique()
         assert clean_slices < sel.file_name.nunique() or split == 'val'
-        assert m[key]['n'] == clean_slices, split
+        assert m[key]['top1']['n'] == m[key]['froc']['slices'] == clean_slices, split
+        assert m[key]['froc']['lesions'] == int((~sel.noisy).sum()), split
 
 
 def _history(run):
@@ -170,7 +188,7 @@ def test_pretrain_then_finetune_loads_exactly_the_encoder(tiny_data, pretrained,
 
 def _learner(tiny_records, model, mode, update_bn=False):
     dls = localization_dls(tiny_records, size=32, bs=2, seed=0, augment=False)
-    learn = Learner(dls, model, loss_func=BoxLoss(), splitter=localizer_splitter, train_bn=False, cbs=freeze_callbacks(mode, update_bn))
+    learn = Learner(dls, model, loss_func=DetectionLoss(), splitter=localizer_splitter, train_bn=False, cbs=freeze_callbacks(mode, update_bn))
     apply_freeze(learn, mode)
     return learn
 
@@ -198,7 +216,7 @@ def test_sandwich_step_keeps_frozen_weights_and_bn_statistics(tiny_records):
     for k, v in model.encoder.state_dict().items(): assert torch.equal(v, enc0[k]), k   # weights and running stats
     assert any(not torch.equal(v, ad0[k]) for k, v in model.adapters.state_dict().items() if 'conv2' in k)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(('adapters.', 'head.')) for n in trainable)
+    assert trainable and all(n.startswith(('adapters.', 'neck.', 'head.')) for n in trainable)
 
 
 def test_update_frozen_bn_flag_lets_statistics_adapt(tiny_records):

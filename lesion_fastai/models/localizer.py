@@ -1,19 +1,27 @@
-"""One-box lesion localizer: the shared ResNet body, optional transfer layers interleaved between its
-stages (the frozen sandwich), and a direct or Gaussian box head.
+"""The lesion detector: the shared ResNet body, optional transfer layers interleaved between its stages
+(the frozen sandwich), a feature pyramid down to stride 4, and a CenterNet head, direct or Gaussian.
 
-Every head returns [B, 4] boxes x1, y1, x2, y2 in [-1, 1] (fastai's point scale), valid by
-construction (x1 < x2, y1 < y2, inside the image: every side at least half of `boxes.MIN_SIZE`).
+Every head returns dense maps over the stride-`stride` grid of the input:
+* `heat` [B, h, w]: centre-heatmap logits, one peak per lesion;
+* `params` [B, h*w, 4]: the box at each cell as cx, cy, log w, log h in image fractions
+  (`boxes.params_to_boxes` gives x1,y1,x2,y2: valid and of positive size by construction);
+* the Gaussian head adds `mean` and `sd` [B, h*w, 4]: `params` is then a sample of Normal(mean, sd)
+  in training and the mean in evaluation.
+`detections` turns them into the K best boxes per slice with their scores.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..boxes import MIN_SIZE, params_to_boxes
+from ..heatmap import peaks, suppress
 from .resnet import DEFAULT_ENCODER, ResNetEncoder, conv_bn
 
-__all__ = ['TransferLayer', 'LesionMap', 'DirectHead', 'GaussianHead', 'Localizer', 'create_localizer', 'HEADS']
+__all__ = ['TransferLayer', 'CentreNeck', 'DirectHead', 'GaussianHead', 'Localizer', 'create_localizer', 'detections', 'HEADS']
 
 
 class TransferLayer(nn.Module):
@@ -33,98 +41,77 @@ class TransferLayer(nn.Module):
         return x + self.conv2(self.conv1(x))
 
 
-class LesionMap(nn.Module):
-    """A stride-8 feature map from the last three stages (FPN-style: 1x1 laterals, upsampled and
-    summed, then a 3x3 conv), with a score per position: how likely the lesion's centre lies there."""
-    def __init__(self, widths, ch: int = 64):
+class CentreNeck(nn.Module):
+    """A feature pyramid from the encoder stages down to `stride` (4: the first stage's resolution, so
+    that lesions of a few pixels get a cell of their own; or 8): 1x1 laterals of `ch` channels, each
+    coarser level upsampled and added, then a 3x3 convolution to `out_ch` channels at `stride`."""
+    def __init__(self, widths, stride: int = 4, ch: int = 64, out_ch: int = 32):
         super().__init__()
-        self.laterals = nn.ModuleList([nn.Conv2d(w, ch, 1) for w in widths[-3:]])
-        self.fuse = conv_bn(ch, ch)
-        self.score = nn.Conv2d(ch, 1, 1)
-        self.ch = ch
+        if stride not in (4, 8): raise ValueError(f"stride {stride}: expected 4 or 8")
+        self.first = 0 if stride == 4 else 1                 # stage outputs are at strides 4, 8, 16, 32
+        self.laterals = nn.ModuleList([nn.Conv2d(w, ch, 1) for w in widths[self.first:]])
+        self.fuse = conv_bn(ch, out_ch)
+        self.stride, self.out_ch = stride, out_ch
 
-    def forward(self, feats):  # stage outputs, finest first -> ([B, ch, h, w] features, [B, h*w] scores)
-        f = feats[-3:]
-        p = self.laterals[0](f[0])
-        for lat, x in zip(self.laterals[1:], f[1:]):
-            p = p + F.interpolate(lat(x), size=p.shape[-2:], mode='nearest')
-        p = self.fuse(p)
-        return p, self.score(p).flatten(1)
-
-
-def _cell_params(raw, h, w, min_size: float = MIN_SIZE):
-    """Per-position outputs [B, 4, h, w] -> [B, h*w, 4] cx, cy, log w, log h in image fractions. The first
-    two (sigmoid) move the centre within +-1 cell of the position, clamped into the image; the last two
-    (sigmoid) are the sides, at least `min_size`. `params_to_boxes` turns them into corners
-    x1 = cx - w/2, x2 = x1 + w: valid and of positive size, also after clipping to the image."""
-    s = torch.sigmoid(raw.float()).flatten(2).transpose(1, 2)                       # [B, h*w, 4]
-    ys, xs = torch.meshgrid(torch.arange(h, device=raw.device), torch.arange(w, device=raw.device), indexing='ij')
-    gx, gy = (xs.flatten() + .5) / w, (ys.flatten() + .5) / h
-    cx, cy = (gx + (2 * s[..., 0] - 1) / w).clamp(0, 1), (gy + (2 * s[..., 1] - 1) / h).clamp(0, 1)
-    wh = min_size + (1 - min_size) * s[..., 2:]
-    return torch.cat([cx[..., None], cy[..., None], wh.log()], -1)
+    def forward(self, feats):  # stage outputs, finest first -> [B, out_ch, H / stride, W / stride]
+        f = feats[self.first:]
+        p = self.laterals[-1](f[-1])
+        for lat, x in zip(reversed(self.laterals[:-1]), reversed(f[:-1])):
+            p = lat(x) + F.interpolate(p, size=x.shape[-2:], mode='nearest')
+        return self.fuse(p)
 
 
-class _MapHead(nn.Module):
-    """Scores every stride-8 position and predicts a box at each (translation-equivariant, so a
-    lesion learned in one place is found in another). Returns one box per image in [-1, 1]: in
-    training the score-weighted mean of the per-position boxes (so the box loss also shapes the
-    scores), in evaluation the box of the best-scoring position. Kept for `callbacks.CentreMapLoss`:
-    `last_scores` [B, h, w], `last_params` [B, h*w, 4] (cx, cy, log w, log h) and `last_boxes`
-    [B, h*w, 4] (x1,y1,x2,y2 in [0, 1])."""
-    def __init__(self, widths, hidden: int = 64, out_bn: bool = False):
-        super().__init__()
-        self.map = LesionMap(widths)
-        self.box = _branch(self.map.ch, hidden, out_bn)
-        self.last_scores = self.last_params = self.last_boxes = None
-
-    def _pick(self, x, scores):  # [B, n, k], [B, n] -> [B, k]
-        if self.training: return torch.einsum('bn,bnk->bk', scores.float().softmax(1), x)
-        return x[torch.arange(len(x), device=x.device), scores.argmax(1)]
-
-    def _run(self, feats):
-        p, scores = self.map(feats)
-        B, _, h, w = p.shape
-        self.last_scores = scores.view(B, h, w)
-        self.last_params = _cell_params(self.box(p), h, w)
-        self.last_boxes = params_to_boxes(self.last_params)
-        return p, scores
-
-
-def _branch(ch, hidden, out_bn=False, n_out=4):
+def _branch(ch: int, hidden: int, n_out: int, out_bn: bool = False) -> nn.Sequential:
     layers = [conv_bn(ch, hidden), nn.Conv2d(hidden, n_out, 1)]
     if out_bn: layers.append(nn.BatchNorm2d(n_out))  # off by default: it hurt the earlier experiment
     return nn.Sequential(*layers)
 
 
-class DirectHead(_MapHead):
-    "Sigmoid outputs per position (centre offset, w, h) read as x1, y1, w, h: a box that is always valid."
-    def forward(self, feats):
-        _, scores = self._run(feats)
-        return self._pick(self.last_boxes, scores) * 2 - 1
+def _cell_params(raw, min_size: float = MIN_SIZE) -> torch.Tensor:
+    """Box outputs [B, 4, h, w] -> [B, h*w, 4] cx, cy, log w, log h in image fractions. The first two
+    (sigmoid) place the centre inside its cell; the last two (sigmoid) place each side on a log scale
+    between `min_size` and the whole image, side = min_size ** (1 - sigmoid): every box is valid and of
+    positive size, and a side of 3% of the image (a small lesion) is as easy to learn as one of 50% (a
+    side linear in the sigmoid needs its flat tail there, where gradients are 30x smaller). The
+    untrained head starts at sqrt(min_size), about 4% of the image: a typical lesion."""
+    B, _, h, w = raw.shape
+    s = torch.sigmoid(raw.float()).flatten(2).transpose(1, 2)                        # [B, h*w, 4]
+    ys, xs = torch.meshgrid(torch.arange(h, device=raw.device), torch.arange(w, device=raw.device), indexing='ij')
+    cx, cy = (xs.flatten() + s[..., 0]) / w, (ys.flatten() + s[..., 1]) / h
+    log_wh = math.log(min_size) * (1 - s[..., 2:])
+    return torch.cat([cx[..., None], cy[..., None], log_wh], -1)
 
 
-class GaussianHead(_MapHead):
-    """Per position a mean box (as `DirectHead`) and a std for its centre x, y and its log width and log
-    height: std = `kappa` * softplus(raw), from a branch of its own. Training samples
-    `Normal(mean, std).rsample()` over (cx, cy, log w, log h), so every sampled box has a positive size
-    (the centre is kept in the image, the sides at least `MIN_SIZE`); evaluation uses the mean.
-    `CentreMapLoss` adds the likelihood of the target under (mean, std), which makes the std an
-    uncertainty: centre std in image fractions, size std as a factor exp(std) on the side.
-    `last_sd` [B, h*w, 4] per position; `last_std` [B, 4] for the returned box."""
-    def __init__(self, widths, hidden: int = 64, out_bn: bool = False, kappa: float = .05):
-        super().__init__(widths, hidden, out_bn)
-        self.spread = _branch(self.map.ch, hidden)
-        self.kappa, self.last_sd, self.last_std = kappa, None, None
+class DirectHead(nn.Module):
+    """The centre heatmap and a box per cell from sigmoid outputs (offset in the cell, width, height),
+    read as x1, y1, w, h: always a valid box. Returns (heat [B, h, w], params [B, h*w, 4])."""
+    def __init__(self, ch: int, hidden: int = 32, out_bn: bool = False):
+        super().__init__()
+        self.heat = _branch(ch, hidden, 1)
+        nn.init.constant_(self.heat[-1].bias, -math.log((1 - .1) / .1))   # CenterNet: start at a 0.1 score
+        self.box = _branch(ch, hidden, 4, out_bn)
 
-    def forward(self, feats):
-        p, scores = self._run(feats)
-        self.last_sd = (self.kappa * F.softplus(self.spread(p).float())).flatten(2).transpose(1, 2)   # [B, h*w, 4]
-        sd = self._pick(self.last_sd, scores)
-        self.last_std = sd.detach()
-        if not self.training: return self._pick(self.last_boxes, scores) * 2 - 1
-        mean = self._pick(self.last_params, scores)                                  # [B, 4] cx, cy, log w, log h
-        return params_to_boxes(torch.distributions.Normal(mean, sd).rsample()) * 2 - 1
+    def forward(self, p):
+        return self.heat(p)[:, 0], _cell_params(self.box(p))
+
+
+class GaussianHead(DirectHead):
+    """`DirectHead` plus a std per cell for the box's centre x, y and its log width and log height:
+    std = `kappa` * softplus(raw), from a branch of its own. Returns (heat, params, mean, sd): in
+    training `params` is `Normal(mean, sd).rsample()` over (cx, cy, log w, log h), so every sampled box
+    has positive size; in evaluation it is the mean. The loss's likelihood term
+    (`losses.gaussian_nll`) makes the std an uncertainty: one std around the centre in image fractions,
+    a factor exp(std) on each side."""
+    def __init__(self, ch: int, hidden: int = 32, out_bn: bool = False, kappa: float = .05):
+        super().__init__(ch, hidden, out_bn)
+        self.spread = _branch(ch, hidden, 4)
+        self.kappa = kappa
+
+    def forward(self, p):
+        heat, mean = super().forward(p)
+        sd = (self.kappa * F.softplus(self.spread(p).float())).flatten(2).transpose(1, 2)     # [B, h*w, 4]
+        params = torch.distributions.Normal(mean, sd).rsample() if self.training else mean
+        return heat, params, mean, sd
 
 
 HEADS = {'direct': DirectHead, 'gaussian': GaussianHead}
@@ -133,10 +120,11 @@ HEADS = {'direct': DirectHead, 'gaussian': GaussianHead}
 class Localizer(nn.Module):
     """`encoder` (a `ResNetEncoder`, the autoencoder's encoder class) -> optional `adapters` (one
     `TransferLayer` after each stage: the sandwich; with `adapter_stem` one after the stem too, with
-    `adapter_ratio` < 1 narrower ones) -> `head`. Returns [B, 4] boxes in [-1, 1]."""
+    `adapter_ratio` < 1 narrower ones) -> `neck` (pyramid to `stride`) -> `head`. Returns the head's
+    dense maps (module docstring)."""
     def __init__(self, encoder_args: dict | None = None, head: str = 'direct', sandwich: bool = False,
-                 hidden: int = 64, out_bn: bool = False, kappa: float = .05, adapter_ratio: float = 1.,
-                 adapter_stem: bool = False):
+                 hidden: int = 32, out_bn: bool = False, kappa: float = .05, adapter_ratio: float = 1.,
+                 adapter_stem: bool = False, stride: int = 4):
         super().__init__()
         if head not in HEADS: raise ValueError(f"head {head!r}: expected one of {sorted(HEADS)}")
         self.encoder_args = dict(DEFAULT_ENCODER, **(encoder_args or {}))
@@ -144,8 +132,10 @@ class Localizer(nn.Module):
         self.adapters = nn.ModuleList([TransferLayer(w, adapter_ratio) for w in self.encoder.widths]) if sandwich else None
         stem_width = self.encoder_args['stem_width']
         self.stem_adapter = TransferLayer(stem_width, adapter_ratio) if sandwich and adapter_stem else None
+        self.neck = CentreNeck(self.encoder.widths, stride)
         kw = dict(kappa=kappa) if head == 'gaussian' else {}
-        self.head = HEADS[head](self.encoder.widths, hidden, out_bn, **kw)
+        self.head = HEADS[head](self.neck.out_ch, hidden, out_bn, **kw)
+        self.stride = stride
 
     def features(self, x) -> list:  # [B, C, H, W] -> every stage's output, strides 4, 8, 16, 32
         x, out = self.encoder.stem(x), []
@@ -157,10 +147,25 @@ class Localizer(nn.Module):
         return out
 
     def forward(self, x):
-        return self.head(self.features(x))
+        return self.head(self.neck(self.features(x)))
+
+
+def detections(out, k: int = 50, nms_iou: float | None = None, min_score: float = 0.):
+    """The `k` best boxes of each slice from a head's output: heatmap peaks (3x3 max-pooling), their
+    boxes and, for the Gaussian head, their std. Returns (boxes [B, k, 4] x1,y1,x2,y2 in [0, 1],
+    scores [B, k] in [0, 1], sd [B, k, 4] or None). With `nms_iou` overlapping boxes are suppressed
+    (`torchvision.ops.batched_nms`); suppressed boxes and boxes under `min_score` score 0."""
+    heat, params = out[0], out[1]
+    sd = out[3] if len(out) > 3 else None
+    scores, cells = peaks(torch.sigmoid(heat.float()), k)
+    pick = lambda t: t[torch.arange(len(t), device=t.device)[:, None], cells]
+    boxes = params_to_boxes(pick(params))
+    if nms_iou is not None: scores = suppress(boxes, scores, nms_iou)
+    scores = scores * (scores >= min_score)
+    return boxes, scores, (pick(sd) if sd is not None else None)
 
 
 def create_localizer(in_chans: int = 1, head: str = 'direct', sandwich: bool = False, **kwargs) -> Localizer:
-    "A localizer with the default body for `in_chans` input channels."
+    "A detector with the default body for `in_chans` input channels."
     enc = {k: kwargs.pop(k) for k in list(kwargs) if k in DEFAULT_ENCODER}
     return Localizer(dict(enc, in_chans=in_chans), head=head, sandwich=sandwich, **kwargs)

@@ -1,0 +1,116 @@
+"""A trained detector over the validation and test slices, and what a run reports about it: metrics
+(FROC and top-1, beside the mean-box baseline), `predictions.csv` (File_name,x1,y1,x2,y2,score in
+slice pixels, one row per box), `froc.png` and `results.png`. Used by `finetune` after training and by
+`python -m finetune --eval` on an exported learner.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.learner import Learner, load_learner
+
+from .boxes import one_std_boxes, to_pixels
+from .cache import prepare_slices
+from .data import slice_transform
+from .deeplesion import evaluation_records, load_data
+from .files import atomic_write_text, check_out_folder, output_folder, write_json
+from .froc import froc_curve
+from .metrics import KEEP, MIN_SCORE, NMS_IOU, Detections, evaluate_detections, match_lesion, mean_box
+from .models.localizer import detections
+from .plots import plot_froc, plot_results
+
+__all__ = ['predict_detections', 'write_predictions', 'report', 'evaluate_export']
+
+
+@torch.no_grad()
+def predict_detections(learn, records, k: int | None = None, nms_iou: float | None = None, min_score: float = MIN_SCORE,
+                       bs: int | None = None) -> tuple[Detections, np.ndarray]:
+    """The detector's boxes on `records` (`Detections`: the `k` best per slice, boxes scoring under
+    `min_score` dropped; `k` and `nms_iou` default to what the learner was trained with), and the first
+    batch's key-slice images [n, H, W] for figures."""
+    k = k or getattr(learn.loss_func, 'k', KEEP)
+    nms_iou = nms_iou if nms_iou is not None else getattr(learn.loss_func, 'nms_iou', NMS_IOU)
+    dl = learn.dls.test_dl(records, with_labels=False, bs=bs or learn.dls.bs)
+    model = learn.model.eval()
+    parts, images = [], None
+    for b in dl:
+        x = b[0]
+        boxes, scores, sd = detections(model(x), k, nms_iou, min_score)
+        parts.append([t.float().cpu().numpy() if t is not None else None for t in (boxes, scores, sd)])
+        if images is None: images = x[:, 0].float().cpu().numpy()
+    cat = lambda i: None if parts[0][i] is None else np.concatenate([p[i] for p in parts])
+    return Detections(cat(0), cat(1), cat(2)), images
+
+
+def write_predictions(path: Path, dets: Detections, records) -> Path:
+    "`predictions.csv`: File_name,x1,y1,x2,y2,score, one row per box (slice pixels), best first within a slice."
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator='\n')
+    w.writerow(['File_name', 'x1', 'y1', 'x2', 'y2', 'score'])
+    for (boxes, scores), r in zip(dets.in_pixels(records), records):
+        for b, s in zip(boxes, scores): w.writerow([r.file_name, *(f'{v:.2f}' for v in b), f'{s:.4f}'])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def report(learn, splits: dict, baseline: np.ndarray, out: Path, prefix: str = '', n_figure: int = 8) -> dict:
+    """Evaluate the learner on each split of `splits` ({'valid': records, 'test': records}, already
+    filtered by DeepLesion's protocol) beside the `baseline` mean box; write `<prefix>predictions.csv`
+    (test; `<prefix>predictions_valid.csv` for validation), `<prefix>froc.png` and, for the test split,
+    `<prefix>results.png`. Returns the metrics of each split."""
+    results, curves = {}, {}
+    for name, recs in splits.items():
+        if not recs: continue
+        dets, images = predict_detections(learn, recs)
+        results[name] = evaluate_detections(dets, recs, baseline)
+        write_predictions(out / f"{prefix}predictions{'' if name == 'test' else '_' + name}.csv", dets, recs)
+        per_slice = dets.in_pixels(recs)
+        curves[name] = froc_curve([b for b, _ in per_slice], [s for _, s in per_slice], [r.boxes for r in recs])[:2]
+        if name == 'test': _results_figure(recs, dets, images, out / f'{prefix}results.png', n_figure)
+    last = 'test' if 'test' in results else next(iter(results))
+    plot_froc(curves, {k: v['froc'] for k, v in results.items()}, results[last]['mean_box_baseline']['froc'], out / f'{prefix}froc.png')
+    return results
+
+
+def _results_figure(records, dets: Detections, images, path, n, min_score: float = .3, max_boxes: int = 5):
+    """Test slices: ground truth green; up to `max_boxes` predicted boxes scoring at least `min_score`
+    yellow with their scores (the top box always); for the Gaussian head the top box's one-std range
+    dashed."""
+    n = min(n, len(images))
+    H, W = images.shape[-2:]
+    scale = np.array([W, H, W, H])
+    keep = [(b[(s >= min_score) | (np.arange(len(s)) == 0)][:max_boxes], s[(s >= min_score) | (np.arange(len(s)) == 0)][:max_boxes])
+            for b, s in zip(dets.boxes[:n], dets.scores[:n])]
+    ious = [match_lesion(to_pixels(dets.boxes[i, 0], r.width, r.height), r)[1] for i, r in enumerate(records[:n])]
+    margins = None if dets.sd is None else [one_std_boxes(dets.boxes[i, 0], dets.sd[i, 0]) * scale for i in range(n)]
+    return plot_results(images[:n], records[:n], [b * scale for b, _ in keep], path, pred_scores=[s for _, s in keep],
+                        pred_margins=margins, ious=ious)
+
+
+def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | None = None) -> dict:
+    """Evaluate an exported learner (`export.pkl`) on the test patients of `data` (DeepLesion's
+    protocol), beside the mean-box baseline it was trained with (stored in the export); writes
+    `eval_metrics.json`, `eval_predictions.csv`, `eval_froc.png` and `eval_results.png`. Checks the
+    output folder and every test slice before evaluating."""
+    model_path = Path(model_path)
+    if not model_path.is_file(): raise FileNotFoundError(f"--eval {model_path}: no such exported model")
+    out = check_out_folder(Path(out) if out else model_path.parent)
+    _, records = load_data(data)
+    test = evaluation_records(records, 'test')
+    if not test: raise ValueError(f"{data}: no test slices (Train_Val_Test = 3) with a lesion not Possibly_noisy")
+    try: learn = load_learner(model_path, cpu=not torch.cuda.is_available())
+    except Exception as e: raise ValueError(f"--eval {model_path}: not a learner exported by finetune ({type(e).__name__}: {e})") from None
+    if not isinstance(learn, Learner): raise ValueError(f"--eval {model_path}: not a learner exported by finetune")
+    ct = slice_transform(learn.dls)                   # the preprocessing the model was trained with
+    prepare_slices('none', test, ct.windows, ct.context, ct.size)
+    info = getattr(learn, 'train_info', None)
+    baseline, source = (np.asarray(info['mean_box']), 'stored with the model') if info else \
+        (mean_box(evaluation_records(records, 'train')), 'training split of --data (the export stores none)')
+    with output_folder(out):
+        results = report(learn, {'test': test}, baseline, out, prefix='eval_')
+        metrics = {'test': results['test'], 'model': str(model_path), 'mean_box_source': source}
+        write_json(metrics, out / 'eval_metrics.json')
+    return metrics

@@ -1,0 +1,74 @@
+"""CenterNet's centre heatmap: targets splatted at every lesion centre, the penalty-reduced focal loss,
+and decoding the map into scored boxes (peaks by 3x3 max-pooling, top K, optionally NMS).
+
+Conventions: maps are [B, h, w] over the image at a stride (4 by default); boxes are x1,y1,x2,y2 in
+image fractions [0, 1]; `valid` [B, M] marks the real lesions among the M padded target slots.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import batched_nms
+
+__all__ = ['centre_cells', 'heatmap_target', 'focal_loss', 'peaks', 'suppress', 'TTF_ALPHA']
+
+# Gaussian spread of a target peak: std = TTF_ALPHA * side / 6 in each direction (TTFNet's elliptical
+# Gaussian; the peak stays 1 at the centre cell and falls to ~0.1 at the box's edge).
+TTF_ALPHA = .54
+
+
+def centre_cells(boxes: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "Map row and column of each box's centre, [B, M] each (long)."
+    cx, cy = (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2
+    return (cy * h).long().clamp(0, h - 1), (cx * w).long().clamp(0, w - 1)
+
+
+def heatmap_target(boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, h, w] target: for each valid box an elliptical Gaussian peaking at exactly 1 on its centre
+    cell, std TTF_ALPHA / 6 of the box's width and height (at least a third of a cell); the maximum
+    where lesions overlap."""
+    B, M = valid.shape
+    iy, ix = centre_cells(boxes, h, w)
+    sx = ((boxes[..., 2] - boxes[..., 0]) * w * TTF_ALPHA / 6).clamp(min=1 / 3)             # [B, M] in cells
+    sy = ((boxes[..., 3] - boxes[..., 1]) * h * TTF_ALPHA / 6).clamp(min=1 / 3)
+    ys = torch.arange(h, device=boxes.device, dtype=boxes.dtype)[None, None, :, None]
+    xs = torch.arange(w, device=boxes.device, dtype=boxes.dtype)[None, None, None, :]
+    g = torch.exp(-((xs - ix[..., None, None]) ** 2) / (2 * sx[..., None, None] ** 2)
+                  - ((ys - iy[..., None, None]) ** 2) / (2 * sy[..., None, None] ** 2))       # [B, M, h, w]
+    g = g * valid[..., None, None].to(g.dtype)
+    return g.amax(1) if M else torch.zeros(B, h, w, device=boxes.device)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2., beta: float = 4.) -> torch.Tensor:
+    """CenterNet's penalty-reduced pixel-wise focal loss, summed and divided by the number of centres
+    (cells where the target is 1; at least one): near a centre the negative term is damped by
+    (1 - target) ** beta, so a peak one cell off costs little."""
+    logits, target = logits.float(), target.float()
+    p = torch.sigmoid(logits)
+    pos = target.eq(1).float()
+    log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+    pos_loss = -(log_p * (1 - p) ** alpha * pos).sum()
+    neg_loss = -(log_1mp * p ** alpha * (1 - target) ** beta * (1 - pos)).sum()
+    return (pos_loss + neg_loss) / pos.sum().clamp(min=1)
+
+
+def peaks(heat: torch.Tensor, k: int = 50, kernel: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` highest local maxima of a score map [B, h, w] (a cell that equals the max of its
+    `kernel` x `kernel` neighbourhood): (scores [B, k], flat cell indices [B, k]). Cells that are not
+    peaks score 0, so a map with fewer than `k` peaks pads with zero scores."""
+    B, h, w = heat.shape
+    pooled = F.max_pool2d(heat[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+    kept = heat * (heat == pooled)
+    scores, cells = kept.flatten(1).topk(min(k, h * w), dim=1)
+    return scores, cells
+
+
+def suppress(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
+    """Non-maximum suppression per image with `torchvision.ops.batched_nms`: scores of suppressed boxes
+    [B, K] become 0 (shapes stay fixed)."""
+    B, K = scores.shape
+    flat, idx = boxes.reshape(-1, 4).float(), torch.arange(B, device=boxes.device).repeat_interleave(K)
+    keep = batched_nms(flat, scores.reshape(-1).float(), idx, iou)
+    mask = torch.zeros(B * K, dtype=torch.bool, device=boxes.device)
+    mask[keep] = True
+    return scores * mask.view(B, K)
