@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(DATA)/DL_info.csv: | $(VENV)/.installed
-	$(PY) -m lesion_fastai.synthetic --out $(DATA) --patients 250 --size 256 --seed 0
+	$(PY) -m lesion_fastai.synthetic --out $(DATA) --patients 250 --size 512 --seed 0
 
 data: $(DATA)/DL_info.csv
 
