@@ -15,33 +15,51 @@ from fastai.callback.tracker import SaveModelCallback
 from .checkpoint import atomic_save
 from .files import atomic_path
 
-__all__ = ['TimeBudget', 'StopOnNonFinite', 'MaskedCorruption', 'corrupt', 'AtomicSaveModelCallback',
+__all__ = ['TimeBudget', 'StopOnNonFinite', 'MaskedCorruption', 'corrupt', 'key_channels', 'ChannelLoss', 'AtomicSaveModelCallback',
            'ResumableCSVLogger', 'ResumeState', 'rng_state', 'set_rng_state']
 
 
-def corrupt(x: torch.Tensor, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, generator=None):
-    """Mask a random `mask_ratio` of `patch` x `patch` squares (set to 0) and add Gaussian noise.
-    Returns (corrupted [B, C, H, W], mask [B, 1, H, W] with 1 where masked)."""
-    B, _, H, W = x.shape
+def corrupt(x: torch.Tensor, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, generator=None,
+            channels: list[int] | None = None):
+    """Mask a random `mask_ratio` of `patch` x `patch` squares (set to 0) of the `channels` (default all)
+    and add Gaussian noise to every channel. Returns (corrupted [B, C, H, W], mask [B, 1, H, W] with 1
+    where masked)."""
+    B, C, H, W = x.shape
     gh, gw = -(-H // patch), -(-W // patch)
     m = (torch.rand(B, 1, gh, gw, generator=generator, device=x.device) < mask_ratio).to(x.dtype)
     m = F.interpolate(m, scale_factor=patch, mode='nearest')[..., :H, :W]
+    on = torch.zeros(1, C, 1, 1, dtype=x.dtype, device=x.device)
+    on[:, channels if channels is not None else slice(None)] = 1
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * noise_std
-    return (x * (1 - m) + noise).clamp(0, 1), m
+    return (x * (1 - m * on) + noise).clamp(0, 1), m
+
+
+def key_channels(n_channels: int, context: int) -> list[int]:
+    "The key slice's channel of each window in a slice block's input (window-major: key, k-1, k+1, ...)."
+    return list(range(0, n_channels, 2 * context + 1))
+
+
+class ChannelLoss:
+    "`loss` on the given channels of output and target only (the context pretext scores the key slice)."
+    def __init__(self, loss, channels: list[int]): self.loss, self.channels = loss, list(channels)
+    def __call__(self, out, y): return self.loss(out[:, self.channels], y[:, self.channels])
+    def __repr__(self): return f"ChannelLoss({self.loss}, channels={self.channels})"
 
 
 class MaskedCorruption(Callback):
     """Autoencoder objective as a callback: the batch's clean slices become the target and the model
-    sees them with masked patches and noise, so it must inpaint from context rather than copy."""
+    sees them with masked patches (of `channels`, default all) and noise, so it must inpaint from
+    context rather than copy. With only the key slice's channels masked, the context pretext: the
+    masked regions must come from the neighbour slices."""
     order = 5  # after the batch is on its device, before the model runs
 
-    def __init__(self, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05):
-        self.mask_ratio, self.patch, self.noise_std = mask_ratio, patch, noise_std
+    def __init__(self, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, channels: list[int] | None = None):
+        self.mask_ratio, self.patch, self.noise_std, self.channels = mask_ratio, patch, noise_std, channels
 
     def before_batch(self):
         x = self.xb[0]
         self.learn.yb = (x.clone(),)
-        self.learn.xb = (corrupt(x, self.mask_ratio, self.patch, self.noise_std)[0],)
+        self.learn.xb = (corrupt(x, self.mask_ratio, self.patch, self.noise_std, channels=self.channels)[0],)
 
 
 class TimeBudget(Callback):

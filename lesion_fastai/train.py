@@ -16,12 +16,12 @@ from fastai.learner import Learner, load_learner
 from fastai.torch_core import set_seed
 from torch import nn
 
-from .callbacks import (AtomicSaveModelCallback, MaskedCorruption, ResumableCSVLogger, ResumeState, StopOnNonFinite,
-                        TimeBudget, corrupt)
+from .callbacks import (AtomicSaveModelCallback, ChannelLoss, MaskedCorruption, ResumableCSVLogger, ResumeState,
+                        StopOnNonFinite, TimeBudget, corrupt, key_channels)
 from .cache import prepare_slices
 from .checkpoint import load_encoder, load_pretrained, save_pretrained
 from .data import autoencoder_dls, localization_dls, n_channels, select_patients
-from .deeplesion import evaluation_records, list_slices, load_data
+from .deeplesion import context_paths, evaluation_records, list_slices, load_data
 from .evaluation import evaluate_export, report
 from .files import atomic_path, check_out_folder, output_folder, write_json
 from .freeze import apply_freeze, freeze_callbacks, localizer_splitter, lr_for, parameter_counts
@@ -82,19 +82,29 @@ class PretrainConfig:
     patch: int | None = None          # default: size // 16
     noise_std: float = .05
     loss: str = 'l1'
+    pretext: str = 'masked'           # 'masked': masked + noisy slices; 'context': the key slice masked, its neighbours whole
     resume: bool = False
     num_workers: int = 0
     cache: str = 'memory'             # 'memory' (per run), 'disk' (memory-mapped, shared by runs) or 'none'
     cache_dir: Path | None = None     # for 'disk': default ~/.cache/lesion_fastai
 
 
+PRETEXTS = ('masked', 'context')
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train the autoencoder on every slice of the chosen patients (labels unused), reconstructing clean
-    slices from masked, noisy ones. Writes `pretrained.pth` (encoder + decoder + construction
+    slices from masked, noisy ones (`pretext` 'masked'), or the key slice's masked patches from the
+    slice's visible rest and its whole neighbour slices ('context': lesions change between
+    neighbouring slices, most anatomy barely does). Writes `pretrained.pth` (encoder + decoder + construction
     arguments + config), `reconstructions.png`, `history.csv`, `pretrain_metrics.json`."""
     t0 = time.time()
     out = check_out_folder(cfg.out)
     if cfg.patients not in ('train', 'all'): raise ValueError(f"patients {cfg.patients!r}: expected 'train' or 'all'")
+    if cfg.pretext not in PRETEXTS: raise ValueError(f"pretext {cfg.pretext!r}: expected one of {', '.join(PRETEXTS)}")
+    if cfg.pretext == 'context' and cfg.context < 1:
+        raise ValueError("--pretext context reconstructs a slice from its neighbours: it needs --context 1 or more "
+                         "(neighbour slices on each side as input channels)")
     df, records = load_data(cfg.data)
     size = cfg.size or _native_size(records) // 2
     patch = cfg.patch or max(2, size // 16)
@@ -104,6 +114,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if not val_p: raise ValueError(f"{cfg.data}: no validation patients (Train_Val_Test = 2), which pretraining needs to "
                                    f"measure its reconstruction loss and keep the best epoch")
     paths = list_slices(cfg.data, train_p | val_p)
+    if cfg.pretext == 'context':
+        # A slice at the end of what was shipped has a neighbour that falls back to itself: the target in the input.
+        whole = [p for p in paths if context_paths(p, cfg.context).count(Path(p)) == 1]
+        print(f"context pretext: {len(whole)} of {len(paths)} slices have all {2 * cfg.context} neighbours of their own "
+              f"(the rest, at the ends of what was shipped, would show the model its target)")
+        paths = whole
     n_train = sum(int(Path(p).parent.name.split('_')[0]) in train_p for p in paths)
     _check_batches(n_train, cfg.bs, f"{cfg.data}", '')
     print(f"pretraining on {n_train} slices of {len(train_p)} patients ({len(paths) - n_train} validation slices), "
@@ -112,38 +128,54 @@ def pretrain(cfg: PretrainConfig) -> dict:
     with output_folder(out):
         set_seed(cfg.seed, reproducible=True)
         dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed, cache=cache)
-        model = create_autoencoder(n_channels(cfg.windows, cfg.context))
+        n_in = n_channels(cfg.windows, cfg.context)
+        model = create_autoencoder(n_in)
         loss = {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
+        keys = key_channels(n_in, cfg.context) if cfg.pretext == 'context' else None
+        if keys: loss = ChannelLoss(loss, keys)
         learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
-                        cbs=[MaskedCorruption(cfg.mask_ratio, patch, cfg.noise_std)])
+                        cbs=[MaskedCorruption(cfg.mask_ratio, patch, cfg.noise_std, keys)])
         untrained = float(learn.validate()[0])
         _fit_resumable(learn, out, cfg.epochs, cfg.lr, 'valid_loss', cfg.resume)
         trained = float(learn.validate()[0])
         config = {**asdict(cfg), 'size': size, 'patch': patch, 'data': str(cfg.data), 'out': str(out),
                   'in_chans': n_channels(cfg.windows, cfg.context)}
         ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)
-        _reconstruction_figure(learn, cfg, patch, out / 'reconstructions.png')
-        copy = _copy_baseline(learn, cfg, patch)
+        _reconstruction_figure(learn, cfg, patch, out / 'reconstructions.png', keys)
+        copy = _copy_baseline(learn, cfg, patch, keys)
         metrics = {'valid_loss_untrained': untrained, 'valid_loss': trained, 'valid_loss_copy_input': copy,
                    'train_slices': n_train, 'config': config, 'time_s': round(time.time() - t0, 1)}
+        if keys: metrics['valid_loss_neighbour_mean'] = _neighbour_baseline(learn, keys)
         write_json(metrics, out / 'pretrain_metrics.json')
     print(f"valid loss {trained:.4f} (untrained {untrained:.4f}, copying the corrupted input {copy:.4f}); wrote {ckpt}")
     return metrics
 
 
 @torch.no_grad()
-def _copy_baseline(learn, cfg, patch) -> float:
+def _copy_baseline(learn, cfg, patch, channels=None) -> float:
     "The loss of returning the corrupted input unchanged: a model must beat it to have learned anything."
     g = torch.Generator().manual_seed(0)
-    losses = [float(learn.loss_func(corrupt(x, cfg.mask_ratio, patch, cfg.noise_std, g)[0], x)) for (x,) in learn.dls.valid]
+    losses = [float(learn.loss_func(corrupt(x, cfg.mask_ratio, patch, cfg.noise_std, g, channels)[0], x)) for (x,) in learn.dls.valid]
     return float(np.mean(losses))
 
 
 @torch.no_grad()
-def _reconstruction_figure(learn, cfg, patch, path, n=4):
+def _neighbour_baseline(learn, keys) -> float:
+    """The context pretext's loss of predicting each key slice as the mean of its two nearest neighbours
+    (channels key + 1 and key + 2: k-1 and k+1), with no model: what the neighbours alone give."""
+    losses = []
+    for (x,) in learn.dls.valid:
+        guess = x.clone()
+        for k in keys: guess[:, k] = (x[:, k + 1] + x[:, k + 2]) / 2
+        losses.append(float(learn.loss_func(guess, x)))
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def _reconstruction_figure(learn, cfg, patch, path, channels=None, n=4):
     (x,) = learn.dls.valid.one_batch()
     x = x[:n]
-    xc, _ = corrupt(x, cfg.mask_ratio, patch, cfg.noise_std, torch.Generator(device=x.device).manual_seed(0))
+    xc, _ = corrupt(x, cfg.mask_ratio, patch, cfg.noise_std, torch.Generator(device=x.device).manual_seed(0), channels)
     learn.model.eval()
     y = learn.model(xc)
     return plot_reconstructions(x[:, 0].cpu().numpy(), xc[:, 0].cpu().numpy(), y[:, 0].cpu().numpy(), path)

@@ -1,10 +1,12 @@
 """python -m pretrain: unsupervised autoencoder pretraining on every slice of the training patients.
 
-Labels are not used: the autoencoder reconstructs clean slices from masked, noisy ones. Writes
+Labels are not used: the autoencoder reconstructs clean slices from masked, noisy ones (or, with
+--pretext context, a slice's masked patches from its neighbour slices). Writes
 OUT/pretrained.pth (encoder, decoder, construction arguments, config) for python -m finetune --pretrained.
 
 Example:
     python -m pretrain --data data/synthetic --out runs/pretrain --epochs 10
+    python -m pretrain --data data/synthetic --out runs/pretrain_context --pretext context --context 2
 """
 import argparse
 import sys
@@ -30,6 +32,10 @@ def parse_args(argv=None):
     ap.add_argument('--patch', type=int, default=None, help='masked patch size in pixels (default size/16)')
     ap.add_argument('--noise-std', type=float, default=.05, help='Gaussian noise added to the windowed input (default 0.05)')
     ap.add_argument('--loss', choices=['l1', 'mse'], default='l1', help='reconstruction loss (default l1)')
+    ap.add_argument('--pretext', choices=['masked', 'context'], default='masked',
+                    help="masked: every channel masked and noisy, all reconstructed (default); context: only the key "
+                         "slice's patches masked, its --context neighbours whole, the key slice reconstructed (needs "
+                         "--context 1 or more; fine-tune with the same --context)")
     ap.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     ap.add_argument('--resume', action='store_true', help='continue an interrupted run from OUT/last.pth')
     add_loading_args(ap)
@@ -47,6 +53,7 @@ def main(argv=None):
         pretrain(PretrainConfig(data=args.data, out=args.out, epochs=args.epochs, lr=args.lr, bs=args.bs, size=args.size,
                                 windows=args.windows, context=args.context, seed=args.seed, patients=args.patients,
                                 mask_ratio=args.mask_ratio, patch=args.patch, noise_std=args.noise_std, loss=args.loss,
+                                pretext=args.pretext,
                                 resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

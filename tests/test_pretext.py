@@ -1,0 +1,68 @@
+"""The context pretext: only the key slice is masked, its neighbours stay whole, only the key slice is scored."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lesion_fastai.callbacks import ChannelLoss, corrupt, key_channels
+from lesion_fastai.checkpoint import load_pretrained
+from lesion_fastai.data import n_channels
+from lesion_fastai.deeplesion import read_dl_info
+from lesion_fastai.train import FinetuneConfig, finetune
+
+import pretrain.__main__ as pretrain_cli
+
+
+def test_key_channels_follow_the_window_major_order():
+    assert key_channels(n_channels('soft', 1), 1) == [0]
+    assert key_channels(n_channels('soft,lung', 2), 2) == [0, 5]      # soft: k, k-1, k+1, k-2, k+2; then lung
+    assert key_channels(n_channels('soft,lung', 0), 0) == [0, 1]
+
+
+def test_corrupt_masks_only_the_given_channels():
+    x = torch.rand(2, 6, 32, 32) * .8 + .1
+    xc, m = corrupt(x, .5, 4, 0., torch.Generator().manual_seed(0), channels=[0, 3])
+    masked = m[:, 0] > 0
+    assert masked.any() and (~masked).any()
+    for c in (0, 3):
+        assert (xc[:, c][masked] == 0).all() and torch.equal(xc[:, c][~masked], x[:, c][~masked])
+    for c in (1, 2, 4, 5): assert torch.equal(xc[:, c], x[:, c])          # the neighbours stay whole
+    xa, ma = corrupt(x, .5, 4, 0., torch.Generator().manual_seed(0))       # default: every channel masked
+    assert torch.equal(ma, m) and (xa[:, 1][masked] == 0).all()
+
+
+def test_channel_loss_scores_only_its_channels():
+    y = torch.rand(2, 3, 8, 8)
+    loss = ChannelLoss(nn.L1Loss(), [0])
+    off_neighbour = y.clone(); off_neighbour[:, 1:] += 1
+    off_key = y.clone(); off_key[:, 0] += .5
+    assert float(loss(off_neighbour, y)) == 0
+    assert float(loss(off_key, y)) == pytest.approx(.5)
+
+
+def test_context_pretext_needs_neighbour_slices(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit, match=r'--pretext context .* needs --context 1 or more'):
+        pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--pretext', 'context', '--size', '32'])
+    assert not out.exists()
+
+
+def test_context_pretext_trains_beats_its_baselines_and_finetunes(tiny_data, tmp_path):
+    out = tmp_path / 'pretrain'
+    pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--pretext', 'context', '--context', '1', '--epochs', '20',
+                       '--bs', '4', '--size', '32', '--lr', '1e-2', '--mask-ratio', '.75'])
+    m = json.loads((out / 'pretrain_metrics.json').read_text())
+    assert m['config']['pretext'] == 'context' and m['config']['in_chans'] == 3
+    # one neighbour shipped on each side: only the key slices have both neighbours of their own
+    df = read_dl_info(tiny_data / 'DL_info.csv')
+    assert m['train_slices'] == df[df.split == 'train'].file_name.nunique()
+    assert m['valid_loss'] < .7 * m['valid_loss_untrained']
+    assert m['valid_loss'] < m['valid_loss_copy_input']                # it fills the masked key patches
+    assert 'valid_loss_neighbour_mean' in m and m['valid_loss_neighbour_mean'] > 0
+    assert (out / 'reconstructions.png').stat().st_size > 0
+    ckpt = load_pretrained(out / 'pretrained.pth')
+    assert ckpt['model_args']['encoder_args']['in_chans'] == 3
+    r = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'ft', epochs=1, bs=2, pretrained=out / 'pretrained.pth',
+                                freeze='sandwich', quiet=True))
+    assert r['config']['context'] == 1 and (tmp_path / 'ft' / 'export.pkl').exists()
