@@ -19,7 +19,7 @@ from .data import slice_transform
 from .deeplesion import evaluation_records, load_data
 from .files import atomic_write_text, check_out_folder, output_folder, write_json
 from .froc import froc_curve
-from .metrics import KEEP, MIN_SCORE, NMS_IOU, Detections, evaluate_detections, match_lesion, mean_box
+from .metrics import KEEP, MIN_SCORE, NMS_IOU, Detections, evaluate_detections, froc_inputs, match_lesion, mean_box
 from .models.localizer import detections
 from .plots import plot_froc, plot_results
 
@@ -67,8 +67,7 @@ def report(learn, splits: dict, baseline: np.ndarray, out: Path, prefix: str = '
         dets, images = predict_detections(learn, recs)
         results[name] = evaluate_detections(dets, recs, baseline)
         write_predictions(out / f"{prefix}predictions{'' if name == 'test' else '_' + name}.csv", dets, recs)
-        per_slice = dets.in_pixels(recs)
-        curves[name] = froc_curve([b for b, _ in per_slice], [s for _, s in per_slice], [r.boxes for r in recs])[:2]
+        curves[name] = froc_curve(*froc_inputs(dets, recs))[:2]
         if name == 'test': _results_figure(recs, dets, images, out / f'{prefix}results.png', n_figure)
     last = 'test' if 'test' in results else next(iter(results))
     plot_froc(curves, {k: v['froc'] for k, v in results.items()}, results[last]['mean_box_baseline']['froc'], out / f'{prefix}froc.png')
@@ -82,8 +81,8 @@ def _results_figure(records, dets: Detections, images, path, n, min_score: float
     n = min(n, len(images))
     H, W = images.shape[-2:]
     scale = np.array([W, H, W, H])
-    keep = [(b[(s >= min_score) | (np.arange(len(s)) == 0)][:max_boxes], s[(s >= min_score) | (np.arange(len(s)) == 0)][:max_boxes])
-            for b, s in zip(dets.boxes[:n], dets.scores[:n])]
+    shown = [(s >= min_score) | (np.arange(len(s)) == 0) for s in dets.scores[:n]]          # the top box always
+    keep = [(b[m][:max_boxes], s[m][:max_boxes]) for b, s, m in zip(dets.boxes[:n], dets.scores[:n], shown)]
     ious = [match_lesion(to_pixels(dets.boxes[i, 0], r.width, r.height), r)[1] for i, r in enumerate(records[:n])]
     margins = None if dets.sd is None else [one_std_boxes(dets.boxes[i, 0], dets.sd[i, 0]) * scale for i in range(n)]
     return plot_results(images[:n], records[:n], [b * scale for b, _ in keep], path, pred_scores=[s for _, s in keep],

@@ -22,7 +22,7 @@ from .froc import froc
 from .models.localizer import detections
 
 __all__ = ['LESION_TYPES', 'Detections', 'ValidFROC', 'evaluate_detections', 'top1_metrics', 'match_lesion', 'calibration',
-           'mean_box', 'summary_line', 'KEEP', 'MIN_SCORE', 'NMS_IOU']
+           'mean_box', 'froc_inputs', 'summary_line', 'KEEP', 'MIN_SCORE', 'NMS_IOU']
 
 # What a detector keeps per slice for evaluation, as MULAN does: at most 50 boxes, score at least 0.05.
 # Peaks of the heatmap are already one per 3x3 cells; NMS is off unless asked for.
@@ -117,13 +117,18 @@ class Detections:
         return [(to_pixels(b[s > 0], r.width, r.height), s[s > 0]) for b, s, r in zip(self.boxes, self.scores, records)]
 
 
+def froc_inputs(dets: Detections, records) -> tuple[list, list, list]:
+    "The arguments of `froc` / `froc_curve` for these detections: per slice its boxes and scores in pixels, and its lesions."
+    per_slice = dets.in_pixels(records)
+    return [b for b, _ in per_slice], [s for _, s in per_slice], [r.boxes for r in records]
+
+
 def evaluate_detections(dets: Detections, records, baseline_unit: np.ndarray | None = None) -> dict:
     """`froc`: DeepLesion's FROC of every slice's boxes against its lesions; `top1`: the highest-scoring
     box of each slice as a one-box prediction (`top1_metrics`); `mean_box_baseline`: the same two for
     the mean box as a detector (one box per slice, score 1), when given."""
     if len(dets) != len(records): raise ValueError(f"{len(dets)} detection sets for {len(records)} slices")
-    per_slice = dets.in_pixels(records)
-    out = {'froc': froc([b for b, _ in per_slice], [s for _, s in per_slice], [r.boxes for r in records]),
+    out = {'froc': froc(*froc_inputs(dets, records)),
            'top1': top1_metrics(dets.boxes[:, 0], records, None if dets.sd is None else dets.sd[:, 0])}
     if baseline_unit is not None:
         base = Detections(np.repeat(np.asarray(baseline_unit, np.float64)[None, None], len(records), 0), np.ones((len(records), 1)))
@@ -151,9 +156,7 @@ class ValidFROC(Metric):
     def value(self):
         if not self.parts: return None
         dets = Detections(np.concatenate([p[0] for p in self.parts]), np.concatenate([p[1] for p in self.parts]))
-        recs = self.records[:len(dets)]
-        per_slice = dets.in_pixels(recs)
-        return froc([b for b, _ in per_slice], [s for _, s in per_slice], [r.boxes for r in recs])['mean_0.5_4']
+        return froc(*froc_inputs(dets, self.records[:len(dets)]))['mean_0.5_4']
 
     @property
     def name(self): return 'froc'

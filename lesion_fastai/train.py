@@ -139,7 +139,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         _fit_resumable(learn, out, cfg.epochs, cfg.lr, 'valid_loss', cfg.resume)
         trained = float(learn.validate()[0])
         config = {**asdict(cfg), 'size': size, 'patch': patch, 'data': str(cfg.data), 'out': str(out),
-                  'in_chans': n_channels(cfg.windows, cfg.context)}
+                  'in_chans': n_in}
         ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)
         _reconstruction_figure(learn, cfg, patch, out / 'reconstructions.png', keys)
         copy = _copy_baseline(learn, cfg, patch, keys)
