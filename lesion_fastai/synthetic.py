@@ -18,6 +18,7 @@ import csv
 import math
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,8 +197,46 @@ def _row(fname, patient, study, series, key, les, box, spacing, z_mm, S, slice_r
             _fmt(spacing, spacing, 5.0), _fmt(S, S), '-175, 275', gender, age, split]
 
 
+def _write_patient(tmp: Path, p: int, split: int, size: int, seed: int, neighbours: int, noise, mix) -> list:
+    """Render and write one patient's series (its own random streams, so patients can be written in any
+    order or process and give the same files); returns its DL_info rows."""
+    rows = []
+    prng = np.random.default_rng([seed, p])
+    gender, age = prng.choice(['M', 'F']), int(prng.integers(20, 90))
+    for study in range(1, int(prng.integers(1, 3)) + 1):
+        an = _anatomy(prng, size)
+        spacing = float(np.clip(prng.normal(.82, .12), .5, .98)) * 512 / size      # mm per pixel (DeepLesion: median ~0.82)
+        keys = sorted(int(k) for k in prng.choice(np.arange(20, 80), size=int(prng.integers(1, 3)), replace=False))
+        if len(keys) == 2 and keys[1] - keys[0] < 2 * neighbours + 1: keys = keys[:1]
+        counts = prng.choice(list(mix), size=len(keys), p=list(mix.values()))
+        key_lesions = {k: [_lesion(prng, an, size, spacing, an['hu']) for _ in range(int(n))] for k, n in zip(keys, counts)}
+        series_dir = tmp / 'Images_png' / f'{p:06d}_{study:02d}_01'
+        # As in DeepLesion, only slices around each key slice are shipped.
+        for sl in sorted({k + o for k in keys for o in range(-neighbours, neighbours + 1)}):
+            # A lesion is an ellipsoid: this slice cuts it if it lies within its z half extent (5 mm slices).
+            cuts = []
+            for k, ls in key_lesions.items():
+                for l in ls:
+                    dz = (sl - k) * 5.
+                    if abs(dz) < l['rz_mm']:
+                        cuts.append((l['ellipse'].scaled(math.sqrt(1 - (dz / l['rz_mm']) ** 2)), l['value']))
+            srng = np.random.default_rng([seed, p, study, sl])
+            img = render_slice(an, cuts, (sl - keys[0]) * 5., size, float(srng.uniform(*noise)), srng)
+            save_hu(series_dir / f'{sl:03d}.png', img)
+        for k, ls in key_lesions.items():
+            fname = f'{p:06d}_{study:02d}_01_{k:03d}.png'
+            for l in ls:
+                hx, hy = l['ellipse'].extent()
+                e = l['ellipse']
+                box = (max(0., e.cx - hx - 5), max(0., e.cy - hy - 5), min(size - 1., e.cx + hx + 5), min(size - 1., e.cy + hy + 5))
+                lesion_type = -1 if split == 1 else l['type']
+                rows.append(_row(fname, p, study, 1, k, l, box, spacing, k * 5. / 400, size, (k - neighbours, k + neighbours),
+                                 gender, age, split, lesion_type, 0))
+    return rows
+
+
 def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0, neighbours: int = 2,
-             noise: tuple[float, float] = (10., 20.), noisy: float = 0., lesions_per_slice: dict | None = None) -> Path:
+             noise: tuple[float, float] = (10., 20.), noisy: float = 0., lesions_per_slice: dict | None = None, workers: int = 1) -> Path:
     """Write a synthetic DeepLesion-layout data set to `out` and return the path of its `DL_info.csv`.
 
     Patients are split 70 / 15 / 15 into train / val / test (Train_Val_Test 1 / 2 / 3). Each patient has
@@ -206,7 +245,8 @@ def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0
     a small set that must hold multi-lesion slices. Deterministic for a seed. A `noisy` fraction of the lesion rows is marked `Possibly_noisy` = 1
     (DeepLesion marks about 0.3% of its test lesions), drawn from a stream of its own, so the images
     and every other column are the same whatever `noisy` is. Written to a temporary folder first, then
-    moved into place, so an interrupted run leaves no half data set behind.
+    moved into place, so an interrupted run leaves no half data set behind. `workers` processes write
+    patients in parallel: the files are the same for any number.
     """
     if not 0 <= noisy <= 1: raise ValueError(f"noisy {noisy}: expected a fraction in [0, 1]")
     out = Path(out)
@@ -217,41 +257,13 @@ def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0
     rng.shuffle(splits)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix='.synthetic-', dir=out.parent))
-    rows, noisy_rng = [], np.random.default_rng([seed, 7919])
-    mix = lesions_per_slice or LESIONS_PER_SLICE
-    for p in range(1, patients + 1):
-        prng = np.random.default_rng([seed, p])
-        gender, age = prng.choice(['M', 'F']), int(prng.integers(20, 90))
-        split = splits[p - 1]
-        for study in range(1, int(prng.integers(1, 3)) + 1):
-            an = _anatomy(prng, size)
-            spacing = float(np.clip(prng.normal(.82, .12), .5, .98)) * 512 / size      # mm per pixel (DeepLesion: median ~0.82)
-            keys = sorted(int(k) for k in prng.choice(np.arange(20, 80), size=int(prng.integers(1, 3)), replace=False))
-            if len(keys) == 2 and keys[1] - keys[0] < 2 * neighbours + 1: keys = keys[:1]
-            counts = prng.choice(list(mix), size=len(keys), p=list(mix.values()))
-            key_lesions = {k: [_lesion(prng, an, size, spacing, an['hu']) for _ in range(int(n))] for k, n in zip(keys, counts)}
-            series_dir = tmp / 'Images_png' / f'{p:06d}_{study:02d}_01'
-            # As in DeepLesion, only slices around each key slice are shipped.
-            for sl in sorted({k + o for k in keys for o in range(-neighbours, neighbours + 1)}):
-                # A lesion is an ellipsoid: this slice cuts it if it lies within its z half extent (5 mm slices).
-                cuts = []
-                for k, ls in key_lesions.items():
-                    for l in ls:
-                        dz = (sl - k) * 5.
-                        if abs(dz) < l['rz_mm']:
-                            cuts.append((l['ellipse'].scaled(math.sqrt(1 - (dz / l['rz_mm']) ** 2)), l['value']))
-                srng = np.random.default_rng([seed, p, study, sl])
-                img = render_slice(an, cuts, (sl - keys[0]) * 5., size, float(srng.uniform(*noise)), srng)
-                save_hu(series_dir / f'{sl:03d}.png', img)
-            for k, ls in key_lesions.items():
-                fname = f'{p:06d}_{study:02d}_01_{k:03d}.png'
-                for l in ls:
-                    hx, hy = l['ellipse'].extent()
-                    e = l['ellipse']
-                    box = (max(0., e.cx - hx - 5), max(0., e.cy - hy - 5), min(size - 1., e.cx + hx + 5), min(size - 1., e.cy + hy + 5))
-                    lesion_type = -1 if split == 1 else l['type']
-                    rows.append(_row(fname, p, study, 1, k, l, box, spacing, k * 5. / 400, size, (k - neighbours, k + neighbours),
-                                     gender, age, split, lesion_type, int(noisy_rng.random() < noisy)))
+    noisy_rng = np.random.default_rng([seed, 7919])
+    jobs = [(tmp, p, split, size, seed, neighbours, noise, lesions_per_slice or LESIONS_PER_SLICE) for p, split in enumerate(splits, 1)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool: per_patient = list(pool.map(_write_patient, *zip(*jobs), chunksize=4))
+    else: per_patient = [_write_patient(*job) for job in jobs]
+    rows = [row for rs in per_patient for row in rs]
+    for row in rows: row[10] = int(noisy_rng.random() < noisy)          # Possibly_noisy, in row order
     with open(tmp / 'DL_info.csv', 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
@@ -272,12 +284,13 @@ def main(argv=None):
     ap.add_argument('--neighbours', type=int, default=2, help='unlabeled slices written on each side of a key slice')
     ap.add_argument('--noisy', type=float, default=0., help='fraction of lesion rows marked Possibly_noisy = 1 (DeepLesion: about '
                     '0.003 of its test lesions); evaluation drops them as the official protocol does')
+    ap.add_argument('--workers', type=int, default=1, help='processes writing patients in parallel (the files are the same for any number)')
     ap.add_argument('--figure', type=Path, default=None, help='also save a figure of a few key slices with their boxes')
     args = ap.parse_args(argv)
     if args.patients < 3: ap.error('--patients must be at least 3 (one per split)')
     if args.size < 32: ap.error('--size must be at least 32')
     if not 0 <= args.noisy <= 1: ap.error(f'--noisy must be a fraction in [0, 1], got {args.noisy}')
-    csv_path = generate(args.out, args.patients, args.size, args.seed, args.neighbours, noisy=args.noisy)
+    csv_path = generate(args.out, args.patients, args.size, args.seed, args.neighbours, noisy=args.noisy, workers=args.workers)
     print(f"wrote {csv_path} and {args.out / 'Images_png'}")
     if args.figure is not None:
         from .deeplesion import read_dl_info, slice_records

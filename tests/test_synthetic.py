@@ -1,5 +1,6 @@
 """The built-in generator writes DeepLesion's layout, and the reader reads it back."""
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -44,12 +45,14 @@ def test_lesions_are_visible_with_ct_contrast(tiny_data):
     assert np.median(contrasts) > 10
 
 
-def test_deterministic_for_a_seed(tmp_path):
-    a, b = generate(tmp_path / 'a', patients=3, size=32, seed=7), generate(tmp_path / 'b', patients=3, size=32, seed=7)
+def test_deterministic_for_a_seed_and_any_number_of_workers(tmp_path):
+    a = generate(tmp_path / 'a', patients=3, size=32, seed=7, noisy=.5)
+    b = generate(tmp_path / 'b', patients=3, size=32, seed=7, noisy=.5, workers=2)
     assert a.read_text() == b.read_text()
     pa, pb = list_slices(tmp_path / 'a'), list_slices(tmp_path / 'b')
     assert [p.relative_to(tmp_path / 'a') for p in pa] == [p.relative_to(tmp_path / 'b') for p in pb]
     assert all(np.array_equal(load_hu(x), load_hu(y)) for x, y in zip(pa, pb))
+    assert '1' in pd.read_csv(a).Possibly_noisy.astype(str).values      # the noisy draws follow the rows, whoever wrote them
     c = generate(tmp_path / 'c', patients=3, size=32, seed=8)
     assert c.read_text() != a.read_text()
 
