@@ -3,6 +3,7 @@
 Examples:
     python -m finetune --data data/synthetic --out runs/scratch
     python -m finetune --data data/synthetic --pretrained runs/pretrain/pretrained.pth --freeze sandwich --out runs/sandwich
+    python -m finetune --data data/synthetic --pretrained runs/pretrain/pretrained.pth --freeze sandwich --sandwich decoder --out runs/decoder
     python -m finetune --eval runs/sandwich/export.pkl --data data/synthetic
 """
 import argparse
@@ -12,7 +13,7 @@ from pathlib import Path
 from lesion_fastai.cache import add_loading_args
 from lesion_fastai.freeze import FREEZE_MODES
 from lesion_fastai.losses import TERMS
-from lesion_fastai.models.localizer import HEADS
+from lesion_fastai.models.localizer import HEADS, SANDWICHES
 
 
 def parse_args(argv=None):
@@ -47,6 +48,9 @@ def parse_args(argv=None):
     ap.add_argument('--wd', type=float, default=.01, help='weight decay (default 0.01)')
     ap.add_argument('--adapter-ratio', type=float, default=1., help='sandwich: hidden width of each transfer layer as a fraction of '
                     'its stage width (default 1, chosen on validation by bench select; 0.25 trains a quarter of the parameters)')
+    ap.add_argument('--sandwich', choices=SANDWICHES, default='encoder', help='with --freeze sandwich: encoder (transfer layers between '
+                    "the frozen encoder's stages, the head on the encoder; default) or decoder (3FabRec: the pretrained encoder and "
+                    "decoder frozen, transfer layers between the decoder's blocks, the head on the decoder's stride-4 features)")
     ap.add_argument('--adapter-stem', action='store_true', help='sandwich: a transfer layer after the stem too (default: after each stage only)')
     ap.add_argument('--label-fraction', type=float, default=1., help='fraction of training patients whose labels are used, chosen with --seed (default 1)')
     ap.add_argument('--seed', type=int, default=0, help='random seed for labels subset, initialisation, batches and augmentation (default 0)')
@@ -91,7 +95,7 @@ def main(argv=None):
             data=args.data, out=args.out or Path('runs/finetune'), head=args.head, target=args.target, stride=args.stride, keep=args.keep, nms_iou=args.nms, size=args.size,
             windows=args.windows, context=args.context, epochs=args.epochs, lr=args.lr, lr_find=args.lr_find, bs=args.bs,
             loss=args.loss, map_weight=args.map_weight, map_radius=args.map_radius, wd=args.wd, adapter_ratio=args.adapter_ratio,
-            adapter_stem=args.adapter_stem, label_fraction=args.label_fraction, seed=args.seed, pretrained=args.pretrained, freeze=args.freeze,
+            adapter_stem=args.adapter_stem, sandwich=args.sandwich, label_fraction=args.label_fraction, seed=args.seed, pretrained=args.pretrained, freeze=args.freeze,
             update_frozen_bn=args.update_frozen_bn, kappa=args.kappa, nll_weight=args.nll_weight, out_bn=args.out_bn, augment=not args.no_augment,
             resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:

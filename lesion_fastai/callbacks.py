@@ -15,7 +15,7 @@ from fastai.callback.tracker import SaveModelCallback
 from .checkpoint import atomic_save
 from .files import atomic_path
 
-__all__ = ['TimeBudget', 'StopOnNonFinite', 'MaskedCorruption', 'corrupt', 'key_channels', 'ChannelLoss', 'AtomicSaveModelCallback',
+__all__ = ['TimeBudget', 'StopOnNonFinite', 'MaskedCorruption', 'corrupt', 'key_channels', 'MaskedLoss', 'ChannelLoss', 'AtomicSaveModelCallback',
            'ResumableCSVLogger', 'ResumeState', 'rng_state', 'set_rng_state']
 
 
@@ -39,6 +39,17 @@ def key_channels(n_channels: int, context: int) -> list[int]:
     return list(range(0, n_channels, 2 * context + 1))
 
 
+class MaskedLoss:
+    """`loss` over the masked pixels only (MAE's objective): called with the output, the clean target and
+    the mask [B, 1, H, W] (1 where masked) that `MaskedCorruption(masked_loss=True)` puts in the targets;
+    the visible pixels, which the input already shows, teach nothing."""
+    def __init__(self, kind: str = 'l1'): self.kind = kind
+    def __call__(self, out, y, mask):
+        err = (out - y).abs() if self.kind == 'l1' else (out - y) ** 2
+        return (err * mask).sum() / (mask.sum() * out.shape[1]).clamp(min=1)
+    def __repr__(self): return f"MaskedLoss({self.kind!r})"
+
+
 class ChannelLoss:
     "`loss` on the given channels of output and target only (the context pretext scores the key slice)."
     def __init__(self, loss, channels: list[int]): self.loss, self.channels = loss, list(channels)
@@ -50,16 +61,20 @@ class MaskedCorruption(Callback):
     """Autoencoder objective as a callback: the batch's clean slices become the target and the model
     sees them with masked patches (of `channels`, default all) and noise, so it must inpaint from
     context rather than copy. With only the key slice's channels masked, the context pretext: the
-    masked regions must come from the neighbour slices."""
+    masked regions must come from the neighbour slices. With `masked_loss` the mask joins the
+    targets, so that `MaskedLoss` scores the masked pixels only (the mae pretext)."""
     order = 5  # after the batch is on its device, before the model runs
 
-    def __init__(self, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, channels: list[int] | None = None):
+    def __init__(self, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, channels: list[int] | None = None,
+                 masked_loss: bool = False):
         self.mask_ratio, self.patch, self.noise_std, self.channels = mask_ratio, patch, noise_std, channels
+        self.masked_loss = masked_loss          # the mask joins the targets, for `MaskedLoss`
 
     def before_batch(self):
         x = self.xb[0]
-        self.learn.yb = (x.clone(),)
-        self.learn.xb = (corrupt(x, self.mask_ratio, self.patch, self.noise_std, channels=self.channels)[0],)
+        xc, mask = corrupt(x, self.mask_ratio, self.patch, self.noise_std, channels=self.channels)
+        self.learn.yb = (x.clone(), mask) if self.masked_loss else (x.clone(),)
+        self.learn.xb = (xc,)
 
 
 class TimeBudget(Callback):

@@ -8,7 +8,7 @@ import torch
 
 from .files import atomic_path
 
-__all__ = ['atomic_save', 'save_pretrained', 'load_pretrained', 'load_encoder', 'PRETRAINED_FORMAT']
+__all__ = ['atomic_save', 'save_pretrained', 'load_pretrained', 'load_encoder', 'load_decoder', 'decoder_args', 'PRETRAINED_FORMAT']
 
 PRETRAINED_FORMAT = 'lesion_fastai.autoencoder/1'
 
@@ -53,6 +53,24 @@ def load_encoder(encoder: torch.nn.Module, ckpt: dict, source='checkpoint') -> N
         raise ValueError(f"{source}: encoder weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"shapes {shapes[:5]})")
     result = encoder.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+
+
+def decoder_args(ckpt: dict) -> dict:
+    "The decoder's construction arguments in a checkpoint's `model_args` (all but the encoder's)."
+    return {k: v for k, v in ckpt['model_args'].items() if k != 'encoder_args'}
+
+
+def load_decoder(decoder: torch.nn.Module, ckpt: dict, source='checkpoint') -> None:
+    """Load the checkpoint's decoder weights into `decoder` (built from `decoder_args(ckpt)`) with
+    strict=True; a mismatch raises naming the keys or shapes."""
+    sd, own = ckpt['decoder'], decoder.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source}: decoder weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shapes {shapes[:5]})")
+    result = decoder.load_state_dict(sd, strict=True)
     assert not result.missing_keys and not result.unexpected_keys, result
 
 

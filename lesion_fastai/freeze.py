@@ -1,6 +1,8 @@
 """Which parameters train when fine-tuning from a pretrained encoder, and what frozen BatchNorm does.
 
-* `sandwich`: the pretrained encoder frozen; fresh `TransferLayer`s between its stages and a fresh head train.
+* `sandwich`: the pretrained encoder frozen; fresh `TransferLayer`s between its stages and a fresh head train
+  (`Localizer(sandwich='encoder')`), or, as 3FabRec builds it, the pretrained encoder and decoder frozen and
+  fresh `TransferLayer`s between the decoder's blocks (`sandwich='decoder'`).
 * `encoder`: the whole encoder frozen, only the head trains (a linear probe on pretrained features).
 * `none`: everything trains from the pretrained weights, the encoder at a tenth of the head's rate.
 * `scratch`: no pretrained weights, everything trains.
@@ -19,14 +21,16 @@ FREEZE_MODES = ('sandwich', 'encoder', 'none', 'scratch')
 
 
 def localizer_splitter(model):
-    "Two parameter groups: the (pretrained) encoder, then everything fresh (transfer layers and head)."
-    enc = list(model.encoder.parameters())
+    """Two parameter groups: the pretrained layers (the encoder, and the decoder of the decoder sandwich),
+    then everything fresh (transfer layers, neck and head)."""
+    decoder = getattr(model, 'decoder', None)
+    enc = list(model.encoder.parameters()) + (list(decoder.parameters()) if decoder is not None else [])
     ids = {id(p) for p in enc}
     return [enc, [p for p in model.parameters() if id(p) not in ids]]
 
 
 def apply_freeze(learn, mode: str) -> None:
-    "Freeze the encoder group for 'sandwich' / 'encoder'; train everything for 'none' / 'scratch'."
+    "Freeze the pretrained group for 'sandwich' / 'encoder'; train everything for 'none' / 'scratch'."
     if mode not in FREEZE_MODES: raise ValueError(f"freeze mode {mode!r}: expected one of {FREEZE_MODES}")
     if mode in ('sandwich', 'encoder'): learn.freeze_to(1)
     else: learn.unfreeze()

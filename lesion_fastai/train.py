@@ -16,10 +16,10 @@ from fastai.learner import Learner, load_learner
 from fastai.torch_core import set_seed
 from torch import nn
 
-from .callbacks import (AtomicSaveModelCallback, ChannelLoss, MaskedCorruption, ResumableCSVLogger, ResumeState,
+from .callbacks import (AtomicSaveModelCallback, ChannelLoss, MaskedCorruption, MaskedLoss, ResumableCSVLogger, ResumeState,
                         StopOnNonFinite, TimeBudget, corrupt, key_channels)
 from .cache import prepare_slices
-from .checkpoint import load_encoder, load_pretrained, save_pretrained
+from .checkpoint import decoder_args, load_decoder, load_encoder, load_pretrained, save_pretrained
 from .data import autoencoder_dls, localization_dls, n_channels, select_patients
 from .deeplesion import context_paths, evaluation_records, list_slices, load_data
 from .evaluation import evaluate_export, report
@@ -28,7 +28,7 @@ from .freeze import apply_freeze, freeze_callbacks, localizer_splitter, lr_for, 
 from .losses import DetectionLoss
 from .metrics import KEEP, NMS_IOU, ValidFROC, mean_box, summary_line
 from .models.autoencoder import create_autoencoder
-from .models.localizer import Localizer
+from .models.localizer import SANDWICHES, Localizer
 from .plots import plot_reconstructions
 
 __all__ = ['PretrainConfig', 'FinetuneConfig', 'pretrain', 'finetune', 'evaluate_export', 'load_data', 'write_json']
@@ -78,36 +78,45 @@ class PretrainConfig:
     context: int = 0
     seed: int = 0
     patients: str = 'train'           # 'train' or 'all'
-    mask_ratio: float = .5
-    patch: int | None = None          # default: size // 16
-    noise_std: float = .05
+    mask_ratio: float | None = None   # default: the pretext's (PRETEXTS)
+    patch: int | None = None          # default: the pretext's fraction of the size
+    noise_std: float | None = None    # default: the pretext's
     loss: str = 'l1'
-    pretext: str = 'masked'           # 'masked': masked + noisy slices; 'context': the key slice masked, its neighbours whole
+    pretext: str = 'masked'           # PRETEXTS
+    code_channels: tuple = (64, 8, 4)  # the autoencoder's codes at strides 32, 16, 8 (and 4, with a fourth number)
     resume: bool = False
     num_workers: int = 0
     cache: str = 'memory'             # 'memory' (per run), 'disk' (memory-mapped, shared by runs) or 'none'
     cache_dir: Path | None = None     # for 'disk': default ~/.cache/lesion_fastai
 
 
-PRETEXTS = ('masked', 'context')
+# pretext: (mask ratio, patch as a fraction of the size, noise std), what each reconstructs:
+# masked: every channel masked and noisy, all of it reconstructed; context: the key slice's patches masked, its
+# neighbour slices whole, the key slice reconstructed; mae: a high ratio of small patches masked, no noise, the loss
+# on the masked pixels only (masked autoencoders: He et al. 2022; convolutional ones: SparK, ConvNeXt V2).
+PRETEXTS = {'masked': (.5, 1 / 16, .05), 'context': (.5, 1 / 16, .05), 'mae': (.75, 1 / 32, 0.)}
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train the autoencoder on every slice of the chosen patients (labels unused), reconstructing clean
-    slices from masked, noisy ones (`pretext` 'masked'), or the key slice's masked patches from the
+    slices from masked, noisy ones (`pretext` 'masked'), the key slice's masked patches from the
     slice's visible rest and its whole neighbour slices ('context': lesions change between
-    neighbouring slices, most anatomy barely does). Writes `pretrained.pth` (encoder + decoder + construction
+    neighbouring slices, most anatomy barely does), or three quarters of small patches masked with
+    the loss on them only ('mae'). Writes `pretrained.pth` (encoder + decoder + construction
     arguments + config), `reconstructions.png`, `history.csv`, `pretrain_metrics.json`."""
     t0 = time.time()
     out = check_out_folder(cfg.out)
     if cfg.patients not in ('train', 'all'): raise ValueError(f"patients {cfg.patients!r}: expected 'train' or 'all'")
     if cfg.pretext not in PRETEXTS: raise ValueError(f"pretext {cfg.pretext!r}: expected one of {', '.join(PRETEXTS)}")
+    ratio, patch_fraction, noise = PRETEXTS[cfg.pretext]
+    mask_ratio = ratio if cfg.mask_ratio is None else cfg.mask_ratio
+    noise_std = noise if cfg.noise_std is None else cfg.noise_std
     if cfg.pretext == 'context' and cfg.context < 1:
         raise ValueError("--pretext context reconstructs a slice from its neighbours: it needs --context 1 or more "
                          "(neighbour slices on each side as input channels)")
     df, records = load_data(cfg.data)
     size = cfg.size or _native_size(records) // 2
-    patch = cfg.patch or max(2, size // 16)
+    patch = cfg.patch or max(2, round(size * patch_fraction))
     # 'all' adds the test patients' slices (labels unused); validation patients stay held out for the loss
     train_p = set(df.patient[df.split == 'train']) if cfg.patients == 'train' else set(df.patient[df.split != 'val'])
     val_p = set(df.patient[df.split == 'val'])
@@ -129,20 +138,22 @@ def pretrain(cfg: PretrainConfig) -> dict:
         set_seed(cfg.seed, reproducible=True)
         dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed, cache=cache)
         n_in = n_channels(cfg.windows, cfg.context)
-        model = create_autoencoder(n_in)
-        loss = {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
+        model = create_autoencoder(n_in, code_channels=tuple(cfg.code_channels))
+        masked_loss = cfg.pretext == 'mae'
+        loss = MaskedLoss(cfg.loss) if masked_loss else {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
         keys = key_channels(n_in, cfg.context) if cfg.pretext == 'context' else None
         if keys: loss = ChannelLoss(loss, keys)
+        corruption = dict(mask_ratio=mask_ratio, patch=patch, noise_std=noise_std)
         learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
-                        cbs=[MaskedCorruption(cfg.mask_ratio, patch, cfg.noise_std, keys)])
+                        cbs=[MaskedCorruption(**corruption, channels=keys, masked_loss=masked_loss)])
         untrained = float(learn.validate()[0])
         _fit_resumable(learn, out, cfg.epochs, cfg.lr, 'valid_loss', cfg.resume)
         trained = float(learn.validate()[0])
-        config = {**asdict(cfg), 'size': size, 'patch': patch, 'data': str(cfg.data), 'out': str(out),
-                  'in_chans': n_in}
+        config = {**asdict(cfg), **corruption, 'size': size, 'data': str(cfg.data), 'out': str(out), 'in_chans': n_in,
+                  'code_channels': list(cfg.code_channels)}
         ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)
-        _reconstruction_figure(learn, cfg, patch, out / 'reconstructions.png', keys)
-        copy = _copy_baseline(learn, cfg, patch, keys)
+        _reconstruction_figure(learn, corruption, out / 'reconstructions.png', keys)
+        copy = _copy_baseline(learn, corruption, keys, masked_loss)
         metrics = {'valid_loss_untrained': untrained, 'valid_loss': trained, 'valid_loss_copy_input': copy,
                    'train_slices': n_train, 'config': config, 'time_s': round(time.time() - t0, 1)}
         if keys: metrics['valid_loss_neighbour_mean'] = _neighbour_baseline(learn, keys)
@@ -152,10 +163,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 @torch.no_grad()
-def _copy_baseline(learn, cfg, patch, channels=None) -> float:
+def _copy_baseline(learn, corruption: dict, channels=None, masked_loss=False) -> float:
     "The loss of returning the corrupted input unchanged: a model must beat it to have learned anything."
-    g = torch.Generator().manual_seed(0)
-    losses = [float(learn.loss_func(corrupt(x, cfg.mask_ratio, patch, cfg.noise_std, g, channels)[0], x)) for (x,) in learn.dls.valid]
+    g, losses = None, []
+    for (x,) in learn.dls.valid:
+        g = g or torch.Generator(device=x.device).manual_seed(0)
+        xc, mask = corrupt(x, **corruption, generator=g, channels=channels)
+        losses.append(float(learn.loss_func(xc, x, mask) if masked_loss else learn.loss_func(xc, x)))
     return float(np.mean(losses))
 
 
@@ -172,10 +186,10 @@ def _neighbour_baseline(learn, keys) -> float:
 
 
 @torch.no_grad()
-def _reconstruction_figure(learn, cfg, patch, path, channels=None, n=4):
+def _reconstruction_figure(learn, corruption: dict, path, channels=None, n=4):
     (x,) = learn.dls.valid.one_batch()
     x = x[:n]
-    xc, _ = corrupt(x, cfg.mask_ratio, patch, cfg.noise_std, torch.Generator(device=x.device).manual_seed(0), channels)
+    xc, _ = corrupt(x, **corruption, generator=torch.Generator(device=x.device).manual_seed(0), channels=channels)
     learn.model.eval()
     y = learn.model(xc)
     return plot_reconstructions(x[:, 0].cpu().numpy(), xc[:, 0].cpu().numpy(), y[:, 0].cpu().numpy(), path)
@@ -205,6 +219,7 @@ class FinetuneConfig:
     wd: float = .01                   # weight decay (fastai's Adam default)
     adapter_ratio: float = 1.         # sandwich: hidden width of each transfer layer, as a fraction of its stage's
     adapter_stem: bool = False        # sandwich: a transfer layer after the stem too
+    sandwich: str = 'encoder'         # sandwich: transfer layers between the frozen 'encoder' stages or 'decoder' blocks (3FabRec)
     label_fraction: float = 1.
     same_epoch_length: bool = False   # repeat a label subset to the full training set's length per epoch
     seed: int = 0
@@ -232,6 +247,9 @@ def _resolve(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
         raise ValueError(f"--freeze {freeze} needs --pretrained CHECKPOINT (without one the model trains from scratch)")
     if ckpt is not None and freeze == 'scratch':
         raise ValueError("--freeze scratch ignores --pretrained: drop one of them")
+    if cfg.sandwich not in SANDWICHES: raise ValueError(f"--sandwich {cfg.sandwich!r}: expected one of {', '.join(SANDWICHES)}")
+    if cfg.sandwich == 'decoder' and freeze != 'sandwich':
+        raise ValueError(f"--sandwich decoder interleaves transfer layers in the frozen decoder: it needs --freeze sandwich, not {freeze}")
     defaults = {'windows': 'soft', 'context': 0, 'size': _native_size(records) // 2}
     settings = {}
     for k in ('windows', 'context', 'size'):
@@ -283,9 +301,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         set_seed(cfg.seed, reproducible=True)
         dls = localization_dls(epoch_items + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
                                cfg.num_workers, cfg.seed, cache=cache)
-        model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich', out_bn=cfg.out_bn, kappa=cfg.kappa,
-                          adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, stride=cfg.stride)
+        model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich' and cfg.sandwich, out_bn=cfg.out_bn, kappa=cfg.kappa,
+                          adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, stride=cfg.stride,
+                          decoder_args=decoder_args(ckpt) if ckpt else None)
         if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
+        if model.decoder is not None: load_decoder(model.decoder, ckpt, str(cfg.pretrained))
         learn = Learner(dls, model, loss_func=loss_func, metrics=[ValidFROC(cfg.keep, cfg.nms_iou)], train_bn=False, wd=cfg.wd, path=out,
                         model_dir='models', splitter=localizer_splitter)
         apply_freeze(learn, s['freeze'])

@@ -1,12 +1,14 @@
 """python -m pretrain: unsupervised autoencoder pretraining on every slice of the training patients.
 
 Labels are not used: the autoencoder reconstructs clean slices from masked, noisy ones (or, with
---pretext context, a slice's masked patches from its neighbour slices). Writes
+--pretext context, a slice's masked patches from its neighbour slices; with --pretext mae, three
+quarters of small patches, scored on the masked pixels only). Writes
 OUT/pretrained.pth (encoder, decoder, construction arguments, config) for python -m finetune --pretrained.
 
 Example:
     python -m pretrain --data data/synthetic --out runs/pretrain --epochs 10
     python -m pretrain --data data/synthetic --out runs/pretrain_context --pretext context --context 2
+    python -m pretrain --data data/synthetic --out runs/pretrain_mae --pretext mae
 """
 import argparse
 import sys
@@ -28,21 +30,28 @@ def parse_args(argv=None):
     ap.add_argument('--context', type=int, default=0, help='neighbour slices on each side as extra channels (default 0)')
     ap.add_argument('--patients', choices=['train', 'all'], default='train',
                     help='slices of training patients only (default), or of train and test patients (labels unused either way)')
-    ap.add_argument('--mask-ratio', type=float, default=.5, help='fraction of patches masked out of the input (default 0.5)')
-    ap.add_argument('--patch', type=int, default=None, help='masked patch size in pixels (default size/16)')
-    ap.add_argument('--noise-std', type=float, default=.05, help='Gaussian noise added to the windowed input (default 0.05)')
+    ap.add_argument('--mask-ratio', type=float, default=None, help='fraction of patches masked out of the input (default 0.5; mae 0.75)')
+    ap.add_argument('--patch', type=int, default=None, help='masked patch size in pixels (default size/16; mae size/32)')
+    ap.add_argument('--noise-std', type=float, default=None, help='Gaussian noise added to the windowed input (default 0.05; mae 0)')
+    ap.add_argument('--code-channels', default='64,8,4', help="the autoencoder's bottleneck: channels of its codes at strides 32, 16, 8, "
+                    "and 4 with a fourth number (default 64,8,4)")
     ap.add_argument('--loss', choices=['l1', 'mse'], default='l1', help='reconstruction loss (default l1)')
-    ap.add_argument('--pretext', choices=['masked', 'context'], default='masked',
+    ap.add_argument('--pretext', choices=['masked', 'context', 'mae'], default='masked',
                     help="masked: every channel masked and noisy, all reconstructed (default); context: only the key "
                          "slice's patches masked, its --context neighbours whole, the key slice reconstructed (needs "
-                         "--context 1 or more; fine-tune with the same --context)")
+                         "--context 1 or more; fine-tune with the same --context); mae: three quarters of small patches "
+                         "masked, no noise, the loss on the masked pixels only (masked autoencoders)")
     ap.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     ap.add_argument('--resume', action='store_true', help='continue an interrupted run from OUT/last.pth')
     add_loading_args(ap)
     args = ap.parse_args(argv)
     for name, v, lo in (('--epochs', args.epochs, 1), ('--bs', args.bs, 1), ('--context', args.context, 0), ('--size', args.size or 32, 32)):
         if v < lo: ap.error(f'{name} must be at least {lo}, got {v}')
-    if not 0 <= args.mask_ratio < 1: ap.error(f'--mask-ratio must be in [0, 1), got {args.mask_ratio}')
+    if args.mask_ratio is not None and not 0 <= args.mask_ratio < 1: ap.error(f'--mask-ratio must be in [0, 1), got {args.mask_ratio}')
+    try: args.code_channels = tuple(int(c) for c in args.code_channels.split(','))
+    except ValueError: ap.error(f'--code-channels must be 3 or 4 integers joined by commas, got {args.code_channels!r}')
+    if not 3 <= len(args.code_channels) <= 4 or min(args.code_channels) < 1:
+        ap.error(f'--code-channels must be 3 or 4 positive integers joined by commas, got {args.code_channels}')
     return args
 
 
@@ -53,7 +62,7 @@ def main(argv=None):
         pretrain(PretrainConfig(data=args.data, out=args.out, epochs=args.epochs, lr=args.lr, bs=args.bs, size=args.size,
                                 windows=args.windows, context=args.context, seed=args.seed, patients=args.patients,
                                 mask_ratio=args.mask_ratio, patch=args.patch, noise_std=args.noise_std, loss=args.loss,
-                                pretext=args.pretext,
+                                pretext=args.pretext, code_channels=args.code_channels,
                                 resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

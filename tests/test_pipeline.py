@@ -219,6 +219,46 @@ def test_sandwich_step_keeps_frozen_weights_and_bn_statistics(tiny_records):
     assert trainable and all(n.startswith(('adapters.', 'neck.', 'head.')) for n in trainable)
 
 
+def _decoder_sandwich(**kw):
+    from lesion_fastai.models.autoencoder import create_autoencoder
+    ae = create_autoencoder(1, **ENC, **kw)
+    model = Localizer(ae.encoder_args, sandwich='decoder', decoder_args={k: v for k, v in ae.model_args.items() if k != 'encoder_args'})
+    model.encoder.load_state_dict(ae.encoder.state_dict(), strict=True)
+    model.decoder.load_state_dict(ae.decoder.state_dict(), strict=True)
+    return ae, model
+
+
+@pytest.mark.parametrize('codes', [(64, 8, 4), (64, 8, 4, 4)])
+def test_untrained_decoder_sandwich_computes_the_pretrained_decoder_path(codes):
+    "Transfer layers start as the identity: the neck reads exactly the autoencoder's decoder blocks, down to stride 4."
+    torch.manual_seed(0)
+    ae, model = _decoder_sandwich(code_channels=codes)
+    ae.eval(); model.eval()
+    x = torch.rand(2, 1, 64, 64)
+    h = ae.encoder.stem(x)
+    feats = []
+    for stage in ae.encoder.stages: h = stage(h); feats.append(h)
+    want = ae.decoder.features(feats)[:3][::-1]                      # strides 4, 8, 16
+    got = model.features(x)
+    assert [f.shape[-1] for f in got] == [16, 8, 4]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+
+
+def test_decoder_sandwich_step_keeps_frozen_encoder_decoder_and_bn_statistics(tiny_records):
+    torch.manual_seed(0)
+    _, model = _decoder_sandwich()
+    learn = _learner(tiny_records, model, 'sandwich')
+    frozen0 = {k: v.clone() for k, v in [*model.encoder.state_dict().items(), *model.decoder.state_dict().items()]}
+    ad0 = {k: v.clone() for k, v in model.decoder_adapters.state_dict().items()}
+    learn.fit(2, 1e-2)
+    frozen = dict([*model.encoder.state_dict().items(), *model.decoder.state_dict().items()])
+    assert any('running_mean' in k for k in frozen)
+    for k, v in frozen.items(): assert torch.equal(v, frozen0[k]), k       # weights and running statistics
+    assert any(not torch.equal(v, ad0[k]) for k, v in model.decoder_adapters.state_dict().items() if 'conv2' in k)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(('decoder_adapters.', 'neck.', 'head.')) for n in trainable)
+
+
 def test_update_frozen_bn_flag_lets_statistics_adapt(tiny_records):
     model = Localizer(dict(ENC), sandwich=True)
     learn = _learner(tiny_records, model, 'sandwich', update_bn=True)
@@ -253,6 +293,8 @@ def test_cli_errors_are_clear(tmp_path, tiny_data):
     assert r.returncode == 2 and '--label-fraction must be in (0, 1]' in r.stderr
     r = run('--data', str(tiny_data), '--freeze', 'sandwich', '--out', str(tmp_path / 'o'))
     assert r.returncode == 1 and '--freeze sandwich needs --pretrained' in r.stderr
+    r = run('--data', str(tiny_data), '--sandwich', 'decoder', '--out', str(tmp_path / 'o'))
+    assert r.returncode == 1 and '--sandwich decoder' in r.stderr and 'needs --freeze sandwich' in r.stderr
     r = run('--data', str(tiny_data), '--loss', 'iou', '--out', str(tmp_path / 'o'))
     assert r.returncode == 1 and 'unknown term' in r.stderr
     for mod in ('finetune', 'pretrain'):

@@ -1,11 +1,13 @@
-"""The context pretext: only the key slice is masked, its neighbours stay whole, only the key slice is scored."""
+"""The pretexts: context (only the key slice is masked, its neighbours stay whole, only the key slice is
+scored) and mae (a high ratio of small patches, scored on the masked pixels only), and the decoder
+sandwich fine-tuned from them."""
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from lesion_fastai.callbacks import ChannelLoss, corrupt, key_channels
+from lesion_fastai.callbacks import ChannelLoss, MaskedCorruption, MaskedLoss, corrupt, key_channels
 from lesion_fastai.checkpoint import load_pretrained
 from lesion_fastai.data import n_channels
 from lesion_fastai.deeplesion import read_dl_info
@@ -66,3 +68,46 @@ def test_context_pretext_trains_beats_its_baselines_and_finetunes(tiny_data, tmp
     r = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'ft', epochs=1, bs=2, pretrained=out / 'pretrained.pth',
                                 freeze='sandwich', quiet=True))
     assert r['config']['context'] == 1 and (tmp_path / 'ft' / 'export.pkl').exists()
+
+
+def test_masked_loss_scores_only_the_masked_pixels():
+    y = torch.rand(2, 2, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8); mask[..., :4, :] = 1
+    off_visible, off_masked = y.clone(), y.clone()
+    off_visible[..., 4:, :] += 1
+    off_masked[..., :4, :] += .5
+    assert float(MaskedLoss()(off_visible, y, mask)) == 0
+    assert float(MaskedLoss()(off_masked, y, mask)) == pytest.approx(.5)
+    assert float(MaskedLoss('mse')(off_masked, y, mask)) == pytest.approx(.25)
+
+
+def test_masked_corruption_puts_the_mask_in_the_targets_for_the_masked_loss():
+    class Learn: pass
+    cb = MaskedCorruption(.75, 4, 0., masked_loss=True)
+    cb.learn = Learn()
+    x = torch.rand(2, 1, 32, 32) * .8 + .1
+    cb.learn.xb, cb.learn.yb = (x,), ()
+    cb.before_batch()
+    (xc,), (y, mask) = cb.learn.xb, cb.learn.yb
+    assert torch.equal(y, x) and mask.shape == (2, 1, 32, 32)
+    assert .6 < float(mask.mean()) < .9 and (xc[mask.expand_as(xc) > 0] == 0).all()
+
+
+def test_mae_pretext_then_decoder_sandwich_loads_encoder_and_decoder(tiny_data, tmp_path):
+    out = tmp_path / 'pretrain'
+    pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--pretext', 'mae', '--epochs', '8', '--bs', '4', '--size', '32',
+                       '--lr', '1e-2', '--code-channels', '16,8,4,4'])
+    m = json.loads((out / 'pretrain_metrics.json').read_text())
+    c = m['config']
+    assert (c['pretext'], c['mask_ratio'], c['noise_std'], c['patch'], c['code_channels']) == ('mae', .75, 0., 2, [16, 8, 4, 4])
+    assert m['valid_loss'] < .7 * m['valid_loss_untrained'] and m['valid_loss'] < m['valid_loss_copy_input']
+    ckpt = load_pretrained(out / 'pretrained.pth')
+    r = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'ft', epochs=1, bs=2, pretrained=out / 'pretrained.pth',
+                                freeze='sandwich', sandwich='decoder', quiet=True))
+    assert r['config']['sandwich'] == 'decoder' and r['parameters']['frozen'] > 0
+    from fastai.learner import load_learner
+    model = load_learner(tmp_path / 'ft' / 'export.pkl').model
+    for part in ('encoder', 'decoder'):
+        own = getattr(model, part).state_dict()
+        for k, v in ckpt[part].items(): assert torch.equal(own[k], v), (part, k)
+    assert model.decoder_adapters is not None and model.adapters is None

@@ -21,15 +21,16 @@ __all__ = ['Decoder', 'Autoencoder', 'create_autoencoder']
 
 class Decoder(nn.Module):
     """Bottleneck codes of the last three stages (coarsest first in `code_channels` order: stride 32,
-    16, 8), decoded by nearest-upsample + 3x3 conv blocks, each code joining at its own scale; a
-    sigmoid image of `out_chans` channels at the input size."""
+    16, 8; a fourth number adds a code of the first stage, at stride 4), decoded by nearest-upsample +
+    3x3 conv blocks, each code joining at its own scale; a sigmoid image of `out_chans` channels at
+    the input size. `features` gives the blocks' outputs, which the decoder sandwich reads."""
     def __init__(self, stage_widths, out_chans: int, reduction: int = 32, code_channels=(64, 8, 4), widths=None):
         super().__init__()
         n_up = reduction.bit_length() - 1
         if widths is None: widths = tuple(max(8, 128 // 2 ** i) for i in range(n_up))  # 128, 64, 32, 16, 8
-        if 2 ** n_up != reduction or n_up != len(widths) or len(code_channels) > min(3, len(stage_widths)):
+        if 2 ** n_up != reduction or n_up != len(widths) or len(code_channels) > min(4, len(stage_widths)):
             raise ValueError(f"reduction {reduction} needs {n_up} upsampling widths (got {widths}) and at most "
-                             f"{min(3, len(stage_widths))} codes (got {code_channels})")
+                             f"{min(4, len(stage_widths))} codes (got {code_channels})")
         self.codes = nn.ModuleList([conv_bn(w, c, k=1) for w, c in zip(reversed(stage_widths), code_channels)])
         blocks, ci = [], code_channels[0]
         for i, w in enumerate(widths):
@@ -38,15 +39,31 @@ class Decoder(nn.Module):
             ci = w
         self.blocks = nn.ModuleList(blocks)
         self.out = nn.Conv2d(ci, out_chans, 3, padding=1)
+        self.widths, self.reduction = tuple(widths), reduction
 
-    def forward(self, feats):  # stage outputs, finest first -> [B, out_chans, H, W] in [0, 1]
+    def blocks_to(self, stride: int) -> int:
+        "How many blocks decode down to `stride` (block i outputs stride reduction / 2 ** (i + 1))."
+        n = (self.reduction // stride).bit_length() - 1
+        if not 0 < n <= len(self.blocks) or self.reduction // 2 ** n != stride:
+            raise ValueError(f"the decoder has no block at stride {stride} (reduction {self.reduction}, {len(self.blocks)} blocks)")
+        return n
+
+    def features(self, feats, n_blocks: int | None = None, adapters=None) -> list:
+        """The outputs of the first `n_blocks` decoder blocks (default all), coarsest first; with
+        `adapters` (one module per block) each block's output passes through its adapter before the
+        next block reads it: 3FabRec's interleaved transfer layers."""
         codes = [proj(f) for proj, f in zip(self.codes, reversed(feats))]   # coarsest first
-        x = codes[0]
-        for i, block in enumerate(self.blocks):
+        x, out = codes[0], []
+        for i, block in enumerate(self.blocks[:n_blocks]):
             x = F.interpolate(x, scale_factor=2, mode='nearest')
             if i + 1 < len(codes): x = torch.cat([x, codes[i + 1]], 1)
             x = block(x)
-        return torch.sigmoid(self.out(x))
+            if adapters is not None: x = adapters[i](x)
+            out.append(x)
+        return out
+
+    def forward(self, feats):  # stage outputs, finest first -> [B, out_chans, H, W] in [0, 1]
+        return torch.sigmoid(self.out(self.features(feats)[-1]))
 
 
 class Autoencoder(nn.Module):

@@ -1,5 +1,6 @@
 """The lesion detector: the shared ResNet body, optional transfer layers interleaved between its stages
-(the frozen sandwich), a feature pyramid down to stride 4, and a CenterNet head, direct or Gaussian.
+(the encoder sandwich) or the pretrained decoder with transfer layers between its blocks (the decoder
+sandwich), a feature pyramid down to stride 4, and a CenterNet head, direct or Gaussian.
 
 Every head returns dense maps over the stride-`stride` grid of the input:
 * `heat` [B, h, w]: centre-heatmap logits, one peak per lesion;
@@ -21,7 +22,7 @@ from ..boxes import MIN_SIZE, params_to_boxes
 from ..heatmap import peaks, suppress
 from .resnet import DEFAULT_ENCODER, ResNetEncoder, conv_bn
 
-__all__ = ['TransferLayer', 'CentreNeck', 'DirectHead', 'GaussianHead', 'Localizer', 'create_localizer', 'detections', 'HEADS']
+__all__ = ['SANDWICHES', 'TransferLayer', 'CentreNeck', 'DirectHead', 'GaussianHead', 'Localizer', 'create_localizer', 'detections', 'HEADS']
 
 
 class TransferLayer(nn.Module):
@@ -117,34 +118,55 @@ class GaussianHead(DirectHead):
 HEADS = {'direct': DirectHead, 'gaussian': GaussianHead}
 
 
+SANDWICHES = ('encoder', 'decoder')
+
+
 class Localizer(nn.Module):
-    """`encoder` (a `ResNetEncoder`, the autoencoder's encoder class) -> optional `adapters` (one
-    `TransferLayer` after each stage: the sandwich; with `adapter_stem` one after the stem too, with
-    `adapter_ratio` < 1 narrower ones) -> `neck` (pyramid to `stride`) -> `head`. Returns the head's
-    dense maps (module docstring)."""
-    def __init__(self, encoder_args: dict | None = None, head: str = 'direct', sandwich: bool = False,
+    """`encoder` (a `ResNetEncoder`, the autoencoder's encoder class) -> `neck` (pyramid to `stride`) ->
+    `head`, returning the head's dense maps (module docstring). Two sandwiches of frozen pretrained
+    layers and fresh `TransferLayer`s:
+    * `sandwich='encoder'` (or True): one transfer layer after each encoder stage (with `adapter_stem`
+      one after the stem too, with `adapter_ratio` < 1 narrower ones); the neck reads the stages.
+    * `sandwich='decoder'`: 3FabRec's: the autoencoder's `decoder` (built from `decoder_args`, its
+      `model_args` without the encoder's) decodes the encoder's codes down to `stride`, a transfer
+      layer after each of its blocks; the neck reads those blocks, so the head sits on the features
+      the decoder draws the slice from."""
+    def __init__(self, encoder_args: dict | None = None, head: str = 'direct', sandwich: bool | str = False,
                  hidden: int = 32, out_bn: bool = False, kappa: float = .05, adapter_ratio: float = 1.,
-                 adapter_stem: bool = False, stride: int = 4):
+                 adapter_stem: bool = False, stride: int = 4, decoder_args: dict | None = None):
         super().__init__()
         if head not in HEADS: raise ValueError(f"head {head!r}: expected one of {sorted(HEADS)}")
+        kind = 'encoder' if sandwich is True else (sandwich or None)
+        if kind not in (None, *SANDWICHES): raise ValueError(f"sandwich {sandwich!r}: expected one of {SANDWICHES}")
         self.encoder_args = dict(DEFAULT_ENCODER, **(encoder_args or {}))
         self.encoder = ResNetEncoder(**self.encoder_args)
-        self.adapters = nn.ModuleList([TransferLayer(w, adapter_ratio) for w in self.encoder.widths]) if sandwich else None
+        self.adapters = nn.ModuleList([TransferLayer(w, adapter_ratio) for w in self.encoder.widths]) if kind == 'encoder' else None
         stem_width = self.encoder_args['stem_width']
-        self.stem_adapter = TransferLayer(stem_width, adapter_ratio) if sandwich and adapter_stem else None
-        self.neck = CentreNeck(self.encoder.widths, stride)
+        self.stem_adapter = TransferLayer(stem_width, adapter_ratio) if kind == 'encoder' and adapter_stem else None
+        self.decoder = self.decoder_adapters = None
+        if kind == 'decoder':
+            from .autoencoder import Decoder
+            self.decoder_args = dict(decoder_args or {})
+            self.decoder = Decoder(self.encoder.widths, self.encoder.in_chans, self.encoder.reduction,
+                                   tuple(self.decoder_args.get('code_channels', (64, 8, 4))), self.decoder_args.get('decoder_widths'))
+            self.n_decoder_blocks = self.decoder.blocks_to(stride)
+            widths = self.decoder.widths[:self.n_decoder_blocks]
+            self.decoder_adapters = nn.ModuleList([TransferLayer(w, adapter_ratio) for w in widths])
+            self.neck = CentreNeck(widths[::-1], 4)          # the blocks, finest first; the finest is at `stride`
+        else: self.neck = CentreNeck(self.encoder.widths, stride)
         kw = dict(kappa=kappa) if head == 'gaussian' else {}
         self.head = HEADS[head](self.neck.out_ch, hidden, out_bn, **kw)
         self.stride = stride
 
-    def features(self, x) -> list:  # [B, C, H, W] -> every stage's output, strides 4, 8, 16, 32
+    def features(self, x) -> list:  # [B, C, H, W] -> what the neck reads, finest first
         x, out = self.encoder.stem(x), []
         if self.stem_adapter is not None: x = self.stem_adapter(x)
         for i, stage in enumerate(self.encoder.stages):
             x = stage(x)
             if self.adapters is not None: x = self.adapters[i](x)
-            out.append(x)
-        return out
+            out.append(x)                                    # strides 4, 8, 16, 32
+        if getattr(self, 'decoder', None) is None: return out
+        return self.decoder.features(out, self.n_decoder_blocks, self.decoder_adapters)[::-1]   # down to `stride`
 
     def forward(self, x):
         return self.head(self.neck(self.features(x)))
@@ -165,7 +187,7 @@ def detections(out, k: int = 50, nms_iou: float | None = None, min_score: float 
     return boxes, scores, (pick(sd) if sd is not None else None)
 
 
-def create_localizer(in_chans: int = 1, head: str = 'direct', sandwich: bool = False, **kwargs) -> Localizer:
+def create_localizer(in_chans: int = 1, head: str = 'direct', sandwich: bool | str = False, **kwargs) -> Localizer:
     "A detector with the default body for `in_chans` input channels."
     enc = {k: kwargs.pop(k) for k in list(kwargs) if k in DEFAULT_ENCODER}
     return Localizer(dict(enc, in_chans=in_chans), head=head, sandwich=sandwich, **kwargs)
