@@ -1,6 +1,6 @@
 """Benchmarks: figures printed beside their baselines, results written as JSON, Markdown and plots.
 
-    python -m lesion_fastai.bench efficiency [--quick]   # label fractions x {scratch, none, encoder, sandwich}
+    python -m lesion_fastai.bench efficiency [--quick]   # label fractions x {scratch, none, sandwich, decoder-sandwich} x seeds
     python -m lesion_fastai.bench study [--quick]        # why the sandwich does (not) match: one change at a time
     python -m lesion_fastai.bench select --setting adapter_ratio --values 0.25,1   # a default, chosen on validation
     python -m lesion_fastai.bench throughput [--quick]   # slice loading and training images/s, peak memory
@@ -24,7 +24,10 @@ from .files import atomic_write_text
 
 __all__ = ['efficiency', 'study', 'select', 'throughput', 'main']
 
-MODES = ('scratch', 'none', 'encoder', 'sandwich')
+# bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich)
+MODES = {'scratch': ('scratch', 'encoder'), 'none': ('none', 'encoder'), 'encoder': ('encoder', 'encoder'),
+         'sandwich': ('sandwich', 'encoder'), 'decoder-sandwich': ('sandwich', 'decoder')}
+GRID_MODES = ('scratch', 'none', 'sandwich', 'decoder-sandwich')
 
 
 def _machine() -> str:
@@ -35,21 +38,32 @@ def _machine() -> str:
 
 # --- data efficiency -----------------------------------------------------------------------------------------
 
+def _generate(data: Path, patients: int, native: int, neighbours: int = 2, workers: int = 1) -> None:
+    "The benchmark's synthetic data, generated once (seed 1)."
+    from .synthetic import generate
+    if not (data / 'DL_info.csv').exists():
+        print(f"generating {patients} synthetic patients at {native} px, {neighbours} unlabelled slices on each side of a key slice, in {data}")
+        generate(data, patients=patients, size=native, seed=1, neighbours=neighbours, workers=workers)
+
+
+def _pretrain_folder(out: Path, changes: dict | None) -> Path:
+    return out / ('pretrain' + ''.join(f'_{k}{v}' for k, v in sorted((changes or {}).items())))
+
+
+def _pretrain_once(data: Path, folder: Path, pretrain_epochs: int, bs: int, changes: dict | None = None) -> Path:
+    from .train import PretrainConfig, pretrain
+    ckpt = folder / 'pretrained.pth'
+    if not ckpt.exists():
+        pretrain(PretrainConfig(**{**dict(data=data, out=folder, epochs=pretrain_epochs, bs=bs, resume=True), **(changes or {})}))
+    return ckpt
+
+
 def _prepare(out: Path, data: Path, patients: int, native: int, pretrain_epochs: int, bs: int,
              pretrain_changes: dict | None = None) -> Path:
     """The benchmark's data (generated once) and its autoencoder pretraining (`out/pretrain`, or
     `out/pretrain_<changes>` for a pretraining with other settings); returns the checkpoint."""
-    from .synthetic import generate
-    from .train import PretrainConfig, pretrain
-    if not (data / 'DL_info.csv').exists():
-        print(f"generating {patients} synthetic patients at {native} px in {data}")
-        generate(data, patients=patients, size=native, seed=1)
-    changes = pretrain_changes or {}
-    folder = out / ('pretrain' + ''.join(f'_{k}{v}' for k, v in sorted(changes.items())))
-    ckpt = folder / 'pretrained.pth'
-    if not ckpt.exists():
-        pretrain(PretrainConfig(**{**dict(data=data, out=folder, epochs=pretrain_epochs, bs=bs, resume=True), **changes}))
-    return ckpt
+    _generate(data, patients, native)
+    return _pretrain_once(data, _pretrain_folder(out, pretrain_changes), pretrain_epochs, bs, pretrain_changes)
 
 
 def _run(cfg) -> dict:
@@ -57,12 +71,15 @@ def _run(cfg) -> dict:
     settings; a finished run with other settings is an error rather than a silently wrong row."""
     from dataclasses import asdict
     from .train import finetune
+    from .train import FinetuneConfig
     done = Path(cfg.out) / 'metrics.json'
     if not done.exists(): return finetune(cfg)
     m = json.loads(done.read_text())
-    ignore = {'resume', 'quiet', 'out'} | ({'adapter_ratio', 'adapter_stem'} if cfg.freeze != 'sandwich' else set())
+    ignore = {'resume', 'quiet', 'out', 'num_workers'} | ({'adapter_ratio', 'adapter_stem', 'sandwich'} if cfg.freeze != 'sandwich' else set())
     want = {k: v for k, v in asdict(cfg).items() if v is not None and k not in ignore}
-    diff = {k: (m['config'].get(k), v) for k, v in want.items() if str(m['config'].get(k)) != str(v)}
+    fields = FinetuneConfig.__dataclass_fields__               # a setting added since the run: its default then
+    have = lambda k: m['config'].get(k, fields[k].default)
+    diff = {k: (have(k), v) for k, v in want.items() if str(have(k)) != str(v)}
     if diff: raise ValueError(f"{done}: a finished run with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
                               f"choose another --out or remove {cfg.out}")
     return m
@@ -72,8 +89,9 @@ def _finetune_config(data: Path, run: Path, mode: str, fraction: float, seed: in
                      changes: dict | None = None):
     "A benchmark fine-tune: same steps per epoch for every label fraction, pretrained unless from scratch, resumable."
     from .train import FinetuneConfig
+    freeze, sandwich = MODES[mode]
     cfg = dict(data=data, out=run, epochs=epochs, bs=bs, label_fraction=fraction, seed=seed, same_epoch_length=True,
-               pretrained=None if mode == 'scratch' else ckpt, freeze=mode, quiet=True, resume=True)
+               pretrained=None if mode == 'scratch' else ckpt, freeze=freeze, sandwich=sandwich, quiet=True, resume=True)
     return FinetuneConfig(**{**cfg, **(changes or {})})
 
 
@@ -88,33 +106,88 @@ def _row(m: dict, **extra) -> dict:
             'time_s': m['time_s'], 'trainable': m['parameters']['trainable']}
 
 
+def _in_process(threads: int, fn, *args):
+    "Run `fn(*args)` in a pool worker with `threads` torch threads (several runs share the machine)."
+    import torch
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
 def efficiency(out: Path, data: Path, patients: int, native: int, fractions, modes, seeds, epochs: int,
-               pretrain_epochs: int, bs: int) -> dict:
-    """One pretraining run, then every (label fraction, mode, seed) fine-tune with the same epoch budget
-    (small label sets are repeated to the full training set's length per epoch, so every run takes
-    the same number of steps). Reports test FROC (mean sensitivity over 0.5-4 FPs per slice) and the
-    top box's hit@0.5, as mean and 95% interval over the seeds, beside the mean-box baseline."""
+               pretrain_epochs: int, bs: int, pretexts=('masked',), context: int = 0, neighbours: int = 10,
+               jobs: int = 1, report_only: bool = False) -> dict:
+    """One pretraining per pretext, then every (label fraction, seed, mode, pretext) fine-tune with the
+    same epoch budget (small label sets are repeated to the full training set's length per epoch, so
+    every run takes the same number of steps); a seed fixes the label subset and the initialisation,
+    shared by every mode. Reports test FROC (mean sensitivity over 0.5-4 FPs per slice) and the top
+    box's hit@0.5 as mean and 95% interval over the seeds beside the mean-box baseline, validation
+    FROC likewise, and each pretrained mode's paired difference from scratch. The pretrained mode
+    that the verdict names is chosen on validation. With `jobs` > 1 the runs go to that many processes
+    (a GPU machine with many cores); with `report_only` nothing trains and finished runs are reported."""
+    from concurrent.futures import ProcessPoolExecutor
     from .files import write_json
-    ckpt = _prepare(out, data, patients, native, pretrain_epochs, bs)
-    rows = []
+    if not report_only: _generate(data, patients, native, neighbours, max(1, jobs))
+    pre = {p: dict(pretext=p, context=context) if context else dict(pretext=p) for p in pretexts}
+    pre = {p: {k: v for k, v in c.items() if (k, v) != ('pretext', 'masked')} for p, c in pre.items()}
+    ckpts = {p: _pretrain_folder(out, c) / 'pretrained.pth' for p, c in pre.items()}
+    todo = []                                  # in priority order: fraction, seed, then mode and pretext
     for frac in fractions:
         for seed in seeds:
             for mode in modes:
-                run = out / 'runs' / f'{mode}_{frac:g}_seed{seed}'
-                if not (run / 'metrics.json').exists(): print(f"\n== {mode}, label fraction {frac:g}, seed {seed}")
-                m = _run(_finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt))
-                rows.append(_row(m, mode=mode, fraction=frac, seed=seed))
+                for p in (['-'] if mode == 'scratch' else pretexts):
+                    name = f'{mode}_{frac:g}_seed{seed}' + (f'_context{context}' if context else '') + ('' if p in ('-', 'masked') else f'_{p}')
+                    cfg = _finetune_config(data, out / 'runs' / name, mode, frac, seed, epochs, bs, ckpts.get(p),
+                                           {'context': context} if mode == 'scratch' and context else None)
+                    todo.append((p, mode, frac, seed, cfg))
+    if report_only:
+        todo = [t for t in todo if (Path(t[4].out) / 'metrics.json').exists()]
+        results = [_run(t[4]) for t in todo]
+    elif jobs > 1:
+        threads = max(1, mp.cpu_count() // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn')) as pool:
+            pretraining = {p: pool.submit(_in_process, threads, _pretrain_once, data, ckpts[p].parent, pretrain_epochs, bs, pre[p])
+                           for p in pretexts if any(m != 'scratch' for m in modes)}
+            scratch = {i: pool.submit(_in_process, threads, _run, t[4]) for i, t in enumerate(todo) if t[1] == 'scratch'}
+            for f in pretraining.values(): f.result()
+            rest = {i: pool.submit(_in_process, threads, _run, t[4]) for i, t in enumerate(todo) if t[1] != 'scratch'}
+            results = [{**scratch, **rest}[i].result() for i in range(len(todo))]
+    else:
+        for p in pretexts:
+            if any(m != 'scratch' for m in modes): _pretrain_once(data, ckpts[p].parent, pretrain_epochs, bs, pre[p])
+        results = []
+        for p, mode, frac, seed, cfg in todo:
+            if not (Path(cfg.out) / 'metrics.json').exists(): print(f"\n== {mode}{'' if p == '-' else f' ({p} pretext)'}, label fraction {frac:g}, seed {seed}")
+            results.append(_run(cfg))
+    rows = [_row(m, mode=mode if p == '-' else f'{mode} [{p}]', fraction=frac, seed=seed)
+            for (p, mode, frac, seed, _), m in zip(todo, results)]
     summary = _summarise(rows)
-    result = {'rows': rows, 'summary': summary, 'machine': _machine(),
+    verdict = _verdict(summary)
+    result = {'rows': rows, 'summary': summary, 'verdict': verdict, 'machine': _machine(),
               'settings': dict(data=str(data), patients=patients, native=native, fractions=list(fractions), modes=list(modes),
-                               seeds=list(seeds), epochs=epochs, pretrain_epochs=pretrain_epochs, bs=bs)}
+                               pretexts=list(pretexts), context=context, neighbours=neighbours, seeds=list(seeds), epochs=epochs,
+                               pretrain_epochs=pretrain_epochs, bs=bs)}
     write_json(result, out / 'efficiency.json')
     table = _efficiency_table(summary)
-    atomic_write_text(out / 'efficiency.md', table + '\n')
+    atomic_write_text(out / 'efficiency.md', table + '\n\n' + '\n'.join(verdict) + '\n')
     _efficiency_plot(summary, out / 'data_efficiency.png')
-    print('\n' + table)
+    print('\n' + table + '\n\n' + '\n'.join(verdict))
     print(f"\nwrote {out / 'efficiency.json'}, {out / 'efficiency.md'}, {out / 'data_efficiency.png'}")
     return result
+
+
+def _verdict(summary) -> list[str]:
+    """Per label fraction: the pretrained mode with the best validation FROC, and its paired test
+    difference from scratch, resolved only when the 95% interval excludes 0."""
+    lines = []
+    for frac in sorted(dict.fromkeys(s['fraction'] for s in summary)):
+        cells = [s for s in summary if s['fraction'] == frac and s['mode'] != 'scratch' and 'diff' in s]
+        if not cells: continue
+        best = max(cells, key=lambda s: s['valid_froc'])
+        d, ci = best['diff'], best['diff_ci']
+        word = ('no difference resolved' if np.isnan(ci) or abs(d) <= ci else 'better than scratch' if d > 0 else 'worse than scratch')
+        lines.append(f"labels {frac:g}: best pretrained mode on validation is {best['mode']} (validation FROC {_pm(best['valid_froc'], best['valid_ci'])}); "
+                     f"test FROC {_pm(best['froc'], best['froc_ci'])}, paired difference from scratch {_pm(d, ci)}: {word}")
+    return lines
 
 
 # (name, mode, label fraction, FinetuneConfig changes[, PretrainConfig changes]): one change at a time
@@ -232,17 +305,23 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
 
 
 def _summarise(rows):
-    "Mean over seeds of each (mode, fraction) cell, with 95% intervals of the FROC score and the top-box hit rate."
+    """Mean over seeds of each (mode, fraction) cell, with 95% intervals of the FROC score, the top-box hit
+    rate and the validation FROC, and (pretrained modes) the paired test FROC difference from scratch
+    over the seeds both have."""
     from .stats import mean_ci
     out = []
     for mode in dict.fromkeys(r['mode'] for r in rows):
         for frac in dict.fromkeys(r['fraction'] for r in rows):
             sel = [r for r in rows if r['mode'] == mode and r['fraction'] == frac]
             if not sel: continue
-            agg = {k: float(np.mean([r[k] for r in sel])) for k in ('froc', 'sens@4', 'hit@0.5', 'mean_iou', 'centre_error_mm',
+            agg = {k: float(np.mean([r[k] for r in sel])) for k in ('froc', 'sens@4', 'hit@0.5', 'mean_iou', 'centre_error_mm', 'valid_froc',
                                                                      'baseline_froc', 'baseline_hit@0.5', 'baseline_mean_iou', 'time_s')}
             agg.update(mode=mode, fraction=frac, seeds=len(sel), train_slices=sel[0]['train_slices'], n_test=sel[0]['n_test'],
-                       froc_ci=mean_ci([r['froc'] for r in sel])[1], hit_ci=mean_ci([r['hit@0.5'] for r in sel])[1])
+                       froc_ci=mean_ci([r['froc'] for r in sel])[1], hit_ci=mean_ci([r['hit@0.5'] for r in sel])[1],
+                       valid_ci=mean_ci([r['valid_froc'] for r in sel])[1])
+            scratch = {r['seed']: r['froc'] for r in rows if r['mode'] == 'scratch' and r['fraction'] == frac}
+            paired = [r['froc'] - scratch[r['seed']] for r in sel if r['seed'] in scratch]
+            if mode != 'scratch' and paired: agg['diff'], agg['diff_ci'] = mean_ci(paired)
             out.append(agg)
     return out
 
@@ -251,12 +330,19 @@ def _pm(mean, ci) -> str:
     return f"{mean:.3f}" if np.isnan(ci) else f"{mean:.3f} +- {ci:.3f}"
 
 
+def _mode_order(mode: str):
+    base = mode.split(' [')[0]
+    return (list(MODES).index(base) if base in MODES else 9, mode)
+
+
 def _efficiency_table(summary) -> str:
-    lines = ['| labels (fraction of training patients) | labeled slices | mode | test FROC, mean 0.5-4 FPs | sensitivity at 4 FPs | top box hit@0.5 | top box IoU | mean box FROC / hit@0.5 | seeds |',
-             '|---|---|---|---|---|---|---|---|---|']
-    for s in sorted(summary, key=lambda s: (s['fraction'], MODES.index(s['mode']) if s['mode'] in MODES else 9)):
-        lines.append(f"| {s['fraction']:g} | {s['train_slices']} | {s['mode']} | {_pm(s['froc'], s['froc_ci'])} | {s['sens@4']:.3f} | "
-                     f"{_pm(s['hit@0.5'], s['hit_ci'])} | {s['mean_iou']:.3f} | {s['baseline_froc']:.3f} / {s['baseline_hit@0.5']:.3f} | {s['seeds']} |")
+    lines = ['| labels (fraction of training patients) | labeled slices | mode [pretext] | test FROC, mean 0.5-4 FPs | paired difference from scratch | '
+             'sensitivity at 4 FPs | top box hit@0.5 | validation FROC | mean box FROC / hit@0.5 | seeds |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for s in sorted(summary, key=lambda s: (s['fraction'], _mode_order(s['mode']))):
+        diff = _pm(s['diff'], s['diff_ci']) if 'diff' in s else ''
+        lines.append(f"| {s['fraction']:g} | {s['train_slices']} | {s['mode']} | {_pm(s['froc'], s['froc_ci'])} | {diff} | {s['sens@4']:.3f} | "
+                     f"{_pm(s['hit@0.5'], s['hit_ci'])} | {_pm(s['valid_froc'], s['valid_ci'])} | {s['baseline_froc']:.3f} / {s['baseline_hit@0.5']:.3f} | {s['seeds']} |")
     return '\n'.join(lines)
 
 
@@ -265,10 +351,12 @@ def _efficiency_plot(summary, path):
     fig, axs = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, ci, base, label in ((axs[0], 'froc', 'froc_ci', 'baseline_froc', 'test FROC, mean sensitivity 0.5-4 FPs'),
                                      (axs[1], 'hit@0.5', 'hit_ci', 'baseline_hit@0.5', 'test top box hit@0.5')):
-        for mode in dict.fromkeys(s['mode'] for s in summary):
+        modes = sorted(dict.fromkeys(s['mode'] for s in summary), key=_mode_order)
+        for i, mode in enumerate(modes):
             pts = sorted((s['fraction'], s[key], 0 if np.isnan(s[ci]) else s[ci]) for s in summary if s['mode'] == mode)
             f, m, e = zip(*pts)
-            ax.errorbar(f, m, yerr=e, marker='o', capsize=3, label=mode)
+            shift = 1.06 ** (i - (len(modes) - 1) / 2)             # side by side, so the error bars stay readable
+            ax.errorbar([x * shift for x in f], m, yerr=e, marker='o', capsize=3, label=mode)
         b = sorted((s['fraction'], s[base]) for s in summary if s['mode'] == summary[0]['mode'])
         ax.plot(*zip(*b), ls='--', color='gray', label='mean box')
         ax.set_xscale('log'); ax.set_xlabel('fraction of labeled training patients'); ax.set_ylabel(label)
@@ -457,10 +545,18 @@ def main(argv=None):
     sub = ap.add_subparsers(dest='which', required=True)
     e = sub.add_parser('efficiency', help='data efficiency: label fractions x freeze modes', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _data_args(e, 'output folder', 'a few-minute smoke run: 40 patients, 2 fractions, 2 epochs')
-    e.add_argument('--fractions', default='0.02,0.1,0.5,1', help='label fractions of training patients')
-    e.add_argument('--modes', default=','.join(MODES), help='scratch and freeze modes to compare')
-    e.add_argument('--seeds', default='0', help='seeds, comma separated')
+    e.add_argument('--fractions', default='0.02,0.1,1', help='label fractions of training patients (runs go in this order)')
+    e.add_argument('--modes', default=','.join(GRID_MODES), help=f"scratch and pretrained modes to compare, of {', '.join(MODES)} "
+                   "(sandwich: transfer layers between the frozen encoder's stages; decoder-sandwich: 3FabRec's, between the frozen "
+                   "decoder's blocks; encoder: only the head trains; none: everything trains from the pretrained encoder)")
+    e.add_argument('--pretexts', default='masked', help='pretraining pretexts (masked, mae, context), one pretraining each')
+    e.add_argument('--context', type=int, default=0, help='neighbour slices on each side as input channels, for every run (context pretext: 1 or more)')
+    e.add_argument('--neighbours', type=int, default=10, help='unlabelled slices the generator writes on each side of a key slice '
+                   '(10: 20 unlabelled slices per labelled one)')
+    e.add_argument('--seeds', default='0,1,2', help='seeds, comma separated (label subset and initialisation)')
     e.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs, the same for every run')
+    e.add_argument('--jobs', type=int, default=1, help='runs in parallel processes (a GPU machine with many cores)')
+    e.add_argument('--report-only', action='store_true', help='train nothing: report the runs that finished')
     st = sub.add_parser('study', help='the sandwich at 10%% labels against scratch at 100%%, one change at a time',
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _data_args(st, "output folder (efficiency's: shares its data and pretraining)", 'a few-minute smoke run: 40 patients, 2 epochs, three variants')
@@ -471,7 +567,7 @@ def main(argv=None):
     _data_args(se, "output folder (efficiency's: shares its data and pretraining)", 'a few-minute smoke run: 40 patients, 2 epochs')
     se.add_argument('--setting', required=True, help='a FinetuneConfig field, e.g. adapter_ratio, nll_weight, map_radius, lr, wd')
     se.add_argument('--values', required=True, help='values to compare, comma separated; the first is the current default')
-    se.add_argument('--mode', choices=MODES, default='sandwich', help='scratch or freeze mode of every run')
+    se.add_argument('--mode', choices=list(MODES), default='sandwich', help='scratch or freeze mode of every run')
     se.add_argument('--head', choices=['direct', 'gaussian'], default='direct', help='box head of every run')
     se.add_argument('--fractions', default='0.1,1', help='label fractions of training patients')
     se.add_argument('--seeds', default='0,1,2', help='seeds, comma separated (label subset and initialisation)')
@@ -493,7 +589,8 @@ def main(argv=None):
     if args.quick:
         args.out = args.out.with_name(args.out.name + '_quick') if args.out == Path('runs/bench/efficiency') else args.out
         args.patients, args.epochs, args.pretrain_epochs, args.native = 40, 2, 1, 128
-    data = args.data or args.out / f'data_{args.patients}p_{args.native}px'
+    neighbours = getattr(args, 'neighbours', 2)
+    data = args.data or args.out / (f'data_{args.patients}p_{args.native}px' + (f'_{neighbours}n' if neighbours != 2 else ''))
     if args.which == 'select':
         from .train import FinetuneConfig
         if args.setting not in FinetuneConfig.__dataclass_fields__: ap.error(f'--setting {args.setting!r} is not a fine-tuning setting')
@@ -506,10 +603,16 @@ def main(argv=None):
     fractions = [float(f) for f in args.fractions.split(',')]
     modes = [m for m in args.modes.split(',') if m]
     bad = [m for m in modes if m not in MODES]
-    if bad: ap.error(f'--modes: unknown {bad}, expected some of {MODES}')
+    if bad: ap.error(f"--modes: unknown {bad}, expected some of {', '.join(MODES)}")
+    from .train import PRETEXTS
+    pretexts = [p for p in args.pretexts.split(',') if p]
+    bad = [p for p in pretexts if p not in PRETEXTS]
+    if bad or not pretexts: ap.error(f"--pretexts: unknown {bad}, expected some of {', '.join(PRETEXTS)}")
+    if 'context' in pretexts and args.context < 1: ap.error('--pretexts context needs --context 1 or more')
+    if args.jobs < 1: ap.error(f'--jobs must be at least 1, got {args.jobs}')
     if args.quick: fractions = [.1, 1.]
-    return efficiency(args.out, data, args.patients, args.native, fractions, modes,
-                      [int(s) for s in args.seeds.split(',')], args.epochs, args.pretrain_epochs, args.bs)
+    return efficiency(args.out, data, args.patients, args.native, fractions, modes, [int(s) for s in args.seeds.split(',')],
+                      args.epochs, args.pretrain_epochs, args.bs, pretexts, args.context, neighbours, args.jobs, args.report_only)
 
 
 if __name__ == '__main__':

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lesion_fastai.bench import _efficiency_table, _summarise, efficiency, select, study
+from lesion_fastai.bench import _efficiency_table, _summarise, _verdict, efficiency, select, study
 from lesion_fastai.train import FinetuneConfig, finetune
 
 
@@ -17,26 +17,52 @@ def test_same_epoch_length_repeats_the_label_subset(tiny_data, tiny_records, tmp
 
 
 def test_efficiency_smoke_writes_table_plot_and_resumes(tiny_data, tmp_path):
-    args = dict(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[.5, 1.], modes=['scratch', 'sandwich'],
-                seeds=[0], epochs=1, pretrain_epochs=1, bs=2)
+    args = dict(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[.5, 1.], modes=['scratch', 'decoder-sandwich'],
+                seeds=[0], epochs=1, pretrain_epochs=1, bs=2, pretexts=['masked', 'mae'])
     res = efficiency(**args)
-    assert {(r['mode'], r['fraction']) for r in res['rows']} == {(m, f) for m in ('scratch', 'sandwich') for f in (.5, 1.)}
+    want = {(m, f) for m in ('scratch', 'decoder-sandwich [masked]', 'decoder-sandwich [mae]') for f in (.5, 1.)}
+    assert {(r['mode'], r['fraction']) for r in res['rows']} == want
+    assert (tmp_path / 'pretrain' / 'pretrained.pth').exists() and (tmp_path / 'pretrain_pretextmae' / 'pretrained.pth').exists()
     assert (tmp_path / 'data_efficiency.png').stat().st_size > 0
     table = (tmp_path / 'efficiency.md').read_text()
-    assert table.count('| sandwich |') == 2 and 'mean box FROC / hit@0.5' in table and 'test FROC, mean 0.5-4 FPs' in table
+    assert table.count('| decoder-sandwich [mae] |') == 2 and 'mean box FROC / hit@0.5' in table and 'paired difference from scratch' in table
+    assert 'best pretrained mode on validation' in table
     stamp = (tmp_path / 'runs' / 'scratch_1_seed0' / 'metrics.json').stat().st_mtime
     efficiency(**args)                                                   # finished runs are kept, not redone
     assert (tmp_path / 'runs' / 'scratch_1_seed0' / 'metrics.json').stat().st_mtime == stamp
+    # report only: the finished runs, nothing trained (a cell that never ran is left out)
+    rep = efficiency(**{**args, 'fractions': [.5, 1., .2]}, report_only=True)
+    assert {(r['mode'], r['fraction']) for r in rep['rows']} == want and not (tmp_path / 'runs' / 'scratch_0.2_seed0').exists()
 
 
-def test_summary_averages_seeds_with_intervals():
-    rows = [dict(mode='scratch', fraction=.1, seed=s, train_slices=5, n_test=9, **{'froc': f, 'sens@4': .5, 'hit@0.5': h, 'mean_iou': .2,
-                 'centre_error_mm': 3., 'baseline_froc': .01, 'baseline_hit@0.5': 0., 'baseline_mean_iou': .05, 'time_s': 1.})
-            for s, h, f in ((0, .2, .4), (1, .4, .6), (2, .3, .5))]
+def test_efficiency_runs_in_parallel_processes(tiny_data, tmp_path):
+    res = efficiency(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[1.], modes=['scratch', 'sandwich'], seeds=[0],
+                     epochs=1, pretrain_epochs=1, bs=2, pretexts=['mae'], jobs=2)
+    assert [r['mode'] for r in res['rows']] == ['scratch', 'sandwich [mae]']
+    assert (tmp_path / 'runs' / 'sandwich_1_seed0_mae' / 'metrics.json').exists()
+
+
+def _fake_rows(mode, frocs, valid=.5):
+    return [dict(mode=mode, fraction=.1, seed=s, train_slices=5, n_test=9, **{'froc': f, 'sens@4': .5, 'hit@0.5': .2 + .1 * s, 'mean_iou': .2,
+                 'centre_error_mm': 3., 'valid_froc': valid, 'baseline_froc': .01, 'baseline_hit@0.5': 0., 'baseline_mean_iou': .05, 'time_s': 1.})
+            for s, f in enumerate(frocs)]
+
+
+def test_summary_averages_seeds_with_intervals_and_pairs_with_scratch():
+    rows = _fake_rows('scratch', (.4, .6, .5))
     (s,) = _summarise(rows)
     assert s['hit@0.5'] == pytest.approx(.3) and s['froc'] == pytest.approx(.5) and s['seeds'] == 3
     assert s['froc_ci'] == pytest.approx(4.303 * .1 / np.sqrt(3)) and s['hit_ci'] == pytest.approx(4.303 * .1 / np.sqrt(3))
-    assert '| 0.1 | 5 | scratch | 0.500 +- 0.248 | 0.500 | 0.300 +- 0.248 |' in _efficiency_table([s])
+    assert '| 0.1 | 5 | scratch | 0.500 +- 0.248 |  | 0.500 | 0.300 +- 0.248 |' in _efficiency_table([s])
+    # a pretrained mode a steady 0.1 above scratch seed by seed: resolved, though its own interval overlaps scratch's
+    rows += _fake_rows('sandwich [mae]', (.5, .7, .6), valid=.6) + _fake_rows('none [mae]', (.1, .9, .5), valid=.4)
+    summary = _summarise(rows)
+    sand = next(s for s in summary if s['mode'] == 'sandwich [mae]')
+    assert sand['diff'] == pytest.approx(.1) and sand['diff_ci'] == pytest.approx(0, abs=1e-9)
+    (line,) = _verdict(summary)
+    assert 'sandwich [mae]' in line and 'better than scratch' in line
+    none = next(s for s in summary if s['mode'] == 'none [mae]')
+    assert abs(none['diff']) <= none['diff_ci']                        # inside its interval: no difference
 
 
 def test_study_runs_each_variant_and_refuses_a_finished_run_with_other_settings(tiny_data, tmp_path):
