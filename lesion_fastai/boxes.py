@@ -30,7 +30,7 @@ def protocol_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU matrix [N, M] of pixel boxes as DeepLesion's evaluation code computes it: a box covers its
     corner pixels inclusively (width x2 - x1 + 1), so every side is one pixel longer than
     torchvision's continuous `box_iou` counts it."""
-    one = torch.tensor([0., 0., 1., 1.], dtype=a.dtype)
+    one = torch.tensor([0., 0., 1., 1.], dtype=a.dtype, device=a.device)
     return box_iou(a + one, b.to(a.dtype) + one)
 
 
