@@ -268,9 +268,13 @@ def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0
         w = csv.writer(f)
         w.writerow(COLUMNS)
         w.writerows(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    for item in tmp.iterdir(): shutil.move(str(item), out / item.name)
-    tmp.rmdir()
+    try: tmp.rename(out)                      # atomic, where `out` does not exist or is an empty folder
+    except OSError:
+        if (out / 'DL_info.csv').exists():       # another process wrote the same data set meanwhile
+            shutil.rmtree(tmp)
+            raise FileExistsError(f"{out}/DL_info.csv appeared while generating; remove {out} to regenerate") from None
+        for item in tmp.iterdir(): shutil.move(str(item), out / item.name)
+        tmp.rmdir()
     return out / 'DL_info.csv'
 
 
