@@ -175,16 +175,21 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
     return result
 
 
+MIN_SEEDS = 3   # two seeds give an interval from one degree of freedom: two equal differences would look certain
+
+
 def _verdict(summary) -> list[str]:
     """Per label fraction: the pretrained mode with the best validation FROC, and its paired test
-    difference from scratch, resolved only when the 95% interval excludes 0."""
+    difference from scratch, resolved only with at least `MIN_SEEDS` pairs and a 95% interval that
+    excludes 0."""
     lines = []
     for frac in sorted(dict.fromkeys(s['fraction'] for s in summary)):
         cells = [s for s in summary if s['fraction'] == frac and s['mode'] != 'scratch' and 'diff' in s]
         if not cells: continue
         best = max(cells, key=lambda s: s['valid_froc'])
         d, ci = best['diff'], best['diff_ci']
-        word = ('no difference resolved' if np.isnan(ci) or abs(d) <= ci else 'better than scratch' if d > 0 else 'worse than scratch')
+        if best['pairs'] < MIN_SEEDS: word = f"{best['pairs']} paired seed(s), fewer than the {MIN_SEEDS} an interval needs here: not resolved"
+        else: word = 'no difference resolved' if abs(d) <= ci else 'better than scratch' if d > 0 else 'worse than scratch'
         lines.append(f"labels {frac:g}: best pretrained mode on validation is {best['mode']} (validation FROC {_pm(best['valid_froc'], best['valid_ci'])}); "
                      f"test FROC {_pm(best['froc'], best['froc_ci'])}, paired difference from scratch {_pm(d, ci)}: {word}")
     return lines
@@ -316,12 +321,13 @@ def _summarise(rows):
             if not sel: continue
             agg = {k: float(np.mean([r[k] for r in sel])) for k in ('froc', 'sens@4', 'hit@0.5', 'mean_iou', 'centre_error_mm', 'valid_froc',
                                                                      'baseline_froc', 'baseline_hit@0.5', 'baseline_mean_iou', 'time_s')}
-            agg.update(mode=mode, fraction=frac, seeds=len(sel), train_slices=sel[0]['train_slices'], n_test=sel[0]['n_test'],
+            n = sorted({r['train_slices'] for r in sel})            # a seed draws its own label subset
+            agg.update(mode=mode, fraction=frac, seeds=len(sel), train_slices=n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}', n_test=sel[0]['n_test'],
                        froc_ci=mean_ci([r['froc'] for r in sel])[1], hit_ci=mean_ci([r['hit@0.5'] for r in sel])[1],
                        valid_ci=mean_ci([r['valid_froc'] for r in sel])[1])
             scratch = {r['seed']: r['froc'] for r in rows if r['mode'] == 'scratch' and r['fraction'] == frac}
             paired = [r['froc'] - scratch[r['seed']] for r in sel if r['seed'] in scratch]
-            if mode != 'scratch' and paired: agg['diff'], agg['diff_ci'] = mean_ci(paired)
+            if mode != 'scratch' and paired: agg['diff'], agg['diff_ci'], agg['pairs'] = *mean_ci(paired), len(paired)
             out.append(agg)
     return out
 

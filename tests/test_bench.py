@@ -63,6 +63,9 @@ def test_summary_averages_seeds_with_intervals_and_pairs_with_scratch():
     assert 'sandwich [mae]' in line and 'better than scratch' in line
     none = next(s for s in summary if s['mode'] == 'none [mae]')
     assert abs(none['diff']) <= none['diff_ci']                        # inside its interval: no difference
+    two = [r for r in rows if r['seed'] < 2]                           # two equal differences: an interval of 0, yet not resolved
+    (line,) = _verdict(_summarise(two))
+    assert 'fewer than the 3' in line and 'better than scratch' not in line
 
 
 def test_study_runs_each_variant_and_refuses_a_finished_run_with_other_settings(tiny_data, tmp_path):
