@@ -540,7 +540,7 @@ def _data_args(p, out_help: str, quick_help: str) -> None:
     p.add_argument('--data', type=Path, default=None, help='data folder (default: generated under --out)')
     p.add_argument('--patients', type=int, default=250, help='synthetic patients to generate')
     p.add_argument('--native', type=int, default=256, help='native slice size of the generated data (trained at half)')
-    p.add_argument('--pretrain-epochs', type=int, default=10, help='autoencoder epochs (one run serves all)')
+    p.add_argument('--pretrain-epochs', type=int, default=10, help='autoencoder epochs (one pretraining per pretext serves every run)')
     p.add_argument('--bs', type=int, default=16, help='batch size')
     p.add_argument('--quick', action='store_true', help=quick_help)
 
@@ -550,7 +550,7 @@ def main(argv=None):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest='which', required=True)
     e = sub.add_parser('efficiency', help='data efficiency: label fractions x freeze modes', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _data_args(e, 'output folder', 'a few-minute smoke run: 40 patients, 2 fractions, 2 epochs')
+    _data_args(e, 'output folder', 'a few-minute smoke run: 40 patients, 2 fractions, 2 epochs, one seed')
     e.add_argument('--fractions', default='0.02,0.1,1', help='label fractions of training patients (runs go in this order)')
     e.add_argument('--modes', default=','.join(GRID_MODES), help=f"scratch and pretrained modes to compare, of {', '.join(MODES)} "
                    "(sandwich: transfer layers between the frozen encoder's stages; decoder-sandwich: 3FabRec's, between the frozen "
@@ -595,6 +595,7 @@ def main(argv=None):
     if args.quick:
         args.out = args.out.with_name(args.out.name + '_quick') if args.out == Path('runs/bench/efficiency') else args.out
         args.patients, args.epochs, args.pretrain_epochs, args.native = 40, 2, 1, 128
+        if args.which == 'efficiency': args.seeds, args.neighbours = '0', 2
     neighbours = getattr(args, 'neighbours', 2)
     data = args.data or args.out / (f'data_{args.patients}p_{args.native}px' + (f'_{neighbours}n' if neighbours != 2 else ''))
     if args.which == 'select':
