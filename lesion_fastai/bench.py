@@ -5,6 +5,7 @@
     python -m lesion_fastai.bench select --setting adapter_ratio --values 0.25,1   # a default, chosen on validation
     python -m lesion_fastai.bench throughput [--quick]   # slice loading and training images/s, peak memory
     python -m lesion_fastai.bench stats                  # the built-in data's lesion statistics beside DeepLesion's
+    python -m lesion_fastai.bench lesions --pretrained CKPT --data DATA   # does the autoencoder keep the lesions?
 
 Both resume: finished runs are kept (their metrics.json) and skipped when the command is run again.
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from .files import atomic_write_text
 
-__all__ = ['efficiency', 'study', 'select', 'throughput', 'main']
+__all__ = ['efficiency', 'study', 'select', 'lesions', 'throughput', 'main']
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich)
 MODES = {'scratch': ('scratch', 'encoder'), 'none': ('none', 'encoder'), 'encoder': ('encoder', 'encoder'),
@@ -399,6 +400,24 @@ def stats(data: Path, sample: Path | None, patients: int, native: int) -> str:
     return table
 
 
+# --- what the autoencoder keeps of the lesions ------------------------------------------------------------------
+
+def lesions(checkpoints, data: Path) -> str:
+    """Per checkpoint: validation reconstruction L1 over the slice and inside the lesion boxes, and the
+    median share of lesion contrast the reconstruction keeps, from the clean and the pretext's input."""
+    from .probe import lesion_reconstruction_of
+    lines = ['| checkpoint | pretext | input | L1, whole slice | L1, inside lesion boxes | lesion contrast kept (median) | lesions |', '|---|---|---|---|---|---|---|']
+    for ckpt in checkpoints:
+        from .checkpoint import load_pretrained
+        pretext = load_pretrained(ckpt)['config'].get('pretext', 'masked')
+        for kind, r in lesion_reconstruction_of(ckpt, data).items():
+            lines.append(f"| {ckpt} | {pretext} | {kind} | {r['l1_slice']:.4f} | {r['l1_lesion']:.4f} | {r['contrast_kept_median']:.2f} | "
+                         f"{r['lesions_with_contrast']} of {r['lesions']} |")
+    table = '\n'.join(lines)
+    print(table)
+    return table
+
+
 # --- throughput ----------------------------------------------------------------------------------------------
 
 def _peak_rss_mb() -> float:
@@ -586,12 +605,17 @@ def main(argv=None):
     sa.add_argument('--sample', type=Path, default=Path('../shared/fixtures/DL_info_sample.csv'), help='real DL_info rows to compare with')
     sa.add_argument('--patients', type=int, default=250, help='patients to generate if --data is missing')
     sa.add_argument('--native', type=int, default=256, help='slice size to generate if --data is missing')
+    le = sub.add_parser('lesions', help="does a pretrained autoencoder keep the lesions? its validation reconstructions inside the boxes",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    le.add_argument('--pretrained', type=Path, nargs='+', required=True, help='pretrained.pth files of python -m pretrain')
+    le.add_argument('--data', type=Path, required=True, help='the data they were pretrained on')
     t = sub.add_parser('throughput', help='loading and training speed, peak memory', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument('--out', type=Path, default=Path('runs/bench/throughput'), help='output folder')
     t.add_argument('--quick', action='store_true', help='fewer slices and steps')
     args = ap.parse_args(argv)
     if args.which == 'throughput': return throughput(args.out, args.quick)
     if args.which == 'stats': return stats(args.data, args.sample, args.patients, args.native)
+    if args.which == 'lesions': return lesions(args.pretrained, args.data)
     if args.quick:
         args.out = args.out.with_name(args.out.name + '_quick') if args.out == Path('runs/bench/efficiency') else args.out
         args.patients, args.epochs, args.pretrain_epochs, args.native = 40, 2, 1, 128

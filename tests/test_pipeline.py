@@ -259,6 +259,19 @@ def test_decoder_sandwich_step_keeps_frozen_encoder_decoder_and_bn_statistics(ti
     assert trainable and all(n.startswith(('decoder_adapters.', 'neck.', 'head.')) for n in trainable)
 
 
+def test_lesion_probe_tells_a_model_that_keeps_lesions_from_one_that_blurs_them(tiny_records, pretrained, tiny_data):
+    from lesion_fastai.probe import lesion_reconstruction, lesion_reconstruction_of
+    recs = [r for r in tiny_records if r.split == 'val']
+    clean = dict(mask_ratio=0., patch=4, noise_std=0.)
+    keep = lesion_reconstruction(torch.nn.Identity(), recs, 'soft', 0, 64, clean)['clean']
+    assert keep['l1_slice'] == 0 and keep['l1_lesion'] == 0 and keep['contrast_kept_median'] == pytest.approx(1)
+    assert keep['lesions_with_contrast'] > 0
+    blur = lesion_reconstruction(torch.nn.AvgPool2d(9, 1, 4, count_include_pad=False), recs, 'soft', 0, 64, clean)['clean']
+    assert blur['contrast_kept_median'] < .9 and blur['l1_lesion'] > 0
+    r = lesion_reconstruction_of(pretrained / 'pretrained.pth', tiny_data)
+    assert set(r) == {'clean', 'corrupted'} and all(np.isfinite(v['l1_lesion']) and v['lesions'] > 0 for v in r.values())
+
+
 def test_update_frozen_bn_flag_lets_statistics_adapt(tiny_records):
     model = Localizer(dict(ENC), sandwich=True)
     learn = _learner(tiny_records, model, 'sandwich', update_bn=True)

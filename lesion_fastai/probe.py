@@ -1,0 +1,76 @@
+"""Does a pretrained autoencoder encode the lesions? Its reconstructions of validation key slices scored
+inside the lesion boxes against the whole slice. Labels are used to measure here, never to train.
+
+    python -m lesion_fastai.bench lesions --pretrained runs/pretrain/pretrained.pth --data data/synthetic
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .callbacks import corrupt, key_channels
+from .checkpoint import decoder_args, load_decoder, load_encoder, load_pretrained
+from .data import CTSlice
+from .deeplesion import evaluation_records, load_data
+
+__all__ = ['lesion_reconstruction', 'lesion_reconstruction_of']
+
+
+def _masks(box_px, scale: float, size: int):
+    "The box (slice pixels) at the model's size, and a ring around it as wide as half its sides: [size, size] bools."
+    x1, y1, x2, y2 = np.asarray(box_px) * scale
+    inside, ring = np.zeros((size, size), bool), np.zeros((size, size), bool)
+    mx, my = max(1., (x2 - x1) / 2), max(1., (y2 - y1) / 2)
+    cl = lambda v: int(np.clip(round(v), 0, size))
+    ring[cl(y1 - my):cl(y2 + my + 1), cl(x1 - mx):cl(x2 + mx + 1)] = True
+    inside[cl(y1):cl(y2 + 1), cl(x1):cl(x2 + 1)] = True
+    return inside, ring & ~inside
+
+
+@torch.no_grad()
+def lesion_reconstruction(model, records, windows: str, context: int, size: int, corruption: dict, channels=None,
+                          seed: int = 0) -> dict:
+    """For the clean and the corrupted (pretext) input of each record's key slice: the reconstruction's
+    L1 error over the slice and inside the lesion boxes, and the share of each lesion's contrast
+    against its surrounding ring (box mean minus ring mean) that the reconstruction keeps (1: kept,
+    0: erased; lesions under 0.02 of contrast in the input are left out). The corruption masks
+    `channels` (default all), as the pretext did. Returns means and the median share kept."""
+    load = CTSlice(windows, context, size)
+    g = torch.Generator().manual_seed(seed)
+    found = {k: {'l1_slice': [], 'l1_lesion': [], 'contrast_kept': []} for k in ('clean', 'corrupted')}
+    model.eval()
+    for r in records:
+        x = load.channels(r.image_path)[None]                                   # [1, C, size, size] in [0, 1]
+        inputs = {'clean': x, 'corrupted': corrupt(x, **corruption, generator=g, channels=channels)[0]}
+        for kind, inp in inputs.items():
+            y = model(inp)[0, 0].numpy()                                        # the key slice, first window
+            x0 = x[0, 0].numpy()
+            err = np.abs(y - x0)
+            found[kind]['l1_slice'].append(float(err.mean()))
+            for box in r.boxes:
+                inside, ring = _masks(box, size / r.width, size)
+                if not inside.any() or not ring.any(): continue
+                found[kind]['l1_lesion'].append(float(err[inside].mean()))
+                c_in = x0[inside].mean() - x0[ring].mean()
+                if abs(c_in) >= .02: found[kind]['contrast_kept'].append(float((y[inside].mean() - y[ring].mean()) / c_in))
+    summary = {}
+    for kind, f in found.items():
+        summary[kind] = {'l1_slice': float(np.mean(f['l1_slice'])), 'l1_lesion': float(np.mean(f['l1_lesion'])),
+                         'contrast_kept_median': float(np.median(f['contrast_kept'])) if f['contrast_kept'] else float('nan'),
+                         'lesions': len(f['l1_lesion']), 'lesions_with_contrast': len(f['contrast_kept'])}
+    return summary
+
+
+def lesion_reconstruction_of(pretrained: Path | str, data: Path | str, split: str = 'val') -> dict:
+    "`lesion_reconstruction` of a `python -m pretrain` checkpoint, with its settings, on the split's key slices."
+    from .models.autoencoder import Autoencoder
+    ckpt = load_pretrained(pretrained)
+    cfg, args = ckpt['config'], decoder_args(ckpt)
+    model = Autoencoder(ckpt['model_args']['encoder_args'], args.get('code_channels', (64, 8, 4)), args.get('decoder_widths'))
+    load_encoder(model.encoder, ckpt, str(pretrained)); load_decoder(model.decoder, ckpt, str(pretrained))
+    _, records = load_data(Path(data))
+    corruption = {k: cfg[k] for k in ('mask_ratio', 'patch', 'noise_std')}
+    keys = key_channels(cfg['in_chans'], cfg['context']) if cfg.get('pretext') == 'context' else None
+    return lesion_reconstruction(model, evaluation_records(records, split), cfg['windows'], cfg['context'], cfg['size'], corruption, keys)
