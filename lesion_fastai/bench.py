@@ -355,7 +355,7 @@ def _efficiency_table(summary) -> str:
 
 def _efficiency_plot(summary, path):
     from .plots import plt, save_fig
-    fig, axs = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axs = plt.subplots(1, 2, figsize=(12, 4), layout='constrained')
     for ax, key, ci, base, label in ((axs[0], 'froc', 'froc_ci', 'baseline_froc', 'test FROC, mean sensitivity 0.5-4 FPs'),
                                      (axs[1], 'hit@0.5', 'hit_ci', 'baseline_hit@0.5', 'test top box hit@0.5')):
         modes = sorted(dict.fromkeys(s['mode'] for s in summary), key=_mode_order)
@@ -367,8 +367,9 @@ def _efficiency_plot(summary, path):
         b = sorted((s['fraction'], s[base]) for s in summary if s['mode'] == summary[0]['mode'])
         ax.plot(*zip(*b), ls='--', color='gray', label='mean box')
         ax.set_xscale('log'); ax.set_xlabel('fraction of labeled training patients'); ax.set_ylabel(label)
+        ax.set_ylim(0, min(1, 1.15 * max(s[key] + (0 if np.isnan(s[ci]) else s[ci]) for s in summary) + .02))  # intervals of 2 seeds run far
         ax.grid(alpha=.3)
-    axs[0].legend()
+    axs[1].legend(loc='upper left', bbox_to_anchor=(1.02, 1), fontsize=8)
     fig.suptitle('data efficiency on synthetic DeepLesion-layout data (error bars: 95% interval over seeds)')
     return save_fig(fig, path)
 
