@@ -407,12 +407,13 @@ def lesions(checkpoints, data: Path) -> str:
     """Per checkpoint: validation reconstruction L1 over the slice and inside the lesion boxes, and the
     median share of lesion contrast the reconstruction keeps, from the clean and the pretext's input."""
     from .probe import lesion_reconstruction_of
-    lines = ['| checkpoint | pretext | input | L1, whole slice | L1, inside lesion boxes | lesion contrast kept (median) | lesions |', '|---|---|---|---|---|---|---|']
+    lines = ['| checkpoint | pretext | input | L1, whole slice | L1, inside lesion boxes | L1, ring around them | lesion contrast kept (median) | lesions |',
+             '|---|---|---|---|---|---|---|---|']
     for ckpt in checkpoints:
         from .checkpoint import load_pretrained
         pretext = load_pretrained(ckpt)['config'].get('pretext', 'masked')
         for kind, r in lesion_reconstruction_of(ckpt, data).items():
-            lines.append(f"| {ckpt} | {pretext} | {kind} | {r['l1_slice']:.4f} | {r['l1_lesion']:.4f} | {r['contrast_kept_median']:.2f} | "
+            lines.append(f"| {ckpt} | {pretext} | {kind} | {r['l1_slice']:.4f} | {r['l1_lesion']:.4f} | {r['l1_ring']:.4f} | {r['contrast_kept_median']:.2f} | "
                          f"{r['lesions_with_contrast']} of {r['lesions']} |")
     table = '\n'.join(lines)
     print(table)

@@ -33,13 +33,14 @@ def _masks(box_px, scale: float, size: int):
 def lesion_reconstruction(model, records, windows: str, context: int, size: int, corruption: dict, channels=None,
                           seed: int = 0) -> dict:
     """For the clean and the corrupted (pretext) input of each record's key slice: the reconstruction's
-    L1 error over the slice and inside the lesion boxes, and the share of each lesion's contrast
+    L1 error over the slice, inside the lesion boxes and in the ring around them (the same neighbourhood
+    without the lesion), and the share of each lesion's contrast
     against its surrounding ring (box mean minus ring mean) that the reconstruction keeps (1: kept,
     0: erased; lesions under 0.02 of contrast in the input are left out). The corruption masks
     `channels` (default all), as the pretext did. Returns means and the median share kept."""
     load = CTSlice(windows, context, size)
     g = torch.Generator().manual_seed(seed)
-    found = {k: {'l1_slice': [], 'l1_lesion': [], 'contrast_kept': []} for k in ('clean', 'corrupted')}
+    found = {k: {'l1_slice': [], 'l1_lesion': [], 'l1_ring': [], 'contrast_kept': []} for k in ('clean', 'corrupted')}
     model.eval()
     for r in records:
         x = load.channels(r.image_path)[None]                                   # [1, C, size, size] in [0, 1]
@@ -53,11 +54,13 @@ def lesion_reconstruction(model, records, windows: str, context: int, size: int,
                 inside, ring = _masks(box, size / r.width, size)
                 if not inside.any() or not ring.any(): continue
                 found[kind]['l1_lesion'].append(float(err[inside].mean()))
+                found[kind]['l1_ring'].append(float(err[ring].mean()))
                 c_in = x0[inside].mean() - x0[ring].mean()
                 if abs(c_in) >= .02: found[kind]['contrast_kept'].append(float((y[inside].mean() - y[ring].mean()) / c_in))
     summary = {}
     for kind, f in found.items():
         summary[kind] = {'l1_slice': float(np.mean(f['l1_slice'])), 'l1_lesion': float(np.mean(f['l1_lesion'])),
+                         'l1_ring': float(np.mean(f['l1_ring'])),
                          'contrast_kept_median': float(np.median(f['contrast_kept'])) if f['contrast_kept'] else float('nan'),
                          'lesions': len(f['l1_lesion']), 'lesions_with_contrast': len(f['contrast_kept'])}
     return summary

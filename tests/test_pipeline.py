@@ -264,7 +264,7 @@ def test_lesion_probe_tells_a_model_that_keeps_lesions_from_one_that_blurs_them(
     recs = [r for r in tiny_records if r.split == 'val']
     clean = dict(mask_ratio=0., patch=4, noise_std=0.)
     keep = lesion_reconstruction(torch.nn.Identity(), recs, 'soft', 0, 64, clean)['clean']
-    assert keep['l1_slice'] == 0 and keep['l1_lesion'] == 0 and keep['contrast_kept_median'] == pytest.approx(1)
+    assert keep['l1_slice'] == keep['l1_lesion'] == keep['l1_ring'] == 0 and keep['contrast_kept_median'] == pytest.approx(1)
     assert keep['lesions_with_contrast'] > 0
     blur = lesion_reconstruction(torch.nn.AvgPool2d(9, 1, 4, count_include_pad=False), recs, 'soft', 0, 64, clean)['clean']
     assert blur['contrast_kept_median'] < .9 and blur['l1_lesion'] > 0
