@@ -46,14 +46,7 @@ def load_encoder(encoder: torch.nn.Module, ckpt: dict, source='checkpoint') -> N
     if have and diff:
         raise ValueError(f"{source}: encoder architecture differs from the model's: "
                          + ', '.join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in sorted(diff.items())))
-    sd, own = ckpt['encoder'], encoder.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{source}: encoder weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"shapes {shapes[:5]})")
-    result = encoder.load_state_dict(sd, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys, result
+    _load_strict(encoder, ckpt['encoder'], f"{source}: encoder")
 
 
 def decoder_args(ckpt: dict) -> dict:
@@ -64,13 +57,17 @@ def decoder_args(ckpt: dict) -> dict:
 def load_decoder(decoder: torch.nn.Module, ckpt: dict, source='checkpoint') -> None:
     """Load the checkpoint's decoder weights into `decoder` (built from `decoder_args(ckpt)`) with
     strict=True; a mismatch raises naming the keys or shapes."""
-    sd, own = ckpt['decoder'], decoder.state_dict()
+    _load_strict(decoder, ckpt['decoder'], f"{source}: decoder")
+
+
+def _load_strict(module: torch.nn.Module, sd: dict, what: str) -> None:
+    "`load_state_dict(strict=True)`, with a mismatch named by its keys and shapes first."
+    own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"{source}: decoder weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"shapes {shapes[:5]})")
-    result = decoder.load_state_dict(sd, strict=True)
+        raise ValueError(f"{what} weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]})")
+    result = module.load_state_dict(sd, strict=True)
     assert not result.missing_keys and not result.unexpected_keys, result
 
 
