@@ -71,8 +71,7 @@ def _run(cfg) -> dict:
     """Fine-tune with `cfg`, or return the metrics of a finished run in `cfg.out` made with the same
     settings; a finished run with other settings is an error rather than a silently wrong row."""
     from dataclasses import asdict
-    from .train import finetune
-    from .train import FinetuneConfig
+    from .train import FinetuneConfig, finetune
     done = Path(cfg.out) / 'metrics.json'
     if not done.exists(): return finetune(cfg)
     m = json.loads(done.read_text())
@@ -128,8 +127,8 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
     from concurrent.futures import ProcessPoolExecutor
     from .files import write_json
     if not report_only: _generate(data, patients, native, neighbours, max(1, jobs))
-    pre = {p: dict(pretext=p, context=context) if context else dict(pretext=p) for p in pretexts}
-    pre = {p: {k: v for k, v in c.items() if (k, v) != ('pretext', 'masked')} for p, c in pre.items()}
+    # each pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder)
+    pre = {p: {**({'pretext': p} if p != 'masked' else {}), **({'context': context} if context else {})} for p in pretexts}
     ckpts = {p: _pretrain_folder(out, c) / 'pretrained.pth' for p, c in pre.items()}
     todo = []                                  # in priority order: fraction, seed, then mode and pretext
     for frac in fractions:
@@ -409,8 +408,8 @@ def lesions(checkpoints, data: Path) -> str:
     from .probe import lesion_reconstruction_of
     lines = ['| checkpoint | pretext | input | L1, whole slice | L1, inside lesion boxes | L1, ring around them | lesion contrast kept (median) | lesions |',
              '|---|---|---|---|---|---|---|---|']
+    from .checkpoint import load_pretrained
     for ckpt in checkpoints:
-        from .checkpoint import load_pretrained
         pretext = load_pretrained(ckpt)['config'].get('pretext', 'masked')
         for kind, r in lesion_reconstruction_of(ckpt, data).items():
             lines.append(f"| {ckpt} | {pretext} | {kind} | {r['l1_slice']:.4f} | {r['l1_lesion']:.4f} | {r['l1_ring']:.4f} | {r['contrast_kept_median']:.2f} | "

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .callbacks import corrupt, key_channels
-from .checkpoint import decoder_args, load_decoder, load_encoder, load_pretrained
+from .checkpoint import load_decoder, load_encoder, load_pretrained
 from .data import CTSlice
 from .deeplesion import evaluation_records, load_data
 
@@ -70,8 +70,8 @@ def lesion_reconstruction_of(pretrained: Path | str, data: Path | str, split: st
     "`lesion_reconstruction` of a `python -m pretrain` checkpoint, with its settings, on the split's key slices."
     from .models.autoencoder import Autoencoder
     ckpt = load_pretrained(pretrained)
-    cfg, args = ckpt['config'], decoder_args(ckpt)
-    model = Autoencoder(ckpt['model_args']['encoder_args'], args.get('code_channels', (64, 8, 4)), args.get('decoder_widths'))
+    cfg = ckpt['config']
+    model = Autoencoder(**ckpt['model_args'])                   # the autoencoder's own construction arguments
     load_encoder(model.encoder, ckpt, str(pretrained)); load_decoder(model.decoder, ckpt, str(pretrained))
     _, records = load_data(Path(data))
     corruption = {k: cfg[k] for k in ('mask_ratio', 'patch', 'noise_std')}

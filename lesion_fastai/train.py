@@ -27,7 +27,7 @@ from .files import atomic_path, check_out_folder, output_folder, write_json
 from .freeze import apply_freeze, freeze_callbacks, localizer_splitter, lr_for, parameter_counts
 from .losses import DetectionLoss
 from .metrics import KEEP, NMS_IOU, ValidFROC, mean_box, summary_line
-from .models.autoencoder import create_autoencoder
+from .models.autoencoder import CODE_CHANNELS, create_autoencoder
 from .models.localizer import SANDWICHES, Localizer
 from .plots import plot_reconstructions
 
@@ -83,7 +83,7 @@ class PretrainConfig:
     noise_std: float | None = None    # default: the pretext's
     loss: str = 'l1'
     pretext: str = 'masked'           # PRETEXTS
-    code_channels: tuple = (64, 8, 4)  # the autoencoder's codes at strides 32, 16, 8 (and 4, with a fourth number)
+    code_channels: tuple = CODE_CHANNELS  # the autoencoder's codes at strides 32, 16, 8 (and 4, with a fourth number)
     resume: bool = False
     num_workers: int = 0
     cache: str = 'memory'             # 'memory' (per run), 'disk' (memory-mapped, shared by runs) or 'none'

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from lesion_fastai.cache import add_loading_args
+from lesion_fastai.models.autoencoder import CODE_CHANNELS
 
 
 def parse_args(argv=None):
@@ -33,8 +34,9 @@ def parse_args(argv=None):
     ap.add_argument('--mask-ratio', type=float, default=None, help='fraction of patches masked out of the input (default 0.5; mae 0.75)')
     ap.add_argument('--patch', type=int, default=None, help='masked patch size in pixels (default size/16; mae size/32)')
     ap.add_argument('--noise-std', type=float, default=None, help='Gaussian noise added to the windowed input (default 0.05; mae 0)')
-    ap.add_argument('--code-channels', default='64,8,4', help="the autoencoder's bottleneck: channels of its codes at strides 32, 16, 8, "
-                    "and 4 with a fourth number (default 64,8,4)")
+    codes = ','.join(map(str, CODE_CHANNELS))
+    ap.add_argument('--code-channels', default=codes, help="the autoencoder's bottleneck: channels of its codes at strides 32, 16, 8, "
+                    f"and 4 with a fourth number (default {codes})")
     ap.add_argument('--loss', choices=['l1', 'mse'], default='l1', help='reconstruction loss (default l1)')
     ap.add_argument('--pretext', choices=['masked', 'context', 'mae'], default='masked',
                     help="masked: every channel masked and noisy, all reconstructed (default); context: only the key "

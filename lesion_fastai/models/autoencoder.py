@@ -16,7 +16,9 @@ from torch import nn
 
 from .resnet import DEFAULT_ENCODER, ResNetEncoder, conv_bn
 
-__all__ = ['Decoder', 'Autoencoder', 'create_autoencoder']
+__all__ = ['CODE_CHANNELS', 'Decoder', 'Autoencoder', 'create_autoencoder']
+
+CODE_CHANNELS = (64, 8, 4)   # the default codes at strides 32, 16, 8 (module docstring)
 
 
 class Decoder(nn.Module):
@@ -24,7 +26,7 @@ class Decoder(nn.Module):
     16, 8; a fourth number adds a code of the first stage, at stride 4), decoded by nearest-upsample +
     3x3 conv blocks, each code joining at its own scale; a sigmoid image of `out_chans` channels at
     the input size. `features` gives the blocks' outputs, which the decoder sandwich reads."""
-    def __init__(self, stage_widths, out_chans: int, reduction: int = 32, code_channels=(64, 8, 4), widths=None):
+    def __init__(self, stage_widths, out_chans: int, reduction: int = 32, code_channels=CODE_CHANNELS, widths=None):
         super().__init__()
         n_up = reduction.bit_length() - 1
         if widths is None: widths = tuple(max(8, 128 // 2 ** i) for i in range(n_up))  # 128, 64, 32, 16, 8
@@ -68,7 +70,7 @@ class Decoder(nn.Module):
 
 class Autoencoder(nn.Module):
     "`encoder` (same class and arguments as the localizer's body) and `decoder`."
-    def __init__(self, encoder_args: dict | None = None, code_channels=(64, 8, 4), decoder_widths=None):
+    def __init__(self, encoder_args: dict | None = None, code_channels=CODE_CHANNELS, decoder_widths=None):
         super().__init__()
         self.encoder_args = dict(DEFAULT_ENCODER, **(encoder_args or {}))
         self.encoder = ResNetEncoder(**self.encoder_args)

@@ -145,10 +145,10 @@ class Localizer(nn.Module):
         self.stem_adapter = TransferLayer(stem_width, adapter_ratio) if kind == 'encoder' and adapter_stem else None
         self.decoder = self.decoder_adapters = None
         if kind == 'decoder':
-            from .autoencoder import Decoder
+            from .autoencoder import CODE_CHANNELS, Decoder
             self.decoder_args = dict(decoder_args or {})
             self.decoder = Decoder(self.encoder.widths, self.encoder.in_chans, self.encoder.reduction,
-                                   tuple(self.decoder_args.get('code_channels', (64, 8, 4))), self.decoder_args.get('decoder_widths'))
+                                   tuple(self.decoder_args.get('code_channels', CODE_CHANNELS)), self.decoder_args.get('decoder_widths'))
             self.n_decoder_blocks = self.decoder.blocks_to(stride)
             widths = self.decoder.widths[:self.n_decoder_blocks]
             self.decoder_adapters = nn.ModuleList([TransferLayer(w, adapter_ratio) for w in widths])
