@@ -97,7 +97,8 @@ def main(argv=None):
             loss=args.loss, map_weight=args.map_weight, map_radius=args.map_radius, wd=args.wd, adapter_ratio=args.adapter_ratio,
             adapter_stem=args.adapter_stem, sandwich=args.sandwich, label_fraction=args.label_fraction, seed=args.seed, pretrained=args.pretrained, freeze=args.freeze,
             update_frozen_bn=args.update_frozen_bn, kappa=args.kappa, nll_weight=args.nll_weight, out_bn=args.out_bn, augment=not args.no_augment,
-            resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir))
+            resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir,
+            precision=args.precision))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 

@@ -188,10 +188,13 @@ def prepare_slices(kind: str, items, windows: str, context: int, size: int, fold
 
 
 def add_loading_args(ap) -> None:
-    "The --workers, --cache and --cache-dir flags shared by `python -m pretrain` and `python -m finetune`."
+    "The --workers, --cache, --cache-dir and --precision flags shared by `python -m pretrain` and `python -m finetune`."
     ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: main process; with workers '
                     'use --cache disk, since an in-memory cache is not shared with them)')
     ap.add_argument('--cache', choices=['memory', 'disk', 'none'], default='memory',
                     help='prepared slices: memory (kept for this run, default), disk (a memory-mapped float16 array built once '
                          'per slices and settings, reused by later runs and workers) or none')
     ap.add_argument('--cache-dir', type=Path, default=None, help='folder of the disk cache (default ~/.cache/lesion_fastai)')
+    ap.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto',
+                    help='auto (default): bfloat16 autocast (fastai MixedPrecision) and channels_last on a CUDA GPU, float32 on the '
+                         'CPU; fp32: float32 everywhere; bf16: bfloat16, an error without a GPU')

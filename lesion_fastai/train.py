@@ -64,6 +64,33 @@ def _fit_resumable(learn, out: Path, epochs: int, lr, monitor: str, resume: bool
     if finite.problem: raise FloatingPointError(finite.problem)
 
 
+PRECISIONS = ('auto', 'fp32', 'bf16')
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS: raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == 'bf16' and not torch.cuda.is_available():
+        raise ValueError("--precision bf16 needs a CUDA GPU (fastai's mixed precision is CUDA autocast); on the CPU use auto or fp32")
+
+
+def resolved_precision(precision: str) -> str:
+    "What a run with this --precision trains in here: 'auto' is bf16 on a CUDA GPU, fp32 on the CPU."
+    return 'fp32' if precision == 'fp32' or not torch.cuda.is_available() else 'bf16'
+
+
+def _speed_up(learn, precision: str) -> str:
+    """On a CUDA GPU (precision 'auto' or 'bf16'): bfloat16 autocast (fastai's `MixedPrecision`, no loss
+    scaling needed) with the model in channels_last. Returns the precision the fit runs in."""
+    if resolved_precision(precision) == 'fp32' or learn.dls.device is None or learn.dls.device.type != 'cuda': return 'fp32'
+    learn.to_channelslast(amp_mode='bf16')
+    return 'bf16'
+
+
+def _loader_kwargs() -> dict:
+    "Pinned host memory makes the copies to a GPU asynchronous."
+    return {'pin_memory': torch.cuda.is_available()}
+
+
 # --- pretraining ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -88,6 +115,7 @@ class PretrainConfig:
     num_workers: int = 0
     cache: str = 'memory'             # 'memory' (per run), 'disk' (memory-mapped, shared by runs) or 'none'
     cache_dir: Path | None = None     # for 'disk': default ~/.cache/lesion_fastai
+    precision: str = 'auto'           # PRECISIONS
 
 
 # pretext: (mask ratio, patch as a fraction of the size, noise std), what each reconstructs:
@@ -108,6 +136,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     out = check_out_folder(cfg.out)
     if cfg.patients not in ('train', 'all'): raise ValueError(f"patients {cfg.patients!r}: expected 'train' or 'all'")
     if cfg.pretext not in PRETEXTS: raise ValueError(f"pretext {cfg.pretext!r}: expected one of {', '.join(PRETEXTS)}")
+    _check_precision(cfg.precision)
     ratio, patch_fraction, noise = PRETEXTS[cfg.pretext]
     mask_ratio = ratio if cfg.mask_ratio is None else cfg.mask_ratio
     noise_std = noise if cfg.noise_std is None else cfg.noise_std
@@ -136,7 +165,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     cache = prepare_slices(cfg.cache, paths, cfg.windows, cfg.context, size, cfg.cache_dir)
     with output_folder(out):
         set_seed(cfg.seed, reproducible=True)
-        dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed, cache=cache)
+        dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed, cache=cache,
+                              **_loader_kwargs())
         n_in = n_channels(cfg.windows, cfg.context)
         model = create_autoencoder(n_in, code_channels=tuple(cfg.code_channels))
         masked_loss = cfg.pretext == 'mae'
@@ -147,9 +177,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
         learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
                         cbs=[MaskedCorruption(**corruption, channels=keys, masked_loss=masked_loss)])
         untrained = float(learn.validate()[0])
+        precision = _speed_up(learn, cfg.precision)
         _fit_resumable(learn, out, cfg.epochs, cfg.lr, 'valid_loss', cfg.resume)
+        learn.to_contiguous(to_fp32=True)             # the checkpoint and every figure and loss below: float32
         trained = float(learn.validate()[0])
-        config = {**asdict(cfg), **corruption, 'size': size, 'data': str(cfg.data), 'out': str(out), 'in_chans': n_in,
+        config = {**asdict(cfg), **corruption, 'size': size, 'data': str(cfg.data), 'out': str(out), 'in_chans': n_in, 'precision': precision,
                   'code_channels': list(cfg.code_channels)}
         ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)
         _reconstruction_figure(learn, corruption, out / 'reconstructions.png', keys)
@@ -234,6 +266,7 @@ class FinetuneConfig:
     num_workers: int = 0
     cache: str = 'memory'             # 'memory' (per run), 'disk' (memory-mapped, shared by runs) or 'none'
     cache_dir: Path | None = None     # for 'disk': default ~/.cache/lesion_fastai
+    precision: str = 'auto'           # PRECISIONS
     n_figure: int = 8
     quiet: bool = False
     time_budget_s: float | None = None  # stop training after this many seconds
@@ -277,6 +310,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     Possibly_noisy lesions are no targets, and slices left without a lesion are left out."""
     t0 = time.time()
     out = check_out_folder(cfg.out)
+    _check_precision(cfg.precision)
     loss_func = DetectionLoss(cfg.loss, cfg.map_weight, cfg.map_radius, cfg.nll_weight, cfg.target, cfg.keep, cfg.nms_iou)
     df, records = load_data(cfg.data)
     s, ckpt = _resolve(cfg, records)
@@ -300,7 +334,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     with output_folder(out):
         set_seed(cfg.seed, reproducible=True)
         dls = localization_dls(epoch_items + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
-                               cfg.num_workers, cfg.seed, cache=cache)
+                               cfg.num_workers, cfg.seed, cache=cache, **_loader_kwargs())
         model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich' and cfg.sandwich, out_bn=cfg.out_bn, kappa=cfg.kappa,
                           adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, stride=cfg.stride,
                           decoder_args=decoder_args(ckpt) if ckpt else None)
@@ -317,10 +351,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
             lr = float(learn.lr_find(show_plot=False).valley)
             print(f"lr_find: {lr:.2e}")
         cbs = freeze_callbacks(s['freeze'], cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else [])
+        precision = _speed_up(learn, cfg.precision)
         _fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'froc', cfg.resume, cfg.quiet, cbs)
+        learn.to_contiguous(to_fp32=True)             # evaluation and the export in float32, as a CPU evaluation of it
         baseline = mean_box(train)
         results = report(learn, {'valid': valid, 'test': test}, baseline, out, n_figure=cfg.n_figure)
-        config = {**asdict(cfg), **s, 'lr': lr, 'data': str(cfg.data), 'out': str(out),
+        config = {**asdict(cfg), **s, 'lr': lr, 'precision': precision, 'data': str(cfg.data), 'out': str(out),
                   'pretrained': str(cfg.pretrained) if cfg.pretrained else None}
         # the export carries what evaluating it later needs: the baseline of the labels it was trained with
         learn.train_info = {'mean_box': baseline.tolist(), 'train_slices': len(train), 'label_fraction': cfg.label_fraction,

@@ -65,7 +65,8 @@ def main(argv=None):
                                 windows=args.windows, context=args.context, seed=args.seed, patients=args.patients,
                                 mask_ratio=args.mask_ratio, patch=args.patch, noise_std=args.noise_std, loss=args.loss,
                                 pretext=args.pretext, code_channels=args.code_channels,
-                                resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir))
+                                resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir,
+                                precision=args.precision))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 

@@ -105,6 +105,9 @@ CASES = [
     ('--out not writable', 'finetune', 'out-locked', [], r'--out .* is not writable by this user'),
     ('--pretrained not a checkpoint', 'finetune', 'bad-ckpt', [], r'not a lesion_fastai pretrained checkpoint'),
 ]
+if not torch.cuda.is_available():                 # fastai's mixed precision is CUDA autocast
+    CASES += [(f'--precision bf16 without a GPU, {e}', e, None, ['--precision', 'bf16'], r'--precision bf16 needs a CUDA GPU')
+              for e in ('finetune', 'pretrain')]
 
 
 @pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])

@@ -131,6 +131,7 @@ def test_noisy_lesions_are_dropped_from_validation_and_test(tmp_path):
     df = read_dl_info(tmp_path / 'data' / 'DL_info.csv')
     assert 0 < df.noisy.sum() < len(df)
     m = finetune(FinetuneConfig(data=tmp_path / 'data', out=tmp_path / 'run', epochs=1, bs=2, size=32, quiet=True))
+    assert m['config']['precision'] == ('bf16' if torch.cuda.is_available() else 'fp32')   # precision auto
     for split, key in (('val', 'valid'), ('test', 'test')):
         sel = df[df.split == split]
         clean_slices = sel[~sel.noisy].file_name.nunique()
