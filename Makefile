@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DATA   ?= data/synthetic
 RUNS   ?= runs/demo
 
-.PHONY: demo test data bench-quick clean
+.PHONY: demo test data bench-quick gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(VENV)/.installed $(DATA)/DL_info.csv
 bench-quick: $(VENV)/.installed
 	$(PY) -m lesion_fastai.bench efficiency --quick
 	$(PY) -m lesion_fastai.bench throughput --quick
+
+# the GPU path in figures (a few minutes on one GPU): bf16 training, inference, loaders with workers, peak memory
+gpu-check: $(VENV)/.installed
+	$(PY) -m lesion_fastai.bench gpu
 
 clean:
 	rm -rf $(RUNS)

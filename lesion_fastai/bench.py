@@ -4,6 +4,7 @@
     python -m lesion_fastai.bench study [--quick]        # why the sandwich does (not) match: one change at a time
     python -m lesion_fastai.bench select --setting adapter_ratio --values 0.25,1   # a default, chosen on validation
     python -m lesion_fastai.bench throughput [--quick]   # slice loading and training images/s, peak memory
+    python -m lesion_fastai.bench gpu                    # the GPU path: bf16 training, inference, loaders (make gpu-check)
     python -m lesion_fastai.bench stats                  # the built-in data's lesion statistics beside DeepLesion's
     python -m lesion_fastai.bench lesions --pretrained CKPT --data DATA   # does the autoencoder keep the lesions?
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
+import queue
 import resource
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 
 from .files import atomic_write_text
 
-__all__ = ['efficiency', 'study', 'select', 'lesions', 'throughput', 'main']
+__all__ = ['efficiency', 'study', 'select', 'lesions', 'throughput', 'gpu_check', 'main']
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich)
 MODES = {'scratch': ('scratch', 'encoder'), 'none': ('none', 'encoder'), 'encoder': ('encoder', 'encoder'),
@@ -47,8 +49,14 @@ def _generate(data: Path, patients: int, native: int, neighbours: int = 2, worke
         generate(data, patients=patients, size=native, seed=1, neighbours=neighbours, workers=workers)
 
 
+def _tag(changes: dict | None) -> str:
+    "Pretraining changes as a name: _context2_pretextcontext, _code64-8-4-4."
+    short = lambda k, v: ('code', '-'.join(map(str, v))) if k == 'code_channels' else (k, v)
+    return ''.join('_{}{}'.format(*short(k, v)) for k, v in sorted((changes or {}).items()))
+
+
 def _pretrain_folder(out: Path, changes: dict | None) -> Path:
-    return out / ('pretrain' + ''.join(f'_{k}{v}' for k, v in sorted((changes or {}).items())))
+    return out / ('pretrain' + _tag(changes))
 
 
 def _pretrain_once(data: Path, folder: Path, pretrain_epochs: int, bs: int, changes: dict | None = None) -> Path:
@@ -67,18 +75,30 @@ def _prepare(out: Path, data: Path, patients: int, native: int, pretrain_epochs:
     return _pretrain_once(data, _pretrain_folder(out, pretrain_changes), pretrain_epochs, bs, pretrain_changes)
 
 
-def _run(cfg) -> dict:
+def _inside(path, out) -> str:
+    "A path relative to the benchmark folder of the run in `out` (`<folder>/runs/<run>`): folders gathered from several machines compare."
+    try: return str(Path(path).relative_to(Path(out).parent.parent))
+    except ValueError: return str(path)
+
+
+def _run(cfg, any_precision: bool = False) -> dict:
     """Fine-tune with `cfg`, or return the metrics of a finished run in `cfg.out` made with the same
-    settings; a finished run with other settings is an error rather than a silently wrong row."""
+    settings; a finished run with other settings is an error rather than a silently wrong row. With
+    `any_precision` (reporting runs from several machines) a run may have trained in another precision."""
     from dataclasses import asdict
-    from .train import FinetuneConfig, finetune
+    from .train import FinetuneConfig, finetune, resolved_precision
     done = Path(cfg.out) / 'metrics.json'
     if not done.exists(): return finetune(cfg)
     m = json.loads(done.read_text())
     ignore = {'resume', 'quiet', 'out', 'num_workers'} | ({'adapter_ratio', 'adapter_stem', 'sandwich'} if cfg.freeze != 'sandwich' else set())
     want = {k: v for k, v in asdict(cfg).items() if v is not None and k not in ignore}
+    want['precision'] = resolved_precision(cfg.precision)      # runs record what they trained in
+    if any_precision: want.pop('precision')
+    for k in ('data', 'pretrained'):
+        if k in want: want[k] = _inside(want[k], cfg.out)
     fields = FinetuneConfig.__dataclass_fields__               # a setting added since the run: its default then
-    have = lambda k: m['config'].get(k, fields[k].default)
+    default = lambda k: 'fp32' if k == 'precision' else fields[k].default   # runs from before bf16 trained in fp32
+    have = lambda k: _inside(m['config'][k], m['config']['out']) if k in ('data', 'pretrained') and m['config'].get(k) else m['config'].get(k, default(k))
     diff = {k: (have(k), v) for k, v in want.items() if str(have(k)) != str(v)}
     if diff: raise ValueError(f"{done}: a finished run with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
                               f"choose another --out or remove {cfg.out}")
@@ -103,7 +123,7 @@ def _row(m: dict, **extra) -> dict:
             'mean_iou': t['top1']['mean_iou'], 'centre_error_mm': t['top1']['centre_error_mm'],
             'valid_froc': m['valid']['froc']['mean_0.5_4'], 'baseline_froc': b['froc']['mean_0.5_4'],
             'baseline_hit@0.5': b['top1']['hit@0.5'], 'baseline_mean_iou': b['top1']['mean_iou'], 'n_test': t['froc']['slices'],
-            'time_s': m['time_s'], 'trainable': m['parameters']['trainable']}
+            'time_s': m['time_s'], 'trainable': m['parameters']['trainable'], 'precision': m['config'].get('precision', 'fp32')}
 
 
 def _in_process(threads: int, fn, *args):
@@ -115,7 +135,7 @@ def _in_process(threads: int, fn, *args):
 
 def efficiency(out: Path, data: Path, patients: int, native: int, fractions, modes, seeds, epochs: int,
                pretrain_epochs: int, bs: int, pretexts=('masked',), context: int = 0, neighbours: int = 10,
-               jobs: int = 1, report_only: bool = False) -> dict:
+               jobs: int = 1, report_only: bool = False, precision: str = 'auto', code_channels: tuple | None = None) -> dict:
     """One pretraining per pretext, then every (label fraction, seed, mode, pretext) fine-tune with the
     same epoch budget (small label sets are repeated to the full training set's length per epoch, so
     every run takes the same number of steps); a seed fixes the label subset and the initialisation,
@@ -123,25 +143,31 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
     box's hit@0.5 as mean and 95% interval over the seeds beside the mean-box baseline, validation
     FROC likewise, and each pretrained mode's paired difference from scratch. The pretrained mode
     that the verdict names is chosen on validation. With `jobs` > 1 the runs go to that many processes
-    (a GPU machine with many cores); with `report_only` nothing trains and finished runs are reported."""
+    (a GPU machine with many cores); with `report_only` nothing trains and finished runs are reported.
+    `precision` goes to every pretraining and fine-tune (auto: bf16 on a GPU); `code_channels` to every
+    pretraining (its folder and runs named after them, e.g. `_code64-8-4-4`)."""
     from concurrent.futures import ProcessPoolExecutor
     from .files import write_json
     if not report_only: _generate(data, patients, native, neighbours, max(1, jobs))
     # each pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder)
-    pre = {p: {**({'pretext': p} if p != 'masked' else {}), **({'context': context} if context else {})} for p in pretexts}
+    code = {'code_channels': tuple(code_channels)} if code_channels else {}
+    pre = {p: {**({'pretext': p} if p != 'masked' else {}), **({'context': context} if context else {}), **code} for p in pretexts}
     ckpts = {p: _pretrain_folder(out, c) / 'pretrained.pth' for p, c in pre.items()}
+    speed = {} if precision == 'auto' else {'precision': precision}
+    pre = {p: {**c, **speed} for p, c in pre.items()}
     todo = []                                  # in priority order: fraction, seed, then mode and pretext
     for frac in fractions:
         for seed in seeds:
             for mode in modes:
                 for p in (['-'] if mode == 'scratch' else pretexts):
                     name = f'{mode}_{frac:g}_seed{seed}' + (f'_context{context}' if context else '') + ('' if p in ('-', 'masked') else f'_{p}')
+                    name += _tag(code) if p != '-' else ''
                     cfg = _finetune_config(data, out / 'runs' / name, mode, frac, seed, epochs, bs, ckpts.get(p),
-                                           {'context': context} if mode == 'scratch' and context else None)
+                                           {**({'context': context} if mode == 'scratch' and context else {}), **speed})
                     todo.append((p, mode, frac, seed, cfg))
     if report_only:
         todo = [t for t in todo if (Path(t[4].out) / 'metrics.json').exists()]
-        results = [_run(t[4]) for t in todo]
+        results = [_run(t[4], any_precision=True) for t in todo]
     elif jobs > 1:
         threads = max(1, mp.cpu_count() // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn')) as pool:
@@ -158,8 +184,11 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
         for p, mode, frac, seed, cfg in todo:
             if not (Path(cfg.out) / 'metrics.json').exists(): print(f"\n== {mode}{'' if p == '-' else f' ({p} pretext)'}, label fraction {frac:g}, seed {seed}")
             results.append(_run(cfg))
-    rows = [_row(m, mode=mode if p == '-' else f'{mode} [{p}]', fraction=frac, seed=seed)
+    rows = [_row(m, mode=mode if p == '-' else f'{mode} [{p}{_tag(code)}]', fraction=frac, seed=seed)
             for (p, mode, frac, seed, _), m in zip(todo, results)]
+    if not rows:
+        print(f"no finished runs in {out / 'runs'} for these settings: nothing to report")
+        return {'rows': [], 'summary': [], 'verdict': []}
     summary = _summarise(rows)
     verdict = _verdict(summary)
     result = {'rows': rows, 'summary': summary, 'verdict': verdict, 'machine': _machine(),
@@ -322,7 +351,8 @@ def _summarise(rows):
             agg = {k: float(np.mean([r[k] for r in sel])) for k in ('froc', 'sens@4', 'hit@0.5', 'mean_iou', 'centre_error_mm', 'valid_froc',
                                                                      'baseline_froc', 'baseline_hit@0.5', 'baseline_mean_iou', 'time_s')}
             n = sorted({r['train_slices'] for r in sel})            # a seed draws its own label subset
-            agg.update(mode=mode, fraction=frac, seeds=len(sel), train_slices=n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}', n_test=sel[0]['n_test'],
+            precisions = {p: sum(r.get('precision', 'fp32') == p for r in sel) for p in sorted({r.get('precision', 'fp32') for r in sel})}
+            agg.update(mode=mode, fraction=frac, seeds=len(sel), precision=', '.join(f'{n} {p}' for p, n in precisions.items()), train_slices=n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}', n_test=sel[0]['n_test'],
                        froc_ci=mean_ci([r['froc'] for r in sel])[1], hit_ci=mean_ci([r['hit@0.5'] for r in sel])[1],
                        valid_ci=mean_ci([r['valid_froc'] for r in sel])[1])
             scratch = {r['seed']: r['froc'] for r in rows if r['mode'] == 'scratch' and r['fraction'] == frac}
@@ -343,12 +373,12 @@ def _mode_order(mode: str):
 
 def _efficiency_table(summary) -> str:
     lines = ['| labels (fraction of training patients) | labeled slices | mode [pretext] | test FROC, mean 0.5-4 FPs | paired difference from scratch | '
-             'sensitivity at 4 FPs | top box hit@0.5 | validation FROC | mean box FROC / hit@0.5 | seeds |',
+             'sensitivity at 4 FPs | top box hit@0.5 | validation FROC | mean box FROC / hit@0.5 | seeds (trained in) |',
              '|---|---|---|---|---|---|---|---|---|---|']
     for s in sorted(summary, key=lambda s: (s['fraction'], _mode_order(s['mode']))):
         diff = _pm(s['diff'], s['diff_ci']) if 'diff' in s else ''
         lines.append(f"| {s['fraction']:g} | {s['train_slices']} | {s['mode']} | {_pm(s['froc'], s['froc_ci'])} | {diff} | {s['sens@4']:.3f} | "
-                     f"{_pm(s['hit@0.5'], s['hit_ci'])} | {_pm(s['valid_froc'], s['valid_ci'])} | {s['baseline_froc']:.3f} / {s['baseline_hit@0.5']:.3f} | {s['seeds']} |")
+                     f"{_pm(s['hit@0.5'], s['hit_ci'])} | {_pm(s['valid_froc'], s['valid_ci'])} | {s['baseline_froc']:.3f} / {s['baseline_hit@0.5']:.3f} | {s.get('precision', s['seeds'])} |")
     return '\n'.join(lines)
 
 
@@ -464,7 +494,12 @@ def _measure(kind, size, bs, steps, device='cpu', amp=False):
     ctx = mp.get_context('spawn')
     q = ctx.Queue()
     p = ctx.Process(target=_train_speed, args=(kind, size, bs, steps, q, device, amp))
-    p.start(); res = q.get(); p.join()
+    p.start()
+    while True:                       # a measurement that dies (out of memory, an error) must not leave us waiting
+        try: res = q.get(timeout=5); break
+        except queue.Empty:
+            if not p.is_alive(): raise RuntimeError(f"the {kind} measurement ({device}, batch {bs}) died with exit code {p.exitcode}")
+    p.join()
     return res
 
 
@@ -554,6 +589,98 @@ def throughput(out: Path, quick: bool = False) -> dict:
     return res
 
 
+def _loader_rate(dl, epochs: int = 2) -> float:
+    "Slices/s of a DataLoader: the first epoch starts the workers, the later ones are timed."
+    for _ in dl: pass
+    t, n = time.perf_counter(), 0
+    for _ in range(epochs):
+        for b in dl: n += len(b[0])
+    return n / (time.perf_counter() - t)
+
+
+def _end_to_end(dls, device: str, amp: bool) -> float:
+    "Training images/s of one fastai epoch of the autoencoder on these loaders, loading included."
+    import torch
+    from fastai.callback.channelslast import ChannelsLast  # noqa: F401 (Learner.to_channelslast)
+    from fastai.learner import Learner
+    from .models.autoencoder import create_autoencoder
+    learn = Learner(dls, create_autoencoder(dls.one_batch()[0].shape[1]).to(device), loss_func=torch.nn.L1Loss())
+    if amp: learn.to_channelslast(amp_mode='bf16')
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1)                                   # warm-up: workers, cudnn autotuning
+        if device == 'cuda': torch.cuda.synchronize()
+        t = time.perf_counter()
+        learn.fit(1)
+        if device == 'cuda': torch.cuda.synchronize()
+    return len(dls.train) * dls.train.bs / (time.perf_counter() - t)
+
+
+def gpu_check(out: Path, device: str = 'cuda', size: int = 256, bs: int = 64, steps: int = 20, workers: int | None = None,
+              patients: int = 100) -> dict:
+    """The GPU path in figures, on the built-in data: training images/s at `size` px of the detector in
+    float32 and in bfloat16 autocast with channels_last, the earlier experiment's localizer in bf16 on
+    the same device, inference slices/s (decoding into scored boxes included) and the peak GPU memory
+    of each (each measured in a fresh process); then the loaders: building the disk cache, a fastai
+    DataLoader over it with `workers` processes and pinned memory (slices/s), and one fastai epoch of
+    the autoencoder end to end (loading included). Loading keeps up when it is faster than bf16 training.
+    `device='cpu'` runs the same steps in float32 (for tests and for comparison)."""
+    import torch
+    from .cache import build_slice_cache
+    from .data import autoencoder_dls
+    from .deeplesion import list_slices
+    from .files import write_json
+    from .synthetic import generate
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA GPU here (torch.cuda.is_available() is False); "
+                         "`python -m lesion_fastai.bench gpu --device cpu` runs the same steps on the CPU")
+    workers = max(1, mp.cpu_count() - 1) if workers is None else workers
+    amp = device == 'cuda'
+    t0 = time.perf_counter()
+    data = out / f'data_{patients}p_{2 * size}px'
+    if not (data / 'DL_info.csv').exists(): generate(data, patients=patients, size=2 * size, seed=7, workers=max(1, workers))
+    res = {'machine': _machine(), 'device': torch.cuda.get_device_name() if device == 'cuda' else 'cpu',
+           'size': size, 'bs': bs, 'workers': workers}
+    train = {'ours_fp32': _measure('localizer', size, bs, steps, device)}
+    if amp: train['ours_bf16'] = _measure('localizer', size, bs, steps, device, amp=True)
+    train['legacy' + ('_bf16' if amp else '_fp32')] = _measure('legacy', size, max(2, bs // 4), max(1, steps // 4), device, amp)
+    res['train_images_per_s'] = {k: v[0] for k, v in train.items()}
+    res['peak_memory_mb'] = {k: v[1] for k, v in train.items()}
+    inf = _measure('infer', size, bs, steps, device, amp)
+    res['inference_slices_per_s'], res['peak_memory_mb']['inference'] = inf
+    paths = list_slices(data)
+    t = time.perf_counter()
+    cache = build_slice_cache(paths, 'soft', 0, size, out / 'slice_cache', quiet=True)
+    res['slices'] = len(paths)
+    res['loading_slices_per_s'] = {'disk_cache_build': len(paths) / (time.perf_counter() - t)}
+    patient_ids = sorted({int(Path(p).parent.name.split('_')[0]) for p in paths})
+    valid = set(patient_ids[-max(1, len(patient_ids) // 7):])          # a few patients' slices: the validation set
+    for n in sorted({0, workers}):
+        dls = autoencoder_dls(paths, valid, size=size, bs=bs, num_workers=n, seed=0, cache=cache, pin_memory=amp, device=device)
+        res['loading_slices_per_s'][f'{n}_workers'] = _loader_rate(dls.train)
+    res['end_to_end_images_per_s'] = _end_to_end(dls, device, amp)
+    best = res['train_images_per_s'].get('ours_bf16', res['train_images_per_s']['ours_fp32'])
+    res['loader_keeps_up'] = res['loading_slices_per_s'][f'{workers}_workers'] >= best
+    res['time_s'] = round(time.perf_counter() - t0, 1)
+    write_json(res, out / 'gpu.json')
+    tr, mem, ld = res['train_images_per_s'], res['peak_memory_mb'], res['loading_slices_per_s']
+    leg = next(k for k in tr if k.startswith('legacy'))
+    rows = [('| measure | value | baseline |', '|---|---|---|'),
+            [f"| training images/s at {size} px, float32, batch {bs} | {tr['ours_fp32']:.0f} | |"],
+            [f"| training images/s, bf16 autocast + channels_last | {tr['ours_bf16']:.0f} | {tr[leg]:.0f} (earlier experiment's localizer, bf16) |"] if amp
+            else [f"| training images/s of the earlier experiment's localizer, float32 | {tr[leg]:.1f} | |"],
+            [f"| inference slices/s at {size} px, batch {bs}, scored boxes decoded | {res['inference_slices_per_s']:.0f} | |",
+             f"| peak {'GPU ' if amp else ''}memory, MB: training {'bf16' if amp else 'fp32'} / inference | "
+             f"{mem['ours_bf16' if amp else 'ours_fp32']:.0f} / {mem['inference']:.0f} | {mem[leg]:.0f} (earlier localizer, training) |",
+             f"| building the disk cache, slices/s ({len(paths)} slices, {2 * size} px PNG) | {ld['disk_cache_build']:.0f} | |",
+             f"| DataLoader from the disk cache, {workers} workers, slices/s | {ld[f'{workers}_workers']:.0f} | {ld['0_workers']:.0f} (no workers) |",
+             f"| one fastai epoch of the autoencoder end to end, images/s | {res['end_to_end_images_per_s']:.0f} | |",
+             f"| loading keeps up with training | {'yes' if res['loader_keeps_up'] else 'no'} | |"]]
+    table = '\n'.join(line for group in rows for line in group)
+    atomic_write_text(out / 'gpu.md', table + '\n')
+    print(f"{res['machine']}, {res['device']}\n\n{table}\n\nwrote {out / 'gpu.json'} ({res['time_s']:.0f} s)")
+    return res
+
+
 def _data_args(p, out_help: str, quick_help: str) -> None:
     "Flags shared by `efficiency` and `study`: the same data, pretraining and batch size."
     p.add_argument('--out', type=Path, default=Path('runs/bench/efficiency'), help=out_help)
@@ -583,6 +710,9 @@ def main(argv=None):
     e.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs, the same for every run')
     e.add_argument('--jobs', type=int, default=1, help='runs in parallel processes (a GPU machine with many cores)')
     e.add_argument('--report-only', action='store_true', help='train nothing: report the runs that finished')
+    e.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto', help='of every run: auto is bf16 on a GPU, fp32 on the CPU')
+    e.add_argument('--code-channels', default=None, help="the autoencoder's codes of every pretraining, as python -m pretrain --code-channels "
+                   "(e.g. 64,8,4,4 adds a stride-4 code; default: pretrain's)")
     st = sub.add_parser('study', help='the sandwich at 10%% labels against scratch at 100%%, one change at a time',
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _data_args(st, "output folder (efficiency's: shares its data and pretraining)", 'a few-minute smoke run: 40 patients, 2 epochs, three variants')
@@ -613,8 +743,18 @@ def main(argv=None):
     t = sub.add_parser('throughput', help='loading and training speed, peak memory', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument('--out', type=Path, default=Path('runs/bench/throughput'), help='output folder')
     t.add_argument('--quick', action='store_true', help='fewer slices and steps')
+    g = sub.add_parser('gpu', help='the GPU path: bf16 training, inference, loaders with workers, peak GPU memory (make gpu-check)',
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument('--out', type=Path, default=Path('runs/bench/gpu'), help='output folder (generated data, disk cache, gpu.json, gpu.md)')
+    g.add_argument('--device', choices=['cuda', 'cpu'], default='cuda', help='cpu runs the same steps in float32')
+    g.add_argument('--size', type=int, default=256, help='input size in pixels (the data is generated at twice this)')
+    g.add_argument('--bs', type=int, default=64, help='batch size')
+    g.add_argument('--steps', type=int, default=20, help='timed training steps per model')
+    g.add_argument('--workers', type=int, default=None, help='DataLoader workers (default: CPU cores - 1)')
+    g.add_argument('--patients', type=int, default=100, help='synthetic patients to generate for the loaders')
     args = ap.parse_args(argv)
     if args.which == 'throughput': return throughput(args.out, args.quick)
+    if args.which == 'gpu': return gpu_check(args.out, args.device, args.size, args.bs, args.steps, args.workers, args.patients)
     if args.which == 'stats': return stats(args.data, args.sample, args.patients, args.native)
     if args.which == 'lesions': return lesions(args.pretrained, args.data)
     if args.quick:
@@ -642,9 +782,13 @@ def main(argv=None):
     if bad or not pretexts: ap.error(f"--pretexts: unknown {bad}, expected some of {', '.join(PRETEXTS)}")
     if 'context' in pretexts and args.context < 1: ap.error('--pretexts context needs --context 1 or more')
     if args.jobs < 1: ap.error(f'--jobs must be at least 1, got {args.jobs}')
+    try: code = tuple(int(c) for c in args.code_channels.split(',')) if args.code_channels else None
+    except ValueError: ap.error(f'--code-channels must be 3 or 4 integers joined by commas, got {args.code_channels!r}')
+    if code and (not 3 <= len(code) <= 4 or min(code) < 1): ap.error(f'--code-channels must be 3 or 4 positive integers, got {args.code_channels}')
     if args.quick: fractions = [.1, 1.]
     return efficiency(args.out, data, args.patients, args.native, fractions, modes, [int(s) for s in args.seeds.split(',')],
-                      args.epochs, args.pretrain_epochs, args.bs, pretexts, args.context, neighbours, args.jobs, args.report_only)
+                      args.epochs, args.pretrain_epochs, args.bs, pretexts, args.context, neighbours, args.jobs, args.report_only,
+                      args.precision, code)
 
 
 if __name__ == '__main__':

@@ -110,3 +110,47 @@ def test_mean_ci_is_students_t_interval():
     m, h = mean_ci([1., 2., 3.])
     assert m == 2 and h == pytest.approx(4.303 * 1 / np.sqrt(3))
     assert np.isnan(mean_ci([5.])[1]) and mean_ci([5.])[0] == 5
+
+
+def test_gpu_check_measures_every_path_on_the_cpu_and_refuses_cuda_without_a_gpu(tmp_path):
+    import json
+    import torch
+    from lesion_fastai.bench import gpu_check, main
+    res = gpu_check(tmp_path, device='cpu', size=64, bs=2, steps=1, workers=1, patients=4)
+    assert set(res['train_images_per_s']) == {'ours_fp32', 'legacy_fp32'} and min(res['train_images_per_s'].values()) > 0
+    assert set(res['loading_slices_per_s']) == {'disk_cache_build', '0_workers', '1_workers'} and min(res['loading_slices_per_s'].values()) > 0
+    assert res['inference_slices_per_s'] > 0 and res['end_to_end_images_per_s'] > 0 and res['slices'] == len(list(tmp_path.rglob('*.png')))
+    assert res['loader_keeps_up'] == (res['loading_slices_per_s']['1_workers'] >= res['train_images_per_s']['ours_fp32'])
+    assert json.loads((tmp_path / 'gpu.json').read_text())['slices'] == res['slices'] and '| loading keeps up' in (tmp_path / 'gpu.md').read_text()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match='no CUDA GPU here'): main(['gpu', '--out', str(tmp_path / 'cuda')])
+        assert not (tmp_path / 'cuda').exists()
+
+
+def test_runs_gathered_from_another_folder_and_precision_report_but_do_not_resume(tiny_data, tmp_path):
+    import json
+    import shutil
+    import torch
+    from lesion_fastai.bench import _tag
+    args = dict(data=tiny_data, patients=10, native=64, fractions=[1.], modes=['scratch', 'sandwich'], seeds=[0], epochs=1,
+                pretrain_epochs=1, bs=2, pretexts=['masked'])
+    first = efficiency(out=tmp_path / 'a', **args)
+    for part in ('runs', 'pretrain'): shutil.copytree(tmp_path / 'a' / part, tmp_path / 'b' / part)
+    # the runs and checkpoint paths recorded under a/ compare relative to their folder: b/ reports them
+    gathered = efficiency(out=tmp_path / 'b', report_only=True, **args)
+    assert [(r['mode'], r['froc'], r['precision']) for r in gathered['rows']] == [(r['mode'], r['froc'], 'fp32') for r in first['rows']]
+    # a run that trained in bf16 on a GPU: reported beside the others and labelled, never resumed as if it were this machine's
+    run = tmp_path / 'b' / 'runs' / 'scratch_1_seed0' / 'metrics.json'
+    m = json.loads(run.read_text()); m['config']['precision'] = 'bf16'; run.write_text(json.dumps(m))
+    efficiency(out=tmp_path / 'b', report_only=True, **args)
+    assert '| 1 bf16 |' in (tmp_path / 'b' / 'efficiency.md').read_text() and '| 1 fp32 |' in (tmp_path / 'b' / 'efficiency.md').read_text()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='precision: bf16 there, fp32 now'): efficiency(out=tmp_path / 'b', **args)
+    assert _tag({'code_channels': (64, 8, 4, 4), 'pretext': 'mae'}) == '_code64-8-4-4_pretextmae'
+
+
+def test_efficiency_cli_names_bad_code_channels(capsys):
+    from lesion_fastai.bench import main
+    for bad in ('64,x,4', '64,8'):
+        with pytest.raises(SystemExit): main(['efficiency', '--code-channels', bad])
+        assert '--code-channels must be 3 or 4' in capsys.readouterr().err
