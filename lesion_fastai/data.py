@@ -70,14 +70,19 @@ class CTSlice(Transform):
 
     def load(self, path, dicom_window=None) -> TensorCT:
         "The windowed, downsampled channels of the slice at `path`, [C, size, size] float32, with its `orig_size`."
-        wins = resolve_windows(self.windows, dicom_window if dicom_window is not None else (-150., 250.))
         paths = context_paths(path, self.context)
         order = [self.context] + [i for o in range(1, self.context + 1) for i in (self.context - o, self.context + o)]
         hus = [load_hu(paths[i]) for i in order]
-        shape = hus[0].shape
         for p, h in zip([paths[i] for i in order], hus):
-            if h.shape != shape: raise SliceFileError(p, f"size {h.shape} differs from its key slice's {shape}")
+            if h.shape != hus[0].shape: raise SliceFileError(p, f"size {h.shape} differs from its key slice's {hus[0].shape}")
+        return self.from_hu(hus, dicom_window)
+
+    def from_hu(self, hus: list, dicom_window=None) -> TensorCT:
+        """The model input from slices in HU ([H, W] each, the key slice then k-1, k+1, ..., k-c, k+c):
+        the one preprocessing of training, evaluation and `lesion_fastai.predict` (PNG, DICOM, NIfTI)."""
+        wins = resolve_windows(self.windows, dicom_window if dicom_window is not None else (-150., 250.))
         chans = np.stack([window(h, lo, hi) for lo, hi in wins for h in hus])
+        shape = hus[0].shape
         return TensorCT(downsample(torch.from_numpy(chans), self.size), orig_size=(shape[1], shape[0]))
 
     def channels(self, path, dicom_window=None) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""python -m lesion_fastai.predict on PNG folders, DICOM series and NIfTI volumes, with bad files among them."""
+import csv
+import shutil
+
+import numpy as np
+import pytest
+from fastai.learner import load_learner
+from PIL import Image
+
+from lesion_fastai.deeplesion import load_hu, save_hu
+from lesion_fastai.metrics import MIN_SCORE
+from lesion_fastai.predict import SKIPPED, find_inputs, main, predict, read_dicom_series
+from lesion_fastai.train import FinetuneConfig, finetune
+
+
+@pytest.fixture(scope='module')
+def model(tiny_data, tmp_path_factory):
+    "A one-epoch Gaussian-head model with one neighbour slice on each side, at 32 px (the slices are 64 px)."
+    out = tmp_path_factory.mktemp('model')
+    finetune(FinetuneConfig(data=tiny_data, out=out, epochs=1, bs=2, size=32, head='gaussian', context=1, quiet=True))
+    return out / 'export.pkl'
+
+
+def _rows(out):
+    with open(out / 'predictions.csv') as f: return list(csv.DictReader(f))
+
+
+def _boxes(rows, key='File_name'):
+    "Per slice: the boxes [n, 4] and scores [n] of its rows, in file order (best first)."
+    per = {}
+    for r in rows: per.setdefault(r[key], []).append([float(r[c]) for c in ('x1', 'y1', 'x2', 'y2', 'score')])
+    return {k: np.array(v) for k, v in per.items()}
+
+
+def _series(tiny_data):
+    "The first series folder of the tiny data and its slices in HU, in slice order."
+    folder = sorted((tiny_data / 'Images_png').iterdir())[0]
+    pngs = sorted(folder.glob('*.png'))
+    return folder, pngs, [load_hu(p) for p in pngs]
+
+
+def test_png_folder_gives_what_learn_predict_gives(model, tiny_data, tiny_records, tmp_path):
+    res = predict(model, [tiny_data / 'Images_png'], tmp_path / 'out', quiet=True)
+    n_png = len(list((tiny_data / 'Images_png').rglob('*.png')))
+    assert res['predicted'] == n_png and res['skipped'] == []
+    rows = _rows(tmp_path / 'out')
+    assert list(rows[0])[:6] == ['File_name', 'x1', 'y1', 'x2', 'y2', 'score']          # the evaluation's columns first
+    assert all(r['std_x1'] != '' and r['x1_mm'] == '' for r in rows)                     # Gaussian std; PNG has no spacing
+    got = _boxes(rows)
+    learn = load_learner(model)
+    for rec in [r for r in tiny_records if r.split == 'test'][:2]:
+        (boxes, scores), _, _ = learn.predict(rec.image_path)
+        boxes, scores = np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32)
+        keep = scores >= MIN_SCORE
+        want = np.c_[boxes[keep], scores[keep]]
+        assert rec.file_name in got and np.allclose(got[rec.file_name], want[np.argsort(-want[:, 4], kind='stable')], atol=2e-3)
+
+
+def _write_dicom(path, stored, z, uid, spacing=(.7, .8), modality='CT', intercept=-32768.):
+    pydicom = pytest.importorskip('pydicom')
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = CTImageStorage, generate_uid(), ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, uid, modality
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 16, 16, 15, 0, 1
+    ds.PhotometricInterpretation = 'MONOCHROME2'
+    ds.RescaleIntercept, ds.RescaleSlope, ds.PixelSpacing = intercept, 1, list(spacing)
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0., 0., z], [1., 0., 0., 0., 1., 0.]
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    assert pydicom.__version__
+
+
+def test_dicom_series_round_trips_hu_orders_by_position_and_predicts_as_the_pngs(model, tiny_data, tmp_path):
+    pytest.importorskip('pydicom')
+    import pydicom
+    folder, pngs, hus = _series(tiny_data)
+    dcm = tmp_path / 'dicom'
+    dcm.mkdir()
+    uid = pydicom.uid.generate_uid()
+    # file names in the reverse of the slices' order: only the position can put them right
+    for i, h in enumerate(hus): _write_dicom(dcm / f'IM{len(hus) - i:04d}.dcm', (h + 32768).astype(np.uint16), 2.5 * i - 40, uid)
+    _write_dicom(dcm / 'MR0001.dcm', (hus[0] + 32768).astype(np.uint16), 0., pydicom.uid.generate_uid(), modality='MR')
+    (series,), skipped = read_dicom_series(sorted(dcm.glob('*.dcm')))
+    assert skipped == [(str(dcm / 'MR0001.dcm'), 'DICOM Modality MR, expected CT')]
+    assert [p.rsplit('IM', 1)[1] for p in series.files] == [f'{len(hus) - i:04d}.dcm' for i in range(len(hus))]
+    assert all(np.array_equal(series.hu(i), h) for i, h in enumerate(hus)) and series.spacing == (.7, .8)
+    res = predict(model, [dcm], tmp_path / 'd', quiet=True)
+    assert res['predicted'] == len(hus) and [s for s, _ in res['skipped']] == [str(dcm / 'MR0001.dcm')]
+    predict(model, [folder], tmp_path / 'p', quiet=True)
+    rows_d, rows_p = _rows(tmp_path / 'd'), _rows(tmp_path / 'p')
+    # slice i of the series is the i-th PNG: the same input (neighbours included), so the same boxes
+    by_d = _boxes(rows_d, 'slice_index')
+    by_p = {str(i): v for i, v in enumerate(_boxes(rows_p, 'slice_index')[str(int(p.stem))] for p in pngs)}
+    assert by_d.keys() == by_p.keys() and all(np.allclose(by_d[k], by_p[k], atol=1e-4) for k in by_d)
+    r = rows_d[0]
+    assert np.isclose(float(r['x2_mm']), float(r['x2']) * .8, atol=1e-3) and np.isclose(float(r['y2_mm']), float(r['y2']) * .7, atol=1e-3)
+
+
+def test_nifti_volume_predicts_slice_by_slice_as_the_pngs(model, tiny_data, tmp_path):
+    nib = pytest.importorskip('nibabel')
+    folder, pngs, hus = _series(tiny_data)
+    vol = np.stack([h.T for h in hus], axis=-1)                           # voxel axes: columns, rows, slices
+    img = nib.Nifti1Image(vol.astype(np.int16), np.diag([.8, .7, 2.5, 1.]))
+    nib.save(img, tmp_path / 'ct.nii.gz')
+    (series,), _, _ = find_inputs([tmp_path / 'ct.nii.gz'])
+    assert all(np.array_equal(series.hu(i), h) for i, h in enumerate(hus)) and np.allclose(series.spacing, (.7, .8))   # float32 header
+    predict(model, [tmp_path / 'ct.nii.gz'], tmp_path / 'n', quiet=True)
+    predict(model, [folder], tmp_path / 'p', quiet=True)
+    by_n = _boxes(_rows(tmp_path / 'n'), 'slice_index')
+    by_p = _boxes(_rows(tmp_path / 'p'), 'slice_index')
+    assert all(np.allclose(by_n[str(i)], by_p[str(int(p.stem))], atol=1e-4) for i, p in enumerate(pngs))
+
+
+def test_bad_files_are_skipped_and_named_the_rest_predicted_strict_writes_nothing(model, tiny_data, tmp_path, capsys):
+    folder, pngs, _ = _series(tiny_data)
+    mixed = tmp_path / 'mixed' / folder.name
+    shutil.copytree(folder, mixed)
+    Image.new('L', (64, 64)).save(mixed / '900.png')                       # 8-bit
+    Image.new('RGB', (64, 64)).save(mixed / '901.png')                     # colour
+    (mixed / '902.png').write_bytes(np.random.default_rng(0).bytes(500))   # not an image
+    good = mixed / pngs[0].name
+    data = good.read_bytes()
+    (mixed / '903.png').write_bytes(data[:len(data) // 2])                 # header fine, pixels truncated
+    (mixed / 'notes.txt').write_text('ignored: not an input kind')
+    with pytest.raises(SystemExit) as e: main([str(model), str(tmp_path / 'mixed'), '--out', str(tmp_path / 'out')])
+    assert e.value.code == SKIPPED
+    with open(tmp_path / 'out' / 'skipped.csv') as f: skipped = {r['file'].rsplit('/', 1)[1]: r['reason'] for r in csv.DictReader(f)}
+    assert set(skipped) == {'900.png', '901.png', '902.png', '903.png'}
+    assert "mode 'L'" in skipped['900.png'] and "mode 'RGB'" in skipped['901.png'] and 'not an image' in skipped['902.png']
+    assert 'truncated' in skipped['903.png']
+    assert {r['source'].rsplit('/', 1)[1] for r in _rows(tmp_path / 'out')} == {p.name for p in pngs}
+    assert '1 other file(s) in the folders ignored' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e: main([str(model), str(tmp_path / 'mixed'), '--out', str(tmp_path / 'strict'), '--strict'])
+    assert str(e.value.code).startswith('error: --strict') and not (tmp_path / 'strict').exists()
+
+
+def test_a_slice_larger_than_the_training_size_gets_boxes_in_its_own_pixels(model, tiny_data, tmp_path):
+    folder, pngs, hus = _series(tiny_data)
+    big = tmp_path / 'big' / folder.name
+    for p, h in zip(pngs, hus): save_hu(big / p.name, np.kron(h, np.ones((2, 2), np.float32)))   # 128 px, the same picture
+    predict(model, [big], tmp_path / 'b', overlays=True, min_score=0., quiet=True)
+    predict(model, [folder], tmp_path / 's', quiet=True)
+    b, s = _boxes(_rows(tmp_path / 'b')), _boxes(_rows(tmp_path / 's'))
+    assert b.keys() == s.keys() and all(np.allclose(b[k][:, :4], 2 * s[k][:, :4], atol=2e-3) and np.allclose(b[k][:, 4], s[k][:, 4], atol=1e-4) for k in b)
+    shots = sorted((tmp_path / 'b' / 'overlays').glob('*.png'))
+    assert len(shots) == len(pngs) and Image.open(shots[0]).size == (128, 128)
