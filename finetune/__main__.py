@@ -57,7 +57,8 @@ def parse_args(argv=None):
     ap.add_argument('--pretrained', type=Path, default=None, metavar='CKPT', help='pretrained.pth from python -m pretrain; its settings are used')
     ap.add_argument('--freeze', choices=FREEZE_MODES, default=None,
                     help='with --pretrained: sandwich (frozen encoder, trainable transfer layers between its stages, default), '
-                         'encoder (only the head trains), none (all train, encoder at lr/10); scratch without --pretrained')
+                         'encoder (only the head trains), none (all train, encoder at lr/10); with --backbone-weights the same '
+                         'modes (default none: ImageNet transfer); scratch without either')
     ap.add_argument('--update-frozen-bn', action='store_true', help='let frozen BatchNorm layers update their running statistics (default: keep them)')
     ap.add_argument('--kappa', type=float, default=.05, help='gaussian head: std scale, std = kappa * softplus(output) (default 0.05)')
     ap.add_argument('--nll-weight', type=float, default=.1, help='gaussian head: weight of the negative log-likelihood of the target '
@@ -66,6 +67,8 @@ def parse_args(argv=None):
     ap.add_argument('--out-bn', action='store_true', help='BatchNorm on the output layer (off by default: it hurt before)')
     ap.add_argument('--no-augment', action='store_true', help='no flips, rotations, zoom or lighting changes')
     ap.add_argument('--resume', action='store_true', help='continue an interrupted run from OUT/last.pth')
+    ap.add_argument('--backbone', default=None, help="the body: resnet (default, or the checkpoint's) or a timm model name, e.g. resnet18 (features_only at strides 4-32, in_chans from windows x context)")
+    ap.add_argument('--backbone-weights', type=Path, default=None, metavar='PATH', help="a local state dict of the timm --backbone (e.g. ImageNet weights: nothing is downloaded); timm adapts its first convolution to the input channels; without --pretrained this is the transfer-learning baseline, --freeze none by default")
     add_loading_args(ap)
     args = ap.parse_args(argv)
     if args.eval is None:
@@ -98,7 +101,7 @@ def main(argv=None):
             adapter_stem=args.adapter_stem, sandwich=args.sandwich, label_fraction=args.label_fraction, seed=args.seed, pretrained=args.pretrained, freeze=args.freeze,
             update_frozen_bn=args.update_frozen_bn, kappa=args.kappa, nll_weight=args.nll_weight, out_bn=args.out_bn, augment=not args.no_augment,
             resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir,
-            precision=args.precision))
+            precision=args.precision, backbone=args.backbone, backbone_weights=args.backbone_weights))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 

@@ -111,6 +111,8 @@ class PretrainConfig:
     loss: str = 'l1'
     pretext: str = 'masked'           # PRETEXTS
     code_channels: tuple = CODE_CHANNELS  # the autoencoder's codes at strides 32, 16, 8 (and 4, with a fourth number)
+    backbone: str = 'resnet'          # 'resnet' (the project's body) or a timm model name
+    backbone_weights: Path | None = None  # a timm model's local state dict (ImageNet weights, say)
     resume: bool = False
     num_workers: int = 0
     cache: str = 'memory'             # 'memory' (per run), 'disk' (memory-mapped, shared by runs) or 'none'
@@ -168,7 +170,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed, cache=cache,
                               **_loader_kwargs())
         n_in = n_channels(cfg.windows, cfg.context)
-        model = create_autoencoder(n_in, code_channels=tuple(cfg.code_channels))
+        model = create_autoencoder(n_in, code_channels=tuple(cfg.code_channels), backbone=cfg.backbone, backbone_weights=cfg.backbone_weights)
         masked_loss = cfg.pretext == 'mae'
         loss = MaskedLoss(cfg.loss) if masked_loss else {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
         keys = key_channels(n_in, cfg.context) if cfg.pretext == 'context' else None
@@ -257,6 +259,8 @@ class FinetuneConfig:
     seed: int = 0
     pretrained: Path | None = None
     freeze: str | None = None         # default: 'sandwich' with --pretrained, else 'scratch'
+    backbone: str | None = None       # 'resnet' or a timm model name (default: resnet, or the checkpoint's)
+    backbone_weights: Path | None = None  # a timm model's local state dict: ImageNet transfer, --freeze none by default
     update_frozen_bn: bool = False
     kappa: float = .05
     nll_weight: float = .1            # gaussian head: weight of the likelihood term that calibrates its std
@@ -275,11 +279,18 @@ class FinetuneConfig:
 def _resolve(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
     "Settings of this run: from the checkpoint when there is one (a disagreeing flag is an error)."
     ckpt = load_pretrained(cfg.pretrained) if cfg.pretrained else None
-    freeze = cfg.freeze or ('sandwich' if ckpt else 'scratch')
-    if ckpt is None and freeze != 'scratch':
-        raise ValueError(f"--freeze {freeze} needs --pretrained CHECKPOINT (without one the model trains from scratch)")
-    if ckpt is not None and freeze == 'scratch':
-        raise ValueError("--freeze scratch ignores --pretrained: drop one of them")
+    weights = cfg.backbone_weights
+    if ckpt is not None and weights: raise ValueError("--pretrained and --backbone-weights both set the encoder's weights: give one")
+    freeze = cfg.freeze or ('sandwich' if ckpt else 'none' if weights else 'scratch')
+    if ckpt is None and not weights and freeze != 'scratch':
+        raise ValueError(f"--freeze {freeze} needs --pretrained CHECKPOINT or --backbone-weights (without one the model trains from scratch)")
+    if freeze == 'scratch' and (ckpt is not None or weights):
+        raise ValueError(f"--freeze scratch ignores {'--pretrained' if ckpt else '--backbone-weights'}: drop one of them")
+    if cfg.sandwich == 'decoder' and ckpt is None:
+        raise ValueError("--sandwich decoder reads the pretrained autoencoder's decoder: it needs --pretrained CHECKPOINT")
+    pretrained_body = ckpt['model_args']['encoder_args'].get('backbone', 'resnet') if ckpt else None
+    if ckpt is not None and cfg.backbone not in (None, pretrained_body):
+        raise ValueError(f"--backbone {cfg.backbone} disagrees with the checkpoint {cfg.pretrained}, pretrained with backbone {pretrained_body}")
     if cfg.sandwich not in SANDWICHES: raise ValueError(f"--sandwich {cfg.sandwich!r}: expected one of {', '.join(SANDWICHES)}")
     if cfg.sandwich == 'decoder' and freeze != 'sandwich':
         raise ValueError(f"--sandwich decoder interleaves transfer layers in the frozen decoder: it needs --freeze sandwich, not {freeze}")
@@ -294,6 +305,7 @@ def _resolve(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
             settings[k] = have
         else: settings[k] = flag if flag is not None else defaults[k]
     settings['freeze'] = freeze
+    settings['backbone'] = pretrained_body or cfg.backbone or 'resnet'
     return settings, ckpt
 
 
@@ -325,7 +337,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     _check_batches(len(epoch_items), cfg.bs, f"--label-fraction {cfg.label_fraction:g} leaves {len({r.patient for r in train})} patient(s)",
                    ' or a larger --label-fraction')
     in_chans = n_channels(s['windows'], s['context'])
-    enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans}
+    enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans, 'backbone': s['backbone']}
     if enc_args['in_chans'] != in_chans:
         raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
     # every slice this run reads: the disk cache is shared by all label fractions, the memory cache holds this run's
@@ -337,7 +349,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                                cfg.num_workers, cfg.seed, cache=cache, **_loader_kwargs())
         model = Localizer(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich' and cfg.sandwich, out_bn=cfg.out_bn, kappa=cfg.kappa,
                           adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, stride=cfg.stride,
-                          decoder_args=decoder_args(ckpt) if ckpt else None)
+                          decoder_args=decoder_args(ckpt) if ckpt else None, backbone_weights=cfg.backbone_weights)
         if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
         if model.decoder is not None: load_decoder(model.decoder, ckpt, str(cfg.pretrained))
         learn = Learner(dls, model, loss_func=loss_func, metrics=[ValidFROC(cfg.keep, cfg.nms_iou)], train_bn=False, wd=cfg.wd, path=out,

@@ -45,6 +45,8 @@ def parse_args(argv=None):
                          "masked, no noise, the loss on the masked pixels only (masked autoencoders)")
     ap.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     ap.add_argument('--resume', action='store_true', help='continue an interrupted run from OUT/last.pth')
+    ap.add_argument('--backbone', default='resnet', help="the body: resnet (the project's own, default) or a timm model name, e.g. resnet18, convnext_atto (features_only at strides 4-32, in_chans from windows x context)")
+    ap.add_argument('--backbone-weights', type=Path, default=None, metavar='PATH', help="a local state dict of the timm --backbone (e.g. ImageNet weights: nothing is downloaded); timm adapts its first convolution to the input channels")
     add_loading_args(ap)
     args = ap.parse_args(argv)
     for name, v, lo in (('--epochs', args.epochs, 1), ('--bs', args.bs, 1), ('--context', args.context, 0), ('--size', args.size or 32, 32)):
@@ -66,7 +68,7 @@ def main(argv=None):
                                 mask_ratio=args.mask_ratio, patch=args.patch, noise_std=args.noise_std, loss=args.loss,
                                 pretext=args.pretext, code_channels=args.code_channels,
                                 resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir,
-                                precision=args.precision))
+                                precision=args.precision, backbone=args.backbone, backbone_weights=args.backbone_weights))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .resnet import DEFAULT_ENCODER, ResNetEncoder, conv_bn
+from .resnet import conv_bn, create_encoder
 
 __all__ = ['CODE_CHANNELS', 'Decoder', 'Autoencoder', 'create_autoencoder']
 
@@ -69,11 +69,11 @@ class Decoder(nn.Module):
 
 
 class Autoencoder(nn.Module):
-    "`encoder` (same class and arguments as the localizer's body) and `decoder`."
-    def __init__(self, encoder_args: dict | None = None, code_channels=CODE_CHANNELS, decoder_widths=None):
+    "`encoder` (same class and arguments as the localizer's body: resnet or a timm model) and `decoder`."
+    def __init__(self, encoder_args: dict | None = None, code_channels=CODE_CHANNELS, decoder_widths=None, backbone_weights=None):
         super().__init__()
-        self.encoder_args = dict(DEFAULT_ENCODER, **(encoder_args or {}))
-        self.encoder = ResNetEncoder(**self.encoder_args)
+        self.encoder = create_encoder(encoder_args, backbone_weights)
+        self.encoder_args = self.encoder.encoder_args
         self.decoder = Decoder(self.encoder.widths, self.encoder.in_chans, self.encoder.reduction, tuple(code_channels),
                                decoder_widths)
         self.model_args = dict(encoder_args=self.encoder_args, code_channels=tuple(code_channels), decoder_widths=decoder_widths)
@@ -92,5 +92,5 @@ class Autoencoder(nn.Module):
 
 def create_autoencoder(in_chans: int = 1, **kwargs) -> Autoencoder:
     "An autoencoder whose encoder is the default localizer body for `in_chans` channels."
-    enc = {k: kwargs.pop(k) for k in list(kwargs) if k in DEFAULT_ENCODER}
+    enc = {k: kwargs.pop(k) for k in list(kwargs) if k in ('stem_width', 'widths', 'depths', 'backbone')}
     return Autoencoder(dict(enc, in_chans=in_chans), **kwargs)

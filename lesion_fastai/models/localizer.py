@@ -20,7 +20,7 @@ from torch import nn
 
 from ..boxes import MIN_SIZE, params_to_boxes
 from ..heatmap import peaks, suppress
-from .resnet import DEFAULT_ENCODER, ResNetEncoder, conv_bn
+from .resnet import conv_bn, create_encoder
 
 __all__ = ['SANDWICHES', 'TransferLayer', 'CentreNeck', 'DirectHead', 'GaussianHead', 'Localizer', 'create_localizer', 'detections', 'HEADS']
 
@@ -122,7 +122,8 @@ SANDWICHES = ('encoder', 'decoder')
 
 
 class Localizer(nn.Module):
-    """`encoder` (a `ResNetEncoder`, the autoencoder's encoder class) -> `neck` (pyramid to `stride`) ->
+    """`encoder` (a `ResNetEncoder` or a `TimmEncoder`, as `encoder_args` name it: the autoencoder's
+    encoder class; `backbone_weights` a timm model's local weights) -> `neck` (pyramid to `stride`) ->
     `head`, returning the head's dense maps (module docstring). Two sandwiches of frozen pretrained
     layers and fresh `TransferLayer`s:
     * `sandwich='encoder'` (or True): one transfer layer after each encoder stage (with `adapter_stem`
@@ -133,16 +134,17 @@ class Localizer(nn.Module):
       the decoder draws the slice from."""
     def __init__(self, encoder_args: dict | None = None, head: str = 'direct', sandwich: bool | str = False,
                  hidden: int = 32, out_bn: bool = False, kappa: float = .05, adapter_ratio: float = 1.,
-                 adapter_stem: bool = False, stride: int = 4, decoder_args: dict | None = None):
+                 adapter_stem: bool = False, stride: int = 4, decoder_args: dict | None = None, backbone_weights=None):
         super().__init__()
         if head not in HEADS: raise ValueError(f"head {head!r}: expected one of {sorted(HEADS)}")
         kind = 'encoder' if sandwich is True else (sandwich or None)
         if kind not in (None, *SANDWICHES): raise ValueError(f"sandwich {sandwich!r}: expected one of {SANDWICHES}")
-        self.encoder_args = dict(DEFAULT_ENCODER, **(encoder_args or {}))
-        self.encoder = ResNetEncoder(**self.encoder_args)
+        self.encoder = create_encoder(encoder_args, backbone_weights)
+        self.encoder_args = self.encoder.encoder_args
         self.adapters = nn.ModuleList([TransferLayer(w, adapter_ratio) for w in self.encoder.widths]) if kind == 'encoder' else None
-        stem_width = self.encoder_args['stem_width']
-        self.stem_adapter = TransferLayer(stem_width, adapter_ratio) if kind == 'encoder' and adapter_stem else None
+        if kind == 'encoder' and adapter_stem and 'stem_width' not in self.encoder_args:
+            raise ValueError("--adapter-stem needs the resnet backbone's stem (a timm body's first stage holds its stem)")
+        self.stem_adapter = TransferLayer(self.encoder_args['stem_width'], adapter_ratio) if kind == 'encoder' and adapter_stem else None
         self.decoder = self.decoder_adapters = None
         if kind == 'decoder':
             from .autoencoder import CODE_CHANNELS, Decoder
@@ -189,5 +191,5 @@ def detections(out, k: int = 50, nms_iou: float | None = None, min_score: float 
 
 def create_localizer(in_chans: int = 1, head: str = 'direct', sandwich: bool | str = False, **kwargs) -> Localizer:
     "A detector with the default body for `in_chans` input channels."
-    enc = {k: kwargs.pop(k) for k in list(kwargs) if k in DEFAULT_ENCODER}
+    enc = {k: kwargs.pop(k) for k in list(kwargs) if k in ('stem_width', 'widths', 'depths', 'backbone')}
     return Localizer(dict(enc, in_chans=in_chans), head=head, sandwich=sandwich, **kwargs)
