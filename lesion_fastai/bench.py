@@ -29,8 +29,9 @@ __all__ = ['efficiency', 'study', 'select', 'lesions', 'throughput', 'gpu_check'
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich)
 MODES = {'scratch': ('scratch', 'encoder'), 'none': ('none', 'encoder'), 'encoder': ('encoder', 'encoder'),
-         'sandwich': ('sandwich', 'encoder'), 'decoder-sandwich': ('sandwich', 'decoder')}
-GRID_MODES = ('scratch', 'none', 'sandwich', 'decoder-sandwich')
+         'sandwich': ('sandwich', 'encoder'), 'decoder-sandwich': ('sandwich', 'decoder'), 'imagenet': ('none', 'encoder')}
+GRID_MODES = ('scratch', 'none', 'sandwich', 'decoder-sandwich', 'imagenet')
+NO_CHECKPOINT = ('scratch', 'imagenet')   # modes that do not start from the autoencoder: imagenet is --backbone-weights' transfer
 
 
 def _machine() -> str:
@@ -111,7 +112,7 @@ def _finetune_config(data: Path, run: Path, mode: str, fraction: float, seed: in
     from .train import FinetuneConfig
     freeze, sandwich = MODES[mode]
     cfg = dict(data=data, out=run, epochs=epochs, bs=bs, label_fraction=fraction, seed=seed, same_epoch_length=True,
-               pretrained=None if mode == 'scratch' else ckpt, freeze=freeze, sandwich=sandwich, quiet=True, resume=True)
+               pretrained=None if mode in NO_CHECKPOINT else ckpt, freeze=freeze, sandwich=sandwich, quiet=True, resume=True)
     return FinetuneConfig(**{**cfg, **(changes or {})})
 
 
@@ -135,7 +136,8 @@ def _in_process(threads: int, fn, *args):
 
 def efficiency(out: Path, data: Path, patients: int, native: int, fractions, modes, seeds, epochs: int,
                pretrain_epochs: int, bs: int, pretexts=('masked',), context: int = 0, neighbours: int = 10,
-               jobs: int = 1, report_only: bool = False, precision: str = 'auto', code_channels: tuple | None = None) -> dict:
+               jobs: int = 1, report_only: bool = False, precision: str = 'auto', code_channels: tuple | None = None,
+               backbone: str = 'resnet', backbone_weights: Path | None = None) -> dict:
     """One pretraining per pretext, then every (label fraction, seed, mode, pretext) fine-tune with the
     same epoch budget (small label sets are repeated to the full training set's length per epoch, so
     every run takes the same number of steps); a seed fixes the label subset and the initialisation,
@@ -145,13 +147,20 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
     that the verdict names is chosen on validation. With `jobs` > 1 the runs go to that many processes
     (a GPU machine with many cores); with `report_only` nothing trains and finished runs are reported.
     `precision` goes to every pretraining and fine-tune (auto: bf16 on a GPU); `code_channels` to every
-    pretraining (its folder and runs named after them, e.g. `_code64-8-4-4`)."""
+    pretraining (its folder and runs named after them, e.g. `_code64-8-4-4`). `backbone` (a timm model)
+    is the body of every pretraining and run (named after it); the `imagenet` mode fine-tunes it from
+    `backbone_weights` with every layer training, the transfer-learning baseline, and is skipped with a
+    note without them."""
     from concurrent.futures import ProcessPoolExecutor
     from .files import write_json
     if not report_only: _generate(data, patients, native, neighbours, max(1, jobs))
     # each pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder)
+    if 'imagenet' in modes and not backbone_weights:
+        print("mode imagenet skipped: it needs --backbone NAME --backbone-weights PATH (a timm model's ImageNet weights)")
+        modes = [m for m in modes if m != 'imagenet']
     code = {'code_channels': tuple(code_channels)} if code_channels else {}
-    pre = {p: {**({'pretext': p} if p != 'masked' else {}), **({'context': context} if context else {}), **code} for p in pretexts}
+    body = {'backbone': backbone} if backbone != 'resnet' else {}
+    pre = {p: {**({'pretext': p} if p != 'masked' else {}), **({'context': context} if context else {}), **code, **body} for p in pretexts}
     ckpts = {p: _pretrain_folder(out, c) / 'pretrained.pth' for p, c in pre.items()}
     speed = {} if precision == 'auto' else {'precision': precision}
     pre = {p: {**c, **speed} for p, c in pre.items()}
@@ -159,11 +168,12 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
     for frac in fractions:
         for seed in seeds:
             for mode in modes:
-                for p in (['-'] if mode == 'scratch' else pretexts):
+                for p in (['-'] if mode in NO_CHECKPOINT else pretexts):
                     name = f'{mode}_{frac:g}_seed{seed}' + (f'_context{context}' if context else '') + ('' if p in ('-', 'masked') else f'_{p}')
-                    name += _tag(code) if p != '-' else ''
-                    cfg = _finetune_config(data, out / 'runs' / name, mode, frac, seed, epochs, bs, ckpts.get(p),
-                                           {**({'context': context} if mode == 'scratch' and context else {}), **speed})
+                    name += (_tag(code) if p != '-' else '') + (f'_{backbone}' if body else '')
+                    changes = {**({'context': context} if mode in NO_CHECKPOINT and context else {}), **speed, **body,
+                               **({'backbone_weights': Path(backbone_weights)} if mode == 'imagenet' else {})}
+                    cfg = _finetune_config(data, out / 'runs' / name, mode, frac, seed, epochs, bs, ckpts.get(p), changes)
                     todo.append((p, mode, frac, seed, cfg))
     if report_only:
         todo = [t for t in todo if (Path(t[4].out) / 'metrics.json').exists()]
@@ -172,14 +182,14 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
         threads = max(1, mp.cpu_count() // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn')) as pool:
             pretraining = {p: pool.submit(_in_process, threads, _pretrain_once, data, ckpts[p].parent, pretrain_epochs, bs, pre[p])
-                           for p in pretexts if any(m != 'scratch' for m in modes)}
-            scratch = {i: pool.submit(_in_process, threads, _run, t[4]) for i, t in enumerate(todo) if t[1] == 'scratch'}
+                           for p in pretexts if any(m not in NO_CHECKPOINT for m in modes)}
+            scratch = {i: pool.submit(_in_process, threads, _run, t[4]) for i, t in enumerate(todo) if t[1] in NO_CHECKPOINT}
             for f in pretraining.values(): f.result()
-            rest = {i: pool.submit(_in_process, threads, _run, t[4]) for i, t in enumerate(todo) if t[1] != 'scratch'}
+            rest = {i: pool.submit(_in_process, threads, _run, t[4]) for i, t in enumerate(todo) if t[1] not in NO_CHECKPOINT}
             results = [{**scratch, **rest}[i].result() for i in range(len(todo))]
     else:
         for p in pretexts:
-            if any(m != 'scratch' for m in modes): _pretrain_once(data, ckpts[p].parent, pretrain_epochs, bs, pre[p])
+            if any(m not in NO_CHECKPOINT for m in modes): _pretrain_once(data, ckpts[p].parent, pretrain_epochs, bs, pre[p])
         results = []
         for p, mode, frac, seed, cfg in todo:
             if not (Path(cfg.out) / 'metrics.json').exists(): print(f"\n== {mode}{'' if p == '-' else f' ({p} pretext)'}, label fraction {frac:g}, seed {seed}")
@@ -194,7 +204,8 @@ def efficiency(out: Path, data: Path, patients: int, native: int, fractions, mod
     result = {'rows': rows, 'summary': summary, 'verdict': verdict, 'machine': _machine(),
               'settings': dict(data=str(data), patients=patients, native=native, fractions=list(fractions), modes=list(modes),
                                pretexts=list(pretexts), context=context, neighbours=neighbours, seeds=list(seeds), epochs=epochs,
-                               pretrain_epochs=pretrain_epochs, bs=bs)}
+                               pretrain_epochs=pretrain_epochs, bs=bs, backbone=backbone,
+                               backbone_weights=str(backbone_weights) if backbone_weights else None)}
     write_json(result, out / 'efficiency.json')
     table = _efficiency_table(summary)
     atomic_write_text(out / 'efficiency.md', table + '\n\n' + '\n'.join(verdict) + '\n')
@@ -711,6 +722,9 @@ def main(argv=None):
     e.add_argument('--jobs', type=int, default=1, help='runs in parallel processes (a GPU machine with many cores)')
     e.add_argument('--report-only', action='store_true', help='train nothing: report the runs that finished')
     e.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto', help='of every run: auto is bf16 on a GPU, fp32 on the CPU')
+    e.add_argument('--backbone', default='resnet', help='the body of every pretraining and run: resnet or a timm model name')
+    e.add_argument('--backbone-weights', type=Path, default=None, help="a local state dict of the timm --backbone (ImageNet weights): "
+                   "the imagenet mode fine-tunes from it, every layer training (skipped with a note without it)")
     e.add_argument('--code-channels', default=None, help="the autoencoder's codes of every pretraining, as python -m pretrain --code-channels "
                    "(e.g. 64,8,4,4 adds a stride-4 code; default: pretrain's)")
     st = sub.add_parser('study', help='the sandwich at 10%% labels against scratch at 100%%, one change at a time',
@@ -788,7 +802,7 @@ def main(argv=None):
     if args.quick: fractions = [.1, 1.]
     return efficiency(args.out, data, args.patients, args.native, fractions, modes, [int(s) for s in args.seeds.split(',')],
                       args.epochs, args.pretrain_epochs, args.bs, pretexts, args.context, neighbours, args.jobs, args.report_only,
-                      args.precision, code)
+                      args.precision, code, args.backbone, args.backbone_weights)
 
 
 if __name__ == '__main__':

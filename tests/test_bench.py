@@ -154,3 +154,19 @@ def test_efficiency_cli_names_bad_code_channels(capsys):
     for bad in ('64,x,4', '64,8'):
         with pytest.raises(SystemExit): main(['efficiency', '--code-channels', bad])
         assert '--code-channels must be 3 or 4' in capsys.readouterr().err
+
+
+def test_imagenet_mode_needs_weights_and_then_transfers_them(tiny_data, tmp_path, capsys):
+    timm = pytest.importorskip('timm')
+    import torch
+    args = dict(data=tiny_data, patients=10, native=64, fractions=[1.], modes=['scratch', 'imagenet'], seeds=[0], epochs=1,
+                pretrain_epochs=1, bs=2, backbone='resnet10t')
+    res = efficiency(out=tmp_path / 'none', **args)
+    assert [r['mode'] for r in res['rows']] == ['scratch'] and 'mode imagenet skipped' in capsys.readouterr().out
+    torch.save(timm.create_model('resnet10t', pretrained=False).state_dict(), tmp_path / 'w.pth')
+    res = efficiency(out=tmp_path / 'w', backbone_weights=tmp_path / 'w.pth', **args)
+    assert [r['mode'] for r in res['rows']] == ['scratch', 'imagenet']
+    import json
+    m = json.loads((tmp_path / 'w' / 'runs' / 'imagenet_1_seed0_resnet10t' / 'metrics.json').read_text())
+    assert m['config']['freeze'] == 'none' and m['config']['backbone'] == 'resnet10t' and m['config']['pretrained'] is None
+    assert not (tmp_path / 'w' / 'pretrain_backboneresnet10t').exists()          # nothing needed the autoencoder
