@@ -309,7 +309,7 @@ def _resolve(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
     return settings, ckpt
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
     """Train the detector (from scratch or from a pretrained encoder in a freeze mode) with
     `fit_one_cycle` on every lesion of the training slices, keep the best epoch by validation FROC
     (mean sensitivity over 0.5-4 FPs per slice), evaluate on validation and test beside the mean-box
@@ -319,7 +319,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     Everything that can be checked is checked before the output folder is made: the folder, the data,
     the checkpoint, the batch size, and every slice the run needs (decoded once, `cache.prepare_slices`).
     Training, validation and test follow DeepLesion's protocol (`deeplesion.evaluation_records`):
-    Possibly_noisy lesions are no targets, and slices left without a lesion are left out."""
+    Possibly_noisy lesions are no targets, and slices left without a lesion are left out. `cbs`: more
+    fastai callbacks for the fit (a hyperparameter search's pruning callback, say)."""
     t0 = time.time()
     out = check_out_folder(cfg.out)
     _check_precision(cfg.precision)
@@ -362,7 +363,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if cfg.lr_find:
             lr = float(learn.lr_find(show_plot=False).valley)
             print(f"lr_find: {lr:.2e}")
-        cbs = freeze_callbacks(s['freeze'], cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else [])
+        cbs = freeze_callbacks(s['freeze'], cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else []) + list(cbs)
         precision = _speed_up(learn, cfg.precision)
         _fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'froc', cfg.resume, cfg.quiet, cbs)
         learn.to_contiguous(to_fp32=True)             # evaluation and the export in float32, as a CPU evaluation of it

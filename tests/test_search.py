@@ -1,0 +1,36 @@
+"""python -m lesion_fastai.search: an Optuna study of fine-tuning settings on tiny data."""
+import shlex
+
+import pytest
+
+optuna = pytest.importorskip('optuna')
+
+import finetune.__main__ as finetune_cli                    # noqa: E402
+from lesion_fastai.search import main, search              # noqa: E402
+
+
+class PruneSecond(optuna.pruners.BasePruner):
+    "Prunes trial 1 at its first report: the pruning path, whatever the tiny models score."
+    def prune(self, study, trial): return trial.number == 1
+
+
+def test_study_completes_prunes_resumes_from_storage_and_writes_the_command(tiny_data, tmp_path):
+    kw = dict(max_epochs=2, bs=2, size=32, pruner=PruneSecond())
+    res = search(tiny_data, tmp_path, trials=3, **kw)
+    assert (res['complete'], res['pruned']) == (2, 1)
+    pruned_history = (tmp_path / 'trials' / '001' / 'history.csv').read_text().strip().splitlines()
+    assert len(pruned_history) == 2                                           # header + the one epoch it ran
+    cmd = (tmp_path / 'best_command.txt').read_text().strip()
+    assert cmd == res['command'] and cmd.startswith('python -m finetune --data')
+    args = finetune_cli.parse_args(shlex.split(cmd)[3:])                       # a command finetune accepts as it is
+    assert args.lr == pytest.approx(res['params']['lr'], rel=1e-3) and args.epochs == res['params']['epochs']
+    assert (tmp_path / 'trials.png').stat().st_size > 0 and len((tmp_path / 'trials.csv').read_text().splitlines()) == 4
+    stamp = (tmp_path / 'trials' / '000' / 'metrics.json').stat().st_mtime
+    res2 = search(tiny_data, tmp_path, trials=4, **kw)                         # the same storage: one more trial, none redone
+    assert res2['complete'] + res2['pruned'] == 4 and (tmp_path / 'trials' / '000' / 'metrics.json').stat().st_mtime == stamp
+    assert sorted(p.name for p in (tmp_path / 'trials').iterdir()) == ['000', '001', '002', '003']
+
+
+def test_cli_checks_its_numbers(capsys):
+    with pytest.raises(SystemExit): main(['--data', 'x', '--trials', '0'])
+    assert '--trials must be at least 1' in capsys.readouterr().err
