@@ -660,7 +660,7 @@ def gpu_check(out: Path, device: str = 'cuda', size: int = 256, bs: int = 64, st
     res['inference_slices_per_s'], res['peak_memory_mb']['inference'] = inf
     paths = list_slices(data)
     t = time.perf_counter()
-    cache = build_slice_cache(paths, 'soft', 0, size, out / 'slice_cache', quiet=True)
+    cache = build_slice_cache(paths, 'soft', 0, size, out / 'slice_cache', quiet=True, workers=max(1, workers))
     res['slices'] = len(paths)
     res['loading_slices_per_s'] = {'disk_cache_build': len(paths) / (time.perf_counter() - t)}
     patient_ids = sorted({int(Path(p).parent.name.split('_')[0]) for p in paths})
@@ -682,7 +682,7 @@ def gpu_check(out: Path, device: str = 'cuda', size: int = 256, bs: int = 64, st
             [f"| inference slices/s at {size} px, batch {bs}, scored boxes decoded | {res['inference_slices_per_s']:.0f} | |",
              f"| peak {'GPU ' if amp else ''}memory, MB: training {'bf16' if amp else 'fp32'} / inference | "
              f"{mem['ours_bf16' if amp else 'ours_fp32']:.0f} / {mem['inference']:.0f} | {mem[leg]:.0f} (earlier localizer, training) |",
-             f"| building the disk cache, slices/s ({len(paths)} slices, {2 * size} px PNG) | {ld['disk_cache_build']:.0f} | |",
+             f"| building the disk cache, slices/s ({len(paths)} slices, {2 * size} px PNG, {max(1, workers)} processes) | {ld['disk_cache_build']:.0f} | |",
              f"| DataLoader from the disk cache, {workers} workers, slices/s | {ld[f'{workers}_workers']:.0f} | {ld['0_workers']:.0f} (no workers) |",
              f"| one fastai epoch of the autoencoder end to end, images/s | {res['end_to_end_images_per_s']:.0f} | |",
              f"| loading keeps up with training | {'yes' if res['loader_keeps_up'] else 'no'} | |"]]

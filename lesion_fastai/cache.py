@@ -27,7 +27,7 @@ import torch
 from fastprogress.fastprogress import progress_bar
 
 from .deeplesion import SliceRecord, check_png, context_paths
-from .files import atomic_path, atomic_write_text, remove_stale_temps
+from .files import atomic_write_text, remove_stale_temps
 
 __all__ = ['SliceCache', 'BadSlicesError', 'cache_key', 'decode_all', 'check_files', 'build_slice_cache', 'prepare_slices',
            'add_loading_args', 'DEFAULT_CACHE_DIR']
@@ -100,6 +100,17 @@ def _raise_problems(problems: list[str], n_items: int) -> None:
     raise BadSlicesError(f"{len(problems)} of {n_items} slice(s) cannot be used; nothing was trained:\n  {shown}{more}")
 
 
+def _decode(prep, item):
+    "(path, tensor, None) for a slice that `prep` (a `CTSlice`) can prepare, else (path, None, the problem)."
+    path, dw = _path_and_window(item)
+    try: t = prep.load(path, dw)
+    except (ValueError, FileNotFoundError) as e: return path, None, f"{e}{_who_needs(item, e)}"
+    if isinstance(item, SliceRecord) and tuple(t.orig_size) != (item.width, item.height):
+        return path, None, (f"{path}: {t.orig_size[0]} x {t.orig_size[1]} pixels, but Image_size in {item.where()} says "
+                            f"{item.width} x {item.height} (its boxes are in those pixels)")
+    return path, t, None
+
+
 def decode_all(items, prep, store, quiet: bool = False, what: str = 'checking and preparing') -> None:
     """Decode every item once with `prep` (a `CTSlice`), passing each result to `store(i, path, tensor)`;
     every slice that cannot be read (the key slice or a neighbour it needs) is collected, and one
@@ -108,16 +119,9 @@ def decode_all(items, prep, store, quiet: bool = False, what: str = 'checking an
     bar = items if quiet else progress_bar(items)
     if not quiet: bar.comment = what
     for i, item in enumerate(bar):
-        path, dw = _path_and_window(item)
-        try: t = prep.load(path, dw)
-        except (ValueError, FileNotFoundError) as e:
-            problems.append(f"{e}{_who_needs(item, e)}")
-            continue
-        if isinstance(item, SliceRecord) and tuple(t.orig_size) != (item.width, item.height):
-            problems.append(f"{path}: {t.orig_size[0]} x {t.orig_size[1]} pixels, but Image_size in {item.where()} says "
-                            f"{item.width} x {item.height} (its boxes are in those pixels)")
-            continue
-        store(i, path, t)
+        path, t, problem = _decode(prep, item)
+        if problem: problems.append(problem)
+        else: store(i, path, t)
     _raise_problems(problems, len(items))
 
 
@@ -136,13 +140,30 @@ def check_files(items, context: int, quiet: bool = False) -> None:
     _raise_problems(problems, len(seen))
 
 
+CHUNK = 256   # slices per unit of work of a cache build: what a worker decodes at once and what an interruption loses at most
+
+
+def _build_chunk(prep, array_file, rows, items):
+    "Decode `items` into `rows` of the partial array (opened by this process); returns (row, path, width, height) or problems."
+    arr = np.load(array_file, mmap_mode='r+')
+    done, problems = [], []
+    for r, item in zip(rows, items):
+        path, t, problem = _decode(prep, item)
+        if problem: problems.append(problem); continue
+        arr[r] = t.numpy().astype(np.float16)
+        done.append([r, path, *t.orig_size])
+    arr.flush()
+    return done, problems
+
+
 def build_slice_cache(items, windows: str = 'soft', context: int = 0, size: int = 256,
-                      folder: Path | str = DEFAULT_CACHE_DIR, quiet: bool = False) -> SliceCache:
+                      folder: Path | str = DEFAULT_CACHE_DIR, quiet: bool = False, workers: int = 1) -> SliceCache:
     """The cache of `items` (`SliceRecord`s or PNG paths) for these settings in `folder`: opened if it
     exists, else built (each slice decoded once, exactly as `CTSlice` prepares it, stored as float16)
-    into a temporary file renamed into place only when complete, so an interrupted build leaves no
-    cache that looks finished. A slice that cannot be read stops the build with a `BadSlicesError`
-    naming every such file."""
+    by `workers` processes, in chunks of `CHUNK` slices, with its size printed first. The build writes
+    `slices_<key>.partial.npy` and records the finished chunks in `slices_<key>.partial.json` as it
+    goes, so an interrupted build resumes where it stopped; the array takes its final name only when
+    complete. A slice that cannot be read stops the build with a `BadSlicesError` naming every such file."""
     from .data import CTSlice
     items = list({_path_and_window(i)[0]: i for i in items}.values())      # one entry per slice
     if not items: raise ValueError("build_slice_cache: no slices given")
@@ -154,29 +175,55 @@ def build_slice_cache(items, windows: str = 'soft', context: int = 0, size: int 
     if array_file.exists() and index_file.exists():
         return SliceCache(array_file, json.loads(index_file.read_text())['index'])
     prep = CTSlice(windows, context, size)
-    index = {}
-    with atomic_path(array_file) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=(len(items), prep.n_channels, size, size))
-
-        def store(i, path, t):
-            arr[i] = t.numpy().astype(np.float16)
-            index[path] = [i, *t.orig_size]
-        decode_all(items, prep, store, quiet, f'building the slice cache {array_file.name}')
-        arr.flush()
-        del arr
-        meta = {'windows': windows, 'context': context, 'size': size, 'n': len(index), 'index': index}
-        atomic_write_text(index_file, json.dumps(meta))
-    # the array is renamed last: its presence means the cache is complete
+    shape = (len(items), prep.n_channels, size, size)
+    partial, progress = folder / f'slices_{key}.partial.npy', folder / f'slices_{key}.partial.json'
+    state = json.loads(progress.read_text()) if partial.exists() and progress.exists() else None
+    if state is None: np.lib.format.open_memmap(partial, mode='w+', dtype=np.float16, shape=shape).flush()
+    index = {p: e for p, *e in (state or {}).get('entries', [])}
+    chunks = [c for c in range(0, len(items), CHUNK) if c not in set((state or {}).get('chunks', []))]
+    finished = sorted(set((state or {}).get('chunks', [])))
+    if not quiet:
+        print(f"slice cache {array_file.name}: {len(items):,} slices x {prep.n_channels} channel(s) x {size} x {size} float16 = "
+              f"{np.prod(shape) * 2 / 1e9:.2f} GB in {folder}" + (f"; resuming, {len(finished)} of {len(finished) + len(chunks)} chunks built"
+                                                                   if finished else '') + f"; {workers} process(es)")
+    problems = []
+    jobs = ((prep, partial, list(range(c, min(c + CHUNK, len(items)))), items[c:c + CHUNK]) for c in chunks)
+    pool = None
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing as mp
+        pool = mp.get_context('spawn').Pool(workers)
+        results = pool.imap(_build_chunk_args, jobs)
+    else: results = map(_build_chunk_args, jobs)
+    try:
+        bar = results if quiet else progress_bar(results, total=len(chunks))
+        if not quiet: bar.comment = f'building the slice cache ({CHUNK} slices a step)'
+        for c, (done, bad) in zip(chunks, bar):
+            problems += bad
+            for r, path, w, h in done: index[path] = [r, w, h]
+            finished.append(c)
+            atomic_write_text(progress, json.dumps({'chunks': finished, 'entries': [[p, *e] for p, e in index.items()]}))
+    finally:
+        if pool is not None: pool.terminate()
+    if problems:                                 # a fixed file changes the key, so this partial build is of no further use
+        partial.unlink(missing_ok=True); progress.unlink(missing_ok=True)
+        _raise_problems(problems, len(items))
+    meta = {'windows': windows, 'context': context, 'size': size, 'n': len(index), 'index': index}
+    atomic_write_text(index_file, json.dumps(meta))
+    os.replace(partial, array_file)               # renamed last: its presence means the cache is complete
+    progress.unlink(missing_ok=True)
     return SliceCache(array_file, index)
 
 
-def prepare_slices(kind: str, items, windows: str, context: int, size: int, folder=None, quiet: bool = False):
+def _build_chunk_args(args): return _build_chunk(*args)
+
+
+def prepare_slices(kind: str, items, windows: str, context: int, size: int, folder=None, quiet: bool = False, workers: int = 1):
     """Check every slice a run needs before it trains, and return the `cache` argument of its slice block:
     'memory' decodes every slice now into a dict (the work the first epoch would do, done up front),
     'disk' builds or opens the memory-mapped cache (`build_slice_cache`), 'none' checks the files
     without decoding (`check_files`) and returns None. A bad slice raises `BadSlicesError`."""
     from .data import CTSlice
-    if kind == 'disk': return build_slice_cache(items, windows, context, size, folder or DEFAULT_CACHE_DIR, quiet)
+    if kind == 'disk': return build_slice_cache(items, windows, context, size, folder or DEFAULT_CACHE_DIR, quiet, workers)
     if kind == 'none':
         check_files(items, context, quiet)
         return None
@@ -190,7 +237,7 @@ def prepare_slices(kind: str, items, windows: str, context: int, size: int, fold
 def add_loading_args(ap) -> None:
     "The --workers, --cache, --cache-dir and --precision flags shared by `python -m pretrain` and `python -m finetune`."
     ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: main process; with workers '
-                    'use --cache disk, since an in-memory cache is not shared with them)')
+                    'use --cache disk, since an in-memory cache is not shared with them); also the processes that build the disk cache')
     ap.add_argument('--cache', choices=['memory', 'disk', 'none'], default='memory',
                     help='prepared slices: memory (kept for this run, default), disk (a memory-mapped float16 array built once '
                          'per slices and settings, reused by later runs and workers) or none')

@@ -40,20 +40,29 @@ def test_cache_is_reused_and_rebuilt_when_settings_or_files_change(tiny_data, tm
     finally: os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_interrupted_build_leaves_no_cache(tiny_data, tmp_path, monkeypatch):
+def test_interrupted_build_resumes_and_never_looks_finished(tiny_data, tmp_path, monkeypatch):
+    import lesion_fastai.cache as cache_mod
     paths = list_slices(tiny_data)[:6]
-    calls = []
+    monkeypatch.setattr(cache_mod, 'CHUNK', 2)                # three chunks of two slices
+    calls, interrupted = [], []
     real = CTSlice.load
 
-    def failing(self, path, dw=None):
+    def counting(self, path, dw=None):
         calls.append(path)
-        if len(calls) == 3: raise KeyboardInterrupt
+        if len(calls) == 3 and not interrupted:                   # the first slice of the second chunk, once
+            interrupted.append(path)
+            raise KeyboardInterrupt
         return real(self, path, dw)
-    monkeypatch.setattr(CTSlice, 'load', failing)
-    with pytest.raises(KeyboardInterrupt): build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True)
-    assert list(tmp_path.iterdir()) == []                     # neither a half-written array nor its temp file
+    monkeypatch.setattr(CTSlice, 'load', counting)
+    with pytest.raises(KeyboardInterrupt): build_slice_cache(paths, 'soft', 0, 32, tmp_path / 'a', quiet=True)
+    assert sorted(p.name.split('.', 1)[1] for p in (tmp_path / 'a').iterdir()) == ['partial.json', 'partial.npy']   # nothing final
+    calls.clear()
+    resumed = build_slice_cache(paths, 'soft', 0, 32, tmp_path / 'a', quiet=True)
+    assert len(calls) == 4 and len(resumed) == 6                # the first chunk was not decoded again
+    assert sorted(p.name.split('.', 1)[1] for p in (tmp_path / 'a').iterdir()) == ['json', 'npy']
     monkeypatch.setattr(CTSlice, 'load', real)
-    assert len(build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True)) == 6
+    fresh = build_slice_cache(paths, 'soft', 0, 32, tmp_path / 'b', quiet=True, workers=2)   # in two processes, from scratch
+    assert np.array_equal(np.load(resumed.array_file), np.load(fresh.array_file)) and resumed.index == fresh.index
 
 
 def test_cache_pickles_without_its_pixels(tiny_data, tmp_path):
