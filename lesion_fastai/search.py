@@ -75,7 +75,9 @@ def _plot(study, path) -> None:
         for state, colour, label in ((optuna.trial.TrialState.COMPLETE, 'tab:blue', 'complete'), (optuna.trial.TrialState.PRUNED, 'tab:grey', 'pruned')):
             sel = [t for t in trials if t.state == state and (key == 'trial' or key in t.params)]
             ax.scatter([t.number if key == 'trial' else t.params[key] for t in sel], [value(t) for t in sel], c=colour, label=label, s=18)
-        if key != 'trial': ax.set_xscale('log')
+        if key != 'trial':
+            ax.set_xscale('log')
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())          # the major ticks only: minor labels overlap
         ax.set_xlabel(key); ax.set_ylabel('validation FROC (pruned: last epoch)'); ax.grid(alpha=.3)
     axs[0][0].legend(fontsize=8)
     fig.suptitle(f'{study.study_name}: {len(trials)} trials')
