@@ -286,14 +286,14 @@ def _resolve(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
         raise ValueError(f"--freeze {freeze} needs --pretrained CHECKPOINT or --backbone-weights (without one the model trains from scratch)")
     if freeze == 'scratch' and (ckpt is not None or weights):
         raise ValueError(f"--freeze scratch ignores {'--pretrained' if ckpt else '--backbone-weights'}: drop one of them")
-    if cfg.sandwich == 'decoder' and ckpt is None:
-        raise ValueError("--sandwich decoder reads the pretrained autoencoder's decoder: it needs --pretrained CHECKPOINT")
     pretrained_body = ckpt['model_args']['encoder_args'].get('backbone', 'resnet') if ckpt else None
     if ckpt is not None and cfg.backbone not in (None, pretrained_body):
         raise ValueError(f"--backbone {cfg.backbone} disagrees with the checkpoint {cfg.pretrained}, pretrained with backbone {pretrained_body}")
     if cfg.sandwich not in SANDWICHES: raise ValueError(f"--sandwich {cfg.sandwich!r}: expected one of {', '.join(SANDWICHES)}")
     if cfg.sandwich == 'decoder' and freeze != 'sandwich':
         raise ValueError(f"--sandwich decoder interleaves transfer layers in the frozen decoder: it needs --freeze sandwich, not {freeze}")
+    if cfg.sandwich == 'decoder' and ckpt is None:
+        raise ValueError("--sandwich decoder reads the pretrained autoencoder's decoder: it needs --pretrained CHECKPOINT")
     defaults = {'windows': 'soft', 'context': 0, 'size': _native_size(records) // 2}
     settings = {}
     for k in ('windows', 'context', 'size'):

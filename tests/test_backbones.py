@@ -65,7 +65,9 @@ def test_pretrain_records_the_backbone_and_finetune_rebuilds_it_or_transfers_fro
     assert m['config']['freeze'] == 'none' and m['parameters']['frozen'] == 0
     for args, msg in ((['--pretrained', str(pre / 'pretrained.pth'), '--backbone', 'resnet'], 'disagrees with the checkpoint'),
                       (['--pretrained', str(pre / 'pretrained.pth'), '--backbone-weights', str(weights)], 'both set the encoder'),
-                      (['--backbone-weights', str(weights), '--backbone', NAME, '--freeze', 'scratch'], '--freeze scratch ignores --backbone-weights')):
+                      (['--backbone-weights', str(weights), '--backbone', NAME, '--freeze', 'scratch'], '--freeze scratch ignores --backbone-weights'),
+                      (['--backbone-weights', str(weights), '--backbone', NAME, '--freeze', 'sandwich', '--sandwich', 'decoder'],
+                       "reads the pretrained autoencoder's decoder")):
         with pytest.raises(SystemExit) as e:
             finetune_cli.main(['--data', str(tiny_data), '--out', str(tmp_path / 'x'), '--epochs', '1', '--bs', '2', *args])
         assert msg in str(e.value.code) and not (tmp_path / 'x').exists()
