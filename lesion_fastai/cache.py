@@ -30,7 +30,7 @@ from .deeplesion import SliceRecord, check_png, context_paths
 from .files import atomic_write_text, remove_stale_temps
 
 __all__ = ['SliceCache', 'BadSlicesError', 'cache_key', 'decode_all', 'check_files', 'build_slice_cache', 'prepare_slices',
-           'add_loading_args', 'DEFAULT_CACHE_DIR']
+           'drop_near_duplicates', 'add_loading_args', 'DEFAULT_CACHE_DIR']
 
 DEFAULT_CACHE_DIR = Path.home() / '.cache' / 'lesion_fastai'
 
@@ -232,6 +232,26 @@ def prepare_slices(kind: str, items, windows: str, context: int, size: int, fold
     cache = {}
     decode_all(items, CTSlice(windows, context, size), lambda i, path, t: cache.__setitem__(path, t), quiet)
     return cache
+
+
+def drop_near_duplicates(paths, cache, prep, threshold: float, keep=None) -> tuple[list, int]:
+    """`paths` without the slices that barely differ from the slice kept before them in their series:
+    the mean absolute difference of their prepared pixels ([0, 1] windows, the training size) under
+    `threshold`. Each series' first slice is kept, and so is every path `keep(path)` says to keep (the
+    validation slices, say). Prepared slices come from `cache` when it has them, else from `prep`
+    (a `CTSlice`). Returns the kept paths, in their order, and how many were dropped."""
+    kept, dropped, last = [], 0, {}
+    for p in paths:
+        folder = Path(p).parent
+        t = cache.get(str(p)) if cache is not None else None
+        t = (t if t is not None else prep.load(p)).as_subclass(torch.Tensor)
+        ref = last.get(folder)
+        if ref is not None and (keep is None or not keep(p)) and ref.shape == t.shape and float((t - ref).abs().mean()) < threshold:
+            dropped += 1
+            continue
+        kept.append(p)
+        last[folder] = t
+    return kept, dropped
 
 
 def add_loading_args(ap) -> None:

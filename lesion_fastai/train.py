@@ -18,9 +18,9 @@ from torch import nn
 
 from .callbacks import (AtomicSaveModelCallback, ChannelLoss, MaskedCorruption, MaskedLoss, ResumableCSVLogger, ResumeState,
                         StopOnNonFinite, TimeBudget, corrupt, key_channels)
-from .cache import prepare_slices
+from .cache import drop_near_duplicates, prepare_slices
 from .checkpoint import decoder_args, load_decoder, load_encoder, load_pretrained, save_pretrained
-from .data import autoencoder_dls, localization_dls, n_channels, select_patients
+from .data import CTSlice, autoencoder_dls, localization_dls, n_channels, select_patients
 from .deeplesion import context_paths, evaluation_records, list_slices, load_data
 from .evaluation import evaluate_export, report
 from .files import atomic_path, check_out_folder, output_folder, write_json
@@ -118,6 +118,7 @@ class PretrainConfig:
     cache: str = 'memory'             # 'memory' (per run), 'disk' (memory-mapped, shared by runs) or 'none'
     cache_dir: Path | None = None     # for 'disk': default ~/.cache/lesion_fastai
     precision: str = 'auto'           # PRECISIONS
+    dedup: float = 0.                 # drop training slices this close to their kept neighbour (mean |difference|); 0: keep all
 
 
 # pretext: (mask ratio, patch as a fraction of the size, noise std), what each reconstructs:
@@ -165,6 +166,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
     print(f"pretraining on {n_train} slices of {len(train_p)} patients ({len(paths) - n_train} validation slices), "
           f"{size} px, windows {cfg.windows}, context {cfg.context}")
     cache = prepare_slices(cfg.cache, paths, cfg.windows, cfg.context, size, cfg.cache_dir, workers=max(1, cfg.num_workers))
+    if cfg.dedup > 0:                  # redundant neighbour slices slow pretraining and can hurt it; validation stays whole
+        in_val = lambda p: int(Path(p).parent.name.split('_')[0]) in val_p
+        paths, dropped = drop_near_duplicates(paths, cache, CTSlice(cfg.windows, cfg.context, size), cfg.dedup, keep=in_val)
+        n_train -= dropped
+        print(f"--dedup {cfg.dedup:g}: dropped {dropped} training slice(s) closer than that to the slice kept before them "
+              f"(mean absolute difference of the windowed pixels); {n_train} remain")
+        _check_batches(n_train, cfg.bs, f"{cfg.data} after --dedup {cfg.dedup:g}", ' or a smaller --dedup')
     with output_folder(out):
         set_seed(cfg.seed, reproducible=True)
         dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed, cache=cache,
@@ -184,6 +192,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         learn.to_contiguous(to_fp32=True)             # the checkpoint and every figure and loss below: float32
         trained = float(learn.validate()[0])
         config = {**asdict(cfg), **corruption, 'size': size, 'data': str(cfg.data), 'out': str(out), 'in_chans': n_in, 'precision': precision,
+                  'train_slices': n_train,
                   'code_channels': list(cfg.code_channels)}
         ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)
         _reconstruction_figure(learn, corruption, out / 'reconstructions.png', keys)

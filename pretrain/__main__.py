@@ -47,6 +47,8 @@ def parse_args(argv=None):
     ap.add_argument('--resume', action='store_true', help='continue an interrupted run from OUT/last.pth')
     ap.add_argument('--backbone', default='resnet', help="the body: resnet (the project's own, default) or a timm model name, e.g. resnet18, convnext_atto (features_only at strides 4-32, in_chans from windows x context)")
     ap.add_argument('--backbone-weights', type=Path, default=None, metavar='PATH', help="a local state dict of the timm --backbone (e.g. ImageNet weights: nothing is downloaded); timm adapts its first convolution to the input channels")
+    ap.add_argument('--dedup', type=float, default=0., metavar='DIFF', help='drop training slices whose windowed pixels differ from the '
+                    'slice kept before them in their series by less than DIFF on average (e.g. 0.01; default 0: keep every slice)')
     add_loading_args(ap)
     args = ap.parse_args(argv)
     for name, v, lo in (('--epochs', args.epochs, 1), ('--bs', args.bs, 1), ('--context', args.context, 0), ('--size', args.size or 32, 32)):
@@ -68,7 +70,7 @@ def main(argv=None):
                                 mask_ratio=args.mask_ratio, patch=args.patch, noise_std=args.noise_std, loss=args.loss,
                                 pretext=args.pretext, code_channels=args.code_channels,
                                 resume=args.resume, num_workers=args.workers, cache=args.cache, cache_dir=args.cache_dir,
-                                precision=args.precision, backbone=args.backbone, backbone_weights=args.backbone_weights))
+                                precision=args.precision, dedup=args.dedup, backbone=args.backbone, backbone_weights=args.backbone_weights))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 

@@ -85,3 +85,22 @@ def test_finetune_with_the_disk_cache_builds_it_once(tiny_data, tmp_path):
     assert [p.stat().st_mtime_ns for p in (tmp_path / 'cache').glob('slices_*.npy')] == [stamp]
     with pytest.raises(ValueError, match="cache 'ram'"):
         finetune(FinetuneConfig(out=tmp_path / 'c', **{**cfg, 'cache': 'ram'}))
+
+
+def test_near_duplicate_neighbours_are_dropped_and_the_rest_kept(tiny_data, tmp_path):
+    import shutil
+    from lesion_fastai.cache import drop_near_duplicates
+    folder = sorted((tiny_data / 'Images_png').iterdir())[0]
+    series = tmp_path / 'Images_png' / folder.name
+    shutil.copytree(folder, series)
+    paths = sorted(series.glob('*.png'))
+    assert len(paths) >= 3
+    shutil.copyfile(paths[0], paths[1])                          # slice 2 repeats slice 1 exactly
+    prep = CTSlice('soft', 0, 32)
+    kept, dropped = drop_near_duplicates(paths, None, prep, 1e-6)
+    assert dropped == 1 and kept == [p for p in paths if p != paths[1]]
+    assert drop_near_duplicates(paths, None, prep, 1e-6, keep=lambda p: True) == (paths, 0)     # kept whatever they are
+    kept, dropped = drop_near_duplicates(paths, None, prep, 1.01)                               # everything is "close"
+    assert kept == paths[:1] and dropped == len(paths) - 1
+    cache = {str(paths[2]): prep.load(paths[0])}                 # from the cache, slice 3 looks like slice 1 too
+    assert drop_near_duplicates(paths, cache, prep, 1e-6) == ([p for p in paths if p not in paths[1:3]], 2)

@@ -111,3 +111,19 @@ def test_mae_pretext_then_decoder_sandwich_loads_encoder_and_decoder(tiny_data, 
         own = getattr(model, part).state_dict()
         for k, v in ckpt[part].items(): assert torch.equal(own[k], v), (part, k)
     assert model.decoder_adapters is not None and model.adapters is None
+
+
+def test_pretrain_dedup_drops_repeated_training_slices_only(tiny_data, tmp_path, capsys):
+    import shutil
+    from lesion_fastai.deeplesion import read_dl_info
+    from lesion_fastai.train import PretrainConfig, pretrain
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    df = read_dl_info(data / 'DL_info.csv')
+    train_series = sorted({f.rsplit('_', 1)[0] for f in df.file_name[df.split == 'train']})
+    pngs = sorted((data / 'Images_png' / train_series[0]).glob('*.png'))
+    shutil.copyfile(pngs[0], pngs[1])                            # one training slice repeats its neighbour
+    plain = pretrain(PretrainConfig(data=data, out=tmp_path / 'a', epochs=1, bs=2, size=32))
+    dedup = pretrain(PretrainConfig(data=data, out=tmp_path / 'b', epochs=1, bs=2, size=32, dedup=1e-6))
+    assert dedup['train_slices'] == plain['train_slices'] - 1 and dedup['config']['dedup'] == 1e-6
+    assert '--dedup 1e-06: dropped 1 training slice(s)' in capsys.readouterr().out
