@@ -5,6 +5,7 @@
     python -m lesion_fastai.bench select --setting adapter_ratio --values 0.25,1   # a default, chosen on validation
     python -m lesion_fastai.bench throughput [--quick]   # slice loading and training images/s, peak memory
     python -m lesion_fastai.bench gpu                    # the GPU path: bf16 training, inference, loaders (make gpu-check)
+    python -m lesion_fastai.bench scale                  # the disk slice cache from 5,000 to 50,000 slices, extrapolated to 930k
     python -m lesion_fastai.bench stats                  # the built-in data's lesion statistics beside DeepLesion's
     python -m lesion_fastai.bench lesions --pretrained CKPT --data DATA   # does the autoencoder keep the lesions?
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from .files import atomic_write_text
 
-__all__ = ['efficiency', 'study', 'select', 'lesions', 'throughput', 'gpu_check', 'main']
+__all__ = ['efficiency', 'study', 'select', 'lesions', 'throughput', 'gpu_check', 'scale', 'main']
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich)
 MODES = {'scratch': ('scratch', 'encoder'), 'none': ('none', 'encoder'), 'encoder': ('encoder', 'encoder'),
@@ -416,6 +417,61 @@ def _efficiency_plot(summary, path):
 
 # --- data statistics -------------------------------------------------------------------------------------------
 
+DEEPLESION_SLICES = 930_000
+
+
+def scale(out: Path, counts=(5000, 50000), native: int = 128, size: int = 64, workers: int = 2) -> dict:
+    """The disk slice cache at growing sizes: one generated data set (`native` px, 20 unlabelled slices
+    per key slice) large enough for the largest count; for each count its first slices are built into a
+    fresh cache by `workers` processes (slices/s), then read back in a random order through an
+    unpickled copy, as a DataLoader worker reads it (slices/s). Reports how the time grows and what
+    that gives for DeepLesion's ~930k slices (time at the largest count's rate; size at 256 px)."""
+    import pickle
+    import shutil
+    from .cache import build_slice_cache
+    from .deeplesion import list_slices
+    from .files import write_json
+    from .synthetic import generate
+    data = out / f'data_{native}px'
+    have = len(list_slices(data)) if (data / 'DL_info.csv').exists() else 0
+    if have < max(counts):
+        shutil.rmtree(data, ignore_errors=True)
+        generate(data, patients=max(counts) // 35 + 10, size=native, seed=11, neighbours=10, workers=workers)
+    paths = list_slices(data)
+    if len(paths) < max(counts): raise ValueError(f"{data}: {len(paths)} slices, fewer than {max(counts)}")
+    rows = []
+    for n in counts:
+        folder = out / f'cache_{n}'
+        shutil.rmtree(folder, ignore_errors=True)
+        t = time.perf_counter()
+        cache = build_slice_cache(paths[:n], 'soft', 0, size, folder, quiet=True, workers=workers)
+        build_s = time.perf_counter() - t
+        cache = pickle.loads(pickle.dumps(cache))
+        order = np.random.default_rng(0).permutation(n)
+        keys = list(cache.index)
+        t = time.perf_counter()
+        for i in order: cache.get(keys[i])
+        read_s = time.perf_counter() - t
+        rows.append({'slices': n, 'build_s': build_s, 'build_per_s': n / build_s, 'read_per_s': n / read_s,
+                     'cache_mb': cache.array_file.stat().st_size / 2 ** 20})
+        shutil.rmtree(folder, ignore_errors=True)
+    last = rows[-1]
+    res = {'machine': _machine(), 'native': native, 'size': size, 'workers': workers, 'rows': rows,
+           'growth': last['build_s'] / rows[0]['build_s'], 'count_ratio': last['slices'] / rows[0]['slices'],
+           'deeplesion_build_h': DEEPLESION_SLICES / last['build_per_s'] / 3600,
+           'deeplesion_256px_gb': DEEPLESION_SLICES * 256 * 256 * 2 / 1e9}
+    write_json(res, out / 'scale.json')
+    lines = [f'| slices | build, s | build, slices/s | random reads, slices/s | cache, MB |', '|---|---|---|---|---|']
+    lines += [f"| {r['slices']:,} | {r['build_s']:.1f} | {r['build_per_s']:.0f} | {r['read_per_s']:.0f} | {r['cache_mb']:.0f} |" for r in rows]
+    table = '\n'.join(lines)
+    summary = (f"{res['count_ratio']:.0f}x the slices took {res['growth']:.1f}x the build time; DeepLesion's {DEEPLESION_SLICES:,} slices "
+               f"at the last rate: {res['deeplesion_build_h']:.1f} h with {workers} process(es) ({native} px PNG -> {size} px here), "
+               f"{res['deeplesion_256px_gb']:.0f} GB at 256 px")
+    atomic_write_text(out / 'scale.md', table + '\n\n' + summary + '\n')
+    print(f"{res['machine']}\n\n{table}\n\n{summary}\nwrote {out / 'scale.json'}")
+    return res
+
+
 def stats(data: Path, sample: Path | None, patients: int, native: int) -> str:
     """The built-in generator's lesion statistics beside DeepLesion's: the published totals (32,735 lesions
     on 32,120 key slices) and the real sample of DL_info rows (`sample`), as a Markdown table."""
@@ -745,6 +801,13 @@ def main(argv=None):
     se.add_argument('--criterion', choices=sorted(CRITERIA), default='froc',
                     help="froc: validation FROC (mean sensitivity 0.5-4 FPs per slice); iou: the top box's validation mean IoU; "
                          "calibration: the Gaussian std's distance from 68%% / 95%% coverage")
+    sc = sub.add_parser('scale', help='the disk slice cache from 5,000 to 50,000 slices: build and read rates, extrapolated to 930k',
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sc.add_argument('--out', type=Path, default=Path('runs/bench/scale'), help='output folder (generated data, scale.json, scale.md)')
+    sc.add_argument('--counts', default='5000,50000', help='slice counts, comma separated (the data is generated for the largest)')
+    sc.add_argument('--native', type=int, default=128, help='slice size of the generated PNGs')
+    sc.add_argument('--size', type=int, default=64, help='prepared size in the cache')
+    sc.add_argument('--workers', type=int, default=2, help='processes that generate the data and build the cache')
     sa = sub.add_parser('stats', help="the built-in data's lesion statistics beside DeepLesion's", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sa.add_argument('--data', type=Path, default=Path('runs/bench/efficiency/data_250p_256px'), help='data folder (generated if missing)')
     sa.add_argument('--sample', type=Path, default=Path('../shared/fixtures/DL_info_sample.csv'), help='real DL_info rows to compare with')
@@ -770,6 +833,7 @@ def main(argv=None):
     if args.which == 'throughput': return throughput(args.out, args.quick)
     if args.which == 'gpu': return gpu_check(args.out, args.device, args.size, args.bs, args.steps, args.workers, args.patients)
     if args.which == 'stats': return stats(args.data, args.sample, args.patients, args.native)
+    if args.which == 'scale': return scale(args.out, [int(c) for c in args.counts.split(',')], args.native, args.size, args.workers)
     if args.which == 'lesions': return lesions(args.pretrained, args.data)
     if args.quick:
         args.out = args.out.with_name(args.out.name + '_quick') if args.out == Path('runs/bench/efficiency') else args.out

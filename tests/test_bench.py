@@ -170,3 +170,12 @@ def test_imagenet_mode_needs_weights_and_then_transfers_them(tiny_data, tmp_path
     m = json.loads((tmp_path / 'w' / 'runs' / 'imagenet_1_seed0_resnet10t' / 'metrics.json').read_text())
     assert m['config']['freeze'] == 'none' and m['config']['backbone'] == 'resnet10t' and m['config']['pretrained'] is None
     assert not (tmp_path / 'w' / 'pretrain_backboneresnet10t').exists()          # nothing needed the autoencoder
+
+
+def test_scale_builds_and_reads_each_count_and_extrapolates(tmp_path):
+    from lesion_fastai.bench import DEEPLESION_SLICES, scale
+    res = scale(tmp_path, counts=(20, 40), native=64, size=32, workers=1)
+    assert [r['slices'] for r in res['rows']] == [20, 40] and all(r['build_per_s'] > 0 and r['read_per_s'] > 0 for r in res['rows'])
+    assert res['count_ratio'] == 2 and res['deeplesion_build_h'] == pytest.approx(DEEPLESION_SLICES / res['rows'][-1]['build_per_s'] / 3600)
+    assert res['rows'][1]['cache_mb'] > res['rows'][0]['cache_mb'] and not list(tmp_path.glob('cache_*'))   # built fresh, then removed
+    assert '930,000 slices' in (tmp_path / 'scale.md').read_text()
