@@ -415,7 +415,7 @@ def _efficiency_plot(summary, path):
     return save_fig(fig, path)
 
 
-# --- data statistics -------------------------------------------------------------------------------------------
+# --- the slice cache at scale ----------------------------------------------------------------------------------
 
 DEEPLESION_SLICES = 930_000
 
@@ -471,6 +471,8 @@ def scale(out: Path, counts=(5000, 50000), native: int = 128, size: int = 64, wo
     print(f"{res['machine']}\n\n{table}\n\n{summary}\nwrote {out / 'scale.json'}")
     return res
 
+
+# --- data statistics -------------------------------------------------------------------------------------------
 
 def stats(data: Path, sample: Path | None, patients: int, native: int) -> str:
     """The built-in generator's lesion statistics beside DeepLesion's: the published totals (32,735 lesions
@@ -694,7 +696,7 @@ def gpu_check(out: Path, device: str = 'cuda', size: int = 256, bs: int = 64, st
     import torch
     from .cache import build_slice_cache
     from .data import autoencoder_dls
-    from .deeplesion import list_slices
+    from .deeplesion import list_slices, patient_of
     from .files import write_json
     from .synthetic import generate
     if device == 'cuda' and not torch.cuda.is_available():
@@ -719,7 +721,7 @@ def gpu_check(out: Path, device: str = 'cuda', size: int = 256, bs: int = 64, st
     cache = build_slice_cache(paths, 'soft', 0, size, out / 'slice_cache', quiet=True, workers=max(1, workers))
     res['slices'] = len(paths)
     res['loading_slices_per_s'] = {'disk_cache_build': len(paths) / (time.perf_counter() - t)}
-    patient_ids = sorted({int(Path(p).parent.name.split('_')[0]) for p in paths})
+    patient_ids = sorted({patient_of(Path(p).parent.name) for p in paths})
     valid = set(patient_ids[-max(1, len(patient_ids) // 7):])          # a few patients' slices: the validation set
     for n in sorted({0, workers}):
         dls = autoencoder_dls(paths, valid, size=size, bs=bs, num_workers=n, seed=0, cache=cache, pin_memory=amp, device=device)

@@ -21,7 +21,7 @@ from fastai.vision.all import (DataBlock, TransformBlock, PointBlock, BBoxBlock,
                                TensorBBox, Transform, ItemTransform, aug_transforms, noop, dispatch, get_grid, show_image,
                                FuncSplitter)
 
-from .deeplesion import SliceFileError, SliceRecord, context_paths, evaluation_records, load_data, load_hu, resolve_windows, window
+from .deeplesion import SliceFileError, SliceRecord, context_paths, evaluation_records, load_data, load_hu, patient_of, resolve_windows, window
 
 __all__ = ['TensorCT', 'TensorBoxCorners', 'TensorScore', 'CTSlice', 'SlicePixels', 'LesionBoxes', 'LesionFlags',
            'target_slots', 'MAX_LESIONS', 'BoxTidy', 'split_records', 'select_patients',
@@ -268,7 +268,7 @@ def autoencoder_block(windows='soft', context=0, size=256, valid_patients=(), au
 
 class _InPatients:
     def __init__(self, patients): self.patients = patients
-    def __call__(self, path): return int(Path(path).parent.name.split('_')[0]) in self.patients
+    def __call__(self, path): return patient_of(Path(path).parent.name) in self.patients
 
 
 def autoencoder_dls(paths: list, valid_patients, windows='soft', context=0, size=256, bs=16, num_workers=0,

@@ -67,7 +67,7 @@ class Series:
         if self.kind == 'dicom': return _dicom_hu(self.files[i])
         nib = _extra('nibabel')
         img = nib.load(self.source)
-        a = np.asarray(img.dataobj[..., i], dtype=np.float32) * 1.0          # scl_slope / scl_inter applied by nibabel
+        a = np.asarray(img.dataobj[..., i], dtype=np.float32)                # scl_slope / scl_inter applied by nibabel
         return np.ascontiguousarray(a.T)                                     # rows = second voxel axis, as viewers show it
 
 
@@ -142,20 +142,22 @@ def _png_name(path: Path) -> str:
 def find_inputs(inputs) -> tuple[list[Series], list[tuple[str, str]], int]:
     """The series to predict from files and folders (searched recursively), the (file, reason) pairs
     of inputs that cannot be predicted, and how many other files inside folders were ignored."""
-    files, skipped, ignored = [], [], 0
+    kinds, skipped, ignored = {}, [], 0                       # path -> 'png', 'dicom' or 'nifti', in input order
     for given in map(Path, inputs):
         if given.is_dir():
             for p in sorted(q for q in given.rglob('*') if q.is_file()):
-                if _kind(p): files.append(p)
+                kind = _kind(p)
+                if kind: kinds.setdefault(p, kind)
                 else: ignored += 1
         elif given.is_file():
-            if _kind(given): files.append(given)
+            kind = _kind(given)
+            if kind: kinds.setdefault(given, kind)
             else: skipped.append((str(given), 'not a PNG, DICOM (.dcm or DICM header) or NIfTI (.nii, .nii.gz) file'))
         else: skipped.append((str(given), 'no such file or folder'))
-    files = list(dict.fromkeys(files))
+    of_kind = lambda k: [f for f, kind in kinds.items() if kind == k]
     series = []
     pngs = {}
-    for p in (f for f in files if _kind(f) == 'png'):
+    for p in of_kind('png'):
         try:
             with _open_png(p): pass                           # the header: 8-bit, RGB, not an image, empty
         except (SliceFileError, FileNotFoundError) as e:
@@ -164,11 +166,11 @@ def find_inputs(inputs) -> tuple[list[Series], list[tuple[str, str]], int]:
     for folder, ps in pngs.items():
         ps.sort(key=lambda q: (int(q.stem) if q.stem.isdigit() else 0, q.name))
         series.append(Series('png', str(folder), ps, [_png_name(q) for q in ps]))
-    dicoms = [f for f in files if _kind(f) == 'dicom']
+    dicoms = of_kind('dicom')
     if dicoms:
         s, sk = read_dicom_series(dicoms)
         series += s; skipped += sk
-    for p in (f for f in files if _kind(f) == 'nifti'):
+    for p in of_kind('nifti'):
         nib = _extra('nibabel')
         try:
             img = nib.load(p)

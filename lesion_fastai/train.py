@@ -21,7 +21,7 @@ from .callbacks import (AtomicSaveModelCallback, ChannelLoss, MaskedCorruption, 
 from .cache import drop_near_duplicates, prepare_slices
 from .checkpoint import decoder_args, load_decoder, load_encoder, load_pretrained, save_pretrained
 from .data import CTSlice, autoencoder_dls, localization_dls, n_channels, select_patients
-from .deeplesion import context_paths, evaluation_records, list_slices, load_data
+from .deeplesion import context_paths, evaluation_records, list_slices, load_data, patient_of
 from .evaluation import evaluate_export, report
 from .files import atomic_path, check_out_folder, output_folder, write_json
 from .freeze import apply_freeze, freeze_callbacks, localizer_splitter, lr_for, parameter_counts
@@ -161,13 +161,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
         print(f"context pretext: {len(whole)} of {len(paths)} slices have all {2 * cfg.context} neighbours of their own "
               f"(the rest, at the ends of what was shipped, would show the model its target)")
         paths = whole
-    n_train = sum(int(Path(p).parent.name.split('_')[0]) in train_p for p in paths)
+    n_train = sum(patient_of(Path(p).parent.name) in train_p for p in paths)
     _check_batches(n_train, cfg.bs, f"{cfg.data}", '')
     print(f"pretraining on {n_train} slices of {len(train_p)} patients ({len(paths) - n_train} validation slices), "
           f"{size} px, windows {cfg.windows}, context {cfg.context}")
     cache = prepare_slices(cfg.cache, paths, cfg.windows, cfg.context, size, cfg.cache_dir, workers=max(1, cfg.num_workers))
     if cfg.dedup > 0:                  # redundant neighbour slices slow pretraining and can hurt it; validation stays whole
-        in_val = lambda p: int(Path(p).parent.name.split('_')[0]) in val_p
+        in_val = lambda p: patient_of(Path(p).parent.name) in val_p
         paths, dropped = drop_near_duplicates(paths, cache, CTSlice(cfg.windows, cfg.context, size), cfg.dedup, keep=in_val)
         n_train -= dropped
         print(f"--dedup {cfg.dedup:g}: dropped {dropped} training slice(s) closer than that to the slice kept before them "

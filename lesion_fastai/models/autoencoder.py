@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .resnet import conv_bn, create_encoder
+from .resnet import ENCODER_KEYS, conv_bn, create_encoder
 
 __all__ = ['CODE_CHANNELS', 'Decoder', 'Autoencoder', 'create_autoencoder']
 
@@ -92,5 +92,5 @@ class Autoencoder(nn.Module):
 
 def create_autoencoder(in_chans: int = 1, **kwargs) -> Autoencoder:
     "An autoencoder whose encoder is the default localizer body for `in_chans` channels."
-    enc = {k: kwargs.pop(k) for k in list(kwargs) if k in ('stem_width', 'widths', 'depths', 'backbone')}
+    enc = {k: kwargs.pop(k) for k in list(kwargs) if k in ENCODER_KEYS}
     return Autoencoder(dict(enc, in_chans=in_chans), **kwargs)

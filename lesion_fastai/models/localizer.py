@@ -20,7 +20,7 @@ from torch import nn
 
 from ..boxes import MIN_SIZE, params_to_boxes
 from ..heatmap import peaks, suppress
-from .resnet import conv_bn, create_encoder
+from .resnet import ENCODER_KEYS, conv_bn, create_encoder
 
 __all__ = ['SANDWICHES', 'TransferLayer', 'CentreNeck', 'DirectHead', 'GaussianHead', 'Localizer', 'create_localizer', 'detections', 'HEADS']
 
@@ -191,5 +191,5 @@ def detections(out, k: int = 50, nms_iou: float | None = None, min_score: float 
 
 def create_localizer(in_chans: int = 1, head: str = 'direct', sandwich: bool | str = False, **kwargs) -> Localizer:
     "A detector with the default body for `in_chans` input channels."
-    enc = {k: kwargs.pop(k) for k in list(kwargs) if k in ('stem_width', 'widths', 'depths', 'backbone')}
+    enc = {k: kwargs.pop(k) for k in list(kwargs) if k in ENCODER_KEYS}
     return Localizer(dict(enc, in_chans=in_chans), head=head, sandwich=sandwich, **kwargs)

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ['conv_bn', 'BasicBlock', 'ResNetEncoder', 'TimmEncoder', 'create_encoder', 'DEFAULT_ENCODER']
+__all__ = ['conv_bn', 'BasicBlock', 'ResNetEncoder', 'TimmEncoder', 'create_encoder', 'DEFAULT_ENCODER', 'ENCODER_KEYS']
 
 DEFAULT_ENCODER = dict(in_chans=1, stem_width=32, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1))
+ENCODER_KEYS = (*DEFAULT_ENCODER, 'backbone')   # the encoder's arguments among a model factory's keyword arguments
 
 
 def conv_bn(ci: int, co: int, stride: int = 1, k: int = 3, act: bool = True) -> nn.Sequential:
