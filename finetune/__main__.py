@@ -5,6 +5,8 @@ Examples:
     python -m finetune --data data/synthetic --pretrained runs/pretrain/pretrained.pth --freeze sandwich --out runs/sandwich
     python -m finetune --data data/synthetic --pretrained runs/pretrain/pretrained.pth --freeze sandwich --sandwich decoder --out runs/decoder
     python -m finetune --eval runs/sandwich/export.pkl --data data/synthetic
+    torchrun --nproc_per_node 4 -m finetune --data data/synthetic --out runs/scratch
+        (data parallel, one process per GPU, or gloo on CPUs; --bs is per process; rank 0 writes and evaluates)
 """
 import argparse
 import sys
@@ -88,6 +90,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from lesion_fastai.distributed import quiet_other_ranks
+    quiet_other_ranks()
     from lesion_fastai.train import FinetuneConfig, evaluate_export, finetune
     try:
         if args.eval is not None:

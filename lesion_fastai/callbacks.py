@@ -12,6 +12,9 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import SaveModelCallback
 
+from fastai.torch_core import get_model
+
+from . import distributed
 from .checkpoint import atomic_save
 from .files import atomic_path
 
@@ -78,12 +81,12 @@ class MaskedCorruption(Callback):
 
 
 class TimeBudget(Callback):
-    "Stop training once `seconds` of wall-clock time have passed (for comparisons at equal time)."
+    "Stop training once `seconds` of wall-clock time have passed (for comparisons at equal time; every rank together)."
     def __init__(self, seconds: float): self.seconds = seconds
     def before_fit(self): self.start = time.perf_counter()
 
     def after_batch(self):
-        if self.training and time.perf_counter() - self.start > self.seconds: raise CancelFitException()
+        if self.training and distributed.agree(time.perf_counter() - self.start > self.seconds): raise CancelFitException()
 
 
 class StopOnNonFinite(Callback):
@@ -98,7 +101,7 @@ class StopOnNonFinite(Callback):
 
     def after_loss(self):
         loss = self.learn.loss_grad if self.training else self.learn.loss
-        if torch.isfinite(loss).all(): return
+        if not distributed.agree(not torch.isfinite(loss).all()): return    # a rank's NaN stops them all
         phase = 'training' if self.training else 'validation'
         self.problem = (f"{phase} loss is {float(loss.detach().float().mean())} at epoch {self.epoch + 1} of {self.n_epoch}, "
                         f"{phase} batch {self.iter + 1} of {self.n_iter}: the run stopped before it reached the weights "
@@ -109,20 +112,24 @@ class StopOnNonFinite(Callback):
 class AtomicSaveModelCallback(SaveModelCallback):
     """fastai's `SaveModelCallback` (best epoch by a monitored metric) writing through temp file + rename.
     Epochs before `start_epoch` (skipped when resuming: fastai cancels them but still calls
-    `after_epoch`) are ignored."""
+    `after_epoch`) are ignored. In several processes rank 0 writes, and every rank loads the best
+    epoch from its file after the fit."""
     start_epoch = 0
 
     def after_epoch(self):
         if self.epoch >= self.start_epoch: super().after_epoch()
 
     def after_fit(self, **kwargs):  # a run stopped inside its first epoch has no best model to load
+        distributed.barrier()       # rank 0's last save is complete before anyone reads it
         if (self.learn.path / self.learn.model_dir / f'{self.fname}.pth').exists(): super().after_fit(**kwargs)
 
     def _save(self, name):
         file = self.learn.path / self.learn.model_dir / f'{name}.pth'
+        self.last_saved_path = file
+        if not distributed.is_main(): return
+        model = get_model(self.learn.model).state_dict()    # without DistributedDataParallel's wrapper
         opt = self.learn.opt if self.with_opt else None
-        state = {'model': self.learn.model.state_dict(), 'opt': opt.state_dict()} if opt is not None else self.learn.model.state_dict()
-        self.last_saved_path = atomic_save(state, file)
+        atomic_save({'model': model, 'opt': opt.state_dict()} if opt is not None else model, file)
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -166,7 +173,8 @@ class ResumeState(Callback):
     state (shuffling, augmentation, sampling) and the smoothed training loss to `file`. `restore` puts
     model, optimizer and scores back; the random states and the smoothed loss are put back as the
     first resumed epoch begins, so `fit_one_cycle(..., start_epoch=epoch + 1)` continues exactly as the
-    uninterrupted run would have: the same history and the same weights."""
+    uninterrupted run would have: the same history and the same weights. In several processes rank 0
+    writes the file with every rank's random states, and each rank resumes from its own."""
     order = AtomicSaveModelCallback.order + 1
 
     def __init__(self, file, tracker: SaveModelCallback | None = None, csv: ResumableCSVLogger | None = None):
@@ -177,7 +185,9 @@ class ResumeState(Callback):
 
     def before_epoch(self):
         if self.pending is None or self.epoch != self.start_epoch: return
-        set_rng_state(self.pending['rng'], self.learn.dls.loaders)
+        rng = self.pending['rng']
+        if isinstance(rng, list): rng = rng[distributed.rank()]      # a distributed run's: one per rank
+        set_rng_state(rng, self._loaders())
         smooth = self.learn.recorder.smooth_loss
         smooth.count, smooth.val = self.pending['smooth_loss']
         self.pending = None
@@ -185,9 +195,13 @@ class ResumeState(Callback):
     def after_epoch(self):
         if self.epoch < self.start_epoch: return  # skipped while resuming
         smooth = self.learn.recorder.smooth_loss
-        atomic_save({'model': self.learn.model.state_dict(), 'opt': self.learn.opt.state_dict(), 'epoch': self.epoch,
+        rngs = distributed.gather(rng_state(self._loaders()))
+        if not distributed.is_main(): return
+        atomic_save({'model': get_model(self.learn.model).state_dict(), 'opt': self.learn.opt.state_dict(), 'epoch': self.epoch,
                      'n_epoch': self.n_epoch, 'best': None if self.tracker is None else self.tracker.best,
-                     'rng': rng_state(self.learn.dls.loaders), 'smooth_loss': (smooth.count, smooth.val)}, self.file)
+                     'rng': rngs[0] if len(rngs) == 1 else rngs, 'smooth_loss': (smooth.count, smooth.val)}, self.file)
+
+    def _loaders(self): return [distributed.unwrap_loader(dl) for dl in self.learn.dls.loaders]
 
     def restore(self, learn) -> int:
         "Load the saved state into `learn`; returns the next epoch to run."
@@ -196,7 +210,12 @@ class ResumeState(Callback):
         if learn.opt is None: learn.create_opt()
         learn.opt.load_state_dict(state['opt'])
         self.start_epoch = state['epoch'] + 1
-        if 'rng' in state: self.pending = state
+        if 'rng' in state:
+            written = len(state['rng']) if isinstance(state['rng'], list) else 1
+            if written != distributed.world_size():       # each process's random states (and share of an epoch) would differ
+                raise ValueError(f"{self.file} was written by a run of {written} process(es) and this one has "
+                                 f"{distributed.world_size()}: resume it with {written} (torchrun --nproc_per_node {written})")
+            self.pending = state
         if self.csv is not None: self.csv.start_epoch = self.start_epoch
         if self.tracker is not None:
             self.tracker.start_epoch = self.start_epoch

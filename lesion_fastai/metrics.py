@@ -17,6 +17,7 @@ from torchvision.ops import box_iou
 
 from fastai.learner import Metric
 
+from . import distributed
 from .boxes import box_params, to_pixels
 from .froc import froc
 from .models.localizer import detections
@@ -141,22 +142,34 @@ def evaluate_detections(dets: Detections, records, baseline_unit: np.ndarray | N
 class ValidFROC(Metric):
     """FROC score of the validation slices, the mean sensitivity over 0.5-4 FPs per slice, as a fastai
     metric: each batch's output is decoded (`detections`) and scored against the lesions of the
-    DataLoader's records, which a validation DataLoader keeps in order."""
+    DataLoader's records, which a validation DataLoader keeps in order. In several processes each rank
+    holds a contiguous part of the validation slices (fastai's `DistributedDL`, padded by repeating
+    the first ones): the parts are gathered in rank order and the padding dropped, so every rank
+    scores all slices once, in order."""
     def __init__(self, k: int = KEEP, nms_iou: float | None = NMS_IOU, min_score: float = MIN_SCORE):
         self.k, self.nms_iou, self.min_score = k, nms_iou, min_score
 
-    def reset(self): self.parts, self.records = [], None
+    def reset(self): self.parts, self.records, self.score = [], None, None
 
     def accumulate(self, learn):
         if self.records is None: self.records = list(learn.dl.dataset.items)
         b, s, _ = detections(learn.pred, self.k, self.nms_iou, self.min_score)
         self.parts.append((b.detach().float().cpu().numpy(), s.detach().float().cpu().numpy()))
 
+    def gathered(self) -> Detections:
+        "This validation's detections of every rank, in the records' order (a collective: every rank calls it once)."
+        ranks = distributed.gather(self.parts)
+        parts = [p for rank_parts in ranks for p in rank_parts]
+        n = len(self.records) if len(ranks) > 1 else None       # several ranks: drop the padding
+        return Detections(np.concatenate([p[0] for p in parts])[:n], np.concatenate([p[1] for p in parts])[:n])
+
     @property
     def value(self):
         if not self.parts: return None
-        dets = Detections(np.concatenate([p[0] for p in self.parts]), np.concatenate([p[1] for p in self.parts]))
-        return froc(*froc_inputs(dets, self.records[:len(dets)]))['mean_0.5_4']
+        if self.score is None:          # computed once per validation, so that every rank gathers once
+            dets = self.gathered()
+            self.score = froc(*froc_inputs(dets, self.records[:len(dets)]))['mean_0.5_4']
+        return self.score
 
     @property
     def name(self): return 'froc'

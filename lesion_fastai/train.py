@@ -7,6 +7,7 @@ epoch, atomically), `last.pth` (resume state after every epoch), figures and a J
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fastai.learner import Learner, load_learner
 from fastai.torch_core import set_seed
 from torch import nn
 
+from . import distributed
 from .callbacks import (AtomicSaveModelCallback, ChannelLoss, MaskedCorruption, MaskedLoss, ResumableCSVLogger, ResumeState,
                         StopOnNonFinite, TimeBudget, corrupt, key_channels)
 from .cache import drop_near_duplicates, prepare_slices
@@ -47,9 +49,10 @@ def _native_size(records) -> int:
 
 def _fit_resumable(learn, out: Path, epochs: int, lr, monitor: str, resume: bool, quiet: bool = False, cbs=()) -> None:
     """`fit_one_cycle` with the best epoch kept by `monitor` (models/best.pth), history.csv, and the
-    resume state last.pth after every epoch; with `resume`, continue from last.pth where it stopped."""
+    resume state last.pth after every epoch; with `resume`, continue from last.pth where it stopped.
+    Launched in several processes (torchrun), the fit is data parallel and only rank 0 writes."""
     best = AtomicSaveModelCallback(monitor=monitor, fname='best')
-    csv = ResumableCSVLogger('history.csv')  # relative to learn.path (= out)
+    csv = ResumableCSVLogger('history.csv') if distributed.is_main() else None  # relative to learn.path (= out)
     state = ResumeState(out / 'last.pth', best, csv)
     start = state.restore(learn) if resume and state.file.exists() else 0
     if resume and start: print(f"resuming from {state.file} at epoch {start}")
@@ -57,10 +60,11 @@ def _fit_resumable(learn, out: Path, epochs: int, lr, monitor: str, resume: bool
         if (out / 'models' / 'best.pth').exists(): learn.load('best')
         return
     finite = StopOnNonFinite()
-    fit = lambda: learn.fit_one_cycle(epochs, lr, start_epoch=start, cbs=[best, state, csv, finite, *cbs])
-    if not quiet: fit()
-    else:
-        with learn.no_bar(), learn.no_logging(): fit()
+    fit = lambda: learn.fit_one_cycle(epochs, lr, start_epoch=start, cbs=[best, state, *([csv] if csv else []), finite, *cbs])
+    with distributed.data_parallel(learn):
+        if not quiet: fit()
+        else:
+            with learn.no_bar(), learn.no_logging(): fit()
     if finite.problem: raise FloatingPointError(finite.problem)
 
 
@@ -84,6 +88,17 @@ def _speed_up(learn, precision: str) -> str:
     if resolved_precision(precision) == 'fp32' or learn.dls.device is None or learn.dls.device.type != 'cuda': return 'fp32'
     learn.to_channelslast(amp_mode='bf16')
     return 'bf16'
+
+
+def _output_folder(out: Path):
+    "Rank 0 (or the only process) makes the output folder and cleans it up after a failure; other ranks write nothing."
+    return output_folder(out) if distributed.is_main() else nullcontext(out)
+
+
+def _seed_rank(seed: int) -> None:
+    """In several processes, after the model is built (the same on every rank): each rank its own
+    augmentation and masking draws (rank 0 keeps the single-process ones; shuffling comes from rank 0)."""
+    if distributed.rank(): set_seed(seed + 7919 * distributed.rank(), reproducible=True)
 
 
 def _loader_kwargs() -> dict:
@@ -137,6 +152,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     arguments + config), `reconstructions.png`, `history.csv`, `pretrain_metrics.json`."""
     t0 = time.time()
     out = check_out_folder(cfg.out)
+    distributed.setup()
     if cfg.patients not in ('train', 'all'): raise ValueError(f"patients {cfg.patients!r}: expected 'train' or 'all'")
     if cfg.pretext not in PRETEXTS: raise ValueError(f"pretext {cfg.pretext!r}: expected one of {', '.join(PRETEXTS)}")
     _check_precision(cfg.precision)
@@ -165,7 +181,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     _check_batches(n_train, cfg.bs, f"{cfg.data}", '')
     print(f"pretraining on {n_train} slices of {len(train_p)} patients ({len(paths) - n_train} validation slices), "
           f"{size} px, windows {cfg.windows}, context {cfg.context}")
-    cache = prepare_slices(cfg.cache, paths, cfg.windows, cfg.context, size, cfg.cache_dir, workers=max(1, cfg.num_workers))
+    with distributed.main_first() if cfg.cache == 'disk' else nullcontext():    # rank 0 builds the shared cache
+        cache = prepare_slices(cfg.cache, paths, cfg.windows, cfg.context, size, cfg.cache_dir, workers=max(1, cfg.num_workers))
     if cfg.dedup > 0:                  # redundant neighbour slices slow pretraining and can hurt it; validation stays whole
         in_val = lambda p: patient_of(Path(p).parent.name) in val_p
         paths, dropped = drop_near_duplicates(paths, cache, CTSlice(cfg.windows, cfg.context, size), cfg.dedup, keep=in_val)
@@ -173,7 +190,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         print(f"--dedup {cfg.dedup:g}: dropped {dropped} training slice(s) closer than that to the slice kept before them "
               f"(mean absolute difference of the windowed pixels); {n_train} remain")
         _check_batches(n_train, cfg.bs, f"{cfg.data} after --dedup {cfg.dedup:g}", ' or a smaller --dedup')
-    with output_folder(out):
+    with _output_folder(out):
         set_seed(cfg.seed, reproducible=True)
         dls = autoencoder_dls(paths, val_p, cfg.windows, cfg.context, size, cfg.bs, cfg.num_workers, cfg.seed, cache=cache,
                               **_loader_kwargs())
@@ -186,11 +203,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
         corruption = dict(mask_ratio=mask_ratio, patch=patch, noise_std=noise_std)
         learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
                         cbs=[MaskedCorruption(**corruption, channels=keys, masked_loss=masked_loss)])
-        untrained = float(learn.validate()[0])
+        if distributed.is_main():
+            with distributed.alone(): untrained = float(learn.validate()[0])
+        _seed_rank(cfg.seed)
         precision = _speed_up(learn, cfg.precision)
         _fit_resumable(learn, out, cfg.epochs, cfg.lr, 'valid_loss', cfg.resume)
+        if not distributed.is_main(): return {}
         learn.to_contiguous(to_fp32=True)             # the checkpoint and every figure and loss below: float32
-        trained = float(learn.validate()[0])
+        with distributed.alone(): trained = float(learn.validate()[0])
         config = {**asdict(cfg), **corruption, 'size': size, 'data': str(cfg.data), 'out': str(out), 'in_chans': n_in, 'precision': precision,
                   'train_slices': n_train,
                   'code_channels': list(cfg.code_channels)}
@@ -333,6 +353,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
     t0 = time.time()
     out = check_out_folder(cfg.out)
     _check_precision(cfg.precision)
+    distributed.setup()
     loss_func = DetectionLoss(cfg.loss, cfg.map_weight, cfg.map_radius, cfg.nll_weight, cfg.target, cfg.keep, cfg.nms_iou)
     df, records = load_data(cfg.data)
     s, ckpt = _resolve(cfg, records)
@@ -352,8 +373,9 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
     # every slice this run reads: the disk cache is shared by all label fractions, the memory cache holds this run's
     needed = records if cfg.cache == 'disk' else epoch_items + valid + test
-    cache = prepare_slices(cfg.cache, needed, s['windows'], s['context'], s['size'], cfg.cache_dir, cfg.quiet, max(1, cfg.num_workers))
-    with output_folder(out):
+    with distributed.main_first() if cfg.cache == 'disk' else nullcontext():    # rank 0 builds the shared cache
+        cache = prepare_slices(cfg.cache, needed, s['windows'], s['context'], s['size'], cfg.cache_dir, cfg.quiet, max(1, cfg.num_workers))
+    with _output_folder(out):
         set_seed(cfg.seed, reproducible=True)
         dls = localization_dls(epoch_items + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
                                cfg.num_workers, cfg.seed, cache=cache, **_loader_kwargs())
@@ -369,12 +391,16 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         print(f"freeze {s['freeze']}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters; "
               f"{len(train)} training slices of {len({r.patient for r in train})} patients, {len(valid)} validation, {len(test)} test")
         lr = cfg.lr
-        if cfg.lr_find:
-            lr = float(learn.lr_find(show_plot=False).valley)
+        if cfg.lr_find:    # in one process (it saves and reloads the model in the output folder); the other ranks take its rate
+            if distributed.is_main():
+                with distributed.alone(): lr = float(learn.lr_find(show_plot=False).valley)
+            lr = distributed.gather(lr)[0]
             print(f"lr_find: {lr:.2e}")
         cbs = freeze_callbacks(s['freeze'], cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else []) + list(cbs)
+        _seed_rank(cfg.seed)
         precision = _speed_up(learn, cfg.precision)
         _fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'froc', cfg.resume, cfg.quiet, cbs)
+        if not distributed.is_main(): return {}     # rank 0 evaluates the model in one process, as a single-process run would
         learn.to_contiguous(to_fp32=True)             # evaluation and the export in float32, as a CPU evaluation of it
         baseline = mean_box(train)
         results = report(learn, {'valid': valid, 'test': test}, baseline, out, n_figure=cfg.n_figure)

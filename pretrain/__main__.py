@@ -9,6 +9,8 @@ Example:
     python -m pretrain --data data/synthetic --out runs/pretrain --epochs 10
     python -m pretrain --data data/synthetic --out runs/pretrain_context --pretext context --context 2
     python -m pretrain --data data/synthetic --out runs/pretrain_mae --pretext mae
+    torchrun --nproc_per_node 4 -m pretrain --data data/synthetic --out runs/pretrain --cache disk
+        (data parallel, one process per GPU, or gloo on CPUs; --bs is per process; rank 0 writes)
 """
 import argparse
 import sys
@@ -63,6 +65,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from lesion_fastai.distributed import quiet_other_ranks
+    quiet_other_ranks()
     from lesion_fastai.train import PretrainConfig, pretrain
     try:
         pretrain(PretrainConfig(data=args.data, out=args.out, epochs=args.epochs, lr=args.lr, bs=args.bs, size=args.size,
