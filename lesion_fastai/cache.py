@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from fastprogress.fastprogress import progress_bar
 
+from . import distributed
 from .deeplesion import SliceRecord, check_png, context_paths
 from .files import atomic_write_text, remove_stale_temps
 
@@ -220,10 +221,12 @@ def _build_chunk_args(args): return _build_chunk(*args)
 def prepare_slices(kind: str, items, windows: str, context: int, size: int, folder=None, quiet: bool = False, workers: int = 1):
     """Check every slice a run needs before it trains, and return the `cache` argument of its slice block:
     'memory' decodes every slice now into a dict (the work the first epoch would do, done up front),
-    'disk' builds or opens the memory-mapped cache (`build_slice_cache`), 'none' checks the files
+    'disk' builds or opens the memory-mapped cache (`build_slice_cache`; rank 0 first, the one that writes), 'none' checks the files
     without decoding (`check_files`) and returns None. A bad slice raises `BadSlicesError`."""
     from .data import CTSlice
-    if kind == 'disk': return build_slice_cache(items, windows, context, size, folder or DEFAULT_CACHE_DIR, quiet, workers)
+    if kind == 'disk':
+        with distributed.main_first():     # launched in several processes: rank 0 builds it, the others then open it
+            return build_slice_cache(items, windows, context, size, folder or DEFAULT_CACHE_DIR, quiet, workers)
     if kind == 'none':
         check_files(items, context, quiet)
         return None

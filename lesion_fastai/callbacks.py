@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import SaveModelCallback
-
 from fastai.torch_core import get_model
 
 from . import distributed

@@ -181,8 +181,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     _check_batches(n_train, cfg.bs, f"{cfg.data}", '')
     print(f"pretraining on {n_train} slices of {len(train_p)} patients ({len(paths) - n_train} validation slices), "
           f"{size} px, windows {cfg.windows}, context {cfg.context}")
-    with distributed.main_first() if cfg.cache == 'disk' else nullcontext():    # rank 0 builds the shared cache
-        cache = prepare_slices(cfg.cache, paths, cfg.windows, cfg.context, size, cfg.cache_dir, workers=max(1, cfg.num_workers))
+    cache = prepare_slices(cfg.cache, paths, cfg.windows, cfg.context, size, cfg.cache_dir, workers=max(1, cfg.num_workers))
     if cfg.dedup > 0:                  # redundant neighbour slices slow pretraining and can hurt it; validation stays whole
         in_val = lambda p: patient_of(Path(p).parent.name) in val_p
         paths, dropped = drop_near_duplicates(paths, cache, CTSlice(cfg.windows, cfg.context, size), cfg.dedup, keep=in_val)
@@ -373,8 +372,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
     # every slice this run reads: the disk cache is shared by all label fractions, the memory cache holds this run's
     needed = records if cfg.cache == 'disk' else epoch_items + valid + test
-    with distributed.main_first() if cfg.cache == 'disk' else nullcontext():    # rank 0 builds the shared cache
-        cache = prepare_slices(cfg.cache, needed, s['windows'], s['context'], s['size'], cfg.cache_dir, cfg.quiet, max(1, cfg.num_workers))
+    cache = prepare_slices(cfg.cache, needed, s['windows'], s['context'], s['size'], cfg.cache_dir, cfg.quiet, max(1, cfg.num_workers))
     with _output_folder(out):
         set_seed(cfg.seed, reproducible=True)
         dls = localization_dls(epoch_items + valid, s['windows'], s['context'], s['size'], cfg.target, cfg.bs, cfg.augment,
