@@ -1,14 +1,13 @@
 """A preprocessed slice cache on disk: windowed, downsampled slices in one memory-mapped float16 array,
-built once for a set of slices and settings (windows, context, size) and reused by every later run
-and every DataLoader worker.
+built once for a set of slices and settings (a `data.SliceSpec`: windows, context, size) and reused by
+every later run and every DataLoader worker.
 
 The in-memory cache (a dict, the default) spares PNG decoding after the first epoch of one run. This
-one spares it across runs and for data larger than memory: DeepLesion's ~930k slices at 256 px are
-about 122 GB as float16, decoded once instead of once per epoch (about 2.3 hours per epoch per process
-at the ~110 slices/s of PNG decoding measured by `bench throughput`).
+one spares it across runs and for data larger than memory, decoded once instead of once per epoch (how
+large DeepLesion's is and how long decoding takes: README, `bench throughput` and `bench scale`).
 
-    cache = build_slice_cache(records, 'soft', 0, 256, '~/.cache/lesion_fastai')
-    CTSlice('soft', 0, 256, cache)      # reads the array; items not in the cache are decoded as usual
+    cache = build_slice_cache(records, SliceSpec('soft', 0, 256), '~/.cache/lesion_fastai')
+    CTSlice(SliceSpec('soft', 0, 256), cache)      # reads the array; items not in the cache are decoded as usual
 
 Every run checks the slices it needs before it trains (`prepare_slices`): the memory cache decodes them
 all up front (the first epoch's work, done first), the disk cache decodes them while it is built, and
@@ -24,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastprogress.fastprogress import progress_bar
-
 from . import distributed
 from .deeplesion import SliceRecord, check_png, context_paths
 from .files import atomic_write_text, remove_stale_temps
+from .log import log, progress
 
 __all__ = ['SliceCache', 'BadSlicesError', 'cache_key', 'decode_all', 'check_files', 'build_slice_cache', 'prepare_slices',
-           'drop_near_duplicates', 'add_loading_args', 'DEFAULT_CACHE_DIR']
+           'drop_near_duplicates', 'DEFAULT_CACHE_DIR']
 
 DEFAULT_CACHE_DIR = Path.home() / '.cache' / 'lesion_fastai'
 
@@ -41,10 +39,10 @@ def _path_and_window(item):
     return str(item), None
 
 
-def cache_key(items, windows: str, context: int, size: int) -> str:
-    """A digest of the settings and of every item's path, file size and modification time: any change
-    of settings, slices or files gives another cache."""
-    h = hashlib.sha1(json.dumps({'windows': windows, 'context': context, 'size': size, 'version': 2}).encode())
+def cache_key(items, spec) -> str:
+    """A digest of the settings (a `SliceSpec`) and of every item's path, file size and modification
+    time: any change of settings, slices or files gives another cache."""
+    h = hashlib.sha1(json.dumps({'windows': spec.windows, 'context': spec.context, 'size': spec.size, 'version': 2}).encode())
     for item in items:
         path, dw = _path_and_window(item)
         st = os.stat(path)
@@ -112,27 +110,23 @@ def _decode(prep, item):
     return path, t, None
 
 
-def decode_all(items, prep, store, quiet: bool = False, what: str = 'checking and preparing') -> None:
+def decode_all(items, prep, store, what: str = 'checking and preparing') -> None:
     """Decode every item once with `prep` (a `CTSlice`), passing each result to `store(i, path, tensor)`;
     every slice that cannot be read (the key slice or a neighbour it needs) is collected, and one
     `BadSlicesError` names them all before any training starts."""
     problems = []
-    bar = items if quiet else progress_bar(items)
-    if not quiet: bar.comment = what
-    for i, item in enumerate(bar):
+    for i, item in enumerate(progress(items, what)):
         path, t, problem = _decode(prep, item)
         if problem: problems.append(problem)
         else: store(i, path, t)
     _raise_problems(problems, len(items))
 
 
-def check_files(items, context: int, quiet: bool = False) -> None:
+def check_files(items, context: int) -> None:
     """Without decoding pixels: every key slice and neighbour `items` need is a readable 16-bit PNG
     (`deeplesion.check_png`); one `BadSlicesError` names every bad file."""
     problems, seen = [], set()
-    bar = items if quiet else progress_bar(items)
-    if not quiet: bar.comment = 'checking slice files'
-    for item in bar:
+    for item in progress(items, 'checking slice files'):
         for p in context_paths(_path_and_window(item)[0], context):
             if p in seen: continue
             seen.add(p)
@@ -157,9 +151,8 @@ def _build_chunk(prep, array_file, rows, items):
     return done, problems
 
 
-def build_slice_cache(items, windows: str = 'soft', context: int = 0, size: int = 256,
-                      folder: Path | str = DEFAULT_CACHE_DIR, quiet: bool = False, workers: int = 1) -> SliceCache:
-    """The cache of `items` (`SliceRecord`s or PNG paths) for these settings in `folder`: opened if it
+def build_slice_cache(items, spec, folder: Path | str = DEFAULT_CACHE_DIR, workers: int = 1) -> SliceCache:
+    """The cache of `items` (`SliceRecord`s or PNG paths) prepared as `spec` says (a `SliceSpec`) in `folder`: opened if it
     exists, else built (each slice decoded once, exactly as `CTSlice` prepares it, stored as float16)
     by `workers` processes, in chunks of `CHUNK` slices, with its size printed first. The build writes
     `slices_<key>.partial.npy` and records the finished chunks in `slices_<key>.partial.json` as it
@@ -171,22 +164,21 @@ def build_slice_cache(items, windows: str = 'soft', context: int = 0, size: int 
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder, recursive=False)
-    key = cache_key(items, windows, context, size)
+    key = cache_key(items, spec)
     array_file, index_file = folder / f'slices_{key}.npy', folder / f'slices_{key}.json'
     if array_file.exists() and index_file.exists():
         return SliceCache(array_file, json.loads(index_file.read_text())['index'])
-    prep = CTSlice(windows, context, size)
-    shape = (len(items), prep.n_channels, size, size)
-    partial, progress = folder / f'slices_{key}.partial.npy', folder / f'slices_{key}.partial.json'
-    state = json.loads(progress.read_text()) if partial.exists() and progress.exists() else None
+    prep = CTSlice(spec)
+    shape = (len(items), prep.n_channels, spec.size, spec.size)
+    partial, record = folder / f'slices_{key}.partial.npy', folder / f'slices_{key}.partial.json'
+    state = json.loads(record.read_text()) if partial.exists() and record.exists() else None
     if state is None: np.lib.format.open_memmap(partial, mode='w+', dtype=np.float16, shape=shape).flush()
     index = {p: e for p, *e in (state or {}).get('entries', [])}
     chunks = [c for c in range(0, len(items), CHUNK) if c not in set((state or {}).get('chunks', []))]
     finished = sorted(set((state or {}).get('chunks', [])))
-    if not quiet:
-        print(f"slice cache {array_file.name}: {len(items):,} slices x {prep.n_channels} channel(s) x {size} x {size} float16 = "
-              f"{np.prod(shape) * 2 / 1e9:.2f} GB in {folder}" + (f"; resuming, {len(finished)} of {len(finished) + len(chunks)} chunks built"
-                                                                   if finished else '') + f"; {workers} process(es)")
+    log.info(f"slice cache {array_file.name}: {len(items):,} slices x {prep.n_channels} channel(s) x {spec.size} x {spec.size} float16 = "
+             f"{np.prod(shape) * 2 / 1e9:.2f} GB in {folder}" + (f"; resuming, {len(finished)} of {len(finished) + len(chunks)} chunks built"
+                                                                  if finished else '') + f"; {workers} process(es)")
     problems = []
     jobs = ((prep, partial, list(range(c, min(c + CHUNK, len(items)))), items[c:c + CHUNK]) for c in chunks)
     pool = None
@@ -196,29 +188,27 @@ def build_slice_cache(items, windows: str = 'soft', context: int = 0, size: int 
         results = pool.imap(_build_chunk_args, jobs)
     else: results = map(_build_chunk_args, jobs)
     try:
-        bar = results if quiet else progress_bar(results, total=len(chunks))
-        if not quiet: bar.comment = f'building the slice cache ({CHUNK} slices a step)'
-        for c, (done, bad) in zip(chunks, bar):
+        for c, (done, bad) in zip(chunks, progress(results, f'building the slice cache ({CHUNK} slices a step)', total=len(chunks))):
             problems += bad
             for r, path, w, h in done: index[path] = [r, w, h]
             finished.append(c)
-            atomic_write_text(progress, json.dumps({'chunks': finished, 'entries': [[p, *e] for p, e in index.items()]}))
+            atomic_write_text(record, json.dumps({'chunks': finished, 'entries': [[p, *e] for p, e in index.items()]}))
     finally:
         if pool is not None: pool.terminate()
     if problems:                                 # a fixed file changes the key, so this partial build is of no further use
-        partial.unlink(missing_ok=True); progress.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True); record.unlink(missing_ok=True)
         _raise_problems(problems, len(items))
-    meta = {'windows': windows, 'context': context, 'size': size, 'n': len(index), 'index': index}
+    meta = {'windows': spec.windows, 'context': spec.context, 'size': spec.size, 'n': len(index), 'index': index}
     atomic_write_text(index_file, json.dumps(meta))
     os.replace(partial, array_file)               # renamed last: its presence means the cache is complete
-    progress.unlink(missing_ok=True)
+    record.unlink(missing_ok=True)
     return SliceCache(array_file, index)
 
 
 def _build_chunk_args(args): return _build_chunk(*args)
 
 
-def prepare_slices(kind: str, items, windows: str, context: int, size: int, folder=None, quiet: bool = False, workers: int = 1):
+def prepare_slices(kind: str, items, spec, folder=None, workers: int = 1):
     """Check every slice a run needs before it trains, and return the `cache` argument of its slice block:
     'memory' decodes every slice now into a dict (the work the first epoch would do, done up front),
     'disk' builds or opens the memory-mapped cache (`build_slice_cache`; rank 0 first, the one that writes), 'none' checks the files
@@ -226,14 +216,14 @@ def prepare_slices(kind: str, items, windows: str, context: int, size: int, fold
     from .data import CTSlice
     if kind == 'disk':
         with distributed.main_first():     # launched in several processes: rank 0 builds it, the others then open it
-            return build_slice_cache(items, windows, context, size, folder or DEFAULT_CACHE_DIR, quiet, workers)
+            return build_slice_cache(items, spec, folder or DEFAULT_CACHE_DIR, workers)
     if kind == 'none':
-        check_files(items, context, quiet)
+        check_files(items, spec.context)
         return None
     if kind != 'memory': raise ValueError(f"cache {kind!r}: expected 'memory', 'disk' or 'none'")
     items = list({_path_and_window(i)[0]: i for i in items}.values())
     cache = {}
-    decode_all(items, CTSlice(windows, context, size), lambda i, path, t: cache.__setitem__(path, t), quiet)
+    decode_all(items, CTSlice(spec), lambda i, path, t: cache.__setitem__(path, t))
     return cache
 
 
@@ -255,16 +245,3 @@ def drop_near_duplicates(paths, cache, prep, threshold: float, keep=None) -> tup
         kept.append(p)
         last[folder] = t
     return kept, dropped
-
-
-def add_loading_args(ap) -> None:
-    "The --workers, --cache, --cache-dir and --precision flags shared by `python -m pretrain` and `python -m finetune`."
-    ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: main process; with workers '
-                    'use --cache disk, since an in-memory cache is not shared with them); also the processes that build the disk cache')
-    ap.add_argument('--cache', choices=['memory', 'disk', 'none'], default='memory',
-                    help='prepared slices: memory (kept for this run, default), disk (a memory-mapped float16 array built once '
-                         'per slices and settings, reused by later runs and workers) or none')
-    ap.add_argument('--cache-dir', type=Path, default=None, help='folder of the disk cache (default ~/.cache/lesion_fastai)')
-    ap.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto',
-                    help='auto (default): bfloat16 autocast (fastai MixedPrecision) and channels_last on a CUDA GPU, float32 on the '
-                         'CPU; fp32: float32 everywhere; bf16: bfloat16, an error without a GPU')

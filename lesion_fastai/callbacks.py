@@ -1,5 +1,10 @@
-"""Callbacks: input corruption for the autoencoder, a stop on a non-finite loss, atomic best-model saving,
-and per-epoch resume state that resumes exactly."""
+"""Training infrastructure as fastai callbacks: a time budget, a stop on a non-finite loss, atomic
+best-model saving, a CSV log that resumes, and per-epoch resume state that resumes exactly. (The
+pretexts' callbacks live with the pretraining run, `pretraining.py`.)
+
+Two of them override fastai internals, each pinned by a test (`tests/test_fastai_pins.py`) so that a
+fastai upgrade that changes them fails loudly: `SaveModelCallback._save(name)` (every save goes
+through it), `CSVLogger._write_line` and `old_logger` (set by `before_fit`, restored by `after_fit`)."""
 from __future__ import annotations
 
 import random
@@ -7,7 +12,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import SaveModelCallback
@@ -17,66 +21,7 @@ from . import distributed
 from .checkpoint import atomic_save
 from .files import atomic_path
 
-__all__ = ['TimeBudget', 'StopOnNonFinite', 'MaskedCorruption', 'corrupt', 'key_channels', 'MaskedLoss', 'ChannelLoss', 'AtomicSaveModelCallback',
-           'ResumableCSVLogger', 'ResumeState', 'rng_state', 'set_rng_state']
-
-
-def corrupt(x: torch.Tensor, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, generator=None,
-            channels: list[int] | None = None):
-    """Mask a random `mask_ratio` of `patch` x `patch` squares (set to 0) of the `channels` (default all)
-    and add Gaussian noise to every channel. Returns (corrupted [B, C, H, W], mask [B, 1, H, W] with 1
-    where masked)."""
-    B, C, H, W = x.shape
-    gh, gw = -(-H // patch), -(-W // patch)
-    m = (torch.rand(B, 1, gh, gw, generator=generator, device=x.device) < mask_ratio).to(x.dtype)
-    m = F.interpolate(m, scale_factor=patch, mode='nearest')[..., :H, :W]
-    on = torch.zeros(1, C, 1, 1, dtype=x.dtype, device=x.device)
-    on[:, channels if channels is not None else slice(None)] = 1
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * noise_std
-    return (x * (1 - m * on) + noise).clamp(0, 1), m
-
-
-def key_channels(n_channels: int, context: int) -> list[int]:
-    "The key slice's channel of each window in a slice block's input (window-major: key, k-1, k+1, ...)."
-    return list(range(0, n_channels, 2 * context + 1))
-
-
-class MaskedLoss:
-    """`loss` over the masked pixels only (MAE's objective): called with the output, the clean target and
-    the mask [B, 1, H, W] (1 where masked) that `MaskedCorruption(masked_loss=True)` puts in the targets;
-    the visible pixels, which the input already shows, teach nothing."""
-    def __init__(self, kind: str = 'l1'): self.kind = kind
-    def __call__(self, out, y, mask):
-        err = (out - y).abs() if self.kind == 'l1' else (out - y) ** 2
-        return (err * mask).sum() / (mask.sum() * out.shape[1]).clamp(min=1)
-    def __repr__(self): return f"MaskedLoss({self.kind!r})"
-
-
-class ChannelLoss:
-    "`loss` on the given channels of output and target only (the context pretext scores the key slice)."
-    def __init__(self, loss, channels: list[int]): self.loss, self.channels = loss, list(channels)
-    def __call__(self, out, y): return self.loss(out[:, self.channels], y[:, self.channels])
-    def __repr__(self): return f"ChannelLoss({self.loss}, channels={self.channels})"
-
-
-class MaskedCorruption(Callback):
-    """Autoencoder objective as a callback: the batch's clean slices become the target and the model
-    sees them with masked patches (of `channels`, default all) and noise, so it must inpaint from
-    context rather than copy. With only the key slice's channels masked, the context pretext: the
-    masked regions must come from the neighbour slices. With `masked_loss` the mask joins the
-    targets, so that `MaskedLoss` scores the masked pixels only (the mae pretext)."""
-    order = 5  # after the batch is on its device, before the model runs
-
-    def __init__(self, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, channels: list[int] | None = None,
-                 masked_loss: bool = False):
-        self.mask_ratio, self.patch, self.noise_std, self.channels = mask_ratio, patch, noise_std, channels
-        self.masked_loss = masked_loss          # the mask joins the targets, for `MaskedLoss`
-
-    def before_batch(self):
-        x = self.xb[0]
-        xc, mask = corrupt(x, self.mask_ratio, self.patch, self.noise_std, channels=self.channels)
-        self.learn.yb = (x.clone(), mask) if self.masked_loss else (x.clone(),)
-        self.learn.xb = (xc,)
+__all__ = ['TimeBudget', 'StopOnNonFinite', 'AtomicSaveModelCallback', 'ResumableCSVLogger', 'ResumeState', 'rng_state', 'set_rng_state']
 
 
 class TimeBudget(Callback):

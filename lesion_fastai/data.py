@@ -12,6 +12,7 @@ flagged here instead; `test_set` does not carry `n_inp` over (`labelled_dl` sets
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,9 @@ from fastai.vision.all import (DataBlock, TransformBlock, PointBlock, BBoxBlock,
 
 from .deeplesion import SliceFileError, SliceRecord, context_paths, evaluation_records, load_data, load_hu, patient_of, resolve_windows, window
 
-__all__ = ['TensorCT', 'TensorBoxCorners', 'TensorScore', 'CTSlice', 'SlicePixels', 'LesionBoxes', 'LesionFlags',
-           'target_slots', 'MAX_LESIONS', 'BoxTidy', 'split_records', 'select_patients',
-           'box_augmentations', 'localization_block', 'localization_dls', 'autoencoder_block', 'autoencoder_dls',
+__all__ = ['TensorCT', 'TensorBoxCorners', 'TensorScore', 'SliceSpec', 'CTSlice', 'SlicePixels', 'LesionBoxes', 'LesionFlags',
+           'target_slots', 'MIN_TARGET_SLOTS', 'BoxTidy', 'split_records', 'select_patients',
+           'box_augmentations', 'detection_block', 'detection_dls', 'autoencoder_block', 'autoencoder_dls',
            'labelled_dl', 'slice_transform', 'downsample', 'n_channels']
 
 
@@ -55,23 +56,39 @@ def n_channels(windows: str, context: int) -> int:
     return len(resolve_windows(windows, (0, 1))) * (2 * context + 1)
 
 
+@dataclass(frozen=True)
+class SliceSpec:
+    """How a slice becomes model input, the settings every stage must agree on: `windows` (names as in
+    `deeplesion.resolve_windows`, comma separated), `context` neighbour slices on each side, `size` px."""
+    windows: str = 'soft'
+    context: int = 0
+    size: int = 256
+
+    @property
+    def n_channels(self) -> int: return n_channels(self.windows, self.context)
+
+
 class CTSlice(Transform):
-    """Load a slice (a `SliceRecord` or a PNG path) as `TensorCT` [C, size, size]: for each window, the
-    key slice then its neighbours k-1, k+1, ..., k-c, k+c (missing neighbours fall back to the
-    nearest shipped slice). `windows` as in `deeplesion.resolve_windows`; 'dicom' uses the record's
-    own DICOM window (a plain path falls back to 'soft'). `cache`: a dict-like (path -> tensor) that
-    keeps prepared slices, so epochs after the first skip PNG decoding (use with num_workers=0)."""
+    """Load a slice (a `SliceRecord` or a PNG path) as `TensorCT` [C, size, size] as `spec` (a `SliceSpec`)
+    says: for each window, the key slice then its neighbours k-1, k+1, ..., k-c, k+c (missing
+    neighbours fall back to the nearest shipped slice); 'dicom' uses the record's own DICOM window (a
+    plain path falls back to 'soft'). `cache`: a dict-like (path -> tensor) that keeps prepared slices,
+    so epochs after the first skip PNG decoding (use with num_workers=0)."""
     input_types = (SliceRecord, str, Path)  # lets learn.predict take a PNG path as well as a record
 
-    def __init__(self, windows: str = 'soft', context: int = 0, size: int = 256, cache=None):
+    def __init__(self, spec: SliceSpec = SliceSpec(), cache=None):
         super().__init__()
-        self.windows, self.context, self.size, self.cache = windows, context, size, cache
-        self.n_channels = n_channels(windows, context)
+        if not isinstance(spec, SliceSpec): raise TypeError(f"CTSlice takes a SliceSpec, got {spec!r}")
+        self.spec, self.cache = spec, cache
+
+    @property
+    def n_channels(self) -> int: return self.spec.n_channels
 
     def load(self, path, dicom_window=None) -> TensorCT:
         "The windowed, downsampled channels of the slice at `path`, [C, size, size] float32, with its `orig_size`."
-        paths = context_paths(path, self.context)
-        order = [self.context] + [i for o in range(1, self.context + 1) for i in (self.context - o, self.context + o)]
+        c = self.spec.context
+        paths = context_paths(path, c)
+        order = [c] + [i for o in range(1, c + 1) for i in (c - o, c + o)]
         hus = [load_hu(paths[i]) for i in order]
         for p, h in zip([paths[i] for i in order], hus):
             if h.shape != hus[0].shape: raise SliceFileError(p, f"size {h.shape} differs from its key slice's {hus[0].shape}")
@@ -80,10 +97,10 @@ class CTSlice(Transform):
     def from_hu(self, hus: list, dicom_window=None) -> TensorCT:
         """The model input from slices in HU ([H, W] each, the key slice then k-1, k+1, ..., k-c, k+c):
         the one preprocessing of training, evaluation and `lesion_fastai.predict` (PNG, DICOM, NIfTI)."""
-        wins = resolve_windows(self.windows, dicom_window if dicom_window is not None else (-150., 250.))
+        wins = resolve_windows(self.spec.windows, dicom_window if dicom_window is not None else (-150., 250.))
         chans = np.stack([window(h, lo, hi) for lo, hi in wins for h in hus])
         shape = hus[0].shape
-        return TensorCT(downsample(torch.from_numpy(chans), self.size), orig_size=(shape[1], shape[0]))
+        return TensorCT(downsample(torch.from_numpy(chans), self.spec.size), orig_size=(shape[1], shape[0]))
 
     def channels(self, path, dicom_window=None) -> torch.Tensor:
         "`load` as a plain tensor."
@@ -99,6 +116,11 @@ class CTSlice(Transform):
 
     def __getstate__(self):  # an exported learner carries the settings, not the cached pixels
         return {**self.__dict__, 'cache': None}
+
+    def __setstate__(self, state):  # exports written before SliceSpec held windows, context and size themselves
+        if 'spec' not in state: state['spec'] = SliceSpec(state.pop('windows'), state.pop('context'), state.pop('size'))
+        state.pop('n_channels', None)
+        self.__dict__.update(state)
 
 
 class SlicePixels(Transform):
@@ -127,12 +149,12 @@ class TensorScore(TensorBase):
     padding slot; for a prediction it is the detection score. Image augmentations leave it alone."""
 
 
-MAX_LESIONS = 4   # target slots per slice at least (DeepLesion has 1-3 lesions per key slice)
+MIN_TARGET_SLOTS = 4   # target slots per slice at least (DeepLesion has 1-3 lesions per key slice)
 
 
 def target_slots(records) -> int:
-    "How many lesions a target holds: the most of any record, and at least `MAX_LESIONS`."
-    return max([MAX_LESIONS] + [len(r.boxes) for r in records])
+    "How many lesions a target holds: the most of any record, and at least `MIN_TARGET_SLOTS`."
+    return max([MIN_TARGET_SLOTS] + [len(r.boxes) for r in records])
 
 
 class LesionBoxes:
@@ -140,7 +162,7 @@ class LesionBoxes:
     gives each box's four corners ([4 * slots, 2]: rotation moves all of them, `BoxTidy` reduces them
     to two), `bbox` gives [slots, 4] x1,y1,x2,y2. Padding repeats the first lesion: it is found by
     `LesionFlags`, never by value (augmentation moves it like any box)."""
-    def __init__(self, size: int, kind: str = 'points', slots: int = MAX_LESIONS):
+    def __init__(self, size: int, kind: str = 'points', slots: int = MIN_TARGET_SLOTS):
         if kind not in ('points', 'bbox'): raise ValueError(f"target {kind!r}: expected 'points' or 'bbox'")
         self.size, self.kind, self.slots = size, kind, slots
 
@@ -156,7 +178,7 @@ class LesionBoxes:
 
 class LesionFlags:
     "[slots] `TensorScore`: 1 for each real lesion of the record, 0 for the padding slots."
-    def __init__(self, slots: int = MAX_LESIONS): self.slots = slots
+    def __init__(self, slots: int = MIN_TARGET_SLOTS): self.slots = slots
     def __call__(self, r: SliceRecord):
         return TensorScore(torch.tensor([1.] * len(r.boxes) + [0.] * (self.slots - len(r.boxes))))
 
@@ -214,25 +236,24 @@ class _IndexSplitter:
     def __call__(self, items): return split_records(items, self.train, self.valid)
 
 
-def localization_block(windows='soft', context=0, size=256, target='points', augment=True, cache=None,
-                       slots: int = MAX_LESIONS) -> DataBlock:
+def detection_block(spec: SliceSpec, target='points', augment=True, cache=None, slots: int = MIN_TARGET_SLOTS) -> DataBlock:
     """DataBlock over `SliceRecord`s: a CT slice block (module-level `CTSlice`), every lesion of the
     slice as a `PointBlock` (four corners each) or `BBoxBlock` target padded to `slots`, and their
     `TensorScore` flags (1 real, 0 padding), a fixed count that needs no per-batch padding (fastai's
     `bb_pad` puts padding at the image centre, where augmentation moves it; a fixed count also keeps
     batches gatherable across processes). Train / valid follow the records' `split` ('train' / 'val')."""
     target_block = PointBlock if target == 'points' else BBoxBlock
-    return DataBlock(blocks=(TransformBlock(type_tfms=CTSlice(windows, context, size, cache)), target_block, TransformBlock()),
-                     getters=[noop, LesionBoxes(size, target, slots), LesionFlags(slots)], splitter=_IndexSplitter(), n_inp=1,
+    return DataBlock(blocks=(TransformBlock(type_tfms=CTSlice(spec, cache)), target_block, TransformBlock()),
+                     getters=[noop, LesionBoxes(spec.size, target, slots), LesionFlags(slots)], splitter=_IndexSplitter(), n_inp=1,
                      item_tfms=[SlicePixels()], batch_tfms=box_augmentations() if augment else [BoxTidy()])
 
 
-def localization_dls(records: list[SliceRecord], windows='soft', context=0, size=256, target='points', bs=16,
-                     augment=True, num_workers=0, seed=None, cache=None, **kwargs):
+def detection_dls(records: list[SliceRecord], spec: SliceSpec = SliceSpec(), target='points', bs=16,
+                  augment=True, num_workers=0, seed=None, cache=None, **kwargs):
     """DataLoaders for detection: batches (image [B, C, size, size], boxes, flags [B, M]) where boxes are
     [B, 2M, 2] corners (`points`) or [B, M, 4] (`bbox`, with `before_batch=noop`: no labels to pad),
     M = `target_slots(records)`."""
-    block = localization_block(windows, context, size, target, augment, cache, target_slots(records))
+    block = detection_block(spec, target, augment, cache, target_slots(records))
     if target == 'bbox': kwargs.setdefault('before_batch', noop)
     dls = block.dataloaders(records, bs=bs, num_workers=num_workers, seed=seed, **kwargs)
     if len(dls.valid_ds) == 0: raise ValueError("no validation slices: the data has no rows with Train_Val_Test = 2")
@@ -240,7 +261,7 @@ def localization_dls(records: list[SliceRecord], windows='soft', context=0, size
 
 
 def slice_transform(dls) -> CTSlice:
-    "The `CTSlice` of a learner's DataLoaders (also of an exported learner's empty ones): its windows, context and size."
+    "The `CTSlice` of a learner's DataLoaders (also of an exported learner's empty ones): its `spec` says windows, context and size."
     for t in dls.valid.dataset.tls[0].tfms.fs:
         if isinstance(t, CTSlice): return t
     raise ValueError("these DataLoaders do not read CT slices with CTSlice")
@@ -259,9 +280,9 @@ def labelled_dl(learn, data, split: str = 'test', bs: int | None = None):
     return dl
 
 
-def autoencoder_block(windows='soft', context=0, size=256, valid_patients=(), augment=True, cache=None) -> DataBlock:
+def autoencoder_block(spec: SliceSpec, valid_patients=(), augment=True, cache=None) -> DataBlock:
     "DataBlock of image-only items (slice paths) for autoencoder pretraining; the target is made by the corruption callback."
-    return DataBlock(blocks=(TransformBlock(type_tfms=CTSlice(windows, context, size, cache)),), n_inp=1,
+    return DataBlock(blocks=(TransformBlock(type_tfms=CTSlice(spec, cache)),), n_inp=1,
                      splitter=FuncSplitter(_InPatients(set(valid_patients))),
                      batch_tfms=aug_transforms(max_rotate=10., max_zoom=1.1, max_lighting=0., max_warp=0.) if augment else None)
 
@@ -271,10 +292,10 @@ class _InPatients:
     def __call__(self, path): return patient_of(Path(path).parent.name) in self.patients
 
 
-def autoencoder_dls(paths: list, valid_patients, windows='soft', context=0, size=256, bs=16, num_workers=0,
+def autoencoder_dls(paths: list, valid_patients, spec: SliceSpec = SliceSpec(), bs=16, num_workers=0,
                     seed=None, cache=None, **kwargs):
     "DataLoaders over slice paths; slices of `valid_patients` form the validation set."
-    block = autoencoder_block(windows, context, size, valid_patients, cache=cache)
+    block = autoencoder_block(spec, valid_patients, cache=cache)
     return block.dataloaders([str(p) for p in paths], bs=bs, num_workers=num_workers, seed=seed, **kwargs)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ['COLUMNS', 'SPLITS', 'WINDOWS', 'HU_OFFSET', 'read_dl_info', 'image_path', 'SliceFileError', 'load_hu', 'check_png', 'save_hu',
+__all__ = ['COLUMNS', 'SPLITS', 'WINDOWS', 'HU_OFFSET', 'read_dl_info', 'image_path', 'SliceFileError', 'open_png', 'load_hu', 'check_png', 'save_hu',
            'window', 'resolve_windows', 'neighbour_path', 'context_paths', 'list_slices', 'SliceRecord',
            'slice_records', 'evaluation_records', 'load_data', 'lesion_statistics', 'patient_of']
 
@@ -167,8 +167,8 @@ class SliceFileError(ValueError):
         self.path = Path(path)
 
 
-def _open_png(path) -> Image.Image:
-    "Open a slice; an unreadable file raises ValueError naming it and saying what is wrong."
+def open_png(path) -> Image.Image:
+    "Open a slice (header only); an unreadable file raises `SliceFileError` naming it and saying what is wrong."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such slice")
     if path.stat().st_size == 0: raise SliceFileError(path, f"empty file (0 bytes), {_EXPECTED}")
@@ -186,7 +186,7 @@ def load_hu(path: Path | str) -> np.ndarray:
     Raises `SliceFileError` (a `ValueError`) naming the file for one that is empty, not an image,
     truncated or corrupt, or not 16-bit single channel: such a file is not DeepLesion data.
     """
-    with _open_png(path) as im:
+    with open_png(path) as im:
         try: a = np.asarray(im)
         except (OSError, SyntaxError, ValueError) as e:   # truncated or corrupt pixel data
             raise SliceFileError(path, f"corrupt or truncated image data ({e}), {_EXPECTED}") from None
@@ -197,8 +197,8 @@ def load_hu(path: Path | str) -> np.ndarray:
 def check_png(path: Path | str) -> None:
     """Check a slice without decoding its pixels: header, mode, and every chunk's checksum through to the
     end of the file (Pillow's `verify`). Catches empty, foreign, 8-bit / RGB and truncated files, as
-    `load_hu` would, at a fraction of the cost (about 17x faster than decoding); raises `SliceFileError`."""
-    with _open_png(path) as im:
+    `load_hu` would, at a fraction of the cost of decoding; raises `SliceFileError`."""
+    with open_png(path) as im:
         try: im.verify()
         except (OSError, SyntaxError, ValueError) as e:
             raise SliceFileError(path, f"corrupt or truncated image data ({e}), {_EXPECTED}") from None

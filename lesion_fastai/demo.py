@@ -15,8 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from .config import FinetuneConfig, PretrainConfig
 from .files import atomic_write_text, write_json
-from .train import FinetuneConfig, PretrainConfig, finetune, pretrain
+from .finetuning import finetune
+from .log import log
+from .pretraining import pretrain
 
 __all__ = ['main']
 
@@ -50,24 +53,24 @@ def main(argv=None):
 
 def _run(args):
     t0 = time.time()
-    print('== 1/3 autoencoder pretraining (labels unused)')
+    log.info('== 1/3 autoencoder pretraining (labels unused)')
     pretrain(PretrainConfig(data=args.data, out=args.out / 'pretrain', epochs=args.pretrain_epochs, size=args.size,
                             context=args.context, seed=args.seed, resume=args.resume))
     ckpt = args.out / 'pretrain' / 'pretrained.pth'
-    print('== 2/3 fine-tuning the frozen sandwich')
+    log.info('== 2/3 fine-tuning the frozen sandwich')
     sandwich = finetune(FinetuneConfig(data=args.data, out=args.out / 'sandwich', pretrained=ckpt, freeze='sandwich',
                                        epochs=args.finetune_epochs, seed=args.seed, resume=args.resume))
-    print('== 3/3 the same localizer from scratch, same budget')
+    log.info('== 3/3 the same detector from scratch, same budget')
     scratch = finetune(FinetuneConfig(data=args.data, out=args.out / 'scratch', size=sandwich['config']['size'],
                                       context=sandwich['config']['context'],
                                       epochs=args.finetune_epochs, seed=args.seed, resume=args.resume))
     table = '\n'.join([HEADER, _row('sandwich (pretrained, frozen)', sandwich), _row('scratch', scratch)])
     atomic_write_text(args.out / 'summary.md', table + '\n')
     write_json({'sandwich': sandwich, 'scratch': scratch, 'time_s': round(time.time() - t0, 1)}, args.out / 'summary.json')
-    print(f"\n{table}\n\ndone in {time.time() - t0:.0f} s. Results in {args.out}/:")
+    log.info(f"\n{table}\n\ndone in {time.time() - t0:.0f} s. Results in {args.out}/:")
     for p in ('summary.md', 'pretrain/reconstructions.png', 'sandwich/froc.png', 'sandwich/results.png', 'sandwich/metrics.json',
               'sandwich/predictions.csv', 'scratch/froc.png', 'scratch/results.png', 'scratch/metrics.json', 'sandwich/export.pkl'):
-        print(f"  {args.out / p}")
+        log.info(f"  {args.out / p}")
 
 
 if __name__ == '__main__':

@@ -1,45 +1,47 @@
 """A trained detector over the validation and test slices, and what a run reports about it: metrics
 (FROC and top-1, beside the mean-box baseline), `predictions.csv` (File_name,x1,y1,x2,y2,score in
 slice pixels, one row per box), `froc.png` and `results.png`. Used by `finetune` after training and by
-`python -m finetune --eval` on an exported learner.
+`python -m finetune --eval` on an exported learner; `lesion_fastai.predict` writes its predictions.csv
+with the same columns first (`PREDICTION_COLUMNS`, `prediction_row`).
 """
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.learner import Learner, load_learner
-
 from .boxes import one_std_boxes, to_pixels
 from .cache import prepare_slices
-from .data import slice_transform
 from .deeplesion import evaluation_records, load_data
-from .files import atomic_write_text, check_out_folder, output_folder, write_json
+from .export import detector_settings, load_export
+from .files import check_out_folder, output_folder, write_csv, write_json
 from .froc import froc_curve
-from .metrics import KEEP, MIN_SCORE, NMS_IOU, Detections, evaluate_detections, froc_inputs, match_lesion, mean_box
-from .models.localizer import detections
+from .metrics import Detections, evaluate_detections, froc_inputs, match_lesion, mean_box
 from .plots import plot_froc, plot_results
 
-__all__ = ['predict_detections', 'write_predictions', 'report', 'evaluate_export']
+__all__ = ['PREDICTION_COLUMNS', 'prediction_row', 'predict_detections', 'write_predictions', 'report', 'evaluate_export']
+
+# predictions.csv: the evaluation's columns, as the reference evaluation code reads them (predict adds its own after them)
+PREDICTION_COLUMNS = ('File_name', 'x1', 'y1', 'x2', 'y2', 'score')
+
+
+def prediction_row(file_name: str, box_px, score) -> list[str]:
+    "One predictions.csv row: the slice's File_name, its box x1,y1,x2,y2 in slice pixels and its score (4 decimals each)."
+    return [file_name, *(f'{float(v):.4f}' for v in box_px), f'{float(score):.4f}']
 
 
 @torch.no_grad()
-def predict_detections(learn, records, k: int | None = None, nms_iou: float | None = None, min_score: float = MIN_SCORE,
-                       bs: int | None = None) -> tuple[Detections, np.ndarray]:
-    """The detector's boxes on `records` (`Detections`: the `k` best per slice, boxes scoring under
-    `min_score` dropped; `k` and `nms_iou` default to what the learner was trained with), and the first
-    batch's key-slice images [n, H, W] for figures."""
-    k = k or getattr(learn.loss_func, 'k', KEEP)
-    nms_iou = nms_iou if nms_iou is not None else getattr(learn.loss_func, 'nms_iou', NMS_IOU)
+def predict_detections(learn, records, bs: int | None = None) -> tuple[Detections, np.ndarray]:
+    """The detector's boxes on `records` (`Detections`, decoded as the model's own `decoding` says: the
+    best `k` per slice, boxes scoring under its `min_score` dropped), and the first batch's key-slice
+    images [n, H, W] for figures."""
+    _, decoding = detector_settings(learn)
     dl = learn.dls.test_dl(records, with_labels=False, bs=bs or learn.dls.bs)
     model = learn.model.eval()
     parts, images = [], None
     for b in dl:
         x = b[0]
-        boxes, scores, sd = detections(model(x), k, nms_iou, min_score)
+        boxes, scores, sd = decoding(model(x))
         parts.append([t.float().cpu().numpy() if t is not None else None for t in (boxes, scores, sd)])
         if images is None: images = x[:, 0].float().cpu().numpy()
     cat = lambda i: None if parts[0][i] is None else np.concatenate([p[i] for p in parts])
@@ -48,12 +50,8 @@ def predict_detections(learn, records, k: int | None = None, nms_iou: float | No
 
 def write_predictions(path: Path, dets: Detections, records) -> Path:
     "`predictions.csv`: File_name,x1,y1,x2,y2,score, one row per box (slice pixels), best first within a slice."
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator='\n')
-    w.writerow(['File_name', 'x1', 'y1', 'x2', 'y2', 'score'])
-    for (boxes, scores), r in zip(dets.in_pixels(records), records):
-        for b, s in zip(boxes, scores): w.writerow([r.file_name, *(f'{v:.2f}' for v in b), f'{s:.4f}'])
-    return atomic_write_text(path, buf.getvalue())
+    rows = [prediction_row(r.file_name, b, s) for (boxes, scores), r in zip(dets.in_pixels(records), records) for b, s in zip(boxes, scores)]
+    return write_csv(path, PREDICTION_COLUMNS, rows)
 
 
 def report(learn, splits: dict, baseline: np.ndarray, out: Path, prefix: str = '', n_figure: int = 8) -> dict:
@@ -100,11 +98,9 @@ def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | 
     _, records = load_data(data)
     test = evaluation_records(records, 'test')
     if not test: raise ValueError(f"{data}: no test slices (Train_Val_Test = 3) with a lesion not Possibly_noisy")
-    try: learn = load_learner(model_path, cpu=not torch.cuda.is_available())
-    except Exception as e: raise ValueError(f"--eval {model_path}: not a learner exported by finetune ({type(e).__name__}: {e})") from None
-    if not isinstance(learn, Learner): raise ValueError(f"--eval {model_path}: not a learner exported by finetune")
-    ct = slice_transform(learn.dls)                   # the preprocessing the model was trained with
-    prepare_slices('none', test, ct.windows, ct.context, ct.size)
+    learn = load_export(model_path, cpu=not torch.cuda.is_available(), flag='--eval')
+    spec, _ = detector_settings(learn)                # the preprocessing the model was trained with
+    prepare_slices('none', test, spec)
     info = getattr(learn, 'train_info', None)
     baseline, source = (np.asarray(info['mean_box']), 'stored with the model') if info else \
         (mean_box(evaluation_records(records, 'train')), 'training split of --data (the export stores none)')

@@ -6,7 +6,9 @@ Every temp file is named `.<name>.<pid>.tmp` beside its target, so a killed writ
 """
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import os
 import re
@@ -14,7 +16,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ['atomic_path', 'atomic_write_text', 'write_json', 'remove_stale_temps', 'check_out_folder', 'output_folder']
+__all__ = ['atomic_path', 'atomic_write_text', 'write_json', 'write_csv', 'remove_stale_temps', 'check_out_folder', 'output_folder']
 
 _TEMP_RE = re.compile(r'^\..+\.(\d+)\.tmp$')
 
@@ -42,6 +44,15 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
 def write_json(obj, path: Path | str) -> Path:
     "Write `obj` as indented JSON atomically (values JSON does not know are written as strings)."
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def write_csv(path: Path | str, header, rows) -> Path:
+    "Write a CSV file (`header`, then `rows`, '\\n' line ends) atomically."
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator='\n')
+    w.writerow(header)
+    w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
 
 
 def _alive(pid: int) -> bool:

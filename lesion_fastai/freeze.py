@@ -1,10 +1,11 @@
 """Which parameters train when fine-tuning from a pretrained encoder, and what frozen BatchNorm does.
 
 * `sandwich`: the pretrained encoder frozen; fresh `TransferLayer`s between its stages and a fresh head train
-  (`Localizer(sandwich='encoder')`), or, as 3FabRec builds it, the pretrained encoder and decoder frozen and
+  (`Detector(sandwich='encoder')`), or, as 3FabRec builds it, the pretrained encoder and decoder frozen and
   fresh `TransferLayer`s between the decoder's blocks (`sandwich='decoder'`).
 * `encoder`: the whole encoder frozen, only the head trains (a linear probe on pretrained features).
-* `none`: everything trains from the pretrained weights, the encoder at a tenth of the head's rate.
+* `full`: every layer trains from the pretrained weights, the encoder at a tenth of the head's rate (its old
+  name `none` is still accepted).
 * `scratch`: no pretrained weights, everything trains.
 
 BatchNorm policy: frozen layers keep their running statistics and affine weights (fastai's
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 from fastai.callback.training import BnFreeze
 
-__all__ = ['FREEZE_MODES', 'localizer_splitter', 'apply_freeze', 'freeze_callbacks', 'parameter_counts', 'lr_for']
+__all__ = ['FREEZE_MODES', 'FREEZE_ALIASES', 'detector_splitter', 'apply_freeze', 'freeze_callbacks', 'parameter_counts', 'lr_for']
 
-FREEZE_MODES = ('sandwich', 'encoder', 'none', 'scratch')
+FREEZE_MODES = ('sandwich', 'encoder', 'full', 'scratch')
+FREEZE_ALIASES = {'none': 'full'}     # the old name of 'full', which said what is frozen, not what trains
 
 
-def localizer_splitter(model):
+def detector_splitter(model):
     """Two parameter groups: the pretrained layers (the encoder, and the decoder of the decoder sandwich),
     then everything fresh (transfer layers, neck and head)."""
     decoder = getattr(model, 'decoder', None)
@@ -30,7 +32,8 @@ def localizer_splitter(model):
 
 
 def apply_freeze(learn, mode: str) -> None:
-    "Freeze the pretrained group for 'sandwich' / 'encoder'; train everything for 'none' / 'scratch'."
+    "Freeze the pretrained group for 'sandwich' / 'encoder'; train everything for 'full' / 'scratch'."
+    mode = FREEZE_ALIASES.get(mode, mode)
     if mode not in FREEZE_MODES: raise ValueError(f"freeze mode {mode!r}: expected one of {FREEZE_MODES}")
     if mode in ('sandwich', 'encoder'): learn.freeze_to(1)
     else: learn.unfreeze()
@@ -43,10 +46,13 @@ def freeze_callbacks(mode: str, update_frozen_bn: bool = False) -> list:
 
 def lr_for(mode: str, lr: float):
     "Discriminative rates for full fine-tuning of pretrained weights; one rate otherwise."
-    return slice(lr / 10, lr) if mode == 'none' else lr
+    return slice(lr / 10, lr) if FREEZE_ALIASES.get(mode, mode) == 'full' else lr
 
 
 def parameter_counts(model) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     return {'trainable': n_train, 'frozen': n_all - n_train}
+
+
+localizer_splitter = detector_splitter   # its former name, which export.pkl files written before the rename name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.interpolate import interp1d
 
 from .boxes import protocol_iou
 
@@ -63,20 +64,18 @@ def froc_curve(pred_boxes, pred_scores, gt_boxes, iou_threshold: float = .5) -> 
 
 
 def sensitivity_at(fp_per_slice: np.ndarray, sensitivity: np.ndarray, rates=FP_RATES) -> np.ndarray:
-    """Read a FROC curve at `rates` FPs per slice: linear interpolation between its points from (0, 0)
-    on, a point at an FP rate reached several times read at its first occurrence (scipy's
-    `interp1d`, as the reference code), and the last sensitivity held beyond the curve's end."""
+    """Read a FROC curve at `rates` FPs per slice as the reference code does, with scipy's `interp1d`
+    (linear, `fill_value='extrapolate'`, which reads a point at an FP rate reached several times at its
+    first occurrence), from (0, 0) on, and with the last sensitivity held beyond the curve's end
+    (MULAN; 3DCE extrapolated). Without extrapolation interp1d hands over to `np.interp`, which reads
+    such a point at its last occurrence: not the reference's reading."""
     fp = np.concatenate([[0.], fp_per_slice])
     sens = np.concatenate([[0.], sensitivity])
-    out = []
-    for r in rates:
-        if r > fp[-1]:
-            out.append(sens[-1])
-            continue
-        hi = int(np.searchsorted(fp, r, side='left'))         # first point at or beyond r
-        lo = hi - 1
-        out.append(sens[lo] + (sens[hi] - sens[lo]) * (r - fp[lo]) / (fp[hi] - fp[lo]) if hi > 0 else sens[0])
-    return np.asarray(out, np.float64)
+    rates = np.asarray(rates, np.float64)
+    if len(fp) < 2: return np.zeros(len(rates))
+    read = interp1d(fp, sens, kind='linear', assume_sorted=True, fill_value='extrapolate')
+    with np.errstate(divide='ignore', invalid='ignore'): inside = read(rates)     # beyond the end: not used
+    return np.where(rates > fp[-1], sens[-1], inside).astype(np.float64)
 
 
 def froc(pred_boxes, pred_scores, gt_boxes, rates=FP_RATES) -> dict:

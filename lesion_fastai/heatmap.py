@@ -1,20 +1,30 @@
 """CenterNet's centre heatmap: targets splatted at every lesion centre, the penalty-reduced focal loss,
-and decoding the map into scored boxes (peaks by 3x3 max-pooling, top K, optionally NMS).
+and decoding a head's maps into scored boxes (peaks by 3x3 max-pooling, top K, optionally NMS): the
+one decoding of training (the validation FROC), evaluation, `learn.predict` and `lesion_fastai.predict`.
 
 Conventions: maps are [B, h, w] over the image at a stride (4 by default); boxes are x1,y1,x2,y2 in
 image fractions [0, 1]; `valid` [B, M] marks the real lesions among the M padded target slots.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-__all__ = ['centre_cells', 'heatmap_target', 'focal_loss', 'peaks', 'suppress', 'TTF_ALPHA']
+from .boxes import params_to_boxes
+
+__all__ = ['centre_cells', 'heatmap_target', 'focal_loss', 'peaks', 'suppress', 'detections', 'Decoding', 'TTF_ALPHA', 'KEEP',
+           'MIN_SCORE', 'NMS_IOU']
 
 # Gaussian spread of a target peak: std = TTF_ALPHA * side / 6 in each direction (TTFNet's elliptical
 # Gaussian; the peak stays 1 at the centre cell and falls to ~0.1 at the box's edge).
 TTF_ALPHA = .54
+
+# What a detector keeps per slice for evaluation, as MULAN does: at most 50 boxes, score at least 0.05.
+# Peaks of the heatmap are already one per 3x3 cells; NMS is off unless asked for.
+KEEP, MIN_SCORE, NMS_IOU = 50, .05, None
 
 
 def centre_cells(boxes: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,3 +82,33 @@ def suppress(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Ten
     mask = torch.zeros(B * K, dtype=torch.bool, device=boxes.device)
     mask[keep] = True
     return scores * mask.view(B, K)
+
+
+def detections(out, k: int = KEEP, nms_iou: float | None = None, min_score: float = 0.):
+    """The `k` best boxes of each slice from a head's output (`models.detector`): heatmap peaks (3x3
+    max-pooling), their boxes and, for the Gaussian head, their std. Returns (boxes [B, k, 4]
+    x1,y1,x2,y2 in [0, 1], scores [B, k] in [0, 1], sd [B, k, 4] or None). With `nms_iou` overlapping
+    boxes are suppressed (`torchvision.ops.batched_nms`); suppressed boxes and boxes under `min_score`
+    score 0."""
+    heat, params = out[0], out[1]
+    sd = out[3] if len(out) > 3 else None
+    scores, cells = peaks(torch.sigmoid(heat.float()), k)
+    pick = lambda t: t[torch.arange(len(t), device=t.device)[:, None], cells]
+    boxes = params_to_boxes(pick(params))
+    if nms_iou is not None: scores = suppress(boxes, scores, nms_iou)
+    scores = scores * (scores >= min_score)
+    return boxes, scores, (pick(sd) if sd is not None else None)
+
+
+@dataclass
+class Decoding:
+    """How a detector's maps become scored boxes, carried by the model (`Detector.decoding`) into its
+    export: `k` boxes per slice, optional NMS at `nms_iou`, boxes under `min_score` dropped for
+    evaluation (`min_score` 0 in `decode(..., all_k=True)`: every kept peak, as `learn.predict` gives)."""
+    k: int = KEEP
+    nms_iou: float | None = NMS_IOU
+    min_score: float = MIN_SCORE
+
+    def __call__(self, out, all_k: bool = False):
+        "`detections` of a head's output with these settings."
+        return detections(out, self.k, self.nms_iou, 0. if all_k else self.min_score)

@@ -17,8 +17,7 @@ from fastai.vision.all import TensorBBox, TensorPoint
 
 from .boxes import box_params, params_to_boxes, targets_to_unit
 from .data import TensorScore
-from .heatmap import centre_cells, focal_loss, heatmap_target
-from .models.localizer import detections
+from .heatmap import Decoding, centre_cells, focal_loss, heatmap_target
 
 __all__ = ['TERMS', 'BoxLoss', 'gaussian_nll', 'DetectionLoss']
 
@@ -66,14 +65,15 @@ class DetectionLoss:
     at inference, that cell's size has been trained), plus, for the Gaussian head, `nll_weight` times
     the likelihood of each lesion under its centre cell's mean and std (`gaussian_nll`).
 
-    As fastai's loss function it also decodes a batch of outputs (`decodes`): the `k` best boxes of each
-    slice, in the layout of the targets (`target`: 'points' or 'bbox', [-1, 1]), with their scores, so
+    As fastai's loss function it also decodes a batch of outputs (`decodes`): the best boxes of each
+    slice as the model's `decoding` says (the same object: give `decoding=model.decoding`), in the
+    layout of the targets (`target`: 'points' or 'bbox', [-1, 1]), with their scores, so
     `learn.predict` and `show_results` get boxes in pixels and scores."""
     def __init__(self, spec: str = 'ciou+diou+giou', map_weight: float = 1., radius: int = 1, nll_weight: float = .1,
-                 target: str = 'points', k: int = 50, nms_iou: float | None = None):
+                 target: str = 'points', decoding: Decoding | None = None):
         self.box = BoxLoss(spec)
         self.map_weight, self.radius, self.nll_weight = map_weight, radius, nll_weight
-        self.target, self.k, self.nms_iou = target, k, nms_iou
+        self.target, self.decoding = target, decoding or Decoding()
 
     def __call__(self, out, y, valid):
         heat, params = out[0], out[1]
@@ -108,9 +108,13 @@ class DetectionLoss:
 
     def decodes(self, out):
         "A batch of outputs -> (the k best boxes in the targets' layout and [-1, 1], their scores)."
-        boxes, scores, _ = detections(out, self.k, self.nms_iou)
+        boxes, scores, _ = self.decoding(out, all_k=True)
         b = boxes * 2 - 1
         b = TensorPoint(b.reshape(len(b), -1, 2)) if self.target == 'points' else TensorBBox(b)
         return b, TensorScore(scores)
+
+    def __setstate__(self, state):  # exports written before the decoding travelled with the model kept k and nms_iou here
+        if 'decoding' not in state: state['decoding'] = Decoding(state.pop('k', Decoding.k), state.pop('nms_iou', None))
+        self.__dict__.update(state)
 
     def __repr__(self): return f"DetectionLoss('{self.box.spec}', map_weight={self.map_weight}, radius={self.radius})"

@@ -16,18 +16,14 @@ import torch
 from torchvision.ops import box_iou
 
 from fastai.learner import Metric
+from fastai.torch_core import get_model
 
 from . import distributed
 from .boxes import box_params, to_pixels
 from .froc import froc
-from .models.localizer import detections
 
 __all__ = ['LESION_TYPES', 'Detections', 'ValidFROC', 'evaluate_detections', 'top1_metrics', 'match_lesion', 'calibration',
-           'mean_box', 'froc_inputs', 'summary_line', 'KEEP', 'MIN_SCORE', 'NMS_IOU']
-
-# What a detector keeps per slice for evaluation, as MULAN does: at most 50 boxes, score at least 0.05.
-# Peaks of the heatmap are already one per 3x3 cells; NMS is off unless asked for.
-KEEP, MIN_SCORE, NMS_IOU = 50, .05, None
+           'mean_box', 'froc_inputs', 'summary_line']
 
 # Coarse_lesion_type 1-8 as listed in the DeepLesion release's readme; -1 = not labelled.
 LESION_TYPES = {1: 'bone', 2: 'abdomen', 3: 'mediastinum', 4: 'liver', 5: 'lung', 6: 'kidney', 7: 'soft tissue', 8: 'pelvis'}
@@ -141,19 +137,16 @@ def evaluate_detections(dets: Detections, records, baseline_unit: np.ndarray | N
 
 class ValidFROC(Metric):
     """FROC score of the validation slices, the mean sensitivity over 0.5-4 FPs per slice, as a fastai
-    metric: each batch's output is decoded (`detections`) and scored against the lesions of the
-    DataLoader's records, which a validation DataLoader keeps in order. In several processes each rank
-    holds a contiguous part of the validation slices (fastai's `DistributedDL`, padded by repeating
-    the first ones): the parts are gathered in rank order and the padding dropped, so every rank
-    scores all slices once, in order."""
-    def __init__(self, k: int = KEEP, nms_iou: float | None = NMS_IOU, min_score: float = MIN_SCORE):
-        self.k, self.nms_iou, self.min_score = k, nms_iou, min_score
-
+    metric: each batch's output is decoded as the model's own `decoding` says and scored against the
+    lesions of the DataLoader's records, which a validation DataLoader keeps in order. In several
+    processes each rank holds a contiguous part of the validation slices (fastai's `DistributedDL`,
+    padded by repeating the first ones): the parts are gathered in rank order and the padding dropped,
+    so every rank scores all slices once, in order."""
     def reset(self): self.parts, self.records, self.score = [], None, None
 
     def accumulate(self, learn):
         if self.records is None: self.records = list(learn.dl.dataset.items)
-        b, s, _ = detections(learn.pred, self.k, self.nms_iou, self.min_score)
+        b, s, _ = get_model(learn.model).decoding(learn.pred)
         self.parts.append((b.detach().float().cpu().numpy(), s.detach().float().cpu().numpy()))
 
     def gathered(self) -> Detections:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from fastai.callback.core import Callback
 
+from .config import FinetuneConfig, add_settings
+
 __all__ = ['PruneOnValidFROC', 'space', 'search', 'main']
 
 
@@ -45,7 +47,7 @@ def space(trial, pretrained: bool, head: str, max_epochs: int) -> dict:
                epochs=trial.suggest_int('epochs', max(1, max_epochs // 3), max_epochs),
                map_weight=trial.suggest_float('map_weight', .25, 4., log=True))
     if pretrained:
-        cfg['freeze'] = trial.suggest_categorical('freeze', ['sandwich', 'encoder', 'none'])
+        cfg['freeze'] = trial.suggest_categorical('freeze', ['sandwich', 'encoder', 'full'])
         if cfg['freeze'] == 'sandwich': cfg['adapter_ratio'] = trial.suggest_categorical('adapter_ratio', [.25, .5, 1.])
     if head == 'gaussian': cfg['kappa'] = trial.suggest_float('kappa', .01, .2, log=True)
     return cfg
@@ -86,12 +88,14 @@ def _plot(study, path) -> None:
 
 def search(data, out, trials: int = 20, timeout: float | None = None, storage: str | None = None, study_name: str = 'finetune',
            pretrained=None, head: str = 'direct', max_epochs: int = 20, label_fraction: float = 1., bs: int = 16,
-           size: int | None = None, seed: int = 0, pruner=None, quiet: bool = True) -> dict:
+           size: int | None = None, seed: int = 0, pruner=None) -> dict:
     """Run (or resume) the study until it holds `trials` finished trials or `timeout` seconds pass; write
     trials.csv, trials.png and best_command.txt. Returns the best trial's number, value, params and command."""
     import optuna
+    from .config import FinetuneConfig
     from .files import atomic_write_text, check_out_folder
-    from .train import FinetuneConfig, finetune
+    from .finetuning import finetune
+    from .log import log, quiet
     out = check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{out / 'study.db'}"
@@ -103,12 +107,12 @@ def search(data, out, trials: int = 20, timeout: float | None = None, storage: s
 
     def objective(trial):
         run = out / 'trials' / f'{trial.number:03d}'
-        m = finetune(FinetuneConfig(out=run, quiet=quiet, **base, **space(trial, pretrained is not None, head, max_epochs)),
-                     cbs=[PruneOnValidFROC(trial)])
+        with quiet():
+            m = finetune(FinetuneConfig(out=run, **base, **space(trial, pretrained is not None, head, max_epochs)), cbs=[PruneOnValidFROC(trial)])
         return m['valid']['froc']['mean_0.5_4']
 
     finished = lambda: sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
-    if finished(): print(f"resuming study {study_name!r} in {storage}: {finished()} trial(s) finished before")
+    if finished(): log.info(f"resuming study {study_name!r} in {storage}: {finished()} trial(s) finished before")
     todo = max(0, trials - finished())
     if todo: study.optimize(objective, n_trials=todo, timeout=timeout, catch=(FloatingPointError,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -119,27 +123,21 @@ def search(data, out, trials: int = 20, timeout: float | None = None, storage: s
     atomic_write_text(out / 'trials.csv', study.trials_dataframe().to_csv(index=False))
     _plot(study, out / 'trials.png')
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
-    print(f"{len(complete)} complete, {pruned} pruned trial(s); best: trial {best.number}, validation FROC {best.value:.3f}\n{cmd}\n"
-          f"wrote {out / 'best_command.txt'}, {out / 'trials.csv'}, {out / 'trials.png'}")
+    log.info(f"{len(complete)} complete, {pruned} pruned trial(s); best: trial {best.number}, validation FROC {best.value:.3f}\n{cmd}\n"
+             f"wrote {out / 'best_command.txt'}, {out / 'trials.csv'}, {out / 'trials.png'}")
     return {'number': best.number, 'value': best.value, 'params': best.params, 'command': cmd, 'complete': len(complete), 'pruned': pruned}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog='python -m lesion_fastai.search', description=__doc__.split('\n\n')[0],
                                  epilog=__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--data', type=Path, required=True, help='DeepLesion-layout folder: DL_info.csv and Images_png/')
     ap.add_argument('--out', type=Path, default=Path('runs/search'), help='output folder: study.db, trials/, trials.csv, trials.png, best_command.txt')
     ap.add_argument('--trials', type=int, default=20, help='finished trials the study should hold (a resumed study runs the rest; default 20)')
     ap.add_argument('--timeout', type=float, default=None, help='stop starting trials after this many seconds (default: none)')
     ap.add_argument('--storage', default=None, help='Optuna storage URL (default sqlite:///OUT/study.db)')
     ap.add_argument('--study-name', default='finetune', help='study name in the storage (default finetune)')
-    ap.add_argument('--pretrained', type=Path, default=None, help='pretrained.pth: the freeze mode and transfer-layer width join the search')
-    ap.add_argument('--head', choices=['direct', 'gaussian'], default='direct', help='box head (gaussian: kappa joins the search)')
     ap.add_argument('--max-epochs', type=int, default=20, help='most epochs a trial may train (the search picks from a third of it up)')
-    ap.add_argument('--label-fraction', type=float, default=1., help='fraction of training patients whose labels are used (default 1)')
-    ap.add_argument('--bs', type=int, default=16, help='batch size (default 16)')
-    ap.add_argument('--size', type=int, default=None, help='input size (default half the native size, or the checkpoint\'s)')
-    ap.add_argument('--seed', type=int, default=0, help='seed of the sampler and of every trial (default 0)')
+    add_settings(ap, FinetuneConfig, names=('data', 'pretrained', 'head', 'label_fraction', 'bs', 'size', 'seed'))
     args = ap.parse_args(argv)
     if args.trials < 1: ap.error(f'--trials must be at least 1, got {args.trials}')
     if args.max_epochs < 1: ap.error(f'--max-epochs must be at least 1, got {args.max_epochs}')

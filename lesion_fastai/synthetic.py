@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .deeplesion import COLUMNS, save_hu
+from .log import log
 
 __all__ = ['generate', 'render_slice', 'main']
 
@@ -295,12 +296,12 @@ def main(argv=None):
     if args.size < 32: ap.error('--size must be at least 32')
     if not 0 <= args.noisy <= 1: ap.error(f'--noisy must be a fraction in [0, 1], got {args.noisy}')
     csv_path = generate(args.out, args.patients, args.size, args.seed, args.neighbours, noisy=args.noisy, workers=args.workers)
-    print(f"wrote {csv_path} and {args.out / 'Images_png'}")
+    log.info(f"wrote {csv_path} and {args.out / 'Images_png'}")
     if args.figure is not None:
         from .deeplesion import read_dl_info, slice_records
         from .plots import plot_slices
         plot_slices(slice_records(read_dl_info(csv_path))[:8], args.figure)
-        print(f"wrote {args.figure}")
+        log.info(f"wrote {args.figure}")
 
 
 if __name__ == '__main__':

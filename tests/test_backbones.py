@@ -6,9 +6,11 @@ timm = pytest.importorskip('timm')
 
 import finetune.__main__ as finetune_cli                                  # noqa: E402
 from lesion_fastai.checkpoint import load_pretrained                     # noqa: E402
-from lesion_fastai.models.localizer import Localizer                     # noqa: E402
+from lesion_fastai.models.detector import Detector                     # noqa: E402
 from lesion_fastai.models.resnet import TimmEncoder                      # noqa: E402
-from lesion_fastai.train import FinetuneConfig, PretrainConfig, finetune, pretrain   # noqa: E402
+from lesion_fastai.config import FinetuneConfig, PretrainConfig                     # noqa: E402
+from lesion_fastai.finetuning import finetune                                    # noqa: E402
+from lesion_fastai.pretraining import pretrain                                   # noqa: E402
 
 NAME = 'resnet10t'   # a small timm ResNet: features at strides 2, 4, 8, 16, 32
 
@@ -40,17 +42,17 @@ def test_timm_body_gives_timms_features_at_strides_4_to_32_with_the_files_weight
 
 def test_untrained_timm_sandwich_computes_the_plain_body():
     torch.manual_seed(0)
-    plain = Localizer({'in_chans': 2, 'backbone': NAME}).eval()
-    sandwich = Localizer({'in_chans': 2, 'backbone': NAME}, sandwich='encoder').eval()
+    plain = Detector({'in_chans': 2, 'backbone': NAME}).eval()
+    sandwich = Detector({'in_chans': 2, 'backbone': NAME}, sandwich='encoder').eval()
     sandwich.encoder.load_state_dict(plain.encoder.state_dict())
     x = torch.rand(2, 2, 64, 64)
     assert all(torch.equal(a, b) for a, b in zip(plain.features(x), sandwich.features(x)))
 
 
 def test_bad_backbones_are_named():
-    with pytest.raises(ValueError, match="--backbone 'no_such_net'"): Localizer({'backbone': 'no_such_net'})
-    with pytest.raises(ValueError, match='--backbone-weights loads a timm'): Localizer({}, backbone_weights='w.pth')
-    with pytest.raises(FileNotFoundError, match='no such file'): Localizer({'backbone': NAME}, backbone_weights='/no/w.pth')
+    with pytest.raises(ValueError, match="--backbone 'no_such_net'"): Detector({'backbone': 'no_such_net'})
+    with pytest.raises(ValueError, match='--backbone-weights loads a timm'): Detector({}, backbone_weights='w.pth')
+    with pytest.raises(FileNotFoundError, match='no such file'): Detector({'backbone': NAME}, backbone_weights='/no/w.pth')
 
 
 def test_pretrain_records_the_backbone_and_finetune_rebuilds_it_or_transfers_from_weights(tiny_data, weights, tmp_path, capsys):
@@ -58,11 +60,11 @@ def test_pretrain_records_the_backbone_and_finetune_rebuilds_it_or_transfers_fro
     pretrain(PretrainConfig(data=tiny_data, out=pre, epochs=1, bs=2, size=32, backbone=NAME))
     ckpt = load_pretrained(pre / 'pretrained.pth')
     assert ckpt['model_args']['encoder_args'] == {'backbone': NAME, 'in_chans': 1}
-    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'sw', epochs=1, bs=2, pretrained=pre / 'pretrained.pth', quiet=True))
+    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'sw', epochs=1, bs=2, pretrained=pre / 'pretrained.pth'))
     assert m['config']['backbone'] == NAME and m['config']['freeze'] == 'sandwich' and m['parameters']['frozen'] > 0
     # ImageNet-style transfer: no checkpoint, the weights file, every layer trains (--freeze none by default)
-    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'tl', epochs=1, bs=2, size=32, backbone=NAME, backbone_weights=weights, quiet=True))
-    assert m['config']['freeze'] == 'none' and m['parameters']['frozen'] == 0
+    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'tl', epochs=1, bs=2, size=32, backbone=NAME, backbone_weights=weights))
+    assert m['config']['freeze'] == 'full' and m['parameters']['frozen'] == 0
     for args, msg in ((['--pretrained', str(pre / 'pretrained.pth'), '--backbone', 'resnet'], 'disagrees with the checkpoint'),
                       (['--pretrained', str(pre / 'pretrained.pth'), '--backbone-weights', str(weights)], 'both set the encoder'),
                       (['--backbone-weights', str(weights), '--backbone', NAME, '--freeze', 'scratch'], '--freeze scratch ignores --backbone-weights'),

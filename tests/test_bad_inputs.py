@@ -144,15 +144,15 @@ def test_bad_input_exit_status_is_1_without_traceback(data, tmp_path):
 
 
 def test_a_run_whose_loss_is_not_finite_stops_naming_epoch_and_batch(data, tmp_path, monkeypatch):
-    from lesion_fastai.models.localizer import Localizer
+    from lesion_fastai.models.detector import Detector
     calls = []
-    real = Localizer.forward
+    real = Detector.forward
 
     def nan_on_third(self, x):                       # one forward per training batch: the third batch goes wrong
         calls.append(1)
         out = real(self, x)
         return (out[0] * float('nan'), *out[1:]) if len(calls) == 3 else out
-    monkeypatch.setattr(Localizer, 'forward', nan_on_third)
+    monkeypatch.setattr(Detector, 'forward', nan_on_third)
     out = tmp_path / 'out'
     with pytest.raises(SystemExit) as e:
         finetune_cli.main(['--data', str(data), '--out', str(out), '--epochs', '2', '--bs', '2', '--size', '32'])

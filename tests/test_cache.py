@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from lesion_fastai.cache import SliceCache, build_slice_cache
-from lesion_fastai.data import CTSlice
+from lesion_fastai.data import CTSlice, SliceSpec
 from lesion_fastai.deeplesion import list_slices
-from lesion_fastai.train import FinetuneConfig, finetune
+from lesion_fastai.config import FinetuneConfig
+from lesion_fastai.finetuning import finetune
 
 
 @pytest.mark.parametrize('windows,context', [('soft', 0), ('dicom,lung', 1)])
 def test_cached_slices_equal_decoded_ones(tiny_records, tmp_path, windows, context):
     recs = tiny_records[:5]
-    cache = build_slice_cache(recs, windows, context, 32, tmp_path, quiet=True)
-    prep, cached = CTSlice(windows, context, 32), CTSlice(windows, context, 32, cache)
+    cache = build_slice_cache(recs, SliceSpec(windows, context, 32), tmp_path)
+    prep, cached = CTSlice(SliceSpec(windows, context, 32)), CTSlice(SliceSpec(windows, context, 32), cache)
     assert len(cache) == 5
     for r in recs:
         want = prep(r)
@@ -29,14 +30,14 @@ def test_cached_slices_equal_decoded_ones(tiny_records, tmp_path, windows, conte
 
 def test_cache_is_reused_and_rebuilt_when_settings_or_files_change(tiny_data, tmp_path):
     paths = list_slices(tiny_data)[:6]
-    a = build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True)
+    a = build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path)
     stamp = a.array_file.stat().st_mtime_ns
-    assert build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True).array_file.stat().st_mtime_ns == stamp
-    assert build_slice_cache(paths, 'soft', 0, 16, tmp_path, quiet=True).array_file != a.array_file
-    assert build_slice_cache(paths, 'lung', 0, 32, tmp_path, quiet=True).array_file != a.array_file
+    assert build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path).array_file.stat().st_mtime_ns == stamp
+    assert build_slice_cache(paths, SliceSpec('soft', 0, 16), tmp_path).array_file != a.array_file
+    assert build_slice_cache(paths, SliceSpec('lung', 0, 32), tmp_path).array_file != a.array_file
     st = os.stat(paths[0])
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))   # the file changed after the cache was built
-    try: assert build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True).array_file != a.array_file
+    try: assert build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path).array_file != a.array_file
     finally: os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
@@ -54,20 +55,20 @@ def test_interrupted_build_resumes_and_never_looks_finished(tiny_data, tmp_path,
             raise KeyboardInterrupt
         return real(self, path, dw)
     monkeypatch.setattr(CTSlice, 'load', counting)
-    with pytest.raises(KeyboardInterrupt): build_slice_cache(paths, 'soft', 0, 32, tmp_path / 'a', quiet=True)
+    with pytest.raises(KeyboardInterrupt): build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path / 'a')
     assert sorted(p.name.split('.', 1)[1] for p in (tmp_path / 'a').iterdir()) == ['partial.json', 'partial.npy']   # nothing final
     calls.clear()
-    resumed = build_slice_cache(paths, 'soft', 0, 32, tmp_path / 'a', quiet=True)
+    resumed = build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path / 'a')
     assert len(calls) == 4 and len(resumed) == 6                # the first chunk was not decoded again
     assert sorted(p.name.split('.', 1)[1] for p in (tmp_path / 'a').iterdir()) == ['json', 'npy']
     monkeypatch.setattr(CTSlice, 'load', real)
-    fresh = build_slice_cache(paths, 'soft', 0, 32, tmp_path / 'b', quiet=True, workers=2)   # in two processes, from scratch
+    fresh = build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path / 'b', workers=2)   # in two processes, from scratch
     assert np.array_equal(np.load(resumed.array_file), np.load(fresh.array_file)) and resumed.index == fresh.index
 
 
 def test_cache_pickles_without_its_pixels(tiny_data, tmp_path):
     paths = list_slices(tiny_data)[:3]
-    cache = build_slice_cache(paths, 'soft', 0, 32, tmp_path, quiet=True)
+    cache = build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path)
     first = cache.get(paths[0])
     blob = pickle.dumps(cache)
     assert len(blob) < 2_000                                  # the index and file name, not 3 x 32 x 32 floats
@@ -76,7 +77,7 @@ def test_cache_pickles_without_its_pixels(tiny_data, tmp_path):
 
 
 def test_finetune_with_the_disk_cache_builds_it_once(tiny_data, tmp_path):
-    cfg = dict(data=tiny_data, epochs=1, bs=2, size=32, quiet=True, cache='disk', cache_dir=tmp_path / 'cache')
+    cfg = dict(data=tiny_data, epochs=1, bs=2, size=32, cache='disk', cache_dir=tmp_path / 'cache')
     m = finetune(FinetuneConfig(out=tmp_path / 'a', **cfg))
     (built,) = (tmp_path / 'cache').glob('slices_*.npy')
     assert np.load(built, mmap_mode='r').shape[1:] == (1, 32, 32) and np.isfinite(m['test']['top1']['mean_iou'])
@@ -96,7 +97,7 @@ def test_near_duplicate_neighbours_are_dropped_and_the_rest_kept(tiny_data, tmp_
     paths = sorted(series.glob('*.png'))
     assert len(paths) >= 3
     shutil.copyfile(paths[0], paths[1])                          # slice 2 repeats slice 1 exactly
-    prep = CTSlice('soft', 0, 32)
+    prep = CTSlice(SliceSpec('soft', 0, 32))
     kept, dropped = drop_near_duplicates(paths, None, prep, 1e-6)
     assert dropped == 1 and kept == [p for p in paths if p != paths[1]]
     assert drop_near_duplicates(paths, None, prep, 1e-6, keep=lambda p: True) == (paths, 0)     # kept whatever they are

@@ -4,15 +4,15 @@ import pytest
 import torch
 from fastai.vision.all import Flip, Pipeline, Rotate, TensorBBox, TensorPoint
 
-from lesion_fastai.data import (BoxTidy, CTSlice, TensorBoxCorners, TensorCT, TensorScore, autoencoder_dls, downsample,
-                                localization_dls, select_patients)
+from lesion_fastai.data import (BoxTidy, CTSlice, SliceSpec, TensorBoxCorners, TensorCT, TensorScore, autoencoder_dls,
+                                detection_dls, downsample, select_patients)
 from lesion_fastai.deeplesion import WINDOWS, list_slices, load_hu, save_hu, window
 
 
 @pytest.mark.parametrize('target,yshape', [('points', (2, 8, 2)), ('bbox', (2, 4, 4))])
 @pytest.mark.parametrize('windows,context,channels', [('soft', 0, 1), ('soft,lung', 1, 6)])
 def test_batch_shapes_and_dtypes(tiny_records, target, yshape, windows, context, channels):
-    dls = localization_dls(tiny_records, windows=windows, context=context, size=32, target=target, bs=2, seed=0)
+    dls = detection_dls(tiny_records, SliceSpec(windows, context, 32), target=target, bs=2, seed=0)
     x, y, flags = dls.one_batch()
     assert isinstance(x, TensorCT) and x.shape == (2, channels, 32, 32) and x.dtype == torch.float32
     assert 0 <= x.min() and x.max() <= 1
@@ -25,7 +25,7 @@ def test_batch_shapes_and_dtypes(tiny_records, target, yshape, windows, context,
 @pytest.mark.parametrize('target', ['points', 'bbox'])
 def test_every_lesion_of_a_slice_is_a_target_and_padding_is_flagged(tiny_records, target):
     train = [r for r in tiny_records if r.split == 'train']
-    dls = localization_dls(tiny_records, size=32, target=target, bs=len(train), seed=0, augment=False, shuffle=False)
+    dls = detection_dls(tiny_records, SliceSpec(size=32), target=target, bs=len(train), seed=0, augment=False, shuffle=False)
     x, y, flags = dls.one_batch()
     boxes = (y.reshape(len(y), -1, 4).as_subclass(torch.Tensor) + 1) * 16                # pixels of the 32 px input
     assert any(len(r.boxes) > 1 for r in train)
@@ -36,7 +36,7 @@ def test_every_lesion_of_a_slice_is_a_target_and_padding_is_flagged(tiny_records
 
 
 def test_split_by_patient_never_random(tiny_records):
-    dls = localization_dls(tiny_records, size=32, bs=2, seed=0)
+    dls = detection_dls(tiny_records, SliceSpec(size=32), bs=2, seed=0)
     train = {r.patient for r in dls.train_ds.items}
     valid = {r.patient for r in dls.valid_ds.items}
     assert train and valid and not (train & valid)
@@ -58,7 +58,7 @@ def test_half_resolution_is_area_average(tmp_path):
     rng = np.random.default_rng(0)
     hu = rng.integers(-300, 300, size=(64, 64)).astype(np.float32)
     save_hu(tmp_path / 'Images_png' / '000001_01_01' / '005.png', hu)
-    t = CTSlice('soft', 0, 32)(tmp_path / 'Images_png' / '000001_01_01' / '005.png')
+    t = CTSlice(SliceSpec('soft', 0, 32))(tmp_path / 'Images_png' / '000001_01_01' / '005.png')
     expect = window(hu, *WINDOWS['soft']).reshape(32, 2, 32, 2).mean((1, 3))
     assert t.shape == (1, 32, 32) and np.allclose(t[0].numpy(), expect, atol=1e-6)
     x = torch.arange(16.).view(1, 4, 4)
@@ -67,7 +67,7 @@ def test_half_resolution_is_area_average(tmp_path):
 
 def test_context_channels_put_key_slice_first(tiny_records):
     r = tiny_records[0]
-    t = CTSlice('soft', 1, 64)(r)
+    t = CTSlice(SliceSpec('soft', 1, 64))(r)
     assert t.shape == (3, 64, 64)
     assert torch.allclose(t[0], torch.from_numpy(window(load_hu(r.image_path), *WINDOWS['soft'])))
 
@@ -79,7 +79,7 @@ def test_every_channel_of_a_multi_window_multi_context_input(tmp_path):
     hu = {k: 10. * (k - 10) for k in range(8, 13)}                 # slice 8: -20 HU ... slice 12: +20 HU
     for k, v in hu.items(): save_hu(series / f'{k:03d}.png', np.full((8, 8), v, np.float32))
     wins = [(-100., 100.), (-20., 20.)]
-    t = CTSlice('-100:100,-20:20', 2, 4)(series / '010.png')
+    t = CTSlice(SliceSpec('-100:100,-20:20', 2, 4))(series / '010.png')
     order = [10, 9, 11, 8, 12]
     expect = [window(np.array(hu[k]), *w) for w in wins for k in order]
     assert t.shape == (10, 4, 4)
@@ -133,7 +133,7 @@ def test_show_batch_draws_every_lesion(tiny_records):
     import matplotlib.pyplot as plt
     multi = [r for r in tiny_records if r.split == 'train' and len(r.boxes) > 1][:1]
     recs = multi + [r for r in tiny_records if r.split == 'val']
-    dls = localization_dls(recs, size=32, bs=1, seed=0, augment=False)
+    dls = detection_dls(recs, SliceSpec(size=32), bs=1, seed=0, augment=False)
     dls.show_batch(max_n=1)
     ax = plt.gcf().axes[0]
     assert ax.images[0].get_cmap().name == 'bone' and len(ax.patches) == len(multi[0].boxes) > 1
@@ -145,7 +145,7 @@ def test_autoencoder_batches_every_slice_of_given_patients(tiny_data, tiny_recor
     train_p = {r.patient for r in tiny_records if r.split == 'train'}
     val_p = {r.patient for r in tiny_records if r.split == 'val'}
     paths = list_slices(tiny_data, train_p | val_p)
-    dls = autoencoder_dls(paths, val_p, size=32, bs=2, seed=0)
+    dls = autoencoder_dls(paths, val_p, SliceSpec(size=32), bs=2, seed=0)
     assert len(dls.train_ds) + len(dls.valid_ds) == len(paths)
     (x,) = dls.one_batch()
     assert isinstance(x, TensorCT) and x.shape == (2, 1, 32, 32)

@@ -11,7 +11,8 @@ from lesion_fastai.deeplesion import SliceRecord
 from lesion_fastai.losses import BoxLoss, DetectionLoss
 from lesion_fastai.metrics import evaluate_detections, mean_box, top1_metrics, Detections
 from lesion_fastai.models.autoencoder import create_autoencoder
-from lesion_fastai.models.localizer import Localizer, create_localizer, detections
+from lesion_fastai.heatmap import Decoding, detections
+from lesion_fastai.models.detector import Detector, create_detector
 
 TINY = dict(stem_width=8, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1))
 
@@ -38,7 +39,7 @@ Y, F_ = _targets([[[.1, .1, .3, .25]], [[.5, .55, .6, .62], [.0, .0, .04, .04]]]
 @pytest.mark.parametrize('in_chans', [1, 3])
 def test_detector_outputs_valid_maps_and_every_parameter_gets_a_gradient(head, sandwich, in_chans):
     torch.manual_seed(0)
-    m = create_localizer(in_chans, head, sandwich, **TINY)
+    m = create_detector(in_chans, head, sandwich, **TINY)
     out = m(torch.rand(2, in_chans, 64, 64))
     heat, params = out[0], out[1]
     assert heat.shape == (2, 16, 16) and params.shape == (2, 256, 4) and len(out) == (4 if head == 'gaussian' else 2)
@@ -49,14 +50,14 @@ def test_detector_outputs_valid_maps_and_every_parameter_gets_a_gradient(head, s
 
 
 def test_stride_8_gives_a_coarser_map():
-    assert create_localizer(1, stride=8, **TINY)(torch.rand(1, 1, 64, 64))[0].shape == (1, 8, 8)
-    with pytest.raises(ValueError, match='stride 2'): create_localizer(1, stride=2, **TINY)
+    assert create_detector(1, stride=8, **TINY)(torch.rand(1, 1, 64, 64))[0].shape == (1, 8, 8)
+    with pytest.raises(ValueError, match='stride 2'): create_detector(1, stride=2, **TINY)
 
 
 @pytest.mark.parametrize('head', ['direct', 'gaussian'])
 @pytest.mark.parametrize('bias', [-30., 30.])
 def test_boxes_valid_for_extreme_outputs(head, bias):
-    m = create_localizer(1, head, **TINY)
+    m = create_detector(1, head, **TINY)
     with torch.no_grad(): m.head.box[-1].bias.fill_(bias); m.head.box[-1].weight.mul_(100)  # saturated sigmoids
     for mode in ('train', 'eval'):
         b = params_to_boxes(getattr(m, mode)()(torch.rand(2, 1, 32, 32))[1])
@@ -72,7 +73,7 @@ def test_smallest_boxes_give_finite_loss_and_gradients(head, term, mode):
     cell and a tiny one: every loss term, the heatmap loss, the neighbour sizes and the likelihood stay
     finite, and so do all gradients."""
     torch.manual_seed(0)
-    m = create_localizer(1, head, **TINY)
+    m = create_detector(1, head, **TINY)
     with torch.no_grad():
         m.head.box[-1].weight.zero_(); m.head.box[-1].bias.fill_(-40.)
         if head == 'gaussian': m.head.spread[-1].weight.zero_(); m.head.spread[-1].bias.fill_(60.)   # std = 3 in log size
@@ -87,7 +88,7 @@ def test_smallest_boxes_give_finite_loss_and_gradients(head, term, mode):
 
 def test_detections_are_the_heatmap_peaks_and_their_boxes():
     torch.manual_seed(0)
-    m = create_localizer(1, 'direct', **TINY).eval()
+    m = create_detector(1, 'direct', **TINY).eval()
     heat, params = m(torch.rand(2, 1, 64, 64))
     with torch.no_grad(): heat[:] = -10; heat[0, 3, 4], heat[0, 3, 5], heat[0, 10, 10] = 5., 4., 3.   # (3, 5) is no peak
     boxes, scores, sd = detections((heat, params), k=3)
@@ -100,7 +101,7 @@ def test_detections_are_the_heatmap_peaks_and_their_boxes():
 
 def test_gaussian_head_samples_in_training_and_is_deterministic_in_eval():
     torch.manual_seed(0)
-    m = create_localizer(1, 'gaussian', kappa=.05, **TINY)
+    m = create_detector(1, 'gaussian', kappa=.05, **TINY)
     x = torch.rand(2, 1, 32, 32)
     m.eval()
     a, b = m(x), m(x)
@@ -126,7 +127,7 @@ def test_gaussian_std_grows_to_the_error_when_the_mean_is_persistently_off():
     size of the error, per coordinate, so one std means something."""
     from lesion_fastai.boxes import box_params
     torch.manual_seed(0)
-    m = create_localizer(1, 'gaussian', **TINY)
+    m = create_detector(1, 'gaussian', **TINY)
     for name, p in m.named_parameters(): p.requires_grad_(name.startswith('head.spread'))
     m.train()
     for mod in m.modules():
@@ -151,14 +152,14 @@ def test_gaussian_std_grows_to_the_error_when_the_mean_is_persistently_off():
 
 
 def test_output_batchnorm_is_optional_and_off_by_default():
-    assert not isinstance(create_localizer(1, **TINY).head.box[-1], torch.nn.BatchNorm2d)
-    assert isinstance(create_localizer(1, out_bn=True, **TINY).head.box[-1], torch.nn.BatchNorm2d)
+    assert not isinstance(create_detector(1, **TINY).head.box[-1], torch.nn.BatchNorm2d)
+    assert isinstance(create_detector(1, out_bn=True, **TINY).head.box[-1], torch.nn.BatchNorm2d)
 
 
 @pytest.mark.parametrize('adapters', [{}, {'adapter_ratio': 1.}, {'adapter_stem': True}])
 def test_untrained_sandwich_computes_the_encoder_features(adapters):
     torch.manual_seed(0)
-    plain, sandwich = create_localizer(1, sandwich=False, **TINY), create_localizer(1, sandwich=True, **TINY, **adapters)
+    plain, sandwich = create_detector(1, sandwich=False, **TINY), create_detector(1, sandwich=True, **TINY, **adapters)
     sandwich.encoder.load_state_dict(plain.encoder.state_dict(), strict=True)
     x = torch.rand(2, 1, 64, 64)
     for mode in ('eval', 'train'):
@@ -169,10 +170,10 @@ def test_untrained_sandwich_computes_the_encoder_features(adapters):
 def test_transfer_layer_options_change_what_trains():
     enc = dict(stem_width=16, widths=(32, 32, 64, 64), depths=(1, 1, 1, 1))
     n = lambda m: sum(p.numel() for p in m.parameters())
-    full, narrow = create_localizer(1, sandwich=True, **enc), create_localizer(1, sandwich=True, adapter_ratio=.25, **enc)
+    full, narrow = create_detector(1, sandwich=True, **enc), create_detector(1, sandwich=True, adapter_ratio=.25, **enc)
     assert n(narrow.adapters) < .4 * n(full.adapters)
     assert full.stem_adapter is None
-    stem = create_localizer(1, sandwich=True, adapter_ratio=1., adapter_stem=True, **enc)
+    stem = create_detector(1, sandwich=True, adapter_ratio=1., adapter_stem=True, **enc)
     assert stem.stem_adapter.conv2.out_channels == 16 and n(stem) == n(full) + n(stem.stem_adapter)
     with torch.no_grad(): stem.stem_adapter.conv2.weight.fill_(.01)   # once trained, it changes the features
     x = torch.rand(2, 1, 64, 64)
@@ -187,7 +188,7 @@ def test_autoencoder_shapes_and_encoder_moves_strictly(size):
     x = torch.rand(2, 3, size, size)
     y = ae(x)
     assert y.shape == x.shape and (y >= 0).all() and (y <= 1).all()
-    loc = Localizer(ae.encoder_args)
+    loc = Detector(ae.encoder_args)
     loc.encoder.load_state_dict(ae.encoder.state_dict(), strict=True)
     assert all(torch.equal(a, b) for a, b in zip(loc.encoder.state_dict().values(), ae.encoder.state_dict().values()))
 
@@ -250,7 +251,7 @@ def test_detection_loss_adds_heatmap_box_and_neighbour_size_terms(radius):
     from lesion_fastai.boxes import box_params
     from lesion_fastai.heatmap import focal_loss, heatmap_target
     torch.manual_seed(0)
-    m = create_localizer(1, 'direct', **TINY)
+    m = create_detector(1, 'direct', **TINY)
     y, f = _targets([[[.1, .1, .3, .3]], [[.9, .4, 1., .5], [.4, .4, .5, .45]]])     # the second slice's first centre: last column
     out = m(torch.rand(2, 1, 64, 64))
     heat, params = out
@@ -277,8 +278,8 @@ def test_detection_loss_decodes_boxes_in_the_targets_layout_with_scores(target):
     from fastai.vision.all import TensorBBox, TensorPoint
     from lesion_fastai.data import TensorScore
     torch.manual_seed(0)
-    out = create_localizer(1, **TINY).eval()(torch.rand(2, 1, 64, 64))
-    boxes, scores = DetectionLoss(target=target, k=5).decodes(out)
+    out = create_detector(1, **TINY).eval()(torch.rand(2, 1, 64, 64))
+    boxes, scores = DetectionLoss(target=target, decoding=Decoding(k=5)).decodes(out)
     ref_boxes, ref_scores, _ = detections(out, 5)
     assert isinstance(scores, TensorScore) and torch.equal(scores.as_subclass(torch.Tensor), ref_scores)
     assert isinstance(boxes, TensorPoint if target == 'points' else TensorBBox) and boxes.shape == ((2, 10, 2) if target == 'points' else (2, 5, 4))

@@ -9,11 +9,12 @@ import torch
 from fastai.learner import Learner, load_learner
 
 from lesion_fastai.checkpoint import load_pretrained
-from lesion_fastai.data import localization_dls
-from lesion_fastai.freeze import apply_freeze, freeze_callbacks, localizer_splitter
+from lesion_fastai.data import SliceSpec, detection_dls
+from lesion_fastai.freeze import apply_freeze, freeze_callbacks, detector_splitter
 from lesion_fastai.losses import DetectionLoss
-from lesion_fastai.models.localizer import Localizer
-from lesion_fastai.train import FinetuneConfig, finetune
+from lesion_fastai.models.detector import Detector
+from lesion_fastai.config import FinetuneConfig
+from lesion_fastai.finetuning import finetune
 
 import finetune.__main__ as finetune_cli
 import pretrain.__main__ as pretrain_cli
@@ -61,13 +62,13 @@ def test_finetune_cli_scratch_writes_metrics_results_and_export(tiny_data, tmp_p
 def exported(request, tiny_data, tmp_path_factory):
     "A one-epoch Gaussian-head model at 32 px (the slices are 64 px), exported, per target block."
     out = tmp_path_factory.mktemp(request.param)
-    finetune(FinetuneConfig(data=tiny_data, out=out, epochs=1, bs=2, size=32, target=request.param, head='gaussian', quiet=True))
+    finetune(FinetuneConfig(data=tiny_data, out=out, epochs=1, bs=2, size=32, target=request.param, head='gaussian'))
     return out
 
 
 def test_predict_returns_boxes_in_the_slice_files_pixels(exported, tiny_records, tmp_path):
     from lesion_fastai.deeplesion import load_hu, save_hu
-    from lesion_fastai.metrics import KEEP
+    from lesion_fastai.heatmap import KEEP
     learn = load_learner(exported / 'export.pkl')
     rec = next(r for r in tiny_records if r.split == 'test')    # a 64 px slice; the model sees it at 32 px
     (boxes, scores), raw, _ = learn.predict(rec.image_path)
@@ -100,7 +101,7 @@ def test_show_results_on_an_exported_learner(exported, tiny_data, tiny_records):
     truth = ax.patches[0]
     assert truth.get_xy() == pytest.approx((x1, y1), abs=1e-3) and truth.get_width() == pytest.approx(x2 - x1, abs=1e-3)
     plt.close('all')
-    learn2 = Learner(localization_dls(tiny_records, size=32, bs=2, seed=0), learn.model, loss_func=learn.loss_func)
+    learn2 = Learner(detection_dls(tiny_records, SliceSpec(size=32), bs=2, seed=0), learn.model, loss_func=learn.loss_func)
     learn2.show_results(max_n=2, min_score=0.)                  # and on a learner with its training data
     assert {p.get_edgecolor()[:3] for p in plt.gcf().axes[0].patches} == {(0., 1., 0.), (1., 1., 0.)}
     plt.close('all')
@@ -109,7 +110,7 @@ def test_show_results_on_an_exported_learner(exported, tiny_data, tiny_records):
 def test_eval_cli_reports_what_finetune_reported_with_the_baseline_it_trained_with(tiny_data, tmp_path):
     """With half the labels, the mean box of the training subset is the baseline; --eval reads it from the
     export (the data's whole training split would give another)."""
-    finetune(FinetuneConfig(data=tiny_data, out=tmp_path, epochs=1, bs=2, size=32, label_fraction=.5, quiet=True))
+    finetune(FinetuneConfig(data=tiny_data, out=tmp_path, epochs=1, bs=2, size=32, label_fraction=.5))
     finetune_cli.main(['--eval', str(tmp_path / 'export.pkl'), '--data', str(tiny_data), '--out', str(tmp_path / 'eval')])
     m, ref = (json.loads(p.read_text()) for p in (tmp_path / 'eval' / 'eval_metrics.json', tmp_path / 'metrics.json'))
     assert set(m['test']) >= METRIC_KEYS
@@ -130,7 +131,7 @@ def test_noisy_lesions_are_dropped_from_validation_and_test(tmp_path):
     generate(tmp_path / 'data', patients=10, size=64, seed=3, neighbours=1, noisy=.4)
     df = read_dl_info(tmp_path / 'data' / 'DL_info.csv')
     assert 0 < df.noisy.sum() < len(df)
-    m = finetune(FinetuneConfig(data=tmp_path / 'data', out=tmp_path / 'run', epochs=1, bs=2, size=32, quiet=True))
+    m = finetune(FinetuneConfig(data=tmp_path / 'data', out=tmp_path / 'run', epochs=1, bs=2, size=32))
     assert m['config']['precision'] == ('bf16' if torch.cuda.is_available() else 'fp32')   # precision auto
     for split, key in (('val', 'valid'), ('test', 'test')):
         sel = df[df.split == split]
@@ -156,7 +157,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_data, tmp_pat
     the same history, weights and metrics as the run that was never interrupted, with augmentation,
     shuffling and the Gaussian head's sampling all drawing random numbers."""
     from lesion_fastai.callbacks import ResumeState
-    cfg = dict(data=tiny_data, bs=2, size=32, seed=1, epochs=3, head='gaussian', quiet=True)
+    cfg = dict(data=tiny_data, bs=2, size=32, seed=1, epochs=3, head='gaussian')
     ref = finetune(FinetuneConfig(out=tmp_path / 'ref', **cfg))
     real = ResumeState.after_epoch
 
@@ -181,22 +182,22 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_data, tmp_pat
 def test_pretrain_then_finetune_loads_exactly_the_encoder(tiny_data, pretrained, tmp_path):
     ckpt = load_pretrained(pretrained / 'pretrained.pth')
     m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path, epochs=1, bs=2, pretrained=pretrained / 'pretrained.pth',
-                                freeze='encoder', quiet=True))
+                                freeze='encoder'))
     assert m['config']['size'] == 32 and m['config']['freeze'] == 'encoder'      # settings from the checkpoint
     model = load_learner(tmp_path / 'export.pkl').model
     for k, v in ckpt['encoder'].items(): assert torch.equal(model.encoder.state_dict()[k], v), k
 
 
 def _learner(tiny_records, model, mode, update_bn=False):
-    dls = localization_dls(tiny_records, size=32, bs=2, seed=0, augment=False)
-    learn = Learner(dls, model, loss_func=DetectionLoss(), splitter=localizer_splitter, train_bn=False, cbs=freeze_callbacks(mode, update_bn))
+    dls = detection_dls(tiny_records, SliceSpec(size=32), bs=2, seed=0, augment=False)
+    learn = Learner(dls, model, loss_func=DetectionLoss(), splitter=detector_splitter, train_bn=False, cbs=freeze_callbacks(mode, update_bn))
     apply_freeze(learn, mode)
     return learn
 
 
-@pytest.mark.parametrize('mode', ['sandwich', 'encoder', 'none', 'scratch'])
+@pytest.mark.parametrize('mode', ['sandwich', 'encoder', 'full', 'none', 'scratch'])   # none: full's old name
 def test_every_freeze_mode_trains_one_batch(tiny_records, mode):
-    model = Localizer(dict(ENC), sandwich=mode == 'sandwich')
+    model = Detector(dict(ENC), sandwich=mode == 'sandwich')
     learn = _learner(tiny_records, model, mode)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     learn.fit(1, 1e-2)
@@ -209,7 +210,7 @@ def test_every_freeze_mode_trains_one_batch(tiny_records, mode):
 
 def test_sandwich_step_keeps_frozen_weights_and_bn_statistics(tiny_records):
     torch.manual_seed(0)
-    model = Localizer(dict(ENC), sandwich=True)
+    model = Detector(dict(ENC), sandwich=True)
     learn = _learner(tiny_records, model, 'sandwich')
     enc0 = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     ad0 = {k: v.clone() for k, v in model.adapters.state_dict().items()}
@@ -223,7 +224,7 @@ def test_sandwich_step_keeps_frozen_weights_and_bn_statistics(tiny_records):
 def _decoder_sandwich(**kw):
     from lesion_fastai.models.autoencoder import create_autoencoder
     ae = create_autoencoder(1, **ENC, **kw)
-    model = Localizer(ae.encoder_args, sandwich='decoder', decoder_args={k: v for k, v in ae.model_args.items() if k != 'encoder_args'})
+    model = Detector(ae.encoder_args, sandwich='decoder', decoder_args={k: v for k, v in ae.model_args.items() if k != 'encoder_args'})
     model.encoder.load_state_dict(ae.encoder.state_dict(), strict=True)
     model.decoder.load_state_dict(ae.decoder.state_dict(), strict=True)
     return ae, model
@@ -261,20 +262,20 @@ def test_decoder_sandwich_step_keeps_frozen_encoder_decoder_and_bn_statistics(ti
 
 
 def test_lesion_probe_tells_a_model_that_keeps_lesions_from_one_that_blurs_them(tiny_records, pretrained, tiny_data):
-    from lesion_fastai.probe import lesion_reconstruction, lesion_reconstruction_of
+    from lesion_fastai.bench.lesions import lesion_reconstruction, lesion_reconstruction_of
     recs = [r for r in tiny_records if r.split == 'val']
     clean = dict(mask_ratio=0., patch=4, noise_std=0.)
-    keep = lesion_reconstruction(torch.nn.Identity(), recs, 'soft', 0, 64, clean)['clean']
+    keep = lesion_reconstruction(torch.nn.Identity(), recs, SliceSpec('soft', 0, 64), clean)['clean']
     assert keep['l1_slice'] == keep['l1_lesion'] == keep['l1_ring'] == 0 and keep['contrast_kept_median'] == pytest.approx(1)
     assert keep['lesions_with_contrast'] > 0
-    blur = lesion_reconstruction(torch.nn.AvgPool2d(9, 1, 4, count_include_pad=False), recs, 'soft', 0, 64, clean)['clean']
+    blur = lesion_reconstruction(torch.nn.AvgPool2d(9, 1, 4, count_include_pad=False), recs, SliceSpec('soft', 0, 64), clean)['clean']
     assert blur['contrast_kept_median'] < .9 and blur['l1_lesion'] > 0
     r = lesion_reconstruction_of(pretrained / 'pretrained.pth', tiny_data)
     assert set(r) == {'clean', 'corrupted'} and all(np.isfinite(v['l1_lesion']) and v['lesions'] > 0 for v in r.values())
 
 
 def test_update_frozen_bn_flag_lets_statistics_adapt(tiny_records):
-    model = Localizer(dict(ENC), sandwich=True)
+    model = Detector(dict(ENC), sandwich=True)
     learn = _learner(tiny_records, model, 'sandwich', update_bn=True)
     mean0 = model.encoder.stem[0][1].running_mean.clone()
     w0 = model.encoder.stem[0][1].weight.clone()
@@ -289,47 +290,53 @@ def test_mismatched_checkpoint_errors_name_the_mismatch(tiny_data, pretrained, t
     ckpt = load_pretrained(pretrained / 'pretrained.pth')
     from lesion_fastai.checkpoint import load_encoder
     with pytest.raises(ValueError, match=r'in_chans: checkpoint 1 vs model 3'):
-        load_encoder(Localizer(dict(ckpt['model_args']['encoder_args'], in_chans=3)).encoder, ckpt)
+        load_encoder(Detector(dict(ckpt['model_args']['encoder_args'], in_chans=3)).encoder, ckpt)
     bad = dict(ckpt, encoder={k: v[..., :1] if v.ndim == 4 else v for k, v in ckpt['encoder'].items()})
     with pytest.raises(ValueError, match=r'shapes .*stem'):
-        load_encoder(Localizer(dict(ckpt['model_args']['encoder_args'])).encoder, bad)
+        load_encoder(Detector(dict(ckpt['model_args']['encoder_args'])).encoder, bad)
     torch.save({'weights': 1}, tmp_path / 'other.pth')
     with pytest.raises(ValueError, match='not a lesion_fastai pretrained checkpoint'): load_pretrained(tmp_path / 'other.pth')
 
 
-def test_cli_errors_are_clear(tmp_path, tiny_data):
-    run = lambda *a: subprocess.run([sys.executable, '-m', 'finetune', *a], capture_output=True, text=True)
-    r = run('--data', str(tmp_path / 'missing'), '--out', str(tmp_path / 'o'))
-    assert r.returncode != 0 and 'no such folder' in r.stderr
-    r = run('--data', str(tiny_data), '--head', 'cubic')
-    assert r.returncode == 2 and "invalid choice: 'cubic'" in r.stderr
-    r = run('--data', str(tiny_data), '--label-fraction', '0')
-    assert r.returncode == 2 and '--label-fraction must be in (0, 1]' in r.stderr
-    r = run('--data', str(tiny_data), '--freeze', 'sandwich', '--out', str(tmp_path / 'o'))
-    assert r.returncode == 1 and '--freeze sandwich needs --pretrained' in r.stderr
-    r = run('--data', str(tiny_data), '--sandwich', 'decoder', '--out', str(tmp_path / 'o'))
-    assert r.returncode == 1 and '--sandwich decoder' in r.stderr and 'needs --freeze sandwich' in r.stderr
-    r = run('--data', str(tiny_data), '--loss', 'iou', '--out', str(tmp_path / 'o'))
-    assert r.returncode == 1 and 'unknown term' in r.stderr
-    for mod in ('finetune', 'pretrain'):
-        h = subprocess.run([sys.executable, '-m', mod, '--help'], capture_output=True, text=True)
-        assert h.returncode == 0 and '--resume' in h.stdout and '--seed' in h.stdout
-    # a command that imports fastai prints no torch.jit deprecation warning
-    r = run('--data', str(tmp_path / 'missing'))
-    assert 'Warning' not in r.stderr and r.stderr.strip() == f"error: --data {tmp_path / 'missing'}: no such folder"
+def test_cli_errors_are_clear(tmp_path, tiny_data, capsys):
+    def run(main, *a):
+        "A command run in this process: (exit code or the error line it exits with, what argparse printed to stderr)."
+        with pytest.raises(SystemExit) as e: main([str(v) for v in a])
+        printed = capsys.readouterr()
+        run.out = printed.out
+        return e.value.code, printed.err
+    code, _ = run(finetune_cli.main, '--data', tmp_path / 'missing', '--out', tmp_path / 'o')
+    assert code == f"error: --data {tmp_path / 'missing'}: no such folder"
+    code, err = run(finetune_cli.main, '--data', tiny_data, '--head', 'cubic')
+    assert code == 2 and "invalid choice: 'cubic'" in err
+    code, err = run(finetune_cli.main, '--data', tiny_data, '--label-fraction', '0')
+    assert code == 2 and '--label-fraction must be in (0, 1], got 0' in err
+    code, err = run(finetune_cli.main, '--data', tiny_data, '--loss', 'iou', '--out', tmp_path / 'o')
+    assert code == 2 and 'unknown term' in err                 # a value the flag does not allow: argparse's usage error
+    code, _ = run(finetune_cli.main, '--data', tiny_data, '--freeze', 'sandwich', '--out', tmp_path / 'o')
+    assert '--freeze sandwich needs --pretrained' in code      # settings that cannot go together: the run's error
+    code, _ = run(finetune_cli.main, '--data', tiny_data, '--sandwich', 'decoder', '--out', tmp_path / 'o')
+    assert '--sandwich decoder' in code and 'needs --freeze sandwich' in code
+    for main in (finetune_cli.main, pretrain_cli.main):
+        code, _ = run(main, '--help')
+        assert code == 0 and '--resume' in run.out and '--seed' in run.out
+    assert not (tmp_path / 'o').exists()
+    # the real process: exit status 1, one line on stderr, no torch.jit deprecation warning from importing fastai
+    r = subprocess.run([sys.executable, '-m', 'finetune', '--data', str(tmp_path / 'missing')], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: --data {tmp_path / 'missing'}: no such folder"
 
 
 def test_autoencoder_inpaints_masked_regions_from_context(pretrained, tiny_data):
     """Masked patches are zeros in the input: a model that copies its input would return ~0 there.
     The trained autoencoder fills them with something far closer to the clean slice."""
-    from lesion_fastai.callbacks import corrupt
-    from lesion_fastai.data import CTSlice
+    from lesion_fastai.pretraining import corrupt
+    from lesion_fastai.data import CTSlice, SliceSpec
     from lesion_fastai.deeplesion import list_slices
     from lesion_fastai.models.autoencoder import Autoencoder
     ckpt = load_pretrained(pretrained / 'pretrained.pth')
     ae = Autoencoder(ckpt['model_args']['encoder_args'], ckpt['model_args']['code_channels'], ckpt['model_args']['decoder_widths'])
     ae.encoder.load_state_dict(ckpt['encoder']); ae.decoder.load_state_dict(ckpt['decoder'])
-    x = torch.stack([CTSlice('soft', 0, 32)(p) for p in list_slices(tiny_data)[:8]]).as_subclass(torch.Tensor)
+    x = torch.stack([CTSlice(SliceSpec('soft', 0, 32))(p) for p in list_slices(tiny_data)[:8]]).as_subclass(torch.Tensor)
     xc, mask = corrupt(x, .5, 4, .05, torch.Generator().manual_seed(0))
     with torch.no_grad(): y = ae.eval()(xc)
     m = mask.expand_as(x).bool()

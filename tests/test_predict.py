@@ -8,16 +8,17 @@ from fastai.learner import load_learner
 from PIL import Image
 
 from lesion_fastai.deeplesion import load_hu, save_hu
-from lesion_fastai.metrics import MIN_SCORE
+from lesion_fastai.heatmap import MIN_SCORE
 from lesion_fastai.predict import SKIPPED, find_inputs, main, predict, read_dicom_series
-from lesion_fastai.train import FinetuneConfig, finetune
+from lesion_fastai.config import FinetuneConfig
+from lesion_fastai.finetuning import finetune
 
 
 @pytest.fixture(scope='module')
 def model(tiny_data, tmp_path_factory):
     "A one-epoch Gaussian-head model with one neighbour slice on each side, at 32 px (the slices are 64 px)."
     out = tmp_path_factory.mktemp('model')
-    finetune(FinetuneConfig(data=tiny_data, out=out, epochs=1, bs=2, size=32, head='gaussian', context=1, quiet=True))
+    finetune(FinetuneConfig(data=tiny_data, out=out, epochs=1, bs=2, size=32, head='gaussian', context=1))
     return out / 'export.pkl'
 
 
@@ -40,7 +41,7 @@ def _series(tiny_data):
 
 
 def test_png_folder_gives_what_learn_predict_gives(model, tiny_data, tiny_records, tmp_path):
-    res = predict(model, [tiny_data / 'Images_png'], tmp_path / 'out', quiet=True)
+    res = predict(model, [tiny_data / 'Images_png'], tmp_path / 'out')
     n_png = len(list((tiny_data / 'Images_png').rglob('*.png')))
     assert res['predicted'] == n_png and res['skipped'] == []
     rows = _rows(tmp_path / 'out')
@@ -89,9 +90,9 @@ def test_dicom_series_round_trips_hu_orders_by_position_and_predicts_as_the_pngs
     assert skipped == [(str(dcm / 'MR0001.dcm'), 'DICOM Modality MR, expected CT')]
     assert [p.rsplit('IM', 1)[1] for p in series.files] == [f'{len(hus) - i:04d}.dcm' for i in range(len(hus))]
     assert all(np.array_equal(series.hu(i), h) for i, h in enumerate(hus)) and series.spacing == (.7, .8)
-    res = predict(model, [dcm], tmp_path / 'd', quiet=True)
+    res = predict(model, [dcm], tmp_path / 'd')
     assert res['predicted'] == len(hus) and [s for s, _ in res['skipped']] == [str(dcm / 'MR0001.dcm')]
-    predict(model, [folder], tmp_path / 'p', quiet=True)
+    predict(model, [folder], tmp_path / 'p')
     rows_d, rows_p = _rows(tmp_path / 'd'), _rows(tmp_path / 'p')
     # slice i of the series is the i-th PNG: the same input (neighbours included), so the same boxes
     by_d = _boxes(rows_d, 'slice_index')
@@ -109,8 +110,8 @@ def test_nifti_volume_predicts_slice_by_slice_as_the_pngs(model, tiny_data, tmp_
     nib.save(img, tmp_path / 'ct.nii.gz')
     (series,), _, _ = find_inputs([tmp_path / 'ct.nii.gz'])
     assert all(np.array_equal(series.hu(i), h) for i, h in enumerate(hus)) and np.allclose(series.spacing, (.7, .8))   # float32 header
-    predict(model, [tmp_path / 'ct.nii.gz'], tmp_path / 'n', quiet=True)
-    predict(model, [folder], tmp_path / 'p', quiet=True)
+    predict(model, [tmp_path / 'ct.nii.gz'], tmp_path / 'n')
+    predict(model, [folder], tmp_path / 'p')
     by_n = _boxes(_rows(tmp_path / 'n'), 'slice_index')
     by_p = _boxes(_rows(tmp_path / 'p'), 'slice_index')
     assert all(np.allclose(by_n[str(i)], by_p[str(int(p.stem))], atol=1e-4) for i, p in enumerate(pngs))
@@ -143,8 +144,8 @@ def test_a_slice_larger_than_the_training_size_gets_boxes_in_its_own_pixels(mode
     folder, pngs, hus = _series(tiny_data)
     big = tmp_path / 'big' / folder.name
     for p, h in zip(pngs, hus): save_hu(big / p.name, np.kron(h, np.ones((2, 2), np.float32)))   # 128 px, the same picture
-    predict(model, [big], tmp_path / 'b', overlays=True, min_score=0., quiet=True)
-    predict(model, [folder], tmp_path / 's', quiet=True)
+    predict(model, [big], tmp_path / 'b', overlays=True, min_score=0.)
+    predict(model, [folder], tmp_path / 's')
     b, s = _boxes(_rows(tmp_path / 'b')), _boxes(_rows(tmp_path / 's'))
     assert b.keys() == s.keys() and all(np.allclose(b[k][:, :4], 2 * s[k][:, :4], atol=2e-3) and np.allclose(b[k][:, 4], s[k][:, 4], atol=1e-4) for k in b)
     shots = sorted((tmp_path / 'b' / 'overlays').glob('*.png'))

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from lesion_fastai.callbacks import ChannelLoss, MaskedCorruption, MaskedLoss, corrupt, key_channels
+from lesion_fastai.pretraining import ChannelLoss, MaskedCorruption, MaskedLoss, corrupt, key_channels
 from lesion_fastai.checkpoint import load_pretrained
 from lesion_fastai.data import n_channels
 from lesion_fastai.deeplesion import read_dl_info
-from lesion_fastai.train import FinetuneConfig, finetune
+from lesion_fastai.config import FinetuneConfig
+from lesion_fastai.finetuning import finetune
 
 import pretrain.__main__ as pretrain_cli
 
@@ -66,7 +67,7 @@ def test_context_pretext_trains_beats_its_baselines_and_finetunes(tiny_data, tmp
     ckpt = load_pretrained(out / 'pretrained.pth')
     assert ckpt['model_args']['encoder_args']['in_chans'] == 3
     r = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'ft', epochs=1, bs=2, pretrained=out / 'pretrained.pth',
-                                freeze='sandwich', quiet=True))
+                                freeze='sandwich'))
     assert r['config']['context'] == 1 and (tmp_path / 'ft' / 'export.pkl').exists()
 
 
@@ -103,7 +104,7 @@ def test_mae_pretext_then_decoder_sandwich_loads_encoder_and_decoder(tiny_data, 
     assert m['valid_loss'] < .7 * m['valid_loss_untrained'] and m['valid_loss'] < m['valid_loss_copy_input']
     ckpt = load_pretrained(out / 'pretrained.pth')
     r = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'ft', epochs=1, bs=2, pretrained=out / 'pretrained.pth',
-                                freeze='sandwich', sandwich='decoder', quiet=True))
+                                freeze='sandwich', sandwich='decoder'))
     assert r['config']['sandwich'] == 'decoder' and r['parameters']['frozen'] > 0
     from fastai.learner import load_learner
     model = load_learner(tmp_path / 'ft' / 'export.pkl').model
@@ -116,7 +117,8 @@ def test_mae_pretext_then_decoder_sandwich_loads_encoder_and_decoder(tiny_data, 
 def test_pretrain_dedup_drops_repeated_training_slices_only(tiny_data, tmp_path, capsys):
     import shutil
     from lesion_fastai.deeplesion import read_dl_info
-    from lesion_fastai.train import PretrainConfig, pretrain
+    from lesion_fastai.config import PretrainConfig
+    from lesion_fastai.pretraining import pretrain
     data = tmp_path / 'data'
     shutil.copytree(tiny_data, data)
     df = read_dl_info(data / 'DL_info.csv')

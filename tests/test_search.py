@@ -22,7 +22,7 @@ def test_study_completes_prunes_resumes_from_storage_and_writes_the_command(tiny
     assert len(pruned_history) == 2                                           # header + the one epoch it ran
     cmd = (tmp_path / 'best_command.txt').read_text().strip()
     assert cmd == res['command'] and cmd.startswith('python -m finetune --data')
-    args = finetune_cli.parse_args(shlex.split(cmd)[3:])                       # a command finetune accepts as it is
+    args = finetune_cli.parser().parse_args(shlex.split(cmd)[3:])                       # a command finetune accepts as it is
     assert args.lr == pytest.approx(res['params']['lr'], rel=1e-3) and args.epochs == res['params']['epochs']
     assert (tmp_path / 'trials.png').stat().st_size > 0 and len((tmp_path / 'trials.csv').read_text().splitlines()) == 4
     stamp = (tmp_path / 'trials' / '000' / 'metrics.json').stat().st_mtime

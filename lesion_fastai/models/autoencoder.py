@@ -1,4 +1,4 @@
-"""Convolutional autoencoder for unsupervised pretraining: the localizer's `ResNetEncoder`, a
+"""Convolutional autoencoder for unsupervised pretraining: the detector's `ResNetEncoder`, a
 multi-scale bottleneck, and an upsampling decoder back to the input size.
 
 The code is small: narrow 1x1 projections of the last three stages (default 4, 8 and 64 channels at
@@ -69,7 +69,7 @@ class Decoder(nn.Module):
 
 
 class Autoencoder(nn.Module):
-    "`encoder` (same class and arguments as the localizer's body: resnet or a timm model) and `decoder`."
+    "`encoder` (same class and arguments as the detector's body: resnet or a timm model) and `decoder`."
     def __init__(self, encoder_args: dict | None = None, code_channels=CODE_CHANNELS, decoder_widths=None, backbone_weights=None):
         super().__init__()
         self.encoder = create_encoder(encoder_args, backbone_weights)
@@ -91,6 +91,6 @@ class Autoencoder(nn.Module):
 
 
 def create_autoencoder(in_chans: int = 1, **kwargs) -> Autoencoder:
-    "An autoencoder whose encoder is the default localizer body for `in_chans` channels."
+    "An autoencoder whose encoder is the default detector body for `in_chans` channels."
     enc = {k: kwargs.pop(k) for k in list(kwargs) if k in ENCODER_KEYS}
     return Autoencoder(dict(enc, in_chans=in_chans), **kwargs)

@@ -1,4 +1,4 @@
-"""The earlier experiment's localizer, kept as the speed and accuracy baseline of the benchmarks:
+"""The earlier experiment's one-box detector, kept as the speed and accuracy baseline of the benchmarks:
 six residual blocks at full input resolution (widths 64, 128, 256, 512, 512, 512), each followed by
 2x2 max-pooling, then flatten and a linear layer to 4 sigmoid outputs (x1, y1, w, h)."""
 import torch
@@ -6,10 +6,10 @@ from torch import nn
 
 from .resnet import BasicBlock
 
-__all__ = ['LegacyLocalizer']
+__all__ = ['LegacyDetector']
 
 
-class LegacyLocalizer(nn.Module):
+class LegacyDetector(nn.Module):
     def __init__(self, in_chans: int = 1, size: int = 256, widths=(64, 128, 256, 512, 512, 512)):
         super().__init__()
         layers, ci = [], in_chans

@@ -1,4 +1,4 @@
-"""The ResNet body shared by the autoencoder's encoder and the localizer, sized for half-resolution CT,
+"""The ResNet body shared by the autoencoder's encoder and the detector, sized for half-resolution CT,
 or any timm model as the body (`TimmEncoder`, `--backbone NAME`).
 
 One class per backbone, so that pretrained weights move by `load_state_dict(strict=True)`. Output stride 32: a

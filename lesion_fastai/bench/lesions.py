@@ -1,21 +1,25 @@
-"""Does a pretrained autoencoder encode the lesions? Its reconstructions of validation key slices scored
-inside the lesion boxes against the whole slice. Labels are used to measure here, never to train.
+"""Does a pretrained autoencoder keep the lesions? Its reconstructions of validation key slices scored
+inside the lesion boxes, in the ring around them and over the whole slice. Labels are used to
+measure here, never to train.
 
     python -m lesion_fastai.bench lesions --pretrained runs/pretrain/pretrained.pth --data data/synthetic
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .callbacks import corrupt, key_channels
-from .checkpoint import load_decoder, load_encoder, load_pretrained
-from .data import CTSlice
-from .deeplesion import evaluation_records, load_data
+from ..checkpoint import load_decoder, load_encoder, load_pretrained
+from ..data import CTSlice, SliceSpec
+from ..deeplesion import evaluation_records, load_data
+from ..log import log
+from ..models.autoencoder import Autoencoder
+from ..pretraining import corrupt, key_channels
 
-__all__ = ['lesion_reconstruction', 'lesion_reconstruction_of']
+__all__ = ['lesion_reconstruction', 'lesion_reconstruction_of', 'lesions', 'add_parser']
 
 
 def _masks(box_px, scale: float, size: int):
@@ -30,15 +34,14 @@ def _masks(box_px, scale: float, size: int):
 
 
 @torch.no_grad()
-def lesion_reconstruction(model, records, windows: str, context: int, size: int, corruption: dict, channels=None,
-                          seed: int = 0) -> dict:
+def lesion_reconstruction(model, records, spec: SliceSpec, corruption: dict, channels=None, seed: int = 0) -> dict:
     """For the clean and the corrupted (pretext) input of each record's key slice: the reconstruction's
     L1 error over the slice, inside the lesion boxes and in the ring around them (the same neighbourhood
     without the lesion), and the share of each lesion's contrast
     against its surrounding ring (box mean minus ring mean) that the reconstruction keeps (1: kept,
     0: erased; lesions under 0.02 of contrast in the input are left out). The corruption masks
     `channels` (default all), as the pretext did. Returns means and the median share kept."""
-    load = CTSlice(windows, context, size)
+    load, size = CTSlice(spec), spec.size
     g = torch.Generator().manual_seed(seed)
     found = {k: {'l1_slice': [], 'l1_lesion': [], 'l1_ring': [], 'contrast_kept': []} for k in ('clean', 'corrupted')}
     model.eval()
@@ -68,7 +71,6 @@ def lesion_reconstruction(model, records, windows: str, context: int, size: int,
 
 def lesion_reconstruction_of(pretrained: Path | str, data: Path | str, split: str = 'val') -> dict:
     "`lesion_reconstruction` of a `python -m pretrain` checkpoint, with its settings, on the split's key slices."
-    from .models.autoencoder import Autoencoder
     ckpt = load_pretrained(pretrained)
     cfg = ckpt['config']
     model = Autoencoder(**ckpt['model_args'])                   # the autoencoder's own construction arguments
@@ -76,4 +78,27 @@ def lesion_reconstruction_of(pretrained: Path | str, data: Path | str, split: st
     _, records = load_data(Path(data))
     corruption = {k: cfg[k] for k in ('mask_ratio', 'patch', 'noise_std')}
     keys = key_channels(cfg['in_chans'], cfg['context']) if cfg.get('pretext') == 'context' else None
-    return lesion_reconstruction(model, evaluation_records(records, split), cfg['windows'], cfg['context'], cfg['size'], corruption, keys)
+    return lesion_reconstruction(model, evaluation_records(records, split), SliceSpec(cfg['windows'], cfg['context'], cfg['size']), corruption, keys)
+
+
+def lesions(checkpoints, data: Path) -> str:
+    """Per checkpoint: validation reconstruction L1 over the slice and inside the lesion boxes, and the
+    median share of lesion contrast the reconstruction keeps, from the clean and the pretext's input."""
+    lines = ['| checkpoint | pretext | input | L1, whole slice | L1, inside lesion boxes | L1, ring around them | lesion contrast kept (median) | lesions |',
+             '|---|---|---|---|---|---|---|---|']
+    for ckpt in checkpoints:
+        pretext = load_pretrained(ckpt)['config'].get('pretext', 'masked')
+        for kind, r in lesion_reconstruction_of(ckpt, data).items():
+            lines.append(f"| {ckpt} | {pretext} | {kind} | {r['l1_slice']:.4f} | {r['l1_lesion']:.4f} | {r['l1_ring']:.4f} | {r['contrast_kept_median']:.2f} | "
+                         f"{r['lesions_with_contrast']} of {r['lesions']} |")
+    table = '\n'.join(lines)
+    log.info(table)
+    return table
+
+
+def add_parser(sub) -> None:
+    le = sub.add_parser('lesions', help="does a pretrained autoencoder keep the lesions? its validation reconstructions inside the boxes",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    le.add_argument('--pretrained', type=Path, nargs='+', required=True, help='pretrained.pth files of python -m pretrain')
+    le.add_argument('--data', type=Path, required=True, help='the data they were pretrained on')
+    le.set_defaults(run=lambda ap, args: lesions(args.pretrained, args.data))

@@ -1,0 +1,106 @@
+"""Choose the default of one fine-tuning setting on validation, never on test: every value x label
+fraction x seed fine-tuned, validation figures only, paired differences from the current default.
+
+    python -m lesion_fastai.bench select --setting adapter_ratio --values 1,0.25 --mode sandwich
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from ..config import FinetuneConfig, choices, parse_floats, parse_ints
+from ..log import log
+from ..stats import mean_ci
+from .common import MODES, add_data_args, data_args, ensure_data, finetune_config, machine, prepare, report, run_finetune
+
+__all__ = ['CRITERIA', 'select', 'add_parser']
+
+
+def _validation_row(m: dict, **extra) -> dict:
+    "What `select` may look at: validation figures only."
+    v = m['valid']
+    cal = v['top1'].get('calibration')
+    return {**extra, 'valid_froc': v['froc']['mean_0.5_4'], 'valid_mean_iou': v['top1']['mean_iou'], 'valid_hit@0.5': v['top1']['hit@0.5'],
+            'train_slices': m['train_slices'],
+            'valid_within_1std': cal['within_1std'] if cal else None, 'valid_within_2std': cal['within_2std'] if cal else None,
+            'calibration_error': (abs(cal['within_1std'] - .683) + abs(cal['within_2std'] - .954)) / 2 if cal else None}
+
+
+CRITERIA = {'froc': ('valid_froc', max), 'iou': ('valid_mean_iou', max), 'calibration': ('calibration_error', min)}
+
+
+def select(out: Path, data: Path, patients: int, native: int, setting: str, values, mode: str, fractions, seeds,
+           epochs: int, pretrain_epochs: int, bs: int, changes: dict | None = None, criterion: str = 'froc') -> dict:
+    """Choose the default of one fine-tuning `setting` on validation, never on test: every value x label
+    fraction x seed is fine-tuned (same data, pretraining and steps as `efficiency`; a seed fixes the
+    label subset and the initialisation, shared by all values), and only validation figures are
+    reported: per value the mean and 95% interval of `criterion` ('froc': validation FROC, mean
+    sensitivity over 0.5-4 FPs per slice; 'iou': the top box's validation mean IoU, both higher is
+    better; 'calibration': the Gaussian std's distance from 68% / 95% coverage, lower is better),
+    and its paired difference from the first value (the current default) over the same seeds."""
+    key, best_of = CRITERIA[criterion]
+    if mode == 'scratch':
+        ckpt = None
+        ensure_data(data, patients, native)
+    else: ckpt = prepare(out, data, patients, native, pretrain_epochs, bs)
+    rows = []
+    for frac in fractions:
+        for seed in seeds:
+            for v in values:
+                run = out / 'select' / setting / f'{mode}_{v:g}_{frac:g}_seed{seed}'
+                if not (run / 'metrics.json').exists(): log.info(f"\n== {setting} {v:g}, {mode}, label fraction {frac:g}, seed {seed}")
+                m = run_finetune(finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, {**(changes or {}), setting: v}))
+                rows.append(_validation_row(m, value=v, fraction=frac, seed=seed))
+    summary = []
+    for frac in fractions:
+        ref = {r['seed']: r[key] for r in rows if r['fraction'] == frac and r['value'] == values[0]}
+        for v in values:
+            sel = [r for r in rows if r['fraction'] == frac and r['value'] == v]
+            mean, ci = mean_ci([r[key] for r in sel])
+            diff, diff_ci = mean_ci([r[key] - ref[r['seed']] for r in sel])
+            summary.append({'value': v, 'fraction': frac, 'seeds': len(sel), 'mean': mean, 'ci': ci, 'diff': diff, 'diff_ci': diff_ci,
+                            'valid_froc': float(np.mean([r['valid_froc'] for r in sel])),
+                            'train_slices': sel[0]['train_slices']})
+    overall = {v: float(np.mean([s['mean'] for s in summary if s['value'] == v])) for v in values}
+    best = best_of(values, key=lambda v: overall[v])
+    verdict = f"{setting} = {best:g} is best on validation {criterion}, averaged over the label fractions"
+    if best != values[0]:
+        clear = [f"{s['fraction']:g}" for s in summary if s['value'] == best and abs(s['diff']) > s['diff_ci']]
+        verdict += (f"; its paired difference from {values[0]:g} is outside the 95% interval at label fraction {', '.join(clear)}"
+                    if clear else f"; no difference from {values[0]:g} is resolved (every paired interval holds 0)")
+    lines = [f"| {setting} | labels | labeled slices | seeds | validation {criterion} (mean +- 95% CI) | difference from {values[0]:g} (paired) | validation FROC |",
+             '|---|---|---|---|---|---|---|']
+    lines += [f"| {s['value']:g} | {s['fraction']:g} | {s['train_slices']} | {s['seeds']} | {s['mean']:.3f} +- {s['ci']:.3f} | "
+              f"{s['diff']:+.3f} +- {s['diff_ci']:.3f} | {s['valid_froc']:.3f} |" for s in summary]
+    table = '\n'.join(lines)
+    result = {'rows': rows, 'summary': summary, 'verdict': verdict, 'best': best, 'machine': machine(),
+              'settings': dict(setting=setting, values=list(values), mode=mode, fractions=list(fractions), seeds=list(seeds),
+                               epochs=epochs, criterion=criterion, changes=changes or {})}
+    report(out, f'select_{setting}', result, table, [verdict])
+    return result
+
+
+def add_parser(sub) -> None:
+    se = sub.add_parser('select', help='choose the default of one fine-tuning setting on validation (never on test)',
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_args(se, "output folder (efficiency's: shares its data and pretraining)", 'a few-minute smoke run: 40 patients, 2 epochs')
+    se.add_argument('--setting', required=True, help='a FinetuneConfig field, e.g. adapter_ratio, nll_weight, map_radius, lr, wd')
+    se.add_argument('--values', type=parse_floats, required=True, help='values to compare, comma separated; the first is the current default')
+    se.add_argument('--mode', choices=list(MODES), default='sandwich', help='scratch or freeze mode of every run')
+    se.add_argument('--head', choices=choices(FinetuneConfig, 'head'), default='direct', help='box head of every run')
+    se.add_argument('--fractions', type=parse_floats, default='0.1,1', help='label fractions of training patients')
+    se.add_argument('--seeds', type=parse_ints, default='0,1,2', help='seeds, comma separated (label subset and initialisation)')
+    se.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs, the same for every run')
+    se.add_argument('--criterion', choices=sorted(CRITERIA), default='froc',
+                    help="froc: validation FROC (mean sensitivity 0.5-4 FPs per slice); iou: the top box's validation mean IoU; "
+                         "calibration: the Gaussian std's distance from 68%% / 95%% coverage")
+    se.set_defaults(run=_run)
+
+
+def _run(ap, args) -> dict:
+    data = data_args(args)
+    if args.setting not in FinetuneConfig.__dataclass_fields__: ap.error(f'--setting {args.setting!r} is not a fine-tuning setting')
+    return select(args.out, data, args.patients, args.native, args.setting, list(args.values), args.mode, list(args.fractions),
+                  list(args.seeds), args.epochs, args.pretrain_epochs, args.bs, {'head': args.head} if args.head != 'direct' else None,
+                  args.criterion)

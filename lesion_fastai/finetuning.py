@@ -1,0 +1,150 @@
+"""Fine-tuning: the detector trained on every lesion of the labelled slices, from scratch or from a
+pretrained encoder in a freeze mode (`freeze.py`), the best epoch kept by the validation FROC, then
+scored on validation and test (`evaluation.report`). Used by `python -m finetune`, the demo, the
+search and the benchmarks.
+
+The run writes into its `out` folder: `metrics.json`, `predictions.csv`, `predictions_valid.csv`,
+`froc.png`, `results.png`, `history.csv` (one row per epoch), `models/best.pth`, `last.pth` (resume
+state) and the exported learner `export.pkl`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from fastai.learner import Learner
+from fastai.torch_core import set_seed
+
+from . import distributed
+from .cache import prepare_slices
+from .callbacks import TimeBudget
+from .checkpoint import decoder_args, load_decoder, load_encoder, load_pretrained
+from .config import FinetuneConfig
+from .data import SliceSpec, detection_dls, select_patients
+from .deeplesion import evaluation_records, load_data
+from .evaluation import report
+from .export import save_export
+from .files import check_out_folder, write_json
+from .fit import check_batches, check_precision, fit_resumable, loader_kwargs, native_size, run_folder, seed_rank, speed_up
+from .freeze import apply_freeze, detector_splitter, freeze_callbacks, lr_for, parameter_counts
+from .heatmap import Decoding
+from .log import log
+from .losses import DetectionLoss
+from .metrics import ValidFROC, mean_box, summary_line
+from .models.detector import Detector
+
+__all__ = ['resolve_settings', 'finetune']
+
+
+def resolve_settings(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
+    """Settings of this run (windows, context, size, freeze mode, backbone) and its checkpoint: from the
+    checkpoint when there is one (a disagreeing flag is an error), else the flags or their defaults."""
+    ckpt = load_pretrained(cfg.pretrained) if cfg.pretrained else None
+    weights = cfg.backbone_weights
+    if ckpt is not None and weights: raise ValueError("--pretrained and --backbone-weights both set the encoder's weights: give one")
+    freeze = cfg.freeze or ('sandwich' if ckpt else 'full' if weights else 'scratch')
+    if ckpt is None and not weights and freeze != 'scratch':
+        raise ValueError(f"--freeze {freeze} needs --pretrained CHECKPOINT or --backbone-weights (without one the model trains from scratch)")
+    if freeze == 'scratch' and (ckpt is not None or weights):
+        raise ValueError(f"--freeze scratch ignores {'--pretrained' if ckpt else '--backbone-weights'}: drop one of them")
+    pretrained_body = ckpt['model_args']['encoder_args'].get('backbone', 'resnet') if ckpt else None
+    if ckpt is not None and cfg.backbone not in (None, pretrained_body):
+        raise ValueError(f"--backbone {cfg.backbone} disagrees with the checkpoint {cfg.pretrained}, pretrained with backbone {pretrained_body}")
+    if cfg.sandwich == 'decoder' and freeze != 'sandwich':
+        raise ValueError(f"--sandwich decoder interleaves transfer layers in the frozen decoder: it needs --freeze sandwich, not {freeze}")
+    if cfg.sandwich == 'decoder' and ckpt is None:
+        raise ValueError("--sandwich decoder reads the pretrained autoencoder's decoder: it needs --pretrained CHECKPOINT")
+    defaults = {'windows': 'soft', 'context': 0, 'size': native_size(records) // 2}
+    settings = {}
+    for k in ('windows', 'context', 'size'):
+        flag = getattr(cfg, k)
+        if ckpt is not None:
+            have = ckpt['config'][k]
+            if flag is not None and flag != have:
+                raise ValueError(f"--{k} {flag} disagrees with the checkpoint {cfg.pretrained}, pretrained with {k} {have}")
+            settings[k] = have
+        else: settings[k] = flag if flag is not None else defaults[k]
+    settings['freeze'] = freeze
+    settings['backbone'] = pretrained_body or cfg.backbone or 'resnet'
+    return settings, ckpt
+
+
+def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
+    """Train the detector (from scratch or from a pretrained encoder in a freeze mode) with
+    `fit_one_cycle` on every lesion of the training slices, keep the best epoch by validation FROC
+    (mean sensitivity over 0.5-4 FPs per slice), evaluate on validation and test beside the mean-box
+    baseline (`evaluation.report`), and write `metrics.json`, `predictions.csv`, `froc.png`,
+    `results.png`, `history.csv` and the exported learner `export.pkl`.
+
+    Everything that can be checked is checked before the output folder is made: the folder, the data,
+    the checkpoint, the batch size, and every slice the run needs (decoded once, `cache.prepare_slices`).
+    Training, validation and test follow DeepLesion's protocol (`deeplesion.evaluation_records`):
+    Possibly_noisy lesions are no targets, and slices left without a lesion are left out. `cbs`: more
+    fastai callbacks for the fit (a hyperparameter search's pruning callback, say)."""
+    t0 = time.time()
+    out = check_out_folder(cfg.out)
+    check_precision(cfg.precision)
+    distributed.setup()
+    decoding = Decoding(cfg.keep, cfg.nms_iou)
+    loss_func = DetectionLoss(cfg.loss, cfg.map_weight, cfg.map_radius, cfg.nll_weight, cfg.target, decoding)
+    df, records = load_data(cfg.data)
+    s, ckpt = resolve_settings(cfg, records)
+    spec = SliceSpec(s['windows'], s['context'], s['size'])
+    train_all = evaluation_records(records, 'train')
+    train = select_patients(train_all, cfg.label_fraction, cfg.seed)
+    valid, test = evaluation_records(records, 'val'), evaluation_records(records, 'test')
+    if not train or not valid:
+        raise ValueError(f"{cfg.data}: needs train (Train_Val_Test 1) and validation (2) slices, with lesions not all Possibly_noisy")
+    epoch_items = train
+    if cfg.same_epoch_length and len(train) < len(train_all):  # same steps per epoch for every label fraction
+        epoch_items = (train * -(-len(train_all) // len(train)))[:len(train_all)]
+    check_batches(len(epoch_items), cfg.bs, f"--label-fraction {cfg.label_fraction:g} leaves {len({r.patient for r in train})} patient(s)",
+                   ' or a larger --label-fraction')
+    in_chans = spec.n_channels
+    enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans, 'backbone': s['backbone']}
+    if enc_args['in_chans'] != in_chans:
+        raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
+    # every slice this run reads: the disk cache is shared by all label fractions, the memory cache holds this run's
+    needed = records if cfg.cache == 'disk' else epoch_items + valid + test
+    cache = prepare_slices(cfg.cache, needed, spec, cfg.cache_dir, max(1, cfg.num_workers))
+    with run_folder(out):
+        set_seed(cfg.seed, reproducible=True)
+        dls = detection_dls(epoch_items + valid, spec, cfg.target, cfg.bs, cfg.augment, cfg.num_workers, cfg.seed, cache=cache,
+                            **loader_kwargs())
+        model = Detector(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich' and cfg.sandwich, out_bn=cfg.out_bn, kappa=cfg.kappa,
+                         adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, stride=cfg.stride,
+                         decoder_args=decoder_args(ckpt) if ckpt else None, backbone_weights=cfg.backbone_weights, decoding=decoding)
+        if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
+        if model.decoder is not None: load_decoder(model.decoder, ckpt, str(cfg.pretrained))
+        learn = Learner(dls, model, loss_func=loss_func, metrics=[ValidFROC()], train_bn=False, wd=cfg.wd, path=out,
+                        model_dir='models', splitter=detector_splitter)
+        apply_freeze(learn, s['freeze'])
+        counts = parameter_counts(model)
+        log.info(f"freeze {s['freeze']}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters; "
+                 f"{len(train)} training slices of {len({r.patient for r in train})} patients, {len(valid)} validation, {len(test)} test")
+        lr = cfg.lr
+        if cfg.lr_find:    # in one process (it saves and reloads the model in the output folder); the other ranks take its rate
+            if distributed.is_main():
+                with distributed.alone(): lr = float(learn.lr_find(show_plot=False).valley)
+            lr = distributed.gather(lr)[0]
+            log.info(f"lr_find: {lr:.2e}")
+        cbs = freeze_callbacks(s['freeze'], cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else []) + list(cbs)
+        seed_rank(cfg.seed)
+        precision = speed_up(learn, cfg.precision)
+        fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'froc', cfg.resume, cbs)
+        if not distributed.is_main(): return {}     # rank 0 evaluates the model in one process, as a single-process run would
+        learn.to_contiguous(to_fp32=True)             # evaluation and the export in float32, as a CPU evaluation of it
+        baseline = mean_box(train)
+        results = report(learn, {'valid': valid, 'test': test}, baseline, out, n_figure=cfg.n_figure)
+        config = {**asdict(cfg), **s, 'lr': lr, 'precision': precision, 'data': str(cfg.data), 'out': str(out),
+                  'pretrained': str(cfg.pretrained) if cfg.pretrained else None}
+        # the export carries what evaluating it later needs: the baseline of the labels it was trained with
+        learn.train_info = {'mean_box': baseline.tolist(), 'train_slices': len(train), 'label_fraction': cfg.label_fraction,
+                            'seed': cfg.seed, 'data': str(cfg.data)}
+        save_export(learn, out / 'export.pkl')
+        metrics = {**results, 'mean_box': baseline.tolist(), 'parameters': counts, 'train_slices': len(train),
+                   'slices_per_epoch': len(dls.train_ds),
+                   'train_patients': len({r.patient for r in train}), 'config': config, 'time_s': round(time.time() - t0, 1)}
+        write_json(metrics, out / 'metrics.json')
+    if 'test' in results: log.info(f"test: {summary_line(results['test'])}; wrote {out}")
+    return metrics

@@ -1,0 +1,162 @@
+"""CT scans other than DeepLesion's labelled layout, read as series of slices in HU for prediction:
+PNG slices (DeepLesion's 16-bit encoding; neighbours by slice number, as in training), DICOM series
+(HU from RescaleSlope / RescaleIntercept, pixel spacing from the header, slices ordered by their
+position along the slice normal), NIfTI volumes (slice by slice along the last axis). DICOM and NIfTI
+need the optional extra: pip install -e '.[dicom]'. Like `deeplesion.py` beside it, this module knows
+files and pixels, nothing about models.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .deeplesion import SliceFileError, open_png
+
+__all__ = ['Series', 'find_inputs', 'read_dicom_series', 'dicom_hu']
+
+_NIFTI = ('.nii', '.nii.gz')
+_DEEPLESION_FOLDER = re.compile(r'^\d+_\d+_\d+$')
+
+
+def _extra(module: str):
+    "pydicom / nibabel, or a clear error saying how to install them."
+    try: return __import__(module)
+    except ImportError: raise SystemExit(f"error: reading DICOM and NIfTI needs {module}: pip install -e '.[dicom]'") from None
+
+
+@dataclass
+class Series:
+    """Slices in order: PNG files (`kind` 'png', neighbours found by slice number as in training),
+    the files of one DICOM series sorted by position ('dicom'), or one NIfTI volume ('nifti').
+    `spacing` is (row, column) mm per pixel or None; `windows` a DICOM window per slice or None."""
+    kind: str
+    source: str
+    files: list = field(default_factory=list)
+    names: list = field(default_factory=list)
+    spacing: tuple | None = None
+    windows: list | None = None
+
+    def __len__(self): return len(self.names)
+
+    def hu(self, i: int) -> np.ndarray:
+        "Slice `i` in HU, [H, W] float32."
+        if self.kind == 'dicom': return dicom_hu(self.files[i])
+        nib = _extra('nibabel')
+        img = nib.load(self.source)
+        a = np.asarray(img.dataobj[..., i], dtype=np.float32)                # scl_slope / scl_inter applied by nibabel
+        return np.ascontiguousarray(a.T)                                     # rows = second voxel axis, as viewers show it
+
+
+def dicom_hu(path) -> np.ndarray:
+    pydicom = _extra('pydicom')
+    ds = pydicom.dcmread(path)
+    try: a = ds.pixel_array
+    except Exception as e: raise SliceFileError(path, f"DICOM pixel data unreadable ({type(e).__name__}: {e})") from None
+    if a.ndim != 2: raise SliceFileError(path, f"DICOM pixel data of shape {a.shape}, expected one grey CT slice")
+    return (a.astype(np.float32) * float(getattr(ds, 'RescaleSlope', 1) or 1) + float(getattr(ds, 'RescaleIntercept', 0) or 0)).astype(np.float32)
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in ('.dcm', '.dicom'): return True
+    if path.suffix: return False
+    try:
+        with open(path, 'rb') as f: return f.read(132)[128:] == b'DICM'
+    except OSError: return False
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith('.png'): return 'png'
+    if name.endswith(_NIFTI): return 'nifti'
+    return 'dicom' if _is_dicom(path) else None
+
+
+def read_dicom_series(paths) -> tuple[list[Series], list[tuple[str, str]]]:
+    """DICOM files grouped by SeriesInstanceUID and sorted by position along the slice normal
+    (ImagePositionPatient projected on the cross product of ImageOrientationPatient's axes; the
+    InstanceNumber without them). Returns the series and the (file, reason) pairs of files skipped:
+    unreadable, not CT, colour or multi-frame."""
+    pydicom = _extra('pydicom')
+    groups, skipped = {}, []
+    for p in paths:
+        try: ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except Exception as e:
+            skipped.append((str(p), f"not a readable DICOM file ({type(e).__name__}: {e})")); continue
+        modality = getattr(ds, 'Modality', 'CT')
+        if modality != 'CT': skipped.append((str(p), f"DICOM Modality {modality}, expected CT")); continue
+        if int(getattr(ds, 'SamplesPerPixel', 1)) != 1:
+            skipped.append((str(p), f"DICOM SamplesPerPixel {ds.SamplesPerPixel} (colour), expected one grey CT slice")); continue
+        if int(getattr(ds, 'NumberOfFrames', 1) or 1) > 1:
+            skipped.append((str(p), f"DICOM with {ds.NumberOfFrames} frames, expected one slice per file")); continue
+        if 'PixelData' not in ds and not hasattr(ds, 'Rows'):
+            skipped.append((str(p), 'DICOM without pixel data')); continue
+        if hasattr(ds, 'ImagePositionPatient') and hasattr(ds, 'ImageOrientationPatient'):
+            o = np.asarray(ds.ImageOrientationPatient, float)
+            pos = float(np.dot(np.asarray(ds.ImagePositionPatient, float), np.cross(o[:3], o[3:])))
+        else: pos = float(getattr(ds, 'InstanceNumber', 0) or 0)
+        spacing = tuple(float(v) for v in ds.PixelSpacing) if hasattr(ds, 'PixelSpacing') else None
+        win = None
+        if hasattr(ds, 'WindowCenter') and hasattr(ds, 'WindowWidth'):
+            first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+            c, w = first(ds.WindowCenter), first(ds.WindowWidth)
+            win = (c - w / 2, c + w / 2)
+        uid = str(getattr(ds, 'SeriesInstanceUID', Path(p).parent))
+        groups.setdefault(uid, []).append((pos, str(p), spacing, win))
+    series = []
+    for uid, items in groups.items():
+        items.sort(key=lambda t: (t[0], t[1]))
+        series.append(Series('dicom', str(Path(items[0][1]).parent), [t[1] for t in items], [t[1] for t in items],
+                             items[0][2], [t[3] for t in items]))
+    return series, skipped
+
+
+def _png_name(path: Path) -> str:
+    "DeepLesion's File_name (<patient>_<study>_<series>_<slice>.png) for a slice in its layout, else the path."
+    return f'{path.parent.name}_{path.name}' if _DEEPLESION_FOLDER.match(path.parent.name) else str(path)
+
+
+def find_inputs(inputs) -> tuple[list[Series], list[tuple[str, str]], int]:
+    """The series to predict from files and folders (searched recursively), the (file, reason) pairs
+    of inputs that cannot be predicted, and how many other files inside folders were ignored."""
+    kinds, skipped, ignored = {}, [], 0                       # path -> 'png', 'dicom' or 'nifti', in input order
+    for given in map(Path, inputs):
+        if given.is_dir():
+            for p in sorted(q for q in given.rglob('*') if q.is_file()):
+                kind = _kind(p)
+                if kind: kinds.setdefault(p, kind)
+                else: ignored += 1
+        elif given.is_file():
+            kind = _kind(given)
+            if kind: kinds.setdefault(given, kind)
+            else: skipped.append((str(given), 'not a PNG, DICOM (.dcm or DICM header) or NIfTI (.nii, .nii.gz) file'))
+        else: skipped.append((str(given), 'no such file or folder'))
+    of_kind = lambda k: [f for f, kind in kinds.items() if kind == k]
+    series = []
+    pngs = {}
+    for p in of_kind('png'):
+        try:
+            with open_png(p): pass                           # the header: 8-bit, RGB, not an image, empty
+        except (SliceFileError, FileNotFoundError) as e:
+            skipped.append((str(p), str(e).split(': ', 1)[-1])); continue
+        pngs.setdefault(p.parent, []).append(p)
+    for folder, ps in pngs.items():
+        ps.sort(key=lambda q: (int(q.stem) if q.stem.isdigit() else 0, q.name))
+        series.append(Series('png', str(folder), ps, [_png_name(q) for q in ps]))
+    dicoms = of_kind('dicom')
+    if dicoms:
+        s, sk = read_dicom_series(dicoms)
+        series += s; skipped += sk
+    for p in of_kind('nifti'):
+        nib = _extra('nibabel')
+        try:
+            img = nib.load(p)
+            shape = img.shape
+        except Exception as e:
+            skipped.append((str(p), f"not a readable NIfTI volume ({type(e).__name__}: {e})")); continue
+        if len(shape) != 3: skipped.append((str(p), f"NIfTI of shape {shape}, expected a 3-D CT volume")); continue
+        zooms = img.header.get_zooms()
+        series.append(Series('nifti', str(p), [], [str(p)] * shape[2], (float(zooms[1]), float(zooms[0]))))
+    return series, skipped, ignored
