@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DATA   ?= data/synthetic
 RUNS   ?= runs/demo
 
-.PHONY: demo test data bench-quick gpu-check clean
+.PHONY: demo test test-fast data bench-quick gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ data: $(DATA)/DL_info.csv
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# the tests that train nothing end to end (pytest -m 'not slow'): about half a minute
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m 'not slow'
 
 demo: $(VENV)/.installed $(DATA)/DL_info.csv
 	$(PY) -m lesion_fastai.demo --data $(DATA) --out $(RUNS)

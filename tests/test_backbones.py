@@ -55,6 +55,7 @@ def test_bad_backbones_are_named():
     with pytest.raises(FileNotFoundError, match='no such file'): Detector({'backbone': NAME}, backbone_weights='/no/w.pth')
 
 
+@pytest.mark.slow
 def test_pretrain_records_the_backbone_and_finetune_rebuilds_it_or_transfers_from_weights(tiny_data, weights, tmp_path, capsys):
     pre = tmp_path / 'pre'
     pretrain(PretrainConfig(data=tiny_data, out=pre, epochs=1, bs=2, size=32, backbone=NAME))

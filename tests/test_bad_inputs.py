@@ -143,6 +143,7 @@ def test_bad_input_exit_status_is_1_without_traceback(data, tmp_path):
     assert not (tmp_path / 'o').exists()
 
 
+@pytest.mark.slow
 def test_a_run_whose_loss_is_not_finite_stops_naming_epoch_and_batch(data, tmp_path, monkeypatch):
     from lesion_fastai.models.detector import Detector
     calls = []

@@ -9,6 +9,7 @@ from lesion_fastai.config import FinetuneConfig
 from lesion_fastai.finetuning import finetune
 
 
+@pytest.mark.slow
 def test_same_epoch_length_repeats_the_label_subset(tiny_data, tiny_records, tmp_path):
     n_train = sum(r.split == 'train' for r in tiny_records)
     m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path, epochs=1, bs=2, size=32, label_fraction=.2,
@@ -19,6 +20,7 @@ def test_same_epoch_length_repeats_the_label_subset(tiny_data, tiny_records, tmp
     assert m['slices_per_epoch'] == m['train_slices'] < n_train
 
 
+@pytest.mark.slow
 def test_efficiency_smoke_writes_table_plot_and_resumes(tiny_data, tmp_path):
     args = dict(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[.5, 1.], modes=['scratch', 'decoder-sandwich'],
                 seeds=[0], epochs=1, pretrain_epochs=1, bs=2, pretexts=['masked', 'mae'])
@@ -38,6 +40,7 @@ def test_efficiency_smoke_writes_table_plot_and_resumes(tiny_data, tmp_path):
     assert {(r['mode'], r['fraction']) for r in rep['rows']} == want and not (tmp_path / 'runs' / 'scratch_0.2_seed0').exists()
 
 
+@pytest.mark.slow
 def test_efficiency_runs_in_parallel_processes(tiny_data, tmp_path):
     res = efficiency(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[1.], modes=['scratch', 'sandwich'], seeds=[0],
                      epochs=1, pretrain_epochs=1, bs=2, pretexts=['mae'], jobs=2)
@@ -71,6 +74,7 @@ def test_summary_averages_seeds_with_intervals_and_pairs_with_scratch():
     assert 'fewer than the 3' in line and 'better than scratch' not in line
 
 
+@pytest.mark.slow
 def test_study_runs_each_variant_and_refuses_a_finished_run_with_other_settings(tiny_data, tmp_path):
     args = dict(out=tmp_path, data=tiny_data, patients=10, native=64, epochs=1, pretrain_epochs=1, bs=2)
     variants = [('scratch', 'scratch', 1., {}), ('narrow sandwich', 'sandwich', .5, {'adapter_ratio': .25}),
@@ -86,7 +90,6 @@ def test_study_runs_each_variant_and_refuses_a_finished_run_with_other_settings(
 
 def test_loading_measures_every_path_and_builds_one_disk_cache_of_those_slices(tiny_data, tmp_path):
     from lesion_fastai.bench.speed import loading
-    from lesion_fastai.cache import SliceCache
     from lesion_fastai.deeplesion import list_slices
     paths = list_slices(tiny_data)[:4]
     res = loading(paths, 32, tmp_path / 'cache')
@@ -97,6 +100,7 @@ def test_loading_measures_every_path_and_builds_one_disk_cache_of_those_slices(t
     assert sorted(index) == sorted(map(str, paths)) and np.load(array).shape == (4, 1, 32, 32)
 
 
+@pytest.mark.slow
 def test_select_compares_values_on_validation_only_over_paired_seeds(tiny_data, tmp_path):
     res = select(tmp_path, tiny_data, 10, 64, 'wd', [.01, .1], 'scratch', [1.], [0, 1], epochs=1, pretrain_epochs=1, bs=2)
     assert [(r['value'], r['seed']) for r in res['rows']] == [(.01, 0), (.1, 0), (.01, 1), (.1, 1)]
@@ -117,6 +121,7 @@ def test_mean_ci_is_students_t_interval():
     assert np.isnan(mean_ci([5.])[1]) and mean_ci([5.])[0] == 5
 
 
+@pytest.mark.slow
 def test_gpu_check_measures_every_path_on_the_cpu_and_refuses_cuda_without_a_gpu(tmp_path):
     import json
     import torch
@@ -133,6 +138,7 @@ def test_gpu_check_measures_every_path_on_the_cpu_and_refuses_cuda_without_a_gpu
         assert not (tmp_path / 'cuda').exists()
 
 
+@pytest.mark.slow
 def test_runs_gathered_from_another_folder_and_precision_report_but_do_not_resume(tiny_data, tmp_path):
     import json
     import shutil
@@ -162,6 +168,7 @@ def test_efficiency_cli_names_bad_code_channels(capsys):
         assert why in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_imagenet_mode_needs_weights_and_then_transfers_them(tiny_data, tmp_path, capsys):
     timm = pytest.importorskip('timm')
     import torch

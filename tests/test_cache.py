@@ -76,6 +76,7 @@ def test_cache_pickles_without_its_pixels(tiny_data, tmp_path):
     assert isinstance(again, SliceCache) and torch.equal(again.get(paths[0]), first)
 
 
+@pytest.mark.slow
 def test_finetune_with_the_disk_cache_builds_it_once(tiny_data, tmp_path):
     cfg = dict(data=tiny_data, epochs=1, bs=2, size=32, cache='disk', cache_dir=tmp_path / 'cache')
     m = finetune(FinetuneConfig(out=tmp_path / 'a', **cfg))

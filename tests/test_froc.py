@@ -67,5 +67,16 @@ def test_noisy_lesions_and_slices_with_only_noisy_lesions_are_dropped():
     assert r['max_fp_per_slice'] == 1
 
 
-def test_published_points_are_the_papers():
-    assert PUBLISHED['MULAN'][3] == 92.3 and PUBLISHED['3DCE, 27 slices'][3] == 85.7
+def test_froc_figure_marks_the_published_points_as_such(tmp_path, monkeypatch):
+    "The published sensitivities are drawn at their FP rates, as fractions, each labelled as a published real-DeepLesion figure."
+    from lesion_fastai import plots
+    figures = []
+    monkeypatch.setattr(plots, 'save_fig', lambda fig, path: figures.append(fig) or path)
+    fp, sens, _ = froc_curve([[A, FAR]], [[.9, .8]], [[A]])
+    plots.plot_froc({'test': (fp, sens)}, {'test': froc([[A, FAR]], [[.9, .8]], [[A]])}, None, tmp_path / 'froc.png')
+    lines = {line.get_label(): line for line in figures[0].axes[0].lines}
+    for name, points in PUBLISHED.items():
+        (label,) = [k for k in lines if k.startswith(name)]
+        assert 'published, real DeepLesion test' in label
+        assert lines[label].get_xdata().tolist() == [.5, 1, 2, 4, 8][:len(points)]
+        assert lines[label].get_ydata().tolist() == pytest.approx([p / 100 for p in points])

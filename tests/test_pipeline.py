@@ -31,6 +31,7 @@ def pretrained(tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_pretrain_writes_checkpoint_figure_and_beats_untrained(pretrained):
     ckpt = load_pretrained(pretrained / 'pretrained.pth')
     assert ckpt['config']['size'] == 32 and ckpt['config']['windows'] == 'soft' and ckpt['model_args']['encoder_args']['in_chans'] == 1
@@ -39,6 +40,7 @@ def test_pretrain_writes_checkpoint_figure_and_beats_untrained(pretrained):
     assert m['valid_loss'] < .7 * m['valid_loss_untrained']
 
 
+@pytest.mark.slow
 def test_finetune_cli_scratch_writes_metrics_results_and_export(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                      # a relative --out, as users type it
     out = tmp_path / 'run'
@@ -66,6 +68,7 @@ def exported(request, tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_predict_returns_boxes_in_the_slice_files_pixels(exported, tiny_records, tmp_path):
     from lesion_fastai.deeplesion import load_hu, save_hu
     from lesion_fastai.heatmap import KEEP
@@ -83,6 +86,7 @@ def test_predict_returns_boxes_in_the_slice_files_pixels(exported, tiny_records,
     assert torch.allclose(torch.as_tensor(boxes2).reshape(-1, 4), 2 * corners, atol=1e-2) and corners.max() > 32
 
 
+@pytest.mark.slow
 def test_show_results_on_an_exported_learner(exported, tiny_data, tiny_records):
     import matplotlib.pyplot as plt
     from lesion_fastai.data import labelled_dl
@@ -107,6 +111,7 @@ def test_show_results_on_an_exported_learner(exported, tiny_data, tiny_records):
     plt.close('all')
 
 
+@pytest.mark.slow
 def test_eval_cli_reports_what_finetune_reported_with_the_baseline_it_trained_with(tiny_data, tmp_path):
     """With half the labels, the mean box of the training subset is the baseline; --eval reads it from the
     export (the data's whole training split would give another)."""
@@ -123,6 +128,7 @@ def test_eval_cli_reports_what_finetune_reported_with_the_baseline_it_trained_wi
     assert not np.allclose(mean_box([r for r in load_data(tiny_data)[1] if r.split == 'train']), ref['mean_box'])
 
 
+@pytest.mark.slow
 def test_noisy_lesions_are_dropped_from_validation_and_test(tmp_path):
     """The generator marks lesions Possibly_noisy; fine-tuning scores validation and test on the others,
     and on the slices that keep at least one."""
@@ -152,6 +158,7 @@ def _dead_pid():
     return p.pid
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     """Killed at the worst moment (epoch 2's history row written, its resume state not), then resumed:
     the same history, weights and metrics as the run that was never interrupted, with augmentation,
@@ -179,6 +186,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_data, tmp_pat
     assert not stale.exists() and not list(run.rglob('.*.tmp'))
 
 
+@pytest.mark.slow
 def test_pretrain_then_finetune_loads_exactly_the_encoder(tiny_data, pretrained, tmp_path):
     ckpt = load_pretrained(pretrained / 'pretrained.pth')
     m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path, epochs=1, bs=2, pretrained=pretrained / 'pretrained.pth',
@@ -261,6 +269,7 @@ def test_decoder_sandwich_step_keeps_frozen_encoder_decoder_and_bn_statistics(ti
     assert trainable and all(n.startswith(('decoder_adapters.', 'neck.', 'head.')) for n in trainable)
 
 
+@pytest.mark.slow
 def test_lesion_probe_tells_a_model_that_keeps_lesions_from_one_that_blurs_them(tiny_records, pretrained, tiny_data):
     from lesion_fastai.bench.lesions import lesion_reconstruction, lesion_reconstruction_of
     recs = [r for r in tiny_records if r.split == 'val']
@@ -284,6 +293,7 @@ def test_update_frozen_bn_flag_lets_statistics_adapt(tiny_records):
     assert torch.equal(model.encoder.stem[0][1].weight, w0)
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_errors_name_the_mismatch(tiny_data, pretrained, tmp_path):
     with pytest.raises(ValueError, match='--windows soft,lung disagrees with the checkpoint'):
         finetune(FinetuneConfig(data=tiny_data, out=tmp_path, pretrained=pretrained / 'pretrained.pth', windows='soft,lung'))
@@ -326,6 +336,7 @@ def test_cli_errors_are_clear(tmp_path, tiny_data, capsys):
     assert r.returncode == 1 and r.stderr.strip() == f"error: --data {tmp_path / 'missing'}: no such folder"
 
 
+@pytest.mark.slow
 def test_autoencoder_inpaints_masked_regions_from_context(pretrained, tiny_data):
     """Masked patches are zeros in the input: a model that copies its input would return ~0 there.
     The trained autoencoder fills them with something far closer to the clean slice."""

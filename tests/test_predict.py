@@ -14,6 +14,9 @@ from lesion_fastai.config import FinetuneConfig
 from lesion_fastai.finetuning import finetune
 
 
+pytestmark = pytest.mark.slow      # every test here predicts with a model trained for it
+
+
 @pytest.fixture(scope='module')
 def model(tiny_data, tmp_path_factory):
     "A one-epoch Gaussian-head model with one neighbour slice on each side, at 32 px (the slices are 64 px)."

@@ -51,6 +51,7 @@ def test_context_pretext_needs_neighbour_slices(tiny_data, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_context_pretext_trains_beats_its_baselines_and_finetunes(tiny_data, tmp_path):
     out = tmp_path / 'pretrain'
     pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--pretext', 'context', '--context', '1', '--epochs', '20',
@@ -94,6 +95,7 @@ def test_masked_corruption_puts_the_mask_in_the_targets_for_the_masked_loss():
     assert .6 < float(mask.mean()) < .9 and (xc[mask.expand_as(xc) > 0] == 0).all()
 
 
+@pytest.mark.slow
 def test_mae_pretext_then_decoder_sandwich_loads_encoder_and_decoder(tiny_data, tmp_path):
     out = tmp_path / 'pretrain'
     pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--pretext', 'mae', '--epochs', '8', '--bs', '4', '--size', '32',
@@ -114,6 +116,7 @@ def test_mae_pretext_then_decoder_sandwich_loads_encoder_and_decoder(tiny_data, 
     assert model.decoder_adapters is not None and model.adapters is None
 
 
+@pytest.mark.slow
 def test_pretrain_dedup_drops_repeated_training_slices_only(tiny_data, tmp_path, capsys):
     import shutil
     from lesion_fastai.deeplesion import read_dl_info

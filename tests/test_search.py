@@ -14,6 +14,7 @@ class PruneSecond(optuna.pruners.BasePruner):
     def prune(self, study, trial): return trial.number == 1
 
 
+@pytest.mark.slow
 def test_study_completes_prunes_resumes_from_storage_and_writes_the_command(tiny_data, tmp_path):
     kw = dict(max_epochs=2, bs=2, size=32, pruner=PruneSecond())
     res = search(tiny_data, tmp_path, trials=3, **kw)

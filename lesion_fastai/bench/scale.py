@@ -60,7 +60,7 @@ def scale(out: Path, counts=(5000, 50000), native: int = 128, size: int = 64, wo
            'growth': last['build_s'] / rows[0]['build_s'], 'count_ratio': last['slices'] / rows[0]['slices'],
            'deeplesion_build_h': DEEPLESION_SLICES / last['build_per_s'] / 3600,
            'deeplesion_256px_gb': DEEPLESION_SLICES * 256 * 256 * 2 / 1e9}
-    lines = [f'| slices | build, s | build, slices/s | random reads, slices/s | cache, MB |', '|---|---|---|---|---|']
+    lines = ['| slices | build, s | build, slices/s | random reads, slices/s | cache, MB |', '|---|---|---|---|---|']
     lines += [f"| {r['slices']:,} | {r['build_s']:.1f} | {r['build_per_s']:.0f} | {r['read_per_s']:.0f} | {r['cache_mb']:.0f} |" for r in rows]
     table = '\n'.join(lines)
     summary = (f"{res['count_ratio']:.0f}x the slices took {res['growth']:.1f}x the build time; DeepLesion's {DEEPLESION_SLICES:,} slices "

@@ -6,6 +6,7 @@ fraction x seed fine-tuned, validation figures only, paired differences from the
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
