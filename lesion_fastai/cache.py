@@ -1,13 +1,15 @@
-"""A preprocessed slice cache on disk: windowed, downsampled slices in one memory-mapped float16 array,
-built once for a set of slices and settings (a `data.SliceSpec`: windows, context, size) and reused by
-every later run and every DataLoader worker.
+"""Prepared slices, each PNG decoded once: windowed and area-averaged to the model size per PNG (a
+"plane set", one per window), so that a key slice's channels are stacked from its cached neighbours
+(`data.CTSlice`) and a PNG that neighbours five key slices is still decoded once.
 
-The in-memory cache (a dict, the default) spares PNG decoding after the first epoch of one run. This
-one spares it across runs and for data larger than memory, decoded once instead of once per epoch (how
-large DeepLesion's is and how long decoding takes: README, `bench throughput` and `bench scale`).
+Two caches hold them. The in-memory cache (a dict, the default) spares decoding after the first
+epoch of one run; the disk cache (`build_slice_cache`, one memory-mapped float16 array) spares it
+across runs and for data larger than memory, built once per slice set and settings (a
+`data.SliceSpec`: windows, context, size) and read by every later run and every DataLoader worker
+(how large DeepLesion's is and how long decoding takes: README, `bench throughput` and `bench scale`).
 
-    cache = build_slice_cache(records, SliceSpec('soft', 0, 256), '~/.cache/lesion_fastai')
-    CTSlice(SliceSpec('soft', 0, 256), cache)      # reads the array; items not in the cache are decoded as usual
+    cache = build_slice_cache(records, SliceSpec('soft', 2, 256), '~/.cache/lesion_fastai')
+    CTSlice(SliceSpec('soft', 2, 256), cache)      # stacks cached planes; a PNG not in the cache is decoded as usual
 
 Every run checks the slices it needs before it trains (`prepare_slices`): the memory cache decodes them
 all up front (the first epoch's work, done first), the disk cache decodes them while it is built, and
@@ -23,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from . import distributed
 from .deeplesion import SliceRecord, check_png, context_paths
 from .files import atomic_write_text, remove_stale_temps
 from .log import log, progress
 
-__all__ = ['SliceCache', 'BadSlicesError', 'cache_key', 'decode_all', 'check_files', 'build_slice_cache', 'prepare_slices',
-           'drop_near_duplicates', 'DEFAULT_CACHE_DIR']
+__all__ = ['SliceCache', 'BadSlicesError', 'plane_units', 'cache_key', 'decode_all', 'check_files', 'build_slice_cache',
+           'prepare_slices', 'drop_near_duplicates', 'DEFAULT_CACHE_DIR']
 
 DEFAULT_CACHE_DIR = Path.home() / '.cache' / 'lesion_fastai'
 
@@ -39,22 +42,34 @@ def _path_and_window(item):
     return str(item), None
 
 
-def cache_key(items, spec) -> str:
-    """A digest of the settings (a `SliceSpec`) and of every item's path, file size and modification
-    time: any change of settings, slices or files gives another cache."""
-    h = hashlib.sha1(json.dumps({'windows': spec.windows, 'context': spec.context, 'size': spec.size, 'version': 2}).encode())
+def plane_units(items, prep) -> dict:
+    """The PNGs `items` need prepared, once each: `plane_key` -> (path, windows, the first item that needs
+    it), in the order items need them (each key slice, then its neighbours)."""
+    from .data import plane_key
+    units = {}
     for item in items:
         path, dw = _path_and_window(item)
+        wins = prep.windows_for(dw)
+        for p in prep.neighbours(path):
+            units.setdefault(plane_key(p, wins), (str(p), wins, item))
+    return units
+
+
+def cache_key(units: dict, spec) -> str:
+    """A digest of the settings (a `SliceSpec`) and of every PNG's path, windows, file size and
+    modification time: any change of settings, slices or files gives another cache."""
+    h = hashlib.sha1(json.dumps({'windows': spec.windows, 'context': spec.context, 'size': spec.size, 'version': 3}).encode())
+    for key, (path, _, _) in units.items():
         st = os.stat(path)
-        h.update(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{dw}\n".encode())
+        h.update(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{key.rsplit('|', 1)[1]}\n".encode())
     return h.hexdigest()[:16]
 
 
 class SliceCache:
-    """Dict-like view (path -> `TensorCT` [C, size, size] float32 with the file's `orig_size`) of a built
-    cache, for `CTSlice(cache=...)`. `index` maps each path to (row, width, height). `get` returns None
-    for a path that is not in it (CTSlice then decodes the PNG); assignments are ignored, so the file
-    is never modified after it is built. Pickles without the mapped array (workers and exported
+    """Dict-like view (`plane_key` -> (planes [windows, size, size] float32, (width, height))) of a built
+    disk cache, for `CTSlice(cache=...)`. `index` maps each key to (row, width, height). `get`
+    returns None for a PNG that is not in it (CTSlice then decodes it); assignments are ignored, so the
+    file is never modified after it is built. Pickles without the mapped array (workers and exported
     learners reopen it lazily)."""
     def __init__(self, array_file: Path | str, index: dict[str, list[int]]):
         self.array_file, self.index, self._array = Path(array_file), index, None
@@ -64,31 +79,29 @@ class SliceCache:
         if self._array is None: self._array = np.load(self.array_file, mmap_mode='r')
         return self._array
 
-    def get(self, path, default=None):
-        from .data import TensorCT
-        entry = self.index.get(str(path))
+    def get(self, key, default=None):
+        entry = self.index.get(str(key))
         if entry is None: return default
         i, w, h = entry
-        return TensorCT(torch.from_numpy(self.array[i].astype(np.float32)), orig_size=(w, h))
+        return torch.from_numpy(self.array[i].astype(np.float32)), (w, h)
 
-    def __setitem__(self, path, value): pass
-    def __contains__(self, path): return str(path) in self.index
+    def __setitem__(self, key, value): pass
+    def __contains__(self, key): return str(key) in self.index
     def __len__(self): return len(self.index)
     def __getstate__(self): return {**self.__dict__, '_array': None}
-    def __repr__(self): return f"SliceCache({self.array_file}, {len(self)} slices)"
+    def __repr__(self): return f"SliceCache({self.array_file}, {len(self)} PNGs)"
 
 
 class BadSlicesError(ValueError):
     "Slices that cannot be read, each named with its problem and the DL_info.csv line that needs it."
 
 
-def _who_needs(item, error) -> str:
-    "Which DL_info.csv row needs the file an error names: the key slice itself, or a neighbour of it."
-    path = getattr(error, 'path', None)
+def _who_needs(item, path) -> str:
+    "Which DL_info.csv row needs the file at `path` (None: the item's own): the key slice itself, or a neighbour of it."
     if isinstance(item, SliceRecord):
-        if path is None or path == Path(item.image_path): return f" (key slice of {item.where()})"
+        if path is None or Path(path) == Path(item.image_path): return f" (key slice of {item.where()})"
         return f" (neighbour slice needed by the key slice {Path(item.image_path).name} of {item.where()})"
-    if path is not None and path != Path(_path_and_window(item)[0]): return f" (neighbour slice needed by {_path_and_window(item)[0]})"
+    if path is not None and Path(path) != Path(_path_and_window(item)[0]): return f" (neighbour slice needed by {_path_and_window(item)[0]})"
     return ''
 
 
@@ -99,27 +112,46 @@ def _raise_problems(problems: list[str], n_items: int) -> None:
     raise BadSlicesError(f"{len(problems)} of {n_items} slice(s) cannot be used; nothing was trained:\n  {shown}{more}")
 
 
-def _decode(prep, item):
-    "(path, tensor, None) for a slice that `prep` (a `CTSlice`) can prepare, else (path, None, the problem)."
-    path, dw = _path_and_window(item)
-    try: t = prep.load(path, dw)
-    except (ValueError, FileNotFoundError) as e: return path, None, f"{e}{_who_needs(item, e)}"
-    if isinstance(item, SliceRecord) and tuple(t.orig_size) != (item.width, item.height):
-        return path, None, (f"{path}: {t.orig_size[0]} x {t.orig_size[1]} pixels, but Image_size in {item.where()} says "
-                            f"{item.width} x {item.height} (its boxes are in those pixels)")
-    return path, t, None
+def _decode_unit(prep, key, unit):
+    "(key, (planes, (width, height)), None) for a PNG `prep` (a `CTSlice`) can prepare, else (key, None, the problem)."
+    path, wins, item = unit
+    try: planes, size = prep.planes(path, wins)
+    except (ValueError, FileNotFoundError) as e: return key, None, f"{e}{_who_needs(item, getattr(e, 'path', None))}"
+    return key, (planes, size), None
+
+
+def _check_items(items, prep, sizes: dict) -> list[str]:
+    """What the items' prepared PNGs (`sizes`: `plane_key` -> (width, height), those that could be read)
+    say about the items: each key slice as large as its Image_size, each neighbour as large as its key."""
+    from .data import plane_key
+    problems = []
+    for item in items:
+        path, dw = _path_and_window(item)
+        wins = prep.windows_for(dw)
+        got = [(p, sizes.get(plane_key(p, wins))) for p in prep.neighbours(path)]
+        if any(size is None for _, size in got): continue                # unreadable: named already
+        (w, h) = got[0][1]
+        if isinstance(item, SliceRecord) and (w, h) != (item.width, item.height):
+            problems.append(f"{path}: {w} x {h} pixels, but Image_size in {item.where()} says {item.width} x {item.height} "
+                            f"(its boxes are in those pixels)")
+        for p, (pw, ph) in got[1:]:
+            if (pw, ph) != (w, h): problems.append(f"{p}: size {(ph, pw)} differs from its key slice's {(h, w)}{_who_needs(item, p)}")
+    return problems
 
 
 def decode_all(items, prep, store, what: str = 'checking and preparing') -> None:
-    """Decode every item once with `prep` (a `CTSlice`), passing each result to `store(i, path, tensor)`;
-    every slice that cannot be read (the key slice or a neighbour it needs) is collected, and one
-    `BadSlicesError` names them all before any training starts."""
-    problems = []
-    for i, item in enumerate(progress(items, what)):
-        path, t, problem = _decode(prep, item)
-        if problem: problems.append(problem)
-        else: store(i, path, t)
-    _raise_problems(problems, len(items))
+    """Decode every PNG `items` need once with `prep` (a `CTSlice`), passing each to
+    `store(plane_key, (planes, (width, height)))`; every slice that cannot be read (a key slice or a
+    neighbour it needs) or disagrees with its row is collected, and one `BadSlicesError` names them all
+    before any training starts."""
+    units = plane_units(items, prep)
+    problems, sizes = [], {}
+    for key, unit in progress(list(units.items()), what):
+        key, value, problem = _decode_unit(prep, key, unit)
+        if problem: problems.append(problem); continue
+        store(key, value)
+        sizes[key] = value[1]
+    _raise_problems(problems + _check_items(items, prep, sizes), len(units))
 
 
 def check_files(items, context: int) -> None:
@@ -131,56 +163,60 @@ def check_files(items, context: int) -> None:
             if p in seen: continue
             seen.add(p)
             try: check_png(p)
-            except (ValueError, FileNotFoundError) as e: problems.append(f"{e}{_who_needs(item, e)}")
+            except (ValueError, FileNotFoundError) as e: problems.append(f"{e}{_who_needs(item, getattr(e, 'path', None))}")
     _raise_problems(problems, len(seen))
 
 
-CHUNK = 256   # slices per unit of work of a cache build: what a worker decodes at once and what an interruption loses at most
+CHUNK = 256   # PNGs per unit of work of a cache build: what a worker decodes at once and what an interruption loses at most
 
 
-def _build_chunk(prep, array_file, rows, items):
-    "Decode `items` into `rows` of the partial array (opened by this process); returns (row, path, width, height) or problems."
+def _build_chunk(prep, array_file, rows, units):
+    """Decode `units` ((key, (path, windows, item)) pairs) into `rows` of the partial array (opened by this
+    process); returns ([key, row, width, height] of each, problems)."""
     arr = np.load(array_file, mmap_mode='r+')
     done, problems = [], []
-    for r, item in zip(rows, items):
-        path, t, problem = _decode(prep, item)
+    for r, (key, unit) in zip(rows, units):
+        key, value, problem = _decode_unit(prep, key, unit)
         if problem: problems.append(problem); continue
-        arr[r] = t.numpy().astype(np.float16)
-        done.append([r, path, *t.orig_size])
+        arr[r] = value[0].numpy().astype(np.float16)
+        done.append([key, r, *value[1]])
     arr.flush()
     return done, problems
 
 
 def build_slice_cache(items, spec, folder: Path | str = DEFAULT_CACHE_DIR, workers: int = 1) -> SliceCache:
-    """The cache of `items` (`SliceRecord`s or PNG paths) prepared as `spec` says (a `SliceSpec`) in `folder`: opened if it
-    exists, else built (each slice decoded once, exactly as `CTSlice` prepares it, stored as float16)
-    by `workers` processes, in chunks of `CHUNK` slices, with its size printed first. The build writes
-    `slices_<key>.partial.npy` and records the finished chunks in `slices_<key>.partial.json` as it
-    goes, so an interrupted build resumes where it stopped; the array takes its final name only when
-    complete. A slice that cannot be read stops the build with a `BadSlicesError` naming every such file."""
+    """The cache of the PNGs `items` (`SliceRecord`s or PNG paths) need, prepared as `spec` says (a
+    `SliceSpec`), in `folder`: opened if it exists, else built (each PNG decoded once, exactly as
+    `CTSlice` prepares it, stored as float16) by `workers` processes, in chunks of `CHUNK` PNGs, with
+    its size printed first. The build writes `slices_<key>.partial.npy` and records the finished
+    chunks in `slices_<key>.partial.json` as it goes, so an interrupted build resumes where it
+    stopped; the array takes its final name only when complete. A slice that cannot be read, or that
+    disagrees with its row, stops the build with a `BadSlicesError` naming every such file."""
     from .data import CTSlice
-    items = list({_path_and_window(i)[0]: i for i in items}.values())      # one entry per slice
-    if not items: raise ValueError("build_slice_cache: no slices given")
+    prep = CTSlice(spec)
+    units = plane_units(items, prep)
+    if not units: raise ValueError("build_slice_cache: no slices given")
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder, recursive=False)
-    key = cache_key(items, spec)
+    key = cache_key(units, spec)
     array_file, index_file = folder / f'slices_{key}.npy', folder / f'slices_{key}.json'
     if array_file.exists() and index_file.exists():
         return SliceCache(array_file, json.loads(index_file.read_text())['index'])
-    prep = CTSlice(spec)
-    shape = (len(items), prep.n_channels, spec.size, spec.size)
+    n_windows = len(prep.windows_for(None))
+    shape = (len(units), n_windows, spec.size, spec.size)
     partial, record = folder / f'slices_{key}.partial.npy', folder / f'slices_{key}.partial.json'
     state = json.loads(record.read_text()) if partial.exists() and record.exists() else None
     if state is None: np.lib.format.open_memmap(partial, mode='w+', dtype=np.float16, shape=shape).flush()
-    index = {p: e for p, *e in (state or {}).get('entries', [])}
-    chunks = [c for c in range(0, len(items), CHUNK) if c not in set((state or {}).get('chunks', []))]
+    index = {k: e for k, *e in (state or {}).get('entries', [])}
+    chunks = [c for c in range(0, len(units), CHUNK) if c not in set((state or {}).get('chunks', []))]
     finished = sorted(set((state or {}).get('chunks', [])))
-    log.info(f"slice cache {array_file.name}: {len(items):,} slices x {prep.n_channels} channel(s) x {spec.size} x {spec.size} float16 = "
+    log.info(f"slice cache {array_file.name}: {len(units):,} PNGs x {n_windows} window(s) x {spec.size} x {spec.size} float16 = "
              f"{np.prod(shape) * 2 / 1e9:.2f} GB in {folder}" + (f"; resuming, {len(finished)} of {len(finished) + len(chunks)} chunks built"
                                                                   if finished else '') + f"; {workers} process(es)")
+    pairs = list(units.items())
     problems = []
-    jobs = ((prep, partial, list(range(c, min(c + CHUNK, len(items)))), items[c:c + CHUNK]) for c in chunks)
+    jobs = ((prep, partial, list(range(c, min(c + CHUNK, len(pairs)))), pairs[c:c + CHUNK]) for c in chunks)
     pool = None
     if workers > 1 and len(chunks) > 1:
         import multiprocessing as mp
@@ -188,16 +224,17 @@ def build_slice_cache(items, spec, folder: Path | str = DEFAULT_CACHE_DIR, worke
         results = pool.imap(_build_chunk_args, jobs)
     else: results = map(_build_chunk_args, jobs)
     try:
-        for c, (done, bad) in zip(chunks, progress(results, f'building the slice cache ({CHUNK} slices a step)', total=len(chunks))):
+        for c, (done, bad) in zip(chunks, progress(results, f'building the slice cache ({CHUNK} PNGs a step)', total=len(chunks))):
             problems += bad
-            for r, path, w, h in done: index[path] = [r, w, h]
+            for k, r, w, h in done: index[k] = [r, w, h]
             finished.append(c)
-            atomic_write_text(record, json.dumps({'chunks': finished, 'entries': [[p, *e] for p, e in index.items()]}))
+            atomic_write_text(record, json.dumps({'chunks': finished, 'entries': [[k, *e] for k, e in index.items()]}))
     finally:
         if pool is not None: pool.terminate()
+    problems += _check_items(items, prep, {k: (w, h) for k, (_, w, h) in index.items()})
     if problems:                                 # a fixed file changes the key, so this partial build is of no further use
         partial.unlink(missing_ok=True); record.unlink(missing_ok=True)
-        _raise_problems(problems, len(items))
+        _raise_problems(problems, len(units))
     meta = {'windows': spec.windows, 'context': spec.context, 'size': spec.size, 'n': len(index), 'index': index}
     atomic_write_text(index_file, json.dumps(meta))
     os.replace(partial, array_file)               # renamed last: its presence means the cache is complete
@@ -210,9 +247,10 @@ def _build_chunk_args(args): return _build_chunk(*args)
 
 def prepare_slices(kind: str, items, spec, folder=None, workers: int = 1):
     """Check every slice a run needs before it trains, and return the `cache` argument of its slice block:
-    'memory' decodes every slice now into a dict (the work the first epoch would do, done up front),
-    'disk' builds or opens the memory-mapped cache (`build_slice_cache`; rank 0 first, the one that writes), 'none' checks the files
-    without decoding (`check_files`) and returns None. A bad slice raises `BadSlicesError`."""
+    'memory' decodes every PNG now into a dict (the work the first epoch would do, done up front),
+    'disk' builds or opens the memory-mapped cache (`build_slice_cache`; rank 0 first, the one that
+    writes), 'none' checks the files without decoding (`check_files`) and returns None. A bad slice
+    raises `BadSlicesError`."""
     from .data import CTSlice
     if kind == 'disk':
         with distributed.main_first():     # launched in several processes: rank 0 builds it, the others then open it
@@ -221,23 +259,21 @@ def prepare_slices(kind: str, items, spec, folder=None, workers: int = 1):
         check_files(items, spec.context)
         return None
     if kind != 'memory': raise ValueError(f"cache {kind!r}: expected 'memory', 'disk' or 'none'")
-    items = list({_path_and_window(i)[0]: i for i in items}.values())
     cache = {}
-    decode_all(items, CTSlice(spec), lambda i, path, t: cache.__setitem__(path, t))
+    decode_all(items, CTSlice(spec), cache.__setitem__)
     return cache
 
 
-def drop_near_duplicates(paths, cache, prep, threshold: float, keep=None) -> tuple[list, int]:
+def drop_near_duplicates(paths, prep, threshold: float, keep=None) -> tuple[list, int]:
     """`paths` without the slices that barely differ from the slice kept before them in their series:
     the mean absolute difference of their prepared pixels ([0, 1] windows, the training size) under
     `threshold`. Each series' first slice is kept, and so is every path `keep(path)` says to keep (the
-    validation slices, say). Prepared slices come from `cache` when it has them, else from `prep`
-    (a `CTSlice`). Returns the kept paths, in their order, and how many were dropped."""
+    validation slices, say). `prep` (a `CTSlice`, with the run's cache) prepares them. Returns the
+    kept paths, in their order, and how many were dropped."""
     kept, dropped, last = [], 0, {}
     for p in paths:
         folder = Path(p).parent
-        t = cache.get(str(p)) if cache is not None else None
-        t = (t if t is not None else prep.load(p)).as_subclass(torch.Tensor)
+        t = prep.load(p).as_subclass(torch.Tensor)
         ref = last.get(folder)
         if ref is not None and (keep is None or not keep(p)) and ref.shape == t.shape and float((t - ref).abs().mean()) < threshold:
             dropped += 1

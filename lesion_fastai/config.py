@@ -21,10 +21,12 @@ from .losses import BoxLoss
 from .models.autoencoder import CODE_CHANNELS
 from .models.detector import HEADS, KAPPA, SANDWICHES
 
-__all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneConfig', 'PRECISIONS', 'PRETEXTS', 'CACHES',
+__all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneConfig', 'PRECISIONS', 'PRETEXTS', 'CACHES', 'DEFAULT_CONTEXT',
+           'resolve_context',
            'add_settings', 'from_args', 'choices', 'parse_ints', 'parse_floats', 'flag_of']
 
 PRECISIONS = ('auto', 'fp32', 'bf16')
+DEFAULT_CONTEXT = 2   # neighbour slices on each side, where the data ships them: the strongest lever measured (README)
 CACHES = ('memory', 'disk', 'none')
 
 # pretext: (mask ratio, patch as a fraction of the size, noise std), what each reconstructs:
@@ -126,7 +128,8 @@ class RunConfig:
     bs: int = option(16, 'batch size', at_least=1, group='training')
     size: int | None = option(None, 'input size in pixels', at_least=32, default_help='half the native slice size', group='input')
     windows: str | None = option('soft', 'CT windows as channels, e.g. soft,lung or -100:200 or dicom', check=_windows, group='input')
-    context: int | None = option(0, 'neighbour slices on each side of a slice as extra input channels', at_least=0, group='input')
+    context: int | None = option(None, 'neighbour slices on each side of a slice as extra input channels', at_least=0,
+                                 default_help=f'{DEFAULT_CONTEXT} where the data ships neighbour slices (DeepLesion does), else 0', group='input')
     seed: int = option(0, 'random seed: label subset, initialisation, batches, augmentation', group='training')
     backbone: str | None = option('resnet', "the body: resnet (the project's own) or a timm model name, e.g. resnet18, convnext_atto "
                                   '(features_only at strides 4-32, in_chans from windows x context)', group='model')
@@ -141,7 +144,8 @@ class RunConfig:
                         'slices and settings, reused by later runs and workers) or none', choices=CACHES, group='loading')
     cache_dir: Path | None = option(None, 'folder of the disk cache', default_help='~/.cache/lesion_fastai', group='loading')
     precision: str = option('auto', 'auto: bfloat16 autocast and channels_last on a CUDA GPU, float32 on the CPU; fp32: float32 '
-                            'everywhere; bf16: bfloat16, an error without a GPU', choices=PRECISIONS, group='loading')
+                            'everywhere; bf16: bfloat16 on a GPU or on a CPU with bfloat16 units (AVX512-BF16, AMX: about twice as '
+                            'fast there, a little lower validation FROC), an error elsewhere', choices=PRECISIONS, group='loading')
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
@@ -155,7 +159,6 @@ class PretrainConfig(RunConfig):
     "Settings of `python -m pretrain`: the autoencoder and its pretext."
     epochs: int = option(10, 'epochs of fit_one_cycle', at_least=1, group='training')
     windows: str = option('soft', 'CT windows as channels, e.g. soft,lung or -100:200', check=_windows, group='input')
-    context: int = option(0, 'neighbour slices on each side of a slice as extra input channels', at_least=0, group='input')
     backbone: str = option('resnet', "the body: resnet (the project's own) or a timm model name, e.g. resnet18, convnext_atto "
                            '(features_only at strides 4-32, in_chans from windows x context)', group='model')
     patients: str = option('train', 'slices of the training patients only, or of train and test patients (labels unused either way)',
@@ -189,7 +192,8 @@ class FinetuneConfig(RunConfig):
     windows: str | None = option(None, 'CT windows as channels, e.g. soft,lung or -100:200 or dicom', check=_windows,
                                  default_help="soft, or the checkpoint's", group='input')
     context: int | None = option(None, 'neighbour slices on each side of a slice as extra input channels', at_least=0,
-                                 default_help="0, or the checkpoint's", group='input')
+                                 default_help=f"the checkpoint's, else {DEFAULT_CONTEXT} where the data ships neighbour slices "
+                                 '(DeepLesion does), else 0', group='input')
     backbone: str | None = option(None, "the body: resnet (the project's own) or a timm model name, e.g. resnet18 (features_only at "
                                   'strides 4-32, in_chans from windows x context)', default_help="resnet, or the checkpoint's",
                                   group='model')
@@ -246,6 +250,17 @@ class FinetuneConfig(RunConfig):
     def __post_init__(self):
         if self.pretrained is not None: self.pretrained = Path(self.pretrained)
         super().__post_init__()
+
+
+def resolve_context(context: int | None, records, data) -> int:
+    """The neighbour slices a run sees on each side: `context` when given, else `DEFAULT_CONTEXT` where
+    the data ships neighbour slices (`deeplesion.ships_neighbours`), else 0, which is said once."""
+    from .deeplesion import ships_neighbours
+    from .log import log
+    if context is not None: return context
+    if ships_neighbours(records): return DEFAULT_CONTEXT
+    log.info(f"--context: {data} ships no neighbour slices beside its key slices, so each slice is seen alone (--context 0)")
+    return 0
 
 
 def choices(cls, name: str) -> tuple:

@@ -9,6 +9,12 @@ points by the size of the image tensor in the same tuple; flips and rotations ne
 clip corners, so `BoxTidy` does both after augmentation; fastai's `bb_pad` pads each batch to its own
 largest count with boxes at the image centre, which augmentation moves, so padding is fixed and
 flagged here instead; `test_set` does not carry `n_inp` over (`labelled_dl` sets it).
+
+Batches are made by `SliceDL`, fastai's `TfmdDL` without the per-item pipeline for the pixels: a
+batch's slices are stacked from the cache in one read (one fancy index into the disk cache's
+memory-mapped array), each item's targets are built once by the DataBlock's own transforms and kept,
+and augmentation runs on the whole batch on its device (`batch_tfms`). The batches are the ones the
+per-item pipeline makes, value for value (tested).
 """
 from __future__ import annotations
 
@@ -18,13 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastai.data.core import TfmdDL
 from fastai.vision.all import (DataBlock, TransformBlock, PointBlock, BBoxBlock, TensorBase, TensorImage, TensorPoint,
-                               TensorBBox, Transform, ItemTransform, aug_transforms, noop, dispatch, get_grid, show_image,
+                               TensorBBox, Transform, ItemTransform, aug_transforms, noop, dispatch, get_grid, show_image, chunked,
+                               fa_collate,
                                FuncSplitter)
 
 from .deeplesion import SliceFileError, SliceRecord, context_paths, evaluation_records, load_data, load_hu, patient_of, resolve_windows, window
 
-__all__ = ['TensorCT', 'TensorBoxCorners', 'TensorScore', 'SliceSpec', 'CTSlice', 'SlicePixels', 'LesionBoxes', 'LesionFlags',
+__all__ = ['TensorCT', 'TensorBoxCorners', 'TensorScore', 'SliceSpec', 'CTSlice', 'plane_key', 'SliceDL', 'SlicePixels', 'LesionBoxes', 'LesionFlags',
            'target_slots', 'MIN_TARGET_SLOTS', 'BoxTidy', 'split_records', 'select_patients',
            'box_augmentations', 'detection_block', 'detection_dls', 'autoencoder_block', 'autoencoder_dls',
            'labelled_dl', 'slice_transform', 'downsample', 'n_channels']
@@ -68,36 +76,75 @@ class SliceSpec:
     def n_channels(self) -> int: return n_channels(self.windows, self.context)
 
 
+DEFAULT_DICOM_WINDOW = (-150., 250.)   # a 'dicom' window for slices that come without a record: the soft-tissue window
+
+
+def plane_key(path, wins) -> str:
+    "The cache key of one PNG prepared in these windows ((low, high) pairs): 'path|-150:250,-1350:150'."
+    return f"{path}|" + ','.join(f'{lo:g}:{hi:g}' for lo, hi in wins)
+
+
 class CTSlice(Transform):
     """Load a slice (a `SliceRecord` or a PNG path) as `TensorCT` [C, size, size] as `spec` (a `SliceSpec`)
     says: for each window, the key slice then its neighbours k-1, k+1, ..., k-c, k+c (missing
     neighbours fall back to the nearest shipped slice); 'dicom' uses the record's own DICOM window (a
-    plain path falls back to 'soft'). `cache`: a dict-like (path -> tensor) that keeps prepared slices,
-    so epochs after the first skip PNG decoding (use with num_workers=0)."""
+    plain path falls back to 'soft'). `cache`: a dict-like (`plane_key` -> (planes [windows, size, size],
+    (width, height))) of prepared PNGs, so that each PNG is decoded once however many key slices use it
+    as a neighbour, and epochs after the first decode nothing (use with num_workers=0, or a
+    `cache.SliceCache` shared by workers)."""
     input_types = (SliceRecord, str, Path)  # lets learn.predict take a PNG path as well as a record
 
     def __init__(self, spec: SliceSpec = SliceSpec(), cache=None):
         super().__init__()
         if not isinstance(spec, SliceSpec): raise TypeError(f"CTSlice takes a SliceSpec, got {spec!r}")
         self.spec, self.cache = spec, cache
+        self._found = {}                 # path -> its neighbours' paths, looked up on disk once per run
 
     @property
     def n_channels(self) -> int: return self.spec.n_channels
 
+    def windows_for(self, dicom_window=None) -> list[tuple[float, float]]:
+        "The (low, high) HU windows of a slice whose DICOM window is `dicom_window` (None: a plain path)."
+        return resolve_windows(self.spec.windows, dicom_window if dicom_window is not None else DEFAULT_DICOM_WINDOW)
+
+    def neighbours(self, path) -> list[Path]:
+        """The PNGs of a slice's channels in channel order within a window: the key slice, then k-1, k+1,
+        ..., k-c, k+c (found on disk once per path: they are looked up again only by a new transform)."""
+        found = self._found.get(str(path))
+        if found is None:
+            c = self.spec.context
+            paths = context_paths(path, c)
+            found = self._found[str(path)] = [paths[c]] + [paths[i] for o in range(1, c + 1) for i in (c - o, c + o)]
+        return found
+
+    def planes(self, path, wins) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One PNG windowed in `wins` and area-averaged to the model size, [windows, size, size] float32,
+        and the file's (width, height); from the cache when it holds them (and kept there)."""
+        key = plane_key(path, wins)
+        hit = self.cache.get(key) if self.cache is not None else None
+        if hit is not None: return hit
+        hu = load_hu(path)
+        planes = downsample(torch.from_numpy(np.stack([window(hu, lo, hi) for lo, hi in wins])), self.spec.size)
+        value = (planes, (hu.shape[1], hu.shape[0]))
+        if self.cache is not None: self.cache[key] = value
+        return value
+
     def load(self, path, dicom_window=None) -> TensorCT:
         "The windowed, downsampled channels of the slice at `path`, [C, size, size] float32, with its `orig_size`."
-        c = self.spec.context
-        paths = context_paths(path, c)
-        order = [c] + [i for o in range(1, c + 1) for i in (c - o, c + o)]
-        hus = [load_hu(paths[i]) for i in order]
-        for p, h in zip([paths[i] for i in order], hus):
-            if h.shape != hus[0].shape: raise SliceFileError(p, f"size {h.shape} differs from its key slice's {hus[0].shape}")
-        return self.from_hu(hus, dicom_window)
+        wins = self.windows_for(dicom_window)
+        paths = self.neighbours(path)
+        got = [self.planes(p, wins) for p in paths]
+        (w, h) = got[0][1]
+        for p, (_, (pw, ph)) in zip(paths, got):
+            if (pw, ph) != (w, h): raise SliceFileError(p, f"size {(ph, pw)} differs from its key slice's {(h, w)}")
+        chans = torch.stack([planes[j] for j in range(len(wins)) for planes, _ in got])      # window-major
+        return TensorCT(chans, orig_size=(w, h))
 
     def from_hu(self, hus: list, dicom_window=None) -> TensorCT:
-        """The model input from slices in HU ([H, W] each, the key slice then k-1, k+1, ..., k-c, k+c):
-        the one preprocessing of training, evaluation and `lesion_fastai.predict` (PNG, DICOM, NIfTI)."""
-        wins = resolve_windows(self.spec.windows, dicom_window if dicom_window is not None else (-150., 250.))
+        """The model input from slices in HU ([H, W] each, the key slice then k-1, k+1, ..., k-c, k+c),
+        prepared exactly as `load` prepares PNGs: the one preprocessing of training, evaluation and
+        `lesion_fastai.predict` (PNG, DICOM, NIfTI)."""
+        wins = self.windows_for(dicom_window)
         chans = np.stack([window(h, lo, hi) for lo, hi in wins for h in hus])
         shape = hus[0].shape
         return TensorCT(downsample(torch.from_numpy(chans), self.spec.size), orig_size=(shape[1], shape[0]))
@@ -107,19 +154,43 @@ class CTSlice(Transform):
         return self.load(path, dicom_window).as_subclass(torch.Tensor)
 
     def encodes(self, item) -> TensorCT:
-        if isinstance(item, SliceRecord): path, dw = item.image_path, item.dicom_window
-        else: path, dw = str(item), None
-        if self.cache is None: return self.load(path, dw)
-        t = self.cache.get(path)
-        if t is None: t = self.cache[path] = self.load(path, dw)
-        return t
+        if isinstance(item, SliceRecord): return self.load(item.image_path, item.dicom_window)
+        return self.load(str(item))
 
-    def __getstate__(self):  # an exported learner carries the settings, not the cached pixels
-        return {**self.__dict__, 'cache': None}
+    def batch(self, items) -> TensorCT:
+        """`encodes` of every item, stacked: [B, C, size, size], with the first item's `orig_size` (as
+        fastai's collation keeps it). From a disk cache that holds every PNG the items need, one read of
+        all their rows (sorted, so that the memory-mapped array is read in order)."""
+        items = list(items)
+        rows = self._rows(items) if hasattr(self.cache, 'index') else None
+        if rows is None: return TensorCT(torch.stack([self.encodes(it).as_subclass(torch.Tensor) for it in items]),
+                                         orig_size=self.encodes(items[0]).orig_size)
+        rows, sizes, n = rows
+        unique, inverse = np.unique(rows, return_inverse=True)
+        planes = torch.from_numpy(self.cache.array[unique][inverse].astype(np.float32))            # [B * n, windows, S, S]
+        B, S = len(items), self.spec.size
+        x = planes.view(B, n, -1, S, S).transpose(1, 2).reshape(B, -1, S, S)                       # window-major channels
+        return TensorCT(x.contiguous(), orig_size=sizes[0])
+
+    def _rows(self, items):
+        "The disk cache's rows of every PNG the items need, in channel order, and each item's size; None if one is missing."
+        rows, sizes = [], []
+        for it in items:
+            path, dw = (it.image_path, it.dicom_window) if isinstance(it, SliceRecord) else (str(it), None)
+            wins, paths = self.windows_for(dw), self.neighbours(path)
+            entries = [self.cache.index.get(plane_key(p, wins)) for p in paths]
+            if any(e is None for e in entries) or any(tuple(e[1:]) != tuple(entries[0][1:]) for e in entries): return None
+            rows += [e[0] for e in entries]
+            sizes.append(tuple(entries[0][1:]))
+        return np.asarray(rows), sizes, len(paths)
+
+    def __getstate__(self):  # an exported learner carries the settings, not the cached pixels nor paths of this machine
+        return {**self.__dict__, 'cache': None, '_found': {}}
 
     def __setstate__(self, state):  # exports written before SliceSpec held windows, context and size themselves
         if 'spec' not in state: state['spec'] = SliceSpec(state.pop('windows'), state.pop('context'), state.pop('size'))
         state.pop('n_channels', None)
+        state.setdefault('_found', {})
         self.__dict__.update(state)
 
 
@@ -230,6 +301,37 @@ def select_patients(records: list[SliceRecord], fraction: float, seed: int = 0) 
     return [r for r in records if r.patient in keep]
 
 
+class SliceDL(TfmdDL):
+    """fastai's `TfmdDL` for the slice blocks, with batches made without the per-item pipeline (module
+    docstring): the slices stacked by `CTSlice.batch`, each item's targets (boxes and flags, as the
+    DataBlock's getters, type and item transforms make them) built on first use and kept. Anything
+    else (a pipeline of other transforms) is batched by fastai's own `create_batches`."""
+    def create_batches(self, samps):
+        ct = self._slice_transform()
+        if ct is None:
+            yield from super().create_batches(samps)
+            return
+        for idx in chunked(samps, self.bs, drop_last=self.drop_last):
+            items = [self.dataset.items[i] for i in idx]
+            x = ct.batch(items)
+            if len(self.dataset.tls) == 1: yield (x,)
+            else: yield (x, *self.retain(fa_collate([self._targets(i, ct) for i in idx]), self._targets(idx[0], ct)))
+
+    def _slice_transform(self):
+        "The `CTSlice` if the inputs are made by it alone (after the getter), else None."
+        if not hasattr(self.dataset, 'tls') or not self.indexed: return None
+        fs = [f for f in self.dataset.tls[0].tfms.fs if getattr(f, 'name', None) != 'noop']      # the getter, noop wrapped
+        return fs[0] if len(fs) == 1 and isinstance(fs[0], CTSlice) else None
+
+    def _targets(self, i: int, ct: CTSlice) -> tuple:
+        "Item `i`'s targets after the item transforms (which read the image's size only: a blank image stands in)."
+        kept = self.__dict__.setdefault('_kept', {})
+        if i not in kept:
+            blank = TensorCT(torch.zeros(ct.n_channels, ct.spec.size, ct.spec.size))
+            kept[i] = tuple(self.after_item((blank, *(tl[i] for tl in self.dataset.tls[1:]))))[1:]
+        return kept[i]
+
+
 class _IndexSplitter:
     "Splits a list of records by their `split` field (picklable, for `learn.export`)."
     def __init__(self, train='train', valid='val'): self.train, self.valid = train, valid
@@ -243,7 +345,7 @@ def detection_block(spec: SliceSpec, target='points', augment=True, cache=None, 
     `bb_pad` puts padding at the image centre, where augmentation moves it; a fixed count also keeps
     batches gatherable across processes). Train / valid follow the records' `split` ('train' / 'val')."""
     target_block = PointBlock if target == 'points' else BBoxBlock
-    return DataBlock(blocks=(TransformBlock(type_tfms=CTSlice(spec, cache)), target_block, TransformBlock()),
+    return DataBlock(blocks=(TransformBlock(type_tfms=CTSlice(spec, cache), dl_type=SliceDL), target_block, TransformBlock()),
                      getters=[noop, LesionBoxes(spec.size, target, slots), LesionFlags(slots)], splitter=_IndexSplitter(), n_inp=1,
                      item_tfms=[SlicePixels()], batch_tfms=box_augmentations() if augment else [BoxTidy()])
 
@@ -282,7 +384,7 @@ def labelled_dl(learn, data, split: str = 'test', bs: int | None = None):
 
 def autoencoder_block(spec: SliceSpec, valid_patients=(), augment=True, cache=None) -> DataBlock:
     "DataBlock of image-only items (slice paths) for autoencoder pretraining; the target is made by the corruption callback."
-    return DataBlock(blocks=(TransformBlock(type_tfms=CTSlice(spec, cache)),), n_inp=1,
+    return DataBlock(blocks=(TransformBlock(type_tfms=CTSlice(spec, cache), dl_type=SliceDL),), n_inp=1,
                      splitter=FuncSplitter(_InPatients(set(valid_patients))),
                      batch_tfms=aug_transforms(max_rotate=10., max_zoom=1.1, max_lighting=0., max_warp=0.) if augment else None)
 

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = ['COLUMNS', 'SPLITS', 'WINDOWS', 'HU_OFFSET', 'read_dl_info', 'image_path', 'SliceFileError', 'open_png', 'load_hu', 'check_png', 'save_hu',
            'window', 'resolve_windows', 'neighbour_path', 'context_paths', 'list_slices', 'SliceRecord',
-           'slice_records', 'evaluation_records', 'load_data', 'lesion_statistics', 'patient_of']
+           'slice_records', 'evaluation_records', 'load_data', 'lesion_statistics', 'patient_of', 'ships_neighbours']
 
 # The 18 columns of DL_info.csv, in the official order.
 COLUMNS = ('File_name', 'Patient_index', 'Study_index', 'Series_ID', 'Key_slice_index',
@@ -253,6 +253,14 @@ def context_paths(key_path: Path | str, context: int) -> list[Path]:
     "`context` slices below and above the key slice, in order: [k-c, ..., k, ..., k+c]."
     key_path = Path(key_path)
     return [key_path if o == 0 else neighbour_path(key_path, o) for o in range(-context, context + 1)]
+
+
+def ships_neighbours(records, at_least: float = .5) -> bool:
+    """Whether the data ships neighbour slices beside its key slices (DeepLesion ships about 30 mm above
+    and below each): at least `at_least` of the key slices have the slices right above and below them."""
+    if not records: return False
+    has = lambda r: all(Path(r.image_path).with_name(f'{int(Path(r.image_path).stem) + o:03d}.png').is_file() for o in (-1, 1))
+    return sum(map(has, records)) >= at_least * len(records)
 
 
 def list_slices(root: Path | str, patients: set[int] | None = None) -> list[Path]:

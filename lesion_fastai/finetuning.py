@@ -19,13 +19,13 @@ from . import distributed
 from .cache import prepare_slices
 from .callbacks import TimeBudget
 from .checkpoint import decoder_args, load_decoder, load_encoder, load_pretrained
-from .config import FinetuneConfig
+from .config import FinetuneConfig, RunConfig, resolve_context
 from .data import SliceSpec, detection_dls, select_patients
 from .deeplesion import evaluation_records, load_data
 from .evaluation import report
 from .export import save_export
 from .files import check_out_folder, write_json
-from .fit import check_batches, check_precision, fit_resumable, loader_kwargs, native_size, run_folder, seed_rank, speed_up
+from .fit import back_to_fp32, check_batches, check_precision, fit_resumable, loader_kwargs, native_size, run_folder, seed_rank, speed_up
 from .freeze import apply_freeze, detector_splitter, freeze_callbacks, lr_for, parameter_counts
 from .heatmap import Decoding
 from .log import log
@@ -54,7 +54,7 @@ def resolve_settings(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
         raise ValueError(f"--sandwich decoder interleaves transfer layers in the frozen decoder: it needs --freeze sandwich, not {freeze}")
     if cfg.sandwich == 'decoder' and ckpt is None:
         raise ValueError("--sandwich decoder reads the pretrained autoencoder's decoder: it needs --pretrained CHECKPOINT")
-    defaults = {'windows': 'soft', 'context': 0, 'size': native_size(records) // 2}
+    defaults = {'windows': RunConfig.windows, 'context': lambda: resolve_context(None, records, cfg.data), 'size': lambda: native_size(records) // 2}
     settings = {}
     for k in ('windows', 'context', 'size'):
         flag = getattr(cfg, k)
@@ -63,7 +63,7 @@ def resolve_settings(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
             if flag is not None and flag != have:
                 raise ValueError(f"--{k} {flag} disagrees with the checkpoint {cfg.pretrained}, pretrained with {k} {have}")
             settings[k] = have
-        else: settings[k] = flag if flag is not None else defaults[k]
+        else: settings[k] = flag if flag is not None else defaults[k]() if callable(defaults[k]) else defaults[k]
     settings['freeze'] = freeze
     settings['backbone'] = pretrained_body or cfg.backbone or 'resnet'
     return settings, ckpt
@@ -133,7 +133,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         precision = speed_up(learn, cfg.precision)
         fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'froc', cfg.resume, cbs)
         if not distributed.is_main(): return {}     # rank 0 evaluates the model in one process, as a single-process run would
-        learn.to_contiguous(to_fp32=True)             # evaluation and the export in float32, as a CPU evaluation of it
+        back_to_fp32(learn)             # evaluation and the export in float32, as a CPU evaluation of it
         baseline = mean_box(train)
         results = report(learn, {'valid': valid, 'test': test}, baseline, out, n_figure=cfg.n_figure)
         config = {**asdict(cfg), **s, 'lr': lr, 'precision': precision, 'data': str(cfg.data), 'out': str(out),

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.torch_core import set_seed
+from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.core import Callback
+from fastai.torch_core import set_seed, to_float
 
 from . import distributed
 from .callbacks import AtomicSaveModelCallback, ResumableCSVLogger, ResumeState, StopOnNonFinite
@@ -17,7 +19,8 @@ from .config import PRECISIONS
 from .files import output_folder
 from .log import log, speaking
 
-__all__ = ['fit_resumable', 'check_batches', 'native_size', 'check_precision', 'resolved_precision', 'speed_up', 'run_folder',
+__all__ = ['fit_resumable', 'check_batches', 'native_size', 'cpu_has_bf16', 'check_precision', 'resolved_precision', 'CPUBFloat16',
+           'speed_up', 'back_to_fp32', 'run_folder',
            'seed_rank', 'loader_kwargs']
 
 
@@ -54,24 +57,66 @@ def fit_resumable(learn, out: Path, epochs: int, lr, monitor: str, resume: bool,
     if finite.problem: raise FloatingPointError(finite.problem)
 
 
+def cpu_has_bf16() -> bool:
+    "Whether this CPU has bfloat16 matrix units (AVX512-BF16 or AMX-BF16, the /proc/cpuinfo flags), which CPU autocast uses."
+    try: flags = Path('/proc/cpuinfo').read_text()
+    except OSError: return False
+    return any(f in flags.split() for f in ('avx512_bf16', 'amx_bf16'))
+
+
+# --precision auto on a CPU with bfloat16 units: float32, since bf16, twice as fast, scored a little lower on validation
+# at the demo's budget (README, "bfloat16 on the CPU"); --precision bf16 asks for it
+CPU_AUTO_BF16 = False
+
+
 def check_precision(precision: str) -> None:
-    "A precision this machine can train in: bf16 needs a CUDA GPU."
+    "A precision this machine can train in: bf16 needs a CUDA GPU or a CPU with bfloat16 units."
     if precision not in PRECISIONS: raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision == 'bf16' and not torch.cuda.is_available():
-        raise ValueError("--precision bf16 needs a CUDA GPU (fastai's mixed precision is CUDA autocast); on the CPU use auto or fp32")
+    if precision == 'bf16' and not torch.cuda.is_available() and not cpu_has_bf16():
+        raise ValueError("--precision bf16 needs a CUDA GPU or a CPU with bfloat16 units (AVX512-BF16 or AMX-BF16), "
+                         "and this machine has neither; use auto or fp32")
 
 
 def resolved_precision(precision: str) -> str:
-    "What a run with this --precision trains in here: 'auto' is bf16 on a CUDA GPU, fp32 on the CPU."
-    return 'fp32' if precision == 'fp32' or not torch.cuda.is_available() else 'bf16'
+    """What a run with this --precision trains in here: 'auto' is bf16 on a CUDA GPU, and on a CPU with
+    bfloat16 units only while `CPU_AUTO_BF16` says so (it does not: float32); 'bf16' is bf16."""
+    if precision == 'fp32': return 'fp32'
+    if torch.cuda.is_available() or precision == 'bf16': return 'bf16'
+    return 'bf16' if CPU_AUTO_BF16 and cpu_has_bf16() else 'fp32'
+
+
+class CPUBFloat16(Callback):
+    """bfloat16 autocast on the CPU, as fastai's `MixedPrecision` does it on CUDA (which it hard-codes):
+    the forward pass and the loss in autocast, the backward pass outside it, predictions handed on as
+    float32 (the validation FROC decodes them); the weights, their gradients and the optimizer stay
+    float32, so checkpoints and exports are float32. No loss scaling: bfloat16 has float32's range."""
+    order = 10
+
+    def before_fit(self): self.autocast, self.inside = torch.autocast('cpu', dtype=torch.bfloat16), False
+    def before_batch(self): self.autocast.__enter__(); self.inside = True
+    def after_pred(self): self.learn.pred = to_float(self.pred)
+    def after_loss(self): self._leave()
+    def after_batch(self): self._leave()              # a batch cancelled before its loss must not leave autocast on
+    def after_fit(self): self._leave()
+
+    def _leave(self):
+        if self.inside: self.autocast.__exit__(None, None, None); self.inside = False
 
 
 def speed_up(learn, precision: str) -> str:
-    """On a CUDA GPU (precision 'auto' or 'bf16'): bfloat16 autocast (fastai's `MixedPrecision`, no loss
-    scaling needed) with the model in channels_last. Returns the precision the fit runs in."""
-    if resolved_precision(precision) == 'fp32' or learn.dls.device is None or learn.dls.device.type != 'cuda': return 'fp32'
-    learn.to_channelslast(amp_mode='bf16')
+    """bfloat16 and channels_last where `resolved_precision` says so: on a CUDA GPU fastai's
+    `MixedPrecision` (bf16, no loss scaling), on the CPU `CPUBFloat16`. Returns the precision the fit
+    runs in; `back_to_fp32` undoes it for evaluation and the export."""
+    if resolved_precision(precision) == 'fp32': return 'fp32'
+    if learn.dls.device is not None and learn.dls.device.type == 'cuda': learn.to_channelslast(amp_mode='bf16')
+    else: learn.add_cbs([ChannelsLast(), CPUBFloat16()])
     return 'bf16'
+
+
+def back_to_fp32(learn) -> None:
+    "After a fit in bf16: the model contiguous, no autocast (evaluation, checkpoint and export are float32)."
+    learn.to_contiguous(to_fp32=True)
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, CPUBFloat16)])
 
 
 def run_folder(out: Path):

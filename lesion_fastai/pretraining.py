@@ -24,11 +24,11 @@ from torch import nn
 from . import distributed
 from .cache import drop_near_duplicates, prepare_slices
 from .checkpoint import save_pretrained
-from .config import PRETEXTS, PretrainConfig
+from .config import PRETEXTS, PretrainConfig, resolve_context
 from .data import CTSlice, SliceSpec, autoencoder_dls
 from .deeplesion import context_paths, list_slices, load_data, patient_of
 from .files import check_out_folder, write_json
-from .fit import check_batches, check_precision, fit_resumable, loader_kwargs, native_size, run_folder, seed_rank, speed_up
+from .fit import back_to_fp32, check_batches, check_precision, fit_resumable, loader_kwargs, native_size, run_folder, seed_rank, speed_up
 from .log import log
 from .models.autoencoder import create_autoencoder
 from .plots import plot_reconstructions
@@ -109,12 +109,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
     ratio, patch_fraction, noise = PRETEXTS[cfg.pretext]
     mask_ratio = ratio if cfg.mask_ratio is None else cfg.mask_ratio
     noise_std = noise if cfg.noise_std is None else cfg.noise_std
-    if cfg.pretext == 'context' and cfg.context < 1:
+    df, records = load_data(cfg.data)
+    context = resolve_context(cfg.context, records, cfg.data)
+    if cfg.pretext == 'context' and context < 1:
         raise ValueError("--pretext context reconstructs a slice from its neighbours: it needs --context 1 or more "
                          "(neighbour slices on each side as input channels)")
-    df, records = load_data(cfg.data)
     size = cfg.size or native_size(records) // 2
-    spec = SliceSpec(cfg.windows, cfg.context, size)
+    spec = SliceSpec(cfg.windows, context, size)
     patch = cfg.patch or max(2, round(size * patch_fraction))
     # 'all' adds the test patients' slices (labels unused); validation patients stay held out for the loss
     train_p = set(df.patient[df.split == 'train']) if cfg.patients == 'train' else set(df.patient[df.split != 'val'])
@@ -124,18 +125,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
     paths = list_slices(cfg.data, train_p | val_p)
     if cfg.pretext == 'context':
         # A slice at the end of what was shipped has a neighbour that falls back to itself: the target in the input.
-        whole = [p for p in paths if context_paths(p, cfg.context).count(Path(p)) == 1]
-        log.info(f"context pretext: {len(whole)} of {len(paths)} slices have all {2 * cfg.context} neighbours of their own "
+        whole = [p for p in paths if context_paths(p, context).count(Path(p)) == 1]
+        log.info(f"context pretext: {len(whole)} of {len(paths)} slices have all {2 * context} neighbours of their own "
                  f"(the rest, at the ends of what was shipped, would show the model its target)")
         paths = whole
     n_train = sum(patient_of(Path(p).parent.name) in train_p for p in paths)
     check_batches(n_train, cfg.bs, f"{cfg.data}", '')
     log.info(f"pretraining on {n_train} slices of {len(train_p)} patients ({len(paths) - n_train} validation slices), "
-             f"{size} px, windows {cfg.windows}, context {cfg.context}")
+             f"{size} px, windows {cfg.windows}, context {context}")
     cache = prepare_slices(cfg.cache, paths, spec, cfg.cache_dir, workers=max(1, cfg.num_workers))
     if cfg.dedup > 0:                  # redundant neighbour slices slow pretraining and can hurt it; validation stays whole
         in_val = lambda p: patient_of(Path(p).parent.name) in val_p
-        paths, dropped = drop_near_duplicates(paths, cache, CTSlice(spec), cfg.dedup, keep=in_val)
+        paths, dropped = drop_near_duplicates(paths, CTSlice(spec, cache), cfg.dedup, keep=in_val)
         n_train -= dropped
         log.info(f"--dedup {cfg.dedup:g}: dropped {dropped} training slice(s) closer than that to the slice kept before them "
                  f"(mean absolute difference of the windowed pixels); {n_train} remain")
@@ -147,7 +148,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         model = create_autoencoder(n_in, code_channels=tuple(cfg.code_channels), backbone=cfg.backbone, backbone_weights=cfg.backbone_weights)
         masked_loss = cfg.pretext == 'mae'
         loss = MaskedLoss(cfg.loss) if masked_loss else {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
-        keys = key_channels(n_in, cfg.context) if cfg.pretext == 'context' else None
+        keys = key_channels(n_in, context) if cfg.pretext == 'context' else None
         if keys: loss = ChannelLoss(loss, keys)
         corruption = dict(mask_ratio=mask_ratio, patch=patch, noise_std=noise_std)
         learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
@@ -158,9 +159,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         precision = speed_up(learn, cfg.precision)
         fit_resumable(learn, out, cfg.epochs, cfg.lr, 'valid_loss', cfg.resume)
         if not distributed.is_main(): return {}
-        learn.to_contiguous(to_fp32=True)             # the checkpoint and every figure and loss below: float32
+        back_to_fp32(learn)             # the checkpoint and every figure and loss below: float32
         with distributed.alone(): trained = float(learn.validate()[0])
-        config = {**asdict(cfg), **corruption, 'size': size, 'data': str(cfg.data), 'out': str(out), 'in_chans': n_in, 'precision': precision,
+        config = {**asdict(cfg), **corruption, 'size': size, 'context': context, 'data': str(cfg.data), 'out': str(out), 'in_chans': n_in, 'precision': precision,
                   'train_slices': n_train,
                   'code_channels': list(cfg.code_channels)}
         ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)

@@ -58,13 +58,14 @@ def test_bad_backbones_are_named():
 @pytest.mark.slow
 def test_pretrain_records_the_backbone_and_finetune_rebuilds_it_or_transfers_from_weights(tiny_data, weights, tmp_path, capsys):
     pre = tmp_path / 'pre'
-    pretrain(PretrainConfig(data=tiny_data, out=pre, epochs=1, bs=2, size=32, backbone=NAME))
+    pretrain(PretrainConfig(data=tiny_data, out=pre, epochs=1, bs=2, size=32, backbone=NAME, context=0))
     ckpt = load_pretrained(pre / 'pretrained.pth')
     assert ckpt['model_args']['encoder_args'] == {'backbone': NAME, 'in_chans': 1}
     m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'sw', epochs=1, bs=2, pretrained=pre / 'pretrained.pth'))
     assert m['config']['backbone'] == NAME and m['config']['freeze'] == 'sandwich' and m['parameters']['frozen'] > 0
     # ImageNet-style transfer: no checkpoint, the weights file, every layer trains (--freeze none by default)
-    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'tl', epochs=1, bs=2, size=32, backbone=NAME, backbone_weights=weights))
+    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'tl', epochs=1, bs=2, size=32, backbone=NAME, backbone_weights=weights,
+                                context=0))
     assert m['config']['freeze'] == 'full' and m['parameters']['frozen'] == 0
     for args, msg in ((['--pretrained', str(pre / 'pretrained.pth'), '--backbone', 'resnet'], 'disagrees with the checkpoint'),
                       (['--pretrained', str(pre / 'pretrained.pth'), '--backbone-weights', str(weights)], 'both set the encoder'),

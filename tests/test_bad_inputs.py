@@ -105,13 +105,12 @@ CASES = [
     ('--out not writable', 'finetune', 'out-locked', [], r'--out .* is not writable by this user'),
     ('--pretrained not a checkpoint', 'finetune', 'bad-ckpt', [], r'not a lesion_fastai pretrained checkpoint'),
 ]
-if not torch.cuda.is_available():                 # fastai's mixed precision is CUDA autocast
-    CASES += [(f'--precision bf16 without a GPU, {e}', e, None, ['--precision', 'bf16'], r'--precision bf16 needs a CUDA GPU')
-              for e in ('finetune', 'pretrain')]
+CASES += [(f'--precision bf16 without a GPU or bf16 units, {e}', e, 'no-bf16', ['--precision', 'bf16'],
+           r'--precision bf16 needs a CUDA GPU or a CPU with bfloat16 units') for e in ('finetune', 'pretrain')]
 
 
 @pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_named_and_writes_nothing(case, data, tmp_path, capsys):
+def test_bad_input_is_named_and_writes_nothing(case, data, tmp_path, capsys, monkeypatch):
     name, entry, breaker, args, message = case
     out = tmp_path / 'runs' / 'out'
     if breaker == 'out-file':
@@ -120,6 +119,10 @@ def test_bad_input_is_named_and_writes_nothing(case, data, tmp_path, capsys):
         locked = _unwritable_dir(tmp_path)
         if locked is None: pytest.skip('no folder here is unwritable to this user')
         out = locked / 'out'
+    elif breaker == 'no-bf16':                   # a machine without them, whatever this one has
+        import lesion_fastai.fit as fit
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+        monkeypatch.setattr(fit, 'cpu_has_bf16', lambda: False)
     elif breaker == 'bad-ckpt':
         torch.save({'weights': 1}, tmp_path / 'other.pth')
         args = ['--pretrained', str(tmp_path / 'other.pth')]

@@ -1,4 +1,6 @@
 """The benchmarks' plumbing on tiny settings (the real runs are benchmarks, not tests)."""
+import json
+
 import numpy as np
 import pytest
 
@@ -24,26 +26,27 @@ def test_same_epoch_length_repeats_the_label_subset(tiny_data, tiny_records, tmp
 def test_efficiency_smoke_writes_table_plot_and_resumes(tiny_data, tmp_path):
     args = dict(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[.5, 1.], modes=['scratch', 'decoder-sandwich'],
                 seeds=[0], epochs=1, pretrain_epochs=1, bs=2, pretexts=['masked', 'mae'])
-    res = efficiency(**args)
+    res = efficiency(**args)                                             # the data ships neighbours: every run sees two a side
     want = {(m, f) for m in ('scratch', 'decoder-sandwich [masked]', 'decoder-sandwich [mae]') for f in (.5, 1.)}
     assert {(r['mode'], r['fraction']) for r in res['rows']} == want
-    assert (tmp_path / 'pretrain' / 'pretrained.pth').exists() and (tmp_path / 'pretrain_pretextmae' / 'pretrained.pth').exists()
+    assert (tmp_path / 'pretrain_context2' / 'pretrained.pth').exists() and (tmp_path / 'pretrain_context2_pretextmae' / 'pretrained.pth').exists()
     assert (tmp_path / 'data_efficiency.png').stat().st_size > 0
     table = (tmp_path / 'efficiency.md').read_text()
     assert table.count('| decoder-sandwich [mae] |') == 2 and 'mean box FROC / hit@0.5' in table and 'paired difference from scratch' in table
     assert 'best pretrained mode on validation' in table
-    stamp = (tmp_path / 'runs' / 'scratch_1_seed0' / 'metrics.json').stat().st_mtime
+    stamp = (tmp_path / 'runs' / 'scratch_1_seed0_context2' / 'metrics.json').stat().st_mtime
     efficiency(**args)                                                   # finished runs are kept, not redone
-    assert (tmp_path / 'runs' / 'scratch_1_seed0' / 'metrics.json').stat().st_mtime == stamp
+    assert (tmp_path / 'runs' / 'scratch_1_seed0_context2' / 'metrics.json').stat().st_mtime == stamp
+    assert json.loads((tmp_path / 'runs' / 'scratch_1_seed0_context2' / 'metrics.json').read_text())['config']['context'] == 2
     # report only: the finished runs, nothing trained (a cell that never ran is left out)
     rep = efficiency(**{**args, 'fractions': [.5, 1., .2]}, report_only=True)
-    assert {(r['mode'], r['fraction']) for r in rep['rows']} == want and not (tmp_path / 'runs' / 'scratch_0.2_seed0').exists()
+    assert {(r['mode'], r['fraction']) for r in rep['rows']} == want and not (tmp_path / 'runs' / 'scratch_0.2_seed0_context2').exists()
 
 
 @pytest.mark.slow
 def test_efficiency_runs_in_parallel_processes(tiny_data, tmp_path):
     res = efficiency(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[1.], modes=['scratch', 'sandwich'], seeds=[0],
-                     epochs=1, pretrain_epochs=1, bs=2, pretexts=['mae'], jobs=2)
+                     epochs=1, pretrain_epochs=1, bs=2, pretexts=['mae'], jobs=2, context=0)
     assert [r['mode'] for r in res['rows']] == ['scratch', 'sandwich [mae]']
     assert (tmp_path / 'runs' / 'sandwich_1_seed0_mae' / 'metrics.json').exists()
 
@@ -97,7 +100,7 @@ def test_loading_measures_every_path_and_builds_one_disk_cache_of_those_slices(t
     assert all(np.isfinite(v) and v > 0 for v in res.values())
     (array,) = (tmp_path / 'cache').glob('slices_*.npy')
     index = __import__('json').loads(array.with_suffix('.json').read_text())['index']
-    assert sorted(index) == sorted(map(str, paths)) and np.load(array).shape == (4, 1, 32, 32)
+    assert sorted(k.rsplit('|', 1)[0] for k in index) == sorted(map(str, paths)) and np.load(array).shape == (4, 1, 32, 32)
 
 
 @pytest.mark.slow
@@ -144,20 +147,22 @@ def test_runs_gathered_from_another_folder_and_precision_report_but_do_not_resum
     import shutil
     import torch
     from lesion_fastai.bench.common import tag
+    from lesion_fastai.fit import resolved_precision
     args = dict(data=tiny_data, patients=10, native=64, fractions=[1.], modes=['scratch', 'sandwich'], seeds=[0], epochs=1,
-                pretrain_epochs=1, bs=2, pretexts=['masked'])
+                pretrain_epochs=1, bs=2, pretexts=['masked'], context=0)
+    here = resolved_precision('auto')
+    other = 'fp32' if here == 'bf16' else 'bf16'
     first = efficiency(out=tmp_path / 'a', **args)
     for part in ('runs', 'pretrain'): shutil.copytree(tmp_path / 'a' / part, tmp_path / 'b' / part)
     # the runs and checkpoint paths recorded under a/ compare relative to their folder: b/ reports them
     gathered = efficiency(out=tmp_path / 'b', report_only=True, **args)
-    assert [(r['mode'], r['froc'], r['precision']) for r in gathered['rows']] == [(r['mode'], r['froc'], 'fp32') for r in first['rows']]
-    # a run that trained in bf16 on a GPU: reported beside the others and labelled, never resumed as if it were this machine's
+    assert [(r['mode'], r['froc'], r['precision']) for r in gathered['rows']] == [(r['mode'], r['froc'], here) for r in first['rows']]
+    # a run that trained in the other precision (on a GPU, say): reported beside the others and labelled, never resumed as this machine's
     run = tmp_path / 'b' / 'runs' / 'scratch_1_seed0' / 'metrics.json'
-    m = json.loads(run.read_text()); m['config']['precision'] = 'bf16'; run.write_text(json.dumps(m))
+    m = json.loads(run.read_text()); m['config']['precision'] = other; run.write_text(json.dumps(m))
     efficiency(out=tmp_path / 'b', report_only=True, **args)
-    assert '| 1 bf16 |' in (tmp_path / 'b' / 'efficiency.md').read_text() and '| 1 fp32 |' in (tmp_path / 'b' / 'efficiency.md').read_text()
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match='precision: bf16 there, fp32 now'): efficiency(out=tmp_path / 'b', **args)
+    assert f'| 1 {other} |' in (tmp_path / 'b' / 'efficiency.md').read_text() and f'| 1 {here} |' in (tmp_path / 'b' / 'efficiency.md').read_text()
+    with pytest.raises(ValueError, match=f'precision: {other} there, {here} now'): efficiency(out=tmp_path / 'b', **args)
     assert tag({'code_channels': (64, 8, 4, 4), 'pretext': 'mae'}) == '_code64-8-4-4_pretextmae'
 
 
@@ -173,7 +178,7 @@ def test_imagenet_mode_needs_weights_and_then_transfers_them(tiny_data, tmp_path
     timm = pytest.importorskip('timm')
     import torch
     args = dict(data=tiny_data, patients=10, native=64, fractions=[1.], modes=['scratch', 'imagenet'], seeds=[0], epochs=1,
-                pretrain_epochs=1, bs=2, backbone='resnet10t')
+                pretrain_epochs=1, bs=2, backbone='resnet10t', context=0)
     res = efficiency(out=tmp_path / 'none', **args)
     assert [r['mode'] for r in res['rows']] == ['scratch'] and 'mode imagenet skipped' in capsys.readouterr().out
     torch.save(timm.create_model('resnet10t', pretrained=False).state_dict(), tmp_path / 'w.pth')
@@ -192,3 +197,19 @@ def test_scale_builds_and_reads_each_count_and_extrapolates(tmp_path):
     assert res['count_ratio'] == 2 and res['deeplesion_build_h'] == pytest.approx(DEEPLESION_SLICES / res['rows'][-1]['build_per_s'] / 3600)
     assert res['rows'][1]['cache_mb'] > res['rows'][0]['cache_mb'] and not list(tmp_path.glob('cache_*'))   # built fresh, then removed
     assert '930,000 slices' in (tmp_path / 'scale.md').read_text()
+
+
+def test_loader_rates_measure_each_cache_and_worker_count_with_and_without_augmentation(tiny_data, tmp_path):
+    from lesion_fastai.bench.speed import loader_rates
+    from lesion_fastai.data import SliceSpec
+    rows = loader_rates(tiny_data, SliceSpec('soft', 1, 32), 2, tmp_path / 'cache', workers=(0,), epochs=1)
+    assert [(r['cache'], r['workers'], r['augment']) for r in rows] == [('memory', 0, False), ('memory', 0, True), ('disk', 0, False), ('disk', 0, True)]
+    assert all(np.isfinite(r['slices_per_s']) and r['slices_per_s'] > 0 for r in rows)
+    assert len(list((tmp_path / 'cache').glob('slices_*.npy'))) == 1
+
+
+@pytest.mark.slow
+def test_precision_rates_train_both_precisions_in_one_fresh_process():
+    from lesion_fastai.bench.speed import precision_rates
+    res = precision_rates(32, 3, 2, steps=1, rounds=1)
+    assert set(res) == {'fp32', 'bf16'} and all(v > 0 for v in res.values())

@@ -1,5 +1,5 @@
-"""The disk slice cache: same pixels as decoding (to float16), built once, rebuilt when anything changes,
-never left half-built."""
+"""The slice caches: each PNG decoded once however many key slices use it, the same pixels as decoding
+(to float16 on disk), built once, rebuilt when anything changes, never left half-built."""
 import os
 import pickle
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from lesion_fastai.cache import SliceCache, build_slice_cache
-from lesion_fastai.data import CTSlice, SliceSpec
-from lesion_fastai.deeplesion import list_slices
+from lesion_fastai.cache import SliceCache, build_slice_cache, plane_units, prepare_slices
+from lesion_fastai.data import CTSlice, SliceSpec, plane_key
+from lesion_fastai.deeplesion import list_slices, load_hu
 from lesion_fastai.config import FinetuneConfig
 from lesion_fastai.finetuning import finetune
 
@@ -19,7 +19,8 @@ def test_cached_slices_equal_decoded_ones(tiny_records, tmp_path, windows, conte
     recs = tiny_records[:5]
     cache = build_slice_cache(recs, SliceSpec(windows, context, 32), tmp_path)
     prep, cached = CTSlice(SliceSpec(windows, context, 32)), CTSlice(SliceSpec(windows, context, 32), cache)
-    assert len(cache) == 5
+    pngs = {(str(p), r.dicom_window if 'dicom' in windows else None) for r in recs for p in prep.neighbours(r.image_path)}
+    assert len(cache) == len(pngs) >= len(recs)                 # one entry per PNG (and window), whatever needs it
     for r in recs:
         want = prep(r)
         got = cached(r)
@@ -46,22 +47,22 @@ def test_interrupted_build_resumes_and_never_looks_finished(tiny_data, tmp_path,
     paths = list_slices(tiny_data)[:6]
     monkeypatch.setattr(cache_mod, 'CHUNK', 2)                # three chunks of two slices
     calls, interrupted = [], []
-    real = CTSlice.load
+    real = CTSlice.planes
 
-    def counting(self, path, dw=None):
+    def counting(self, path, wins):
         calls.append(path)
         if len(calls) == 3 and not interrupted:                   # the first slice of the second chunk, once
             interrupted.append(path)
             raise KeyboardInterrupt
-        return real(self, path, dw)
-    monkeypatch.setattr(CTSlice, 'load', counting)
+        return real(self, path, wins)
+    monkeypatch.setattr(CTSlice, 'planes', counting)
     with pytest.raises(KeyboardInterrupt): build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path / 'a')
     assert sorted(p.name.split('.', 1)[1] for p in (tmp_path / 'a').iterdir()) == ['partial.json', 'partial.npy']   # nothing final
     calls.clear()
     resumed = build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path / 'a')
     assert len(calls) == 4 and len(resumed) == 6                # the first chunk was not decoded again
     assert sorted(p.name.split('.', 1)[1] for p in (tmp_path / 'a').iterdir()) == ['json', 'npy']
-    monkeypatch.setattr(CTSlice, 'load', real)
+    monkeypatch.setattr(CTSlice, 'planes', real)
     fresh = build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path / 'b', workers=2)   # in two processes, from scratch
     assert np.array_equal(np.load(resumed.array_file), np.load(fresh.array_file)) and resumed.index == fresh.index
 
@@ -69,11 +70,12 @@ def test_interrupted_build_resumes_and_never_looks_finished(tiny_data, tmp_path,
 def test_cache_pickles_without_its_pixels(tiny_data, tmp_path):
     paths = list_slices(tiny_data)[:3]
     cache = build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path)
-    first = cache.get(paths[0])
+    key = plane_key(paths[0], CTSlice(SliceSpec('soft', 0, 32)).windows_for(None))
+    first, size = cache.get(key)
     blob = pickle.dumps(cache)
     assert len(blob) < 2_000                                  # the index and file name, not 3 x 32 x 32 floats
     again = pickle.loads(blob)
-    assert isinstance(again, SliceCache) and torch.equal(again.get(paths[0]), first)
+    assert isinstance(again, SliceCache) and torch.equal(again.get(key)[0], first) and again.get(key)[1] == size == (64, 64)
 
 
 @pytest.mark.slow
@@ -99,10 +101,36 @@ def test_near_duplicate_neighbours_are_dropped_and_the_rest_kept(tiny_data, tmp_
     assert len(paths) >= 3
     shutil.copyfile(paths[0], paths[1])                          # slice 2 repeats slice 1 exactly
     prep = CTSlice(SliceSpec('soft', 0, 32))
-    kept, dropped = drop_near_duplicates(paths, None, prep, 1e-6)
+    kept, dropped = drop_near_duplicates(paths, prep, 1e-6)
     assert dropped == 1 and kept == [p for p in paths if p != paths[1]]
-    assert drop_near_duplicates(paths, None, prep, 1e-6, keep=lambda p: True) == (paths, 0)     # kept whatever they are
-    kept, dropped = drop_near_duplicates(paths, None, prep, 1.01)                               # everything is "close"
+    assert drop_near_duplicates(paths, prep, 1e-6, keep=lambda p: True) == (paths, 0)     # kept whatever they are
+    kept, dropped = drop_near_duplicates(paths, prep, 1.01)                               # everything is "close"
     assert kept == paths[:1] and dropped == len(paths) - 1
-    cache = {str(paths[2]): prep.load(paths[0])}                 # from the cache, slice 3 looks like slice 1 too
-    assert drop_near_duplicates(paths, cache, prep, 1e-6) == ([p for p in paths if p not in paths[1:3]], 2)
+    wins = prep.windows_for(None)
+    cache = {plane_key(paths[2], wins): prep.planes(paths[0], wins)}      # from the cache, slice 3 looks like slice 1 too
+    cached = CTSlice(SliceSpec('soft', 0, 32), cache)
+    assert drop_near_duplicates(paths, cached, 1e-6) == ([p for p in paths if p not in paths[1:3]], 2)
+
+
+@pytest.mark.parametrize('windows,context', [('soft', 2), ('dicom,lung', 1)])
+def test_each_png_is_decoded_once_and_stacked_as_decoding_every_channel_would(tiny_records, monkeypatch, windows, context):
+    """With --context 2 a neighbour PNG serves up to five key slices: the memory cache decodes it once,
+    and the stacked channels equal those of the one preprocessing, `CTSlice.from_hu`, bit for bit."""
+    import lesion_fastai.data as data_mod
+    recs = [r for r in tiny_records if r.split == 'train']
+    spec = SliceSpec(windows, context, 32)
+    prep = CTSlice(spec)
+    reference = {r.image_path: prep.from_hu([load_hu(p) for p in prep.neighbours(r.image_path)], r.dicom_window) for r in recs}
+    decoded = []
+    real = data_mod.load_hu
+    monkeypatch.setattr(data_mod, 'load_hu', lambda p: (decoded.append(str(p)), real(p))[1])
+    cache = prepare_slices('memory', recs, spec)
+    needed = {str(p) for r in recs for p in prep.neighbours(r.image_path)}
+    assert sorted(decoded) == sorted(needed)                     # each PNG once (`needed` is a set)
+    if context == 2: assert len(needed) < len(recs) * 5          # the neighbours are shared: fewer PNGs than channels
+    decoded.clear()
+    cached = CTSlice(spec, cache)
+    for r in recs:
+        got = cached(r)
+        assert torch.equal(got, reference[r.image_path]) and got.orig_size == reference[r.image_path].orig_size
+    assert decoded == []                                         # every epoch after: nothing decoded

@@ -53,3 +53,16 @@ def test_the_old_name_of_a_freeze_mode_is_accepted_and_recorded_as_the_new_one(t
     assert 'none' not in choices(FinetuneConfig, 'freeze')
     args = finetune_cli.parser().parse_args(['--data', str(tmp_path), '--freeze', 'none'])
     assert from_args(FinetuneConfig, finetune_cli.parser(), args, out=tmp_path).freeze == 'full'
+
+
+def test_context_defaults_to_two_neighbours_where_the_data_ships_them_and_says_so_where_not(tiny_records, tmp_path, capsys):
+    from lesion_fastai.config import DEFAULT_CONTEXT, resolve_context
+    from lesion_fastai.deeplesion import read_dl_info, slice_records
+    from lesion_fastai.synthetic import generate
+    assert DEFAULT_CONTEXT == 2 and resolve_context(None, tiny_records, 'tiny') == 2 and resolve_context(0, tiny_records, 'tiny') == 0
+    assert capsys.readouterr().out == ''
+    generate(tmp_path / 'keys', patients=4, size=32, seed=0, neighbours=0)            # key slices only
+    keys_only = slice_records(read_dl_info(tmp_path / 'keys' / 'DL_info.csv'))
+    assert resolve_context(None, keys_only, tmp_path / 'keys') == 0 and resolve_context(1, keys_only, 'x') == 1
+    assert capsys.readouterr().out.strip() == (f"--context: {tmp_path / 'keys'} ships no neighbour slices beside its key slices, "
+                                               f"so each slice is seen alone (--context 0)")

@@ -149,3 +149,38 @@ def test_autoencoder_batches_every_slice_of_given_patients(tiny_data, tiny_recor
     assert len(dls.train_ds) + len(dls.valid_ds) == len(paths)
     (x,) = dls.one_batch()
     assert isinstance(x, TensorCT) and x.shape == (2, 1, 32, 32)
+
+
+@pytest.mark.parametrize('target', ['points', 'bbox'])
+@pytest.mark.parametrize('kind', ['memory', 'disk', 'none'])
+def test_slice_dl_batches_are_the_per_item_pipelines_batches_value_for_value(tiny_records, tmp_path, target, kind):
+    """SliceDL stacks the slices from the cache in one read and keeps each item's targets: the batches
+    (types, metadata and values) are those fastai's per-item pipeline makes from the same records."""
+    from fastai.data.core import TfmdDL
+    from lesion_fastai.cache import prepare_slices
+    from lesion_fastai.data import SliceDL
+    spec = SliceSpec('soft,lung', 2, 32)
+    cache = prepare_slices(kind, tiny_records, spec, folder=tmp_path)
+    dls = detection_dls(tiny_records, spec, target=target, bs=3, seed=0, cache=cache, augment=False)
+    for dl in (dls.valid, dls.test_dl(tiny_records[:5], with_labels=True), dls.test_dl(tiny_records[:5])):
+        assert isinstance(dl, SliceDL) and dl._slice_transform() is not None
+        order = list(range(len(dl.dataset)))
+        for _ in range(2):                                       # the second time from the kept targets
+            fast, slow = list(dl.create_batches(order)), list(TfmdDL.create_batches(dl, order))
+            assert len(fast) == len(slow) > 0
+            for f, s in zip(fast, slow):
+                assert len(f) == len(s)
+                for a, b in zip(f, s):
+                    assert type(a) is type(b) and torch.equal(a, b)
+                    assert getattr(a, 'img_size', None) == getattr(b, 'img_size', None) and getattr(a, 'orig_size', None) == getattr(b, 'orig_size', None)
+
+
+def test_autoencoder_batches_come_from_the_batch_path_too(tiny_data, tiny_records):
+    from fastai.data.core import TfmdDL
+    val_p = {r.patient for r in tiny_records if r.split == 'val'}
+    paths = list_slices(tiny_data, {r.patient for r in tiny_records if r.split == 'train'} | val_p)
+    dls = autoencoder_dls(paths, val_p, SliceSpec('soft', 1, 32), bs=2, seed=0)
+    dl = dls.valid
+    order = list(range(len(dl.dataset)))
+    fast, slow = list(dl.create_batches(order)), list(TfmdDL.create_batches(dl, order))
+    assert all(len(f) == len(s) == 1 and torch.equal(f[0], s[0]) and type(f[0]) is type(s[0]) for f, s in zip(fast, slow))

@@ -47,7 +47,7 @@ def test_channel_loss_scores_only_its_channels():
 def test_context_pretext_needs_neighbour_slices(tiny_data, tmp_path):
     out = tmp_path / 'run'
     with pytest.raises(SystemExit, match=r'--pretext context .* needs --context 1 or more'):
-        pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--pretext', 'context', '--size', '32'])
+        pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--pretext', 'context', '--context', '0', '--size', '32'])
     assert not out.exists()
 
 
@@ -128,7 +128,7 @@ def test_pretrain_dedup_drops_repeated_training_slices_only(tiny_data, tmp_path,
     train_series = sorted({f.rsplit('_', 1)[0] for f in df.file_name[df.split == 'train']})
     pngs = sorted((data / 'Images_png' / train_series[0]).glob('*.png'))
     shutil.copyfile(pngs[0], pngs[1])                            # one training slice repeats its neighbour
-    plain = pretrain(PretrainConfig(data=data, out=tmp_path / 'a', epochs=1, bs=2, size=32))
-    dedup = pretrain(PretrainConfig(data=data, out=tmp_path / 'b', epochs=1, bs=2, size=32, dedup=1e-6))
+    plain = pretrain(PretrainConfig(data=data, out=tmp_path / 'a', epochs=1, bs=2, size=32, context=0))
+    dedup = pretrain(PretrainConfig(data=data, out=tmp_path / 'b', epochs=1, bs=2, size=32, dedup=1e-6, context=0))
     assert dedup['train_slices'] == plain['train_slices'] - 1 and dedup['config']['dedup'] == 1e-6
     assert '--dedup 1e-06: dropped 1 training slice(s)' in capsys.readouterr().out

@@ -41,9 +41,9 @@ def ensure_data(data: Path, patients: int, native: int, neighbours: int = 2, see
 
 
 def tag(changes: dict | None) -> str:
-    "Pretraining changes as a name: _context2_pretextcontext, _code64-8-4-4."
+    "Pretraining changes as a name: _context2_pretextcontext, _code64-8-4-4 (one slice, context 0, is the plain name)."
     short = lambda k, v: ('code', '-'.join(map(str, v))) if k == 'code_channels' else (k, v)
-    return ''.join('_{}{}'.format(*short(k, v)) for k, v in sorted((changes or {}).items()))
+    return ''.join('_{}{}'.format(*short(k, v)) for k, v in sorted((changes or {}).items()) if (k, v) != ('context', 0))
 
 
 def pretrain_folder(out: Path, changes: dict | None) -> Path:

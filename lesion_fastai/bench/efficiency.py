@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import PRECISIONS, PRETEXTS, PretrainConfig, parse_floats, parse_ints
+from ..config import DEFAULT_CONTEXT, PRECISIONS, PRETEXTS, PretrainConfig, parse_floats, parse_ints, resolve_context
+from ..deeplesion import load_data
 from ..log import log
 from ..plots import plt, save_fig
 from ..stats import mean_ci
@@ -24,7 +25,7 @@ __all__ = ['efficiency', 'summarise', 'verdict_lines', 'efficiency_table', 'effi
 
 
 def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256, fractions=(.02, .1, 1.), modes=GRID_MODES,
-               seeds=(0, 1, 2), epochs: int = 30, pretrain_epochs: int = 10, bs: int = 16, pretexts=('masked',), context: int = 0,
+               seeds=(0, 1, 2), epochs: int = 30, pretrain_epochs: int = 10, bs: int = 16, pretexts=('masked',), context: int | None = None,
                neighbours: int = 10, jobs: int = 1, report_only: bool = False, precision: str = 'auto',
                code_channels: tuple | None = None, backbone: str = 'resnet', backbone_weights: Path | None = None) -> dict:
     """One pretraining per pretext, then every (label fraction, seed, mode, pretext) fine-tune with the
@@ -43,13 +44,15 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
     from concurrent.futures import ProcessPoolExecutor
     modes = [MODE_ALIASES.get(m, m) for m in modes]
     if not report_only: ensure_data(data, patients, native, neighbours, workers=max(1, jobs))
+    if context is None:                        # every run sees the same input: the data's default, resolved once
+        context = resolve_context(None, load_data(data)[1], data) if (Path(data) / 'DL_info.csv').exists() else 0
     # each pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder)
     if 'imagenet' in modes and not backbone_weights:
         log.info("mode imagenet skipped: it needs --backbone NAME --backbone-weights PATH (a timm model's ImageNet weights)")
         modes = [m for m in modes if m != 'imagenet']
     code = {'code_channels': tuple(code_channels)} if code_channels else {}
     body = {'backbone': backbone} if backbone != 'resnet' else {}
-    pre = {p: {**({'pretext': p} if p != 'masked' else {}), **({'context': context} if context else {}), **code, **body} for p in pretexts}
+    pre = {p: {**({'pretext': p} if p != 'masked' else {}), 'context': context, **code, **body} for p in pretexts}
     ckpts = {p: pretrain_folder(out, c) / 'pretrained.pth' for p, c in pre.items()}
     speed = {} if precision == 'auto' else {'precision': precision}
     pre = {p: {**c, **speed} for p, c in pre.items()}
@@ -60,7 +63,7 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
                 for p in (['-'] if mode in NO_CHECKPOINT else pretexts):
                     name = f'{mode}_{frac:g}_seed{seed}' + (f'_context{context}' if context else '') + ('' if p in ('-', 'masked') else f'_{p}')
                     name += (tag(code) if p != '-' else '') + (f'_{backbone}' if body else '')
-                    changes = {**({'context': context} if mode in NO_CHECKPOINT and context else {}), **speed, **body,
+                    changes = {**({'context': context} if mode in NO_CHECKPOINT else {}), **speed, **body,
                                **({'backbone_weights': Path(backbone_weights)} if mode == 'imagenet' else {})}
                     cfg = finetune_config(data, out / 'runs' / name, mode, frac, seed, epochs, bs, ckpts.get(p), changes)
                     todo.append((p, mode, frac, seed, cfg))
@@ -187,7 +190,8 @@ def add_parser(sub) -> None:
                    "(sandwich: transfer layers between the frozen encoder's stages; decoder-sandwich: 3FabRec's, between the frozen "
                    "decoder's blocks; encoder: only the head trains; full: every layer trains from the pretrained encoder, old name none)")
     e.add_argument('--pretexts', default='masked', help=f"pretraining pretexts ({', '.join(PRETEXTS)}), one pretraining each")
-    e.add_argument('--context', type=int, default=0, help='neighbour slices on each side as input channels, for every run (context pretext: 1 or more)')
+    e.add_argument('--context', type=int, default=None, help=f'neighbour slices on each side as input channels, for every run (context pretext: 1 or more; '
+                   f'default {DEFAULT_CONTEXT} where the data ships neighbour slices, else 0)')
     e.add_argument('--neighbours', type=int, default=10, help='unlabelled slices the generator writes on each side of a key slice '
                    '(10: 20 unlabelled slices per labelled one)')
     e.add_argument('--seeds', type=parse_ints, default='0,1,2', help='seeds, comma separated (label subset and initialisation)')
@@ -212,7 +216,7 @@ def _run(ap, args) -> dict:
     pretexts = [p for p in args.pretexts.split(',') if p]
     bad = [p for p in pretexts if p not in PRETEXTS]
     if bad or not pretexts: ap.error(f"--pretexts: unknown {bad}, expected some of {', '.join(PRETEXTS)}")
-    if 'context' in pretexts and args.context < 1: ap.error('--pretexts context needs --context 1 or more')
+    if 'context' in pretexts and args.context is not None and args.context < 1: ap.error('--pretexts context needs --context 1 or more')
     if args.jobs < 1: ap.error(f'--jobs must be at least 1, got {args.jobs}')
     if args.code_channels is not None:
         try: PretrainConfig(data='.', out='.', code_channels=args.code_channels)

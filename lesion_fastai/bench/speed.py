@@ -78,6 +78,72 @@ def measure(kind, size, bs, steps, device='cpu', amp=False) -> tuple[float, floa
     return res
 
 
+def _precision_speeds(size: int, channels: int, bs: int, steps: int, rounds: int, q):
+    """Runs in a fresh process: the detector's training images/s in float32 and in bfloat16 autocast
+    with channels_last on the CPU, measured in alternating rounds (so that a change of the machine's
+    load falls on both), each the median of its rounds."""
+    import statistics
+    import torch
+    from ..losses import DetectionLoss
+    from ..models.detector import create_detector
+    torch.manual_seed(0)
+    x = torch.rand(bs, channels, size, size)
+    box = torch.tensor([[.25, .25, .75, .75]])
+    y, flags = (box * 2 - 1).reshape(1, 2, 2).repeat(bs, 1, 1), torch.ones(bs, 1)
+    loss_fn = DetectionLoss()
+    runs = {}
+    for name, bf16 in (('fp32', False), ('bf16', True)):
+        model = create_detector(channels)
+        if bf16: model = model.to(memory_format=torch.channels_last)
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), 1e-3), bf16, [])
+    for r in range(rounds + 1):
+        for name, (model, opt, bf16, rates) in runs.items():
+            xx = x.to(memory_format=torch.channels_last) if bf16 else x
+            t = time.perf_counter()
+            for _ in range(steps):
+                with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16): loss = loss_fn(model(xx), y, flags)
+                opt.zero_grad(); loss.backward(); opt.step()
+            if r: rates.append(bs * steps / (time.perf_counter() - t))      # round 0 warms up
+    q.put({name: statistics.median(rates) for name, (*_, rates) in runs.items()})
+
+
+def precision_rates(size: int, channels: int, bs: int, steps: int = 3, rounds: int = 5) -> dict:
+    "`_precision_speeds` in a fresh process: {'fp32': images/s, 'bf16': images/s}."
+    ctx = mp.get_context('spawn')
+    q = ctx.Queue()
+    p = ctx.Process(target=_precision_speeds, args=(size, channels, bs, steps, rounds, q))
+    p.start()
+    while True:
+        try: res = q.get(timeout=5); break
+        except queue.Empty:
+            if not p.is_alive(): raise RuntimeError(f"the precision measurement died with exit code {p.exitcode}")
+    p.join()
+    return res
+
+
+def loader_rates(data: Path, spec, bs: int, folder: Path, workers=(0, 2), epochs: int = 2) -> list[dict]:
+    """Slices/s of the detector's training DataLoader (`SliceDL`) over the labelled slices of `data`:
+    from the in-memory cache and from the disk cache with each number of `workers`, without
+    augmentation (what the loader delivers) and with it (flips, rotation and zoom, lighting, run on
+    the batch on its device: here the CPU)."""
+    from ..cache import prepare_slices
+    from ..data import detection_dls
+    from ..deeplesion import evaluation_records, load_data
+    from ..log import quiet
+    _, records = load_data(data)
+    items = evaluation_records(records, 'train') + evaluation_records(records, 'val')
+    rows = []
+    with quiet():
+        memory = prepare_slices('memory', items, spec)
+        disk = prepare_slices('disk', items, spec, folder)
+    for kind, cache, ws in (('memory', memory, (0,)), ('disk', disk, workers)):
+        for w in ws:
+            for augment in (False, True):
+                dls = detection_dls(items, spec, bs=bs, seed=0, cache=cache, augment=augment, num_workers=w)
+                rows.append({'cache': kind, 'workers': w, 'augment': augment, 'slices_per_s': loader_rate(dls.train, epochs)})
+    return rows
+
+
 def model_rates(size: int, bs: int, steps: int, device: str = 'cpu', amp: bool = False, legacy_bs: int | None = None,
                 legacy_steps: int | None = None, infer_bs: int | None = None, infer_steps: int | None = None) -> dict:
     """Training images/s of the detector in float32 (and, with `amp`, bf16 autocast), of the earlier
@@ -138,29 +204,47 @@ def loading(paths, size: int, cache_dir: Path) -> dict:
 
 
 def throughput(out: Path, quick: bool = False) -> dict:
-    """Slice loading (PNG -> HU -> window -> half resolution) against scikit-image, training images/s
-    and peak memory of our detector against the earlier experiment's localizer (same input and
-    batch), and the detector's inference slices/s, decoding into scored boxes included, on this
-    machine's CPU (`gpu` measures the GPU path)."""
+    """On this machine's CPU (`gpu` measures the GPU path): slice loading (PNG -> HU -> window -> half
+    resolution) against scikit-image; training images/s and peak memory of our detector against the
+    earlier experiment's localizer (same input and batch) and its inference slices/s, decoding into
+    scored boxes included; the detector's training step in float32 and in bfloat16 at the
+    benchmarks' input (128 px, two neighbour slices a side), side by side in one process; and the
+    training DataLoader's slices/s (memory and disk cache, 0 and 2 workers, with and without
+    augmentation) against that model's rate."""
     from ..deeplesion import list_slices
+    from ..fit import cpu_has_bf16
     data = ensure_data(out / 'slices512', patients=4, native=512, seed=5)
     paths = list_slices(data)[:20 if quick else 60]
     load = loading(paths, 256, out / 'slice_cache')
     size, bs = 256, 8
     rates = model_rates(size, bs, 2 if quick else 5, legacy_bs=2 if quick else 4, legacy_steps=1 if quick else 2, infer_bs=16,
                         infer_steps=2 if quick else 8)
-    res = {'machine': machine(), 'size': size, 'bs': bs, 'loading_slices_per_s': load, **rates}
+    spec = SliceSpec('soft', 2, 128)
+    precision = precision_rates(spec.size, spec.n_channels, 16, steps=2 if quick else 3, rounds=2 if quick else 5)
+    loader_data = ensure_data(out / 'data_40p_256px', patients=40, native=256, seed=6, workers=2)
+    loaders = loader_rates(loader_data, spec, 16, out / 'loader_cache', epochs=1 if quick else 2)
+    res = {'machine': machine(), 'size': size, 'bs': bs, 'loading_slices_per_s': load, **rates, 'bf16_units': cpu_has_bf16(),
+           'precision_images_per_s': precision, 'precision_input': {'size': spec.size, 'channels': spec.n_channels, 'bs': 16},
+           'loader_slices_per_s': loaders}
     ours, naive, cached, disk = load['ours'], load['skimage'], load['ours_cached'], load['ours_disk_cache']
     tr, mem = rates['train_images_per_s'], rates['peak_memory_mb']
+    fast = max(precision.values())
     lines = ['| measure | ours | baseline | ratio |', '|---|---|---|---|',
              f"| slice loading, 512 px PNG -> 256 px windowed, slices/s per process | {ours:.0f} | {naive:.0f} (scikit-image imread + resize) | {ours / naive:.1f}x |",
              f"| same, from the in-memory slice cache (later epochs of a run) | {cached:.0f} | {naive:.0f} | {cached / naive:.0f}x |",
              f"| building the disk slice cache (once per slices and settings) | {load['disk_cache_build']:.0f} | {naive:.0f} | {load['disk_cache_build'] / naive:.1f}x |",
              f"| same, from the disk cache (memory-mapped float16; later runs, workers) | {disk:.0f} | {naive:.0f} | {disk / naive:.0f}x |",
-             f"| training images/s at {size} px (CPU) | {tr['ours_fp32']:.1f} | {tr['legacy_fp32']:.2f} (earlier experiment's localizer) | {tr['ours_fp32'] / tr['legacy_fp32']:.0f}x |",
+             f"| training images/s at {size} px, one slice (CPU, float32) | {tr['ours_fp32']:.1f} | {tr['legacy_fp32']:.2f} (earlier experiment's localizer) | {tr['ours_fp32'] / tr['legacy_fp32']:.0f}x |",
              f"| peak memory of the training process, MB | {mem['ours_fp32']:.0f} | {mem['legacy_fp32']:.0f} | {mem['legacy_fp32'] / mem['ours_fp32']:.1f}x less |",
-             f"| detector inference at {size} px, slices/s (batch 16, up to 50 scored boxes each) | {rates['inference_slices_per_s']:.1f} | | |"]
-    report(out, 'throughput', res, '\n'.join(lines))
+             f"| detector inference at {size} px, slices/s (batch 16, up to 50 scored boxes each) | {rates['inference_slices_per_s']:.1f} | | |",
+             f"| training images/s at {spec.size} px, {spec.n_channels} channels (context 2), batch 16: bfloat16 autocast + channels_last "
+             f"| {precision['bf16']:.0f} | {precision['fp32']:.0f} (float32) | {precision['bf16'] / precision['fp32']:.2f}x |"]
+    for r in loaders:
+        what = (f"training DataLoader, {r['cache']} cache, {r['workers']} workers, slices/s"
+                + (', with augmentation on the CPU' if r['augment'] else ' (what it delivers; no augmentation)'))
+        lines.append(f"| {what} | {r['slices_per_s']:.0f} | {fast:.0f} (the model's training images/s, the faster precision) | "
+                     f"{r['slices_per_s'] / fast:.1f}x |")
+    report(out, 'throughput', res, '\n'.join(lines), [f"bfloat16 units (AVX512-BF16 / AMX-BF16): {'yes' if res['bf16_units'] else 'no'}"])
     return res
 
 
