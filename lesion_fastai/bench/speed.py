@@ -221,7 +221,7 @@ def throughput(out: Path, quick: bool = False) -> dict:
                         infer_steps=2 if quick else 8)
     spec = SliceSpec('soft', 2, 128)
     precision = precision_rates(spec.size, spec.n_channels, 16, steps=2 if quick else 3, rounds=2 if quick else 5)
-    loader_data = ensure_data(out / 'data_40p_256px', patients=40, native=256, seed=6, workers=2)
+    loader_data = ensure_data(out / 'data_250p_256px', patients=40 if quick else 250, native=256, seed=0, workers=2)   # the demo's data
     loaders = loader_rates(loader_data, spec, 16, out / 'loader_cache', epochs=1 if quick else 2)
     res = {'machine': machine(), 'size': size, 'bs': bs, 'loading_slices_per_s': load, **rates, 'bf16_units': cpu_has_bf16(),
            'precision_images_per_s': precision, 'precision_input': {'size': spec.size, 'channels': spec.n_channels, 'bs': 16},
