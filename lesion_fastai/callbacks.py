@@ -57,15 +57,16 @@ class AtomicSaveModelCallback(SaveModelCallback):
     """fastai's `SaveModelCallback` (best epoch by a monitored metric) writing through temp file + rename.
     Epochs before `start_epoch` (skipped when resuming: fastai cancels them but still calls
     `after_epoch`) are ignored. In several processes rank 0 writes, and every rank loads the best
-    epoch from its file after the fit."""
-    start_epoch = 0
+    epoch from its file after the fit. A run of several fits (`fit.fit_resumable`'s phases) keeps its
+    best across them and loads it after the last one only (`load_at_end`)."""
+    start_epoch, offset, load_at_end = 0, 0, True
 
     def after_epoch(self):
         if self.epoch >= self.start_epoch: super().after_epoch()
 
     def after_fit(self, **kwargs):  # a run stopped inside its first epoch has no best model to load
         distributed.barrier()       # rank 0's last save is complete before anyone reads it
-        if (self.learn.path / self.learn.model_dir / f'{self.fname}.pth').exists(): super().after_fit(**kwargs)
+        if self.load_at_end and (self.learn.path / self.learn.model_dir / f'{self.fname}.pth').exists(): super().after_fit(**kwargs)
 
     def _save(self, name):
         file = self.learn.path / self.learn.model_dir / f'{name}.pth'
@@ -80,19 +81,20 @@ class ResumableCSVLogger(CSVLogger):
     """fastai's `CSVLogger`; when resuming it first cuts the log back to the epochs the resume state
     holds (a run killed after writing an epoch's row but before saving that epoch's state would
     otherwise get the row twice), then appends without a second header and without rows for the
-    skipped epochs."""
-    start_epoch = 0
+    skipped epochs. The second fit of a run (`offset` epochs after its first) appends too, numbering
+    its epochs after the first fit's."""
+    start_epoch, offset = 0, 0
 
     def before_fit(self):
         path = self.path / self.fname
-        if not (self.start_epoch and path.exists()): return super().before_fit()
+        if not ((self.start_epoch or self.offset) and path.exists()): return super().before_fit()
         lines = path.read_text().splitlines(keepends=True)
-        with atomic_path(path) as tmp: tmp.write_text(''.join(lines[:1 + self.start_epoch]))   # header + finished epochs
+        with atomic_path(path) as tmp: tmp.write_text(''.join(lines[:1 + self.offset + self.start_epoch]))   # header + finished epochs
         self.file = path.open('a')
         self.old_logger, self.learn.logger = self.logger, self._write_line
 
     def _write_line(self, log):
-        if self.epoch >= self.start_epoch: super()._write_line(log)
+        if self.epoch >= self.start_epoch: super()._write_line([log[0] + self.offset, *log[1:]])
         else: self.old_logger(log)
 
 
@@ -118,14 +120,15 @@ class ResumeState(Callback):
     model, optimizer and scores back; the random states and the smoothed loss are put back as the
     first resumed epoch begins, so `fit_one_cycle(..., start_epoch=epoch + 1)` continues exactly as the
     uninterrupted run would have: the same history and the same weights. In several processes rank 0
-    writes the file with every rank's random states, and each rank resumes from its own."""
+    writes the file with every rank's random states, and each rank resumes from its own. Epochs are
+    counted over the whole run (`offset`: the epochs of its earlier fits)."""
     order = AtomicSaveModelCallback.order + 1
 
     def __init__(self, file, tracker: SaveModelCallback | None = None, csv: ResumableCSVLogger | None = None):
         self.file, self.tracker, self.csv = file, tracker, csv
         self.pending = None
 
-    start_epoch = 0
+    start_epoch, offset = 0, 0
 
     def before_epoch(self):
         if self.pending is None or self.epoch != self.start_epoch: return
@@ -141,11 +144,15 @@ class ResumeState(Callback):
         smooth = self.learn.recorder.smooth_loss
         rngs = distributed.gather(rng_state(self._loaders()))
         if not distributed.is_main(): return
-        atomic_save({'model': get_model(self.learn.model).state_dict(), 'opt': self.learn.opt.state_dict(), 'epoch': self.epoch,
+        atomic_save({'model': get_model(self.learn.model).state_dict(), 'opt': self.learn.opt.state_dict(), 'epoch': self.offset + self.epoch,
                      'n_epoch': self.n_epoch, 'best': None if self.tracker is None else self.tracker.best,
                      'rng': rngs[0] if len(rngs) == 1 else rngs, 'smooth_loss': (smooth.count, smooth.val)}, self.file)
 
     def _loaders(self): return [distributed.unwrap_loader(dl) for dl in self.learn.dls.loaders]
+
+    def finished(self) -> int:
+        "How many epochs the saved state holds (the next epoch to run), without loading it into a learner."
+        return torch.load(self.file, map_location='cpu', weights_only=False)['epoch'] + 1
 
     def restore(self, learn) -> int:
         "Load the saved state into `learn`; returns the next epoch to run."

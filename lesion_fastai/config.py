@@ -228,6 +228,13 @@ class FinetuneConfig(RunConfig):
                            "the decoder's blocks, the head on the decoder's stride-4 features)", choices=SANDWICHES, group='freeze')
     label_fraction: float = option(1., 'fraction of training patients whose labels are used, chosen with --seed', above=0, at_most=1,
                                    group='data')
+    carry_weight: float = option(0., "labels carried to the neighbour slices of each labelled key slice, within the lesion's extent "
+                                 '(half its long diameter, at the series\' slice interval) and shrunk as a ball\'s cross-section, as '
+                                 'training targets of this weight; 0: off', at_least=0, at_most=1, group='unlabelled')
+    pseudo_labels: Path | None = option(None, 'a pseudo-label CSV (python -m lesion_fastai.selftrain) whose boxes, on training '
+                                        "patients' slices the run has no labels for, join the training targets", metavar='CSV',
+                                        group='unlabelled')
+    pseudo_weight: float = option(.5, 'weight of the pseudo-labels as training targets', above=0, at_most=1, group='unlabelled')
     same_epoch_length: bool = option(False, "repeat a label subset to the full training set's length per epoch", cli=False)
     pretrained: Path | None = option(None, 'pretrained.pth from python -m pretrain; its settings are used', metavar='CKPT',
                                      group='freeze')
@@ -238,6 +245,12 @@ class FinetuneConfig(RunConfig):
                                 default_help='sandwich with --pretrained, full with --backbone-weights, else scratch', group='freeze')
     update_frozen_bn: bool = option(False, 'let frozen BatchNorm layers update their running statistics (default: keep them)',
                                     group='freeze')
+    unfreeze_after: int = option(0, "with --freeze sandwich or encoder, fastai's fine_tune recipe: that many epochs frozen (a one-cycle "
+                                 'peaking at its end), then every layer trains for the rest of --epochs in a second one-cycle at '
+                                 'discriminative rates (the pretrained layers at lr/2/--lr-mult, the rest at lr/2); 0: frozen throughout',
+                                 at_least=0, metavar='K', group='freeze')
+    lr_mult: float = option(100., "with --unfreeze-after: how many times slower the pretrained layers train than the fresh ones once "
+                            "unfrozen (fastai's fine_tune lr_mult)", above=0, group='freeze')
     kappa: float = option(KAPPA, 'gaussian head: std scale, std = kappa * softplus(output)', above=0, group='loss')
     nll_weight: float = option(.1, 'gaussian head: weight of the negative log-likelihood of the target under the predicted mean and '
                                'std, the term that makes the std an uncertainty (0.1 was chosen on validation by bench select; 0: the '
@@ -249,6 +262,7 @@ class FinetuneConfig(RunConfig):
 
     def __post_init__(self):
         if self.pretrained is not None: self.pretrained = Path(self.pretrained)
+        if self.pseudo_labels is not None: self.pseudo_labels = Path(self.pseudo_labels)
         super().__post_init__()
 
 

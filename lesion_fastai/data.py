@@ -248,10 +248,11 @@ class LesionBoxes:
 
 
 class LesionFlags:
-    "[slots] `TensorScore`: 1 for each real lesion of the record, 0 for the padding slots."
+    """[slots] `TensorScore`: the record's `weight` (1 for a label) for each of its lesions, 0 for the
+    padding slots."""
     def __init__(self, slots: int = MIN_TARGET_SLOTS): self.slots = slots
     def __call__(self, r: SliceRecord):
-        return TensorScore(torch.tensor([1.] * len(r.boxes) + [0.] * (self.slots - len(r.boxes))))
+        return TensorScore(torch.tensor([float(r.weight)] * len(r.boxes) + [0.] * (self.slots - len(r.boxes))))
 
 
 class BoxTidy(ItemTransform):

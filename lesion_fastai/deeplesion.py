@@ -278,7 +278,10 @@ def list_slices(root: Path | str, patients: set[int] | None = None) -> list[Path
 @dataclass
 class SliceRecord:
     """One key slice and all its lesions. `boxes` [n, 4] x1,y1,x2,y2 in pixels, with one entry per lesion
-    in `lesion_types`, `noisy` (Possibly_noisy) and `lines` (its line in DL_info.csv)."""
+    in `lesion_types`, `noisy` (Possibly_noisy), `lines` (its line in DL_info.csv) and `diameters_px`
+    (long diameters). `spacing_z_mm` is the series' slice interval. `weight` is how much its lesions
+    count as training targets: 1 for labels, less for labels carried to a neighbour slice or put
+    there by a teacher (`unlabelled.py`)."""
     image_path: str
     split: str
     patient: int
@@ -291,6 +294,9 @@ class SliceRecord:
     noisy: tuple[bool, ...] = ()
     lines: tuple[int, ...] = ()
     file_name: str = ''
+    spacing_z_mm: float = 0.
+    diameters_px: tuple[float, ...] = ()
+    weight: float = 1.
 
     def __post_init__(self):
         n = len(self.boxes)
@@ -310,7 +316,7 @@ class SliceRecord:
         if not keep: return None
         pick = lambda t: tuple(t[i] for i in keep)
         return dataclasses.replace(self, boxes=self.boxes[keep], lesion_types=pick(self.lesion_types), noisy=pick(self.noisy),
-                                   lines=pick(self.lines) if self.lines else ())
+                                   lines=pick(self.lines) if self.lines else (), diameters_px=pick(self.diameters_px) if self.diameters_px else ())
 
 
 def slice_records(df: pd.DataFrame) -> list[SliceRecord]:
@@ -324,7 +330,7 @@ def slice_records(df: pd.DataFrame) -> list[SliceRecord]:
             dicom_window=(float(r.window_low), float(r.window_high)),
             boxes=g[['x1', 'y1', 'x2', 'y2']].to_numpy(np.float32), lesion_types=tuple(int(t) for t in g.lesion_type),
             noisy=tuple(bool(n) for n in g.noisy), lines=tuple(int(n) for n in g.line) if 'line' in g else (),
-            file_name=str(fname)))
+            file_name=str(fname), spacing_z_mm=float(r.spacing_z_mm), diameters_px=tuple(float(d) for d in g.diameter_long_px)))
     return out
 
 

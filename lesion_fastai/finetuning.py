@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
+import numpy as np
+
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 
@@ -52,6 +54,10 @@ def resolve_settings(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
         raise ValueError(f"--backbone {cfg.backbone} disagrees with the checkpoint {cfg.pretrained}, pretrained with backbone {pretrained_body}")
     if cfg.sandwich == 'decoder' and freeze != 'sandwich':
         raise ValueError(f"--sandwich decoder interleaves transfer layers in the frozen decoder: it needs --freeze sandwich, not {freeze}")
+    if cfg.unfreeze_after and freeze not in ('sandwich', 'encoder'):
+        raise ValueError(f"--unfreeze-after unfreezes what --freeze sandwich or encoder froze: with --freeze {freeze} nothing is frozen")
+    if cfg.unfreeze_after >= cfg.epochs:
+        raise ValueError(f"--unfreeze-after {cfg.unfreeze_after} leaves no epoch of --epochs {cfg.epochs} to train unfrozen")
     if cfg.sandwich == 'decoder' and ckpt is None:
         raise ValueError("--sandwich decoder reads the pretrained autoencoder's decoder: it needs --pretrained CHECKPOINT")
     defaults = {'windows': RunConfig.windows, 'context': lambda: resolve_context(None, records, cfg.data), 'size': lambda: native_size(records) // 2}
@@ -67,6 +73,31 @@ def resolve_settings(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
     settings['freeze'] = freeze
     settings['backbone'] = pretrained_body or cfg.backbone or 'resnet'
     return settings, ckpt
+
+
+def unlabelled_targets(cfg: FinetuneConfig, train, records) -> list:
+    """The training targets that are not labels: the labels of `train` carried to their neighbour
+    slices (`--carry-weight`) and a teacher's pseudo-labels (`--pseudo-labels`), each at its weight."""
+    from .unlabelled import carry_labels, read_pseudo_labels
+    extra = carry_labels(train, cfg.carry_weight) if cfg.carry_weight else []
+    if cfg.pseudo_labels: extra += read_pseudo_labels(cfg.pseudo_labels, cfg.data, records, cfg.pseudo_weight)
+    if extra: log.info(f"{len(extra)} slice(s) with targets that are not labels: "
+                       f"{sum(r.weight == cfg.carry_weight for r in extra) if cfg.carry_weight else 0} carried, the rest pseudo-labels")
+    return extra
+
+
+def epoch_of(train, extra, length: int | None, seed: int) -> list:
+    """One epoch's training items: the labelled slices `train` and the `extra` ones; with `length` (the
+    benchmarks' same steps per epoch for every label fraction) exactly that many: all of them
+    repeated while they are fewer, else half of it labelled slices (repeated) and half a seeded
+    sample of the extra ones."""
+    pool = train + extra
+    if length is None or len(pool) == length or (not extra and len(pool) > length): return pool
+    if len(pool) < length: return (pool * -(-length // len(pool)))[:length]
+    rng = np.random.default_rng(seed)
+    n_train = max(length - len(extra), length // 2)
+    labelled = (train * -(-n_train // len(train)))[:n_train]
+    return labelled + [extra[i] for i in sorted(rng.choice(len(extra), length - n_train, replace=False))]
 
 
 def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
@@ -95,9 +126,8 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
     valid, test = evaluation_records(records, 'val'), evaluation_records(records, 'test')
     if not train or not valid:
         raise ValueError(f"{cfg.data}: needs train (Train_Val_Test 1) and validation (2) slices, with lesions not all Possibly_noisy")
-    epoch_items = train
-    if cfg.same_epoch_length and len(train) < len(train_all):  # same steps per epoch for every label fraction
-        epoch_items = (train * -(-len(train_all) // len(train)))[:len(train_all)]
+    extra = unlabelled_targets(cfg, train, records)
+    epoch_items = epoch_of(train, extra, len(train_all) if cfg.same_epoch_length else None, cfg.seed)
     check_batches(len(epoch_items), cfg.bs, f"--label-fraction {cfg.label_fraction:g} leaves {len({r.patient for r in train})} patient(s)",
                    ' or a larger --label-fraction')
     in_chans = spec.n_channels
@@ -105,7 +135,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
     if enc_args['in_chans'] != in_chans:
         raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
     # every slice this run reads: the disk cache is shared by all label fractions, the memory cache holds this run's
-    needed = records if cfg.cache == 'disk' else epoch_items + valid + test
+    needed = records + extra if cfg.cache == 'disk' else epoch_items + valid + test
     cache = prepare_slices(cfg.cache, needed, spec, cfg.cache_dir, max(1, cfg.num_workers))
     with run_folder(out):
         set_seed(cfg.seed, reproducible=True)
@@ -131,7 +161,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         cbs = freeze_callbacks(s['freeze'], cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else []) + list(cbs)
         seed_rank(cfg.seed)
         precision = speed_up(learn, cfg.precision)
-        fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'froc', cfg.resume, cbs)
+        fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'froc', cfg.resume, cbs, cfg.unfreeze_after, cfg.lr_mult, learn.unfreeze)
         if not distributed.is_main(): return {}     # rank 0 evaluates the model in one process, as a single-process run would
         back_to_fp32(learn)             # evaluation and the export in float32, as a CPU evaluation of it
         baseline = mean_box(train)

@@ -36,25 +36,49 @@ def native_size(records) -> int:
     return int(np.median([r.width for r in records]))
 
 
-def fit_resumable(learn, out: Path, epochs: int, lr, monitor: str, resume: bool, cbs=()) -> None:
+def fit_resumable(learn, out: Path, epochs: int, lr, monitor: str, resume: bool, cbs=(), unfreeze_after: int = 0,
+                  lr_mult: float = 100., unfreeze=None) -> None:
     """`fit_one_cycle` with the best epoch kept by `monitor` (models/best.pth), history.csv, and the
     resume state last.pth after every epoch; with `resume`, continue from last.pth where it stopped.
-    Launched in several processes (torchrun), the fit is data parallel and only rank 0 writes."""
+    Launched in several processes (torchrun), the fit is data parallel and only rank 0 writes.
+
+    With `unfreeze_after` K, fastai's `fine_tune` recipe in `epochs` epochs: K epochs as the model is
+    (its pretrained layers frozen) at `lr` with the one cycle's peak at the end (pct_start 0.99), then
+    `unfreeze()` and the other epochs with every layer training at discriminative rates, the
+    pretrained ones at lr / 2 / `lr_mult`, the rest at lr / 2 (pct_start 0.3, div 5). Two fits, one
+    run: history.csv counts epochs over both, the best epoch is the best of both (and loaded only at
+    the end), and a run killed in either resumes where it stopped."""
     best = AtomicSaveModelCallback(monitor=monitor, fname='best')
     csv = ResumableCSVLogger('history.csv') if distributed.is_main() else None  # relative to learn.path (= out)
     state = ResumeState(out / 'last.pth', best, csv)
-    start = state.restore(learn) if resume and state.file.exists() else 0
-    if resume and start: log.info(f"resuming from {state.file} at epoch {start}")
-    if start >= epochs:  # finished before: the best epoch is the result, as after an uninterrupted fit
+    done = state.finished() if resume and state.file.exists() else 0          # epochs finished before
+    if unfreeze_after and done >= unfreeze_after: unfreeze()          # before the optimizer state is put back: unfreezing clears it
+    if done:
+        state.restore(learn)
+        log.info(f"resuming from {state.file} at epoch {done}")
+    if done >= epochs:  # finished before: the best epoch is the result, as after an uninterrupted fit
         if (out / 'models' / 'best.pth').exists(): learn.load('best')
         return
+    phases = [(0, epochs, lr, {})]
+    if unfreeze_after:
+        half = lr / 2
+        phases = [(0, unfreeze_after, lr, dict(pct_start=.99)), (unfreeze_after, epochs - unfreeze_after, slice(half / lr_mult, half),
+                                                                 dict(pct_start=.3, div=5.))]
     finite = StopOnNonFinite()
-    fit = lambda: learn.fit_one_cycle(epochs, lr, start_epoch=start, cbs=[best, state, *([csv] if csv else []), finite, *cbs])
-    with distributed.data_parallel(learn):
-        if speaking(): fit()
-        else:
-            with learn.no_bar(), learn.no_logging(): fit()
-    if finite.problem: raise FloatingPointError(finite.problem)
+    for i, (offset, n, phase_lr, kw) in enumerate(phases):
+        if done >= offset + n: continue                                          # this fit finished before
+        if offset and done < offset: unfreeze()                              # fastai's fine_tune: unfreeze, a fresh optimizer state
+        start = max(0, done - offset)
+        for cb in (best, state, csv):
+            if cb is not None: cb.offset, cb.start_epoch = offset, start
+        best.load_at_end = i == len(phases) - 1
+        if i: best.reset_on_fit = False                                          # the best so far is the first fit's
+        fit = lambda: learn.fit_one_cycle(n, phase_lr, start_epoch=start, cbs=[best, state, *([csv] if csv else []), finite, *cbs], **kw)
+        with distributed.data_parallel(learn):
+            if speaking(): fit()
+            else:
+                with learn.no_bar(), learn.no_logging(): fit()
+        if finite.problem: raise FloatingPointError(finite.problem)
 
 
 def cpu_has_bf16() -> bool:

@@ -49,17 +49,23 @@ def heatmap_target(boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int) -> 
     return g.amax(1) if M else torch.zeros(B, h, w, device=boxes.device)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2., beta: float = 4.) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, weights=None, alpha: float = 2., beta: float = 4.) -> torch.Tensor:
     """CenterNet's penalty-reduced pixel-wise focal loss, summed and divided by the number of centres
     (cells where the target is 1; at least one): near a centre the negative term is damped by
-    (1 - target) ** beta, so a peak one cell off costs little."""
+    (1 - target) ** beta, so a peak one cell off costs little. With `weights` [B], each image's terms
+    and centres count that much (images whose targets are carried or pseudo-labels)."""
     logits, target = logits.float(), target.float()
     p = torch.sigmoid(logits)
     pos = target.eq(1).float()
     log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
-    pos_loss = -(log_p * (1 - p) ** alpha * pos).sum()
-    neg_loss = -(log_1mp * p ** alpha * (1 - target) ** beta * (1 - pos)).sum()
-    return (pos_loss + neg_loss) / pos.sum().clamp(min=1)
+    if weights is None:
+        pos_loss = -(log_p * (1 - p) ** alpha * pos).sum()
+        neg_loss = -(log_1mp * p ** alpha * (1 - target) ** beta * (1 - pos)).sum()
+        return (pos_loss + neg_loss) / pos.sum().clamp(min=1)
+    per_image = -(log_p * (1 - p) ** alpha * pos + log_1mp * p ** alpha * (1 - target) ** beta * (1 - pos)).flatten(1).sum(1)
+    w = weights.float()
+    centres = (pos.flatten(1).sum(1) * w).sum()
+    return (per_image * w).sum() / torch.where(centres > 0, centres, torch.ones_like(centres))
 
 
 def peaks(heat: torch.Tensor, k: int = 50, kernel: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,14 @@ TERMS = {
     'l1': F.l1_loss,
     'mse': F.mse_loss,
 }
+# the same terms per box pair ([n]), for targets of unequal weight
+PER_BOX = {
+    'ciou': lambda p, t: complete_box_iou_loss(p, t, reduction='none'),
+    'diou': lambda p, t: distance_box_iou_loss(p, t, reduction='none'),
+    'giou': lambda p, t: generalized_box_iou_loss(p, t, reduction='none'),
+    'l1': lambda p, t: F.l1_loss(p, t, reduction='none').mean(-1),
+    'mse': lambda p, t: F.mse_loss(p, t, reduction='none').mean(-1),
+}
 
 
 class BoxLoss:
@@ -39,22 +47,29 @@ class BoxLoss:
             raise ValueError(f"loss {spec!r}: unknown term(s) {unknown}; expected terms from {sorted(TERMS)} joined by '+'")
         self.spec = '+'.join(self.terms)
 
-    def __call__(self, pred, targ):
-        "Mean of each term over [n, 4] box pairs, summed (0, still differentiable, for n = 0)."
+    def __call__(self, pred, targ, weights=None):
+        """Mean of each term over [n, 4] box pairs, summed (0, still differentiable, for n = 0); with
+        `weights` [n], each term's weighted mean."""
         if not len(pred): return pred.sum() * 0.
         p, t = pred.float(), targ.float()
-        return sum(TERMS[name](p, t) for name in self.terms)
+        if weights is None: return sum(TERMS[name](p, t) for name in self.terms)
+        w = weights.float()
+        return sum((PER_BOX[name](p, t) * w).sum() / w.sum() for name in self.terms)
 
     def __repr__(self): return f"BoxLoss('{self.spec}')"
 
 
-def gaussian_nll(mean: torch.Tensor, std: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def gaussian_nll(mean: torch.Tensor, std: torch.Tensor, target: torch.Tensor, weights=None) -> torch.Tensor:
     """Mean negative log-likelihood of `target` under independent Normal(`mean`, `std`) per number: the
     Gaussian head's calibration term. It is lowest when `std` equals the typical error |target - mean|,
     so a std trained with it is an uncertainty, where the sampled box's loss alone only shrinks it.
-    The mean is detached: box accuracy stays the box loss's job, this term only sets the std."""
+    The mean is detached: box accuracy stays the box loss's job, this term only sets the std. With
+    `weights` [n], the weighted mean over the boxes."""
     z = (target - mean.detach()) / std
-    return (std.log() + .5 * z ** 2).mean() + .5 * math.log(2 * math.pi)
+    nll = std.log() + .5 * z ** 2
+    if weights is None: return nll.mean() + .5 * math.log(2 * math.pi)
+    w = weights.float()
+    return (nll.mean(-1) * w).sum() / w.sum() + .5 * math.log(2 * math.pi)
 
 
 class DetectionLoss:
@@ -75,23 +90,27 @@ class DetectionLoss:
         self.map_weight, self.radius, self.nll_weight = map_weight, radius, nll_weight
         self.target, self.decoding = target, decoding or Decoding()
 
-    def __call__(self, out, y, valid):
+    def __call__(self, out, y, flags):
         heat, params = out[0], out[1]
-        boxes, valid = targets_to_unit(y), valid.bool()                            # [B, M, 4] in [0, 1], [B, M]
+        boxes, valid = targets_to_unit(y), flags > 0                               # [B, M, 4] in [0, 1], [B, M]
+        weighted = bool(((flags != 0) & (flags != 1)).any())                       # carried or pseudo-labels among the targets
+        lesion_w = flags.float() if weighted else None
         B, h, w = heat.shape
-        loss = self.map_weight * focal_loss(heat, heatmap_target(boxes, valid, h, w))
+        image_w = None if not weighted else torch.where(valid.any(1), lesion_w.amax(1), torch.ones(B, device=flags.device))
+        loss = self.map_weight * focal_loss(heat, heatmap_target(boxes, valid, h, w), image_w)
         iy, ix = centre_cells(boxes, h, w)
         rows = torch.arange(B, device=heat.device)[:, None].expand_as(iy)
         cell = iy * w + ix
         targ = boxes[valid]                                                       # [n, 4]
-        loss = loss + self.box(params_to_boxes(params[rows, cell][valid]), targ)
-        if self.radius > 0: loss = loss + self._size_loss(params, boxes, valid, iy, ix, h, w)
+        tw = None if lesion_w is None else lesion_w[valid]
+        loss = loss + self.box(params_to_boxes(params[rows, cell][valid]), targ, tw)
+        if self.radius > 0: loss = loss + self._size_loss(params, boxes, valid, iy, ix, h, w, lesion_w)
         if len(out) > 3 and self.nll_weight:
             mean, sd = out[2][rows, cell][valid], out[3][rows, cell][valid]
-            if len(targ): loss = loss + self.nll_weight * gaussian_nll(mean, sd, box_params(targ))
+            if len(targ): loss = loss + self.nll_weight * gaussian_nll(mean, sd, box_params(targ), tw)
         return loss
 
-    def _size_loss(self, params, boxes, valid, iy, ix, h, w):
+    def _size_loss(self, params, boxes, valid, iy, ix, h, w, lesion_w=None):
         "The box terms on the sizes at the cells around each centre, each box placed on the lesion's centre."
         r = torch.arange(-self.radius, self.radius + 1, device=params.device)
         ny, nx = iy[..., None, None] + r[:, None], ix[..., None, None] + r[None, :]      # [B, M, k, k]
@@ -102,7 +121,8 @@ class DetectionLoss:
         p = params[rows, cells][keep]                                                     # [n, 4] cx, cy, log w, log h
         t = boxes[..., None, :].expand(*cells.shape, 4)[keep]
         centre = box_params(t)[:, :2]
-        return self.box(params_to_boxes(torch.cat([centre, p[:, 2:]], 1)), t)
+        tw = None if lesion_w is None else lesion_w[..., None].expand(*cells.shape)[keep]
+        return self.box(params_to_boxes(torch.cat([centre, p[:, 2:]], 1)), t, tw)
 
     def activation(self, out): return out
 

@@ -1,5 +1,6 @@
 """The benchmarks' plumbing on tiny settings (the real runs are benchmarks, not tests)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,41 @@ def test_precision_rates_train_both_precisions_in_one_fresh_process():
     from lesion_fastai.bench.speed import precision_rates
     res = precision_rates(32, 3, 2, steps=1, rounds=1)
     assert set(res) == {'fp32', 'bf16'} and all(v > 0 for v in res.values())
+
+
+@pytest.mark.slow
+def test_efficiency_runs_the_fine_tune_schedule_carried_labels_and_self_training_and_reports_each(tiny_data, tmp_path):
+    modes = ['scratch', 'sandwich-ft', 'carry', 'selftrain', 'selftrain-ae']
+    res = efficiency(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[.5], modes=modes, seeds=[0], epochs=2,
+                     pretrain_epochs=1, bs=2, context=1, unfreeze_after=1, carry_weight=.5, pseudo_fp=8.)
+    assert [r['mode'] for r in res['rows']] == ['scratch', 'sandwich-ft [masked]', 'carry', 'selftrain', 'selftrain-ae [masked]']
+    run = lambda name: json.loads((tmp_path / 'runs' / f'{name}_0.5_seed0_context1' / 'metrics.json').read_text())
+    assert run('sandwich-ft')['config']['unfreeze_after'] == 1 and run('carry')['config']['carry_weight'] == .5
+    student = run('selftrain-ae')
+    assert student['config']['freeze'] == 'full' and student['config']['pseudo_labels'].endswith('pseudo/0.5_seed0_context1.csv')
+    assert (tmp_path / 'pseudo' / '0.5_seed0_context1.csv').exists() and run('selftrain')['config']['pseudo_labels'] == student['config']['pseudo_labels']
+    verdict = (tmp_path / 'efficiency.md').read_text()
+    for what in ('best pretrained mode on validation', 'labels carried to neighbour slices', 'self-training from scratch',
+                 'self-training from the autoencoder'): assert what in verdict
+    with pytest.raises(ValueError, match='add scratch to --modes'):
+        efficiency(out=tmp_path / 'x', data=tiny_data, modes=['selftrain'], seeds=[0], fractions=[.5], epochs=1, bs=2, context=1)
+
+
+def test_a_neighbour_view_keeps_the_labels_and_only_the_slices_near_key_slices(tiny_data, tmp_path):
+    from lesion_fastai.bench.budget import neighbour_view
+    from lesion_fastai.deeplesion import list_slices, read_dl_info
+    view = neighbour_view(tiny_data, tmp_path / 'view', 0)
+    df = read_dl_info(tiny_data / 'DL_info.csv')
+    assert (view / 'DL_info.csv').read_bytes() == (tiny_data / 'DL_info.csv').read_bytes()
+    assert sorted(str(p.relative_to(view)) for p in list_slices(view)) == sorted(str(Path(p).relative_to(tiny_data)) for p in df.image_path.unique())
+    assert df.file_name.nunique() < len(list_slices(tiny_data))                  # the neighbour slices are gone
+
+
+@pytest.mark.slow
+def test_budget_curve_pretrains_each_cell_and_compares_with_scratch_on_the_same_seeds(tiny_data, tmp_path):
+    from lesion_fastai.bench.budget import budget
+    res = budget(tmp_path, tiny_data, neighbours=(0, 1), pretrain_epochs=(0, 1, 2), fraction=.5, seeds=(0, 1), epochs=1, bs=2)
+    cells = [(s['neighbours'], s['pretrain_epochs']) for s in res['summary']]
+    assert cells == [(1, 0), (1, 1), (1, 2), (0, 2)] and all(s['seeds'] == 2 for s in res['summary'])   # fewer neighbours: the middle epochs
+    assert (tmp_path / 'pretrain_0n_2e' / 'pretrained.pth').exists() and (tmp_path / 'pretraining_budget.png').stat().st_size > 0
+    assert '| 1 | 0 (scratch) |' in (tmp_path / 'budget.md').read_text()

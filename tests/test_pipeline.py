@@ -357,3 +357,56 @@ def test_autoencoder_inpaints_masked_regions_from_context(pretrained, tiny_data)
     m = mask.expand_as(x).bool()
     err_out, err_copy = (y - x).abs()[m].mean(), (xc - x).abs()[m].mean()
     assert err_out < .6 * err_copy
+
+
+class _Record(__import__('fastai.callback.core', fromlist=['Callback']).Callback):
+    "After every training batch: the largest learning rate of each parameter group; after every epoch: the encoder's weights."
+    order = 99
+    def before_fit(self): self.__dict__.setdefault('lrs', []); self.__dict__.setdefault('encoders', [])
+    def after_batch(self):
+        if self.training: self.lrs.append([h['lr'] for h in self.opt.hypers])
+    def after_epoch(self): self.encoders.append({k: v.clone() for k, v in self.learn.model.encoder.state_dict().items()})
+
+
+@pytest.mark.slow
+def test_unfreeze_after_trains_frozen_then_every_layer_at_discriminative_rates_in_one_history(tiny_data, pretrained, tmp_path):
+    "fastai's fine_tune recipe: K frozen epochs, then the pretrained layers at lr/2/lr_mult and the rest at lr/2."
+    rec = _Record()
+    cfg = dict(data=tiny_data, epochs=3, bs=2, pretrained=pretrained / 'pretrained.pth', freeze='sandwich', unfreeze_after=1, lr=1e-2, lr_mult=20)
+    m = finetune(FinetuneConfig(out=tmp_path / 'run', **cfg), cbs=[rec])
+    ckpt = load_pretrained(pretrained / 'pretrained.pth')
+    first, *later = rec.encoders
+    assert all(torch.equal(first[k], v) for k, v in ckpt['encoder'].items())          # epoch 0: frozen, running statistics too
+    assert any(not torch.equal(later[-1][k], v) for k, v in ckpt['encoder'].items() if k.endswith('weight'))   # then it trains
+    steps = len(rec.lrs) // 3
+    frozen, unfrozen = np.array(rec.lrs[:steps]), np.array(rec.lrs[steps:])
+    assert .8e-2 < frozen.max() <= 1e-2 * 1.001 and frozen[0, 1] < frozen[-1, 1]       # the first cycle rises to lr at its end...
+    assert unfrozen[:, 1].max() == pytest.approx(5e-3, rel=.05) and unfrozen[:, 0].max() == pytest.approx(5e-3 / 20, rel=.05)
+    assert [int(r.split(',')[0]) for r in (tmp_path / 'run' / 'history.csv').read_text().splitlines()[1:]] == [0, 1, 2]
+    assert m['parameters']['frozen'] > 0 and m['config']['unfreeze_after'] == 1
+    with pytest.raises(ValueError, match='--unfreeze-after unfreezes what'):
+        finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'x', epochs=3, unfreeze_after=1))
+    with pytest.raises(ValueError, match='leaves no epoch'): finetune(FinetuneConfig(out=tmp_path / 'y', **{**cfg, 'unfreeze_after': 3}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('killed_after', [0, 1])            # in the frozen fit, and in the unfrozen one
+def test_a_fine_tune_schedule_killed_in_either_fit_resumes_to_the_uninterrupted_run(tiny_data, pretrained, tmp_path, monkeypatch, killed_after):
+    from lesion_fastai.callbacks import ResumeState
+    cfg = dict(data=tiny_data, epochs=4, bs=2, seed=1, pretrained=pretrained / 'pretrained.pth', freeze='sandwich', unfreeze_after=2,
+               head='gaussian')
+    ref = finetune(FinetuneConfig(out=tmp_path / 'ref', **cfg))
+    real = ResumeState.after_epoch
+
+    def killed(self):
+        real(self)
+        if self.offset + self.epoch == killed_after + (1 if killed_after else 0): raise KeyboardInterrupt
+    monkeypatch.setattr(ResumeState, 'after_epoch', killed)
+    run = tmp_path / 'run'
+    with pytest.raises(KeyboardInterrupt): finetune(FinetuneConfig(out=run, **cfg))
+    monkeypatch.undo()
+    m = finetune(FinetuneConfig(out=run, resume=True, **cfg))
+    assert _history(run) == _history(tmp_path / 'ref') and len(_history(run)) == 5
+    a, b = (torch.load(p / 'last.pth', weights_only=False)['model'] for p in (tmp_path / 'ref', run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert m['test'] == ref['test'] and m['valid'] == ref['valid']

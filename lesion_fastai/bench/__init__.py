@@ -1,7 +1,8 @@
 """Benchmarks: figures printed beside their baselines, results written as JSON, Markdown and plots. One
 module per kind of benchmark; `python -m lesion_fastai.bench NAME --help` lists each one's flags.
 
-    python -m lesion_fastai.bench efficiency [--quick]   # label fractions x {scratch, full, sandwich, decoder-sandwich} x seeds
+    python -m lesion_fastai.bench efficiency [--quick]   # label fractions x {scratch, pretrained modes, carried labels, self-training} x seeds
+    python -m lesion_fastai.bench budget                 # what pretraining buys: against its epochs and its unlabelled slices
     python -m lesion_fastai.bench study [--quick]        # why the sandwich does (not) match: one change at a time
     python -m lesion_fastai.bench select --setting adapter_ratio --values 0.25,1   # a default, chosen on validation
     python -m lesion_fastai.bench throughput [--quick]   # slice loading and training images/s, peak memory (this machine)

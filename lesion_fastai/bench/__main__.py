@@ -2,14 +2,14 @@
 import argparse
 
 from . import __doc__ as DOC
-from . import datastats, efficiency, lesions, scale, select, speed, study
+from . import budget, datastats, efficiency, lesions, scale, select, speed, study
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog='python -m lesion_fastai.bench', description=DOC.split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest='which', required=True)
-    for module in (efficiency, study, select, speed, scale, datastats, lesions): module.add_parser(sub)
+    for module in (efficiency, budget, study, select, speed, scale, datastats, lesions): module.add_parser(sub)
     args = ap.parse_args(argv)
     return args.run(ap, args)
 

@@ -11,18 +11,31 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import PRECISIONS
 from ..files import atomic_write_text, write_json
 from ..log import log
 
-__all__ = ['MODES', 'GRID_MODES', 'NO_CHECKPOINT', 'machine', 'ensure_data', 'tag', 'pretrain_folder', 'pretrain_once', 'prepare',
+__all__ = ['MODES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED', 'mode_changes', 'machine', 'ensure_data', 'tag', 'pretrain_folder', 'pretrain_once', 'prepare',
            'run_finetune', 'finetune_config', 'test_row', 'pm', 'report', 'in_process', 'add_data_args', 'data_args']
 
-# bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich); 'none' is the old name of 'full'
+# bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich); 'none' is the old name of 'full'. The -ft modes unfreeze after
+# the frozen epochs (fastai's fine_tune); carry: scratch with labels carried to the neighbour slices; selftrain: scratch with the
+# scratch run's pseudo-labels (the same label fraction and seed as teacher); selftrain-ae: the same, the student from the autoencoder
 MODES = {'scratch': ('scratch', 'encoder'), 'full': ('full', 'encoder'), 'encoder': ('encoder', 'encoder'),
-         'sandwich': ('sandwich', 'encoder'), 'decoder-sandwich': ('sandwich', 'decoder'), 'imagenet': ('full', 'encoder')}
+         'sandwich': ('sandwich', 'encoder'), 'decoder-sandwich': ('sandwich', 'decoder'), 'imagenet': ('full', 'encoder'),
+         'sandwich-ft': ('sandwich', 'encoder'), 'encoder-ft': ('encoder', 'encoder'), 'decoder-sandwich-ft': ('sandwich', 'decoder'),
+         'carry': ('scratch', 'encoder'), 'selftrain': ('scratch', 'encoder'), 'selftrain-ae': ('full', 'encoder')}
 MODE_ALIASES = {'none': 'full'}
 GRID_MODES = ('scratch', 'full', 'sandwich', 'decoder-sandwich', 'imagenet')
-NO_CHECKPOINT = ('scratch', 'imagenet')   # modes that do not start from the autoencoder: imagenet is --backbone-weights' transfer
+NO_CHECKPOINT = ('scratch', 'imagenet', 'carry', 'selftrain')   # modes that do not start from the autoencoder
+SELF_TRAINED = ('selftrain', 'selftrain-ae')                      # students of the scratch run of their label fraction and seed
+
+
+def mode_changes(mode: str, unfreeze_after: int, carry_weight: float) -> dict:
+    "The FinetuneConfig settings a bench mode adds to its freeze mode."
+    if mode.endswith('-ft'): return {'unfreeze_after': unfreeze_after}
+    if mode == 'carry': return {'carry_weight': carry_weight}
+    return {}
 
 
 def machine() -> str:
@@ -62,10 +75,16 @@ def pretrain_once(data: Path, folder: Path, pretrain_epochs: int, bs: int, chang
 
 def prepare(out: Path, data: Path, patients: int, native: int, pretrain_epochs: int, bs: int,
              pretrain_changes: dict | None = None) -> Path:
-    """The benchmark's data (generated once) and its autoencoder pretraining (`out/pretrain`, or
-    `out/pretrain_<changes>` for a pretraining with other settings); returns the checkpoint."""
+    """The benchmark's data (generated once, unless `data` holds some) and its autoencoder pretraining
+    with the data's default context resolved (`out/pretrain_context2`, say, or with other settings
+    `out/pretrain_context2_<changes>`; the same folder `efficiency` makes); returns the checkpoint."""
+    from ..config import resolve_context
+    from ..deeplesion import load_data
     ensure_data(data, patients, native)
-    return pretrain_once(data, pretrain_folder(out, pretrain_changes), pretrain_epochs, bs, pretrain_changes)
+    changes = dict(pretrain_changes or {})
+    changes.setdefault('context', resolve_context(None, load_data(data)[1], data))
+    speed = {k: changes.pop(k) for k in ('precision',) if k in changes}
+    return pretrain_once(data, pretrain_folder(out, changes), pretrain_epochs, bs, {**changes, **speed})
 
 
 def _inside(path, out) -> str:
@@ -91,12 +110,12 @@ def run_finetune(cfg, any_precision: bool = False) -> dict:
     want = {k: v for k, v in asdict(cfg).items() if v is not None and k not in ignore}
     want['precision'] = resolved_precision(cfg.precision)      # runs record what they trained in
     if any_precision: want.pop('precision')
-    for k in ('data', 'pretrained'):
+    for k in ('data', 'pretrained', 'pseudo_labels'):
         if k in want: want[k] = _inside(want[k], cfg.out)
     fields = FinetuneConfig.__dataclass_fields__               # a setting added since the run: its default then
     default = lambda k: 'fp32' if k == 'precision' else fields[k].default   # runs from before bf16 trained in fp32
     old_name = {'full': 'none'}                                # the freeze mode's name when the run was made, maybe
-    have = lambda k: _inside(m['config'][k], m['config']['out']) if k in ('data', 'pretrained') and m['config'].get(k) else m['config'].get(k, default(k))
+    have = lambda k: _inside(m['config'][k], m['config']['out']) if k in ('data', 'pretrained', 'pseudo_labels') and m['config'].get(k) else m['config'].get(k, default(k))
     same = lambda k, v: str(have(k)) == str(v) or (k == 'freeze' and str(have(k)) == old_name.get(v))
     diff = {k: (have(k), v) for k, v in want.items() if not same(k, v)}
     if diff: raise ValueError(f"{done}: a finished run with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
@@ -155,6 +174,7 @@ def add_data_args(p, out_help: str, quick_help: str) -> None:
     p.add_argument('--native', type=int, default=256, help='native slice size of the generated data (trained at half)')
     p.add_argument('--pretrain-epochs', type=int, default=10, help='autoencoder epochs (one pretraining per pretext serves every run)')
     p.add_argument('--bs', type=int, default=16, help='batch size')
+    p.add_argument('--precision', choices=PRECISIONS, default='auto', help='of every pretraining and run: auto is bf16 on a GPU, fp32 on the CPU')
     p.add_argument('--quick', action='store_true', help=quick_help)
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULT_CONTEXT, PRECISIONS, PRETEXTS, PretrainConfig, parse_floats, parse_ints, resolve_context
+from ..config import DEFAULT_CONTEXT, PRETEXTS, PretrainConfig, parse_floats, parse_ints, resolve_context
 from ..deeplesion import load_data
 from ..log import log
 from ..plots import plt, save_fig
 from ..stats import mean_ci
-from .common import (GRID_MODES, MODE_ALIASES, MODES, NO_CHECKPOINT, add_data_args, data_args, ensure_data, finetune_config,
-                     in_process, machine, pm, pretrain_folder, pretrain_once, report, run_finetune, tag, test_row)
+from .common import (GRID_MODES, MODE_ALIASES, MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, ensure_data,
+                     finetune_config, in_process, machine, mode_changes, pm, pretrain_folder, pretrain_once, report, run_finetune, tag,
+                     test_row)
 
 __all__ = ['efficiency', 'summarise', 'verdict_lines', 'efficiency_table', 'efficiency_plot', 'add_parser']
 
@@ -27,7 +28,8 @@ __all__ = ['efficiency', 'summarise', 'verdict_lines', 'efficiency_table', 'effi
 def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256, fractions=(.02, .1, 1.), modes=GRID_MODES,
                seeds=(0, 1, 2), epochs: int = 30, pretrain_epochs: int = 10, bs: int = 16, pretexts=('masked',), context: int | None = None,
                neighbours: int = 10, jobs: int = 1, report_only: bool = False, precision: str = 'auto',
-               code_channels: tuple | None = None, backbone: str = 'resnet', backbone_weights: Path | None = None) -> dict:
+               code_channels: tuple | None = None, backbone: str = 'resnet', backbone_weights: Path | None = None,
+               unfreeze_after: int = 5, carry_weight: float = .5, pseudo_fp: float = .5, pseudo_weight: float = .5) -> dict:
     """One pretraining per pretext, then every (label fraction, seed, mode, pretext) fine-tune with the
     same epoch budget (small label sets are repeated to the full training set's length per epoch, so
     every run takes the same number of steps); a seed fixes the label subset and the initialisation,
@@ -40,7 +42,11 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
     pretraining (its folder and runs named after them, e.g. `_code64-8-4-4`). `backbone` (a timm model)
     is the body of every pretraining and run (named after it); the `imagenet` mode fine-tunes it from
     `backbone_weights` with every layer training, the transfer-learning baseline, and is skipped with a
-    note without them."""
+    note without them. The modes that use the unlabelled slices otherwise: the `-ft` modes unfreeze
+    after `unfreeze_after` frozen epochs (fastai's fine_tune), `carry` carries the labels to the
+    neighbour slices at `carry_weight`, `selftrain` and `selftrain-ae` train on the labels and the
+    pseudo-labels (at `pseudo_weight`) the scratch run of their fraction and seed gives at `pseudo_fp`
+    validation false positives per slice (`OUT/pseudo/`), from scratch or from the autoencoder."""
     from concurrent.futures import ProcessPoolExecutor
     modes = [MODE_ALIASES.get(m, m) for m in modes]
     if not report_only: ensure_data(data, patients, native, neighbours, workers=max(1, jobs))
@@ -50,6 +56,8 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
     if 'imagenet' in modes and not backbone_weights:
         log.info("mode imagenet skipped: it needs --backbone NAME --backbone-weights PATH (a timm model's ImageNet weights)")
         modes = [m for m in modes if m != 'imagenet']
+    if any(m in SELF_TRAINED for m in modes) and 'scratch' not in modes:
+        raise ValueError("the selftrain modes learn from the scratch run of their label fraction and seed: add scratch to --modes")
     code = {'code_channels': tuple(code_channels)} if code_channels else {}
     body = {'backbone': backbone} if backbone != 'resnet' else {}
     pre = {p: {**({'pretext': p} if p != 'masked' else {}), 'context': context, **code, **body} for p in pretexts}
@@ -64,9 +72,23 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
                     name = f'{mode}_{frac:g}_seed{seed}' + (f'_context{context}' if context else '') + ('' if p in ('-', 'masked') else f'_{p}')
                     name += (tag(code) if p != '-' else '') + (f'_{backbone}' if body else '')
                     changes = {**({'context': context} if mode in NO_CHECKPOINT else {}), **speed, **body,
-                               **({'backbone_weights': Path(backbone_weights)} if mode == 'imagenet' else {})}
+                               **({'backbone_weights': Path(backbone_weights)} if mode == 'imagenet' else {}),
+                               **mode_changes(mode, unfreeze_after, carry_weight),
+                               **({'pseudo_labels': out / 'pseudo' / f'{frac:g}_seed{seed}{f"_context{context}" if context else ""}.csv',
+                                   'pseudo_weight': pseudo_weight} if mode in SELF_TRAINED else {})}
                     cfg = finetune_config(data, out / 'runs' / name, mode, frac, seed, epochs, bs, ckpts.get(p), changes)
                     todo.append((p, mode, frac, seed, cfg))
+    order = {k: i for i, k in enumerate(dict.fromkeys((t[2], t[3]) for t in todo))}
+    todo.sort(key=lambda t: (order[t[2], t[3]], t[1] in SELF_TRAINED))     # a student after its teacher
+    teachers = {(frac, seed): cfg for _, mode, frac, seed, cfg in todo if mode == 'scratch'}
+
+    def pseudo(cfg):                           # a student's pseudo-labels: from its scratch teacher, made once for both students
+        if not Path(cfg.pseudo_labels).exists():
+            from ..log import quiet
+            from ..selftrain import pseudo_labels_from
+            with quiet(): pseudo_labels_from(Path(teachers[cfg.label_fraction, cfg.seed].out) / 'export.pkl', cfg, cfg.pseudo_labels, pseudo_fp)
+        return cfg
+
     if report_only:
         todo = [t for t in todo if (Path(t[4].out) / 'metrics.json').exists()]
         results = [run_finetune(t[4], any_precision=True) for t in todo]
@@ -75,17 +97,21 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn')) as pool:
             pretraining = {p: pool.submit(in_process, threads, pretrain_once, data, ckpts[p].parent, pretrain_epochs, bs, pre[p])
                            for p in pretexts if any(m not in NO_CHECKPOINT for m in modes)}
-            scratch = {i: pool.submit(in_process, threads, run_finetune, t[4]) for i, t in enumerate(todo) if t[1] in NO_CHECKPOINT}
+            first = {i: pool.submit(in_process, threads, run_finetune, t[4]) for i, t in enumerate(todo)
+                     if t[1] in NO_CHECKPOINT and t[1] not in SELF_TRAINED}
             for f in pretraining.values(): f.result()
-            rest = {i: pool.submit(in_process, threads, run_finetune, t[4]) for i, t in enumerate(todo) if t[1] not in NO_CHECKPOINT}
-            results = [{**scratch, **rest}[i].result() for i in range(len(todo))]
+            rest = {i: pool.submit(in_process, threads, run_finetune, t[4]) for i, t in enumerate(todo)
+                    if t[1] not in NO_CHECKPOINT and t[1] not in SELF_TRAINED}
+            for f in first.values(): f.result()           # the teachers of the self-trained students
+            students = {i: pool.submit(in_process, threads, run_finetune, pseudo(t[4])) for i, t in enumerate(todo) if t[1] in SELF_TRAINED}
+            results = [{**first, **rest, **students}[i].result() for i in range(len(todo))]
     else:
         for p in pretexts:
             if any(m not in NO_CHECKPOINT for m in modes): pretrain_once(data, ckpts[p].parent, pretrain_epochs, bs, pre[p])
         results = []
         for p, mode, frac, seed, cfg in todo:
             if not (Path(cfg.out) / 'metrics.json').exists(): log.info(f"\n== {mode}{'' if p == '-' else f' ({p} pretext)'}, label fraction {frac:g}, seed {seed}")
-            results.append(run_finetune(cfg))
+            results.append(run_finetune(pseudo(cfg) if mode in SELF_TRAINED else cfg))
     rows = [test_row(m, mode=mode if p == '-' else f'{mode} [{p}{tag(code)}]', fraction=frac, seed=seed)
             for (p, mode, frac, seed, _), m in zip(todo, results)]
     if not rows:
@@ -97,7 +123,8 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
               'settings': dict(data=str(data), patients=patients, native=native, fractions=list(fractions), modes=list(modes),
                                pretexts=list(pretexts), context=context, neighbours=neighbours, seeds=list(seeds), epochs=epochs,
                                pretrain_epochs=pretrain_epochs, bs=bs, backbone=backbone,
-                               backbone_weights=str(backbone_weights) if backbone_weights else None)}
+                               backbone_weights=str(backbone_weights) if backbone_weights else None, unfreeze_after=unfreeze_after,
+                               carry_weight=carry_weight, pseudo_fp=pseudo_fp, pseudo_weight=pseudo_weight)}
     plot = efficiency_plot(summary, out / 'data_efficiency.png')
     report(out, 'efficiency', result, efficiency_table(summary), verdict, [plot])
     return result
@@ -107,20 +134,27 @@ MIN_SEEDS = 3   # two seeds give an interval from one degree of freedom: two equ
 
 
 def verdict_lines(summary) -> list[str]:
-    """Per label fraction: the pretrained mode with the best validation FROC, and its paired test
-    difference from scratch, resolved only with at least `MIN_SEEDS` pairs and a 95% interval that
-    excludes 0."""
+    """Per label fraction: the pretraining mode with the best validation FROC and each other way of
+    using the unlabelled slices (carried labels, self-training), with its paired test difference
+    from scratch, resolved only with at least `MIN_SEEDS` pairs and a 95% interval that excludes 0."""
     lines = []
     for frac in sorted(dict.fromkeys(s['fraction'] for s in summary)):
         cells = [s for s in summary if s['fraction'] == frac and s['mode'] != 'scratch' and 'diff' in s]
-        if not cells: continue
-        best = max(cells, key=lambda s: s['valid_froc'])
-        d, ci = best['diff'], best['diff_ci']
-        if best['pairs'] < MIN_SEEDS: word = f"{best['pairs']} paired seed(s), fewer than the {MIN_SEEDS} an interval needs here: not resolved"
-        else: word = 'no difference resolved' if abs(d) <= ci else 'better than scratch' if d > 0 else 'worse than scratch'
-        lines.append(f"labels {frac:g}: best pretrained mode on validation is {best['mode']} (validation FROC {pm(best['valid_froc'], best['valid_ci'])}); "
-                     f"test FROC {pm(best['froc'], best['froc_ci'])}, paired difference from scratch {pm(d, ci)}: {word}")
+        pretrained = [s for s in cells if s['mode'].split(' [')[0] not in METHODS]
+        chosen = ([('best pretrained mode on validation is ', max(pretrained, key=lambda s: s['valid_froc']))] if pretrained else [])
+        chosen += [(f'{METHODS[s["mode"].split(" [")[0]]}: ', s) for s in cells if s['mode'].split(' [')[0] in METHODS]
+        for what, best in chosen:
+            d, ci = best['diff'], best['diff_ci']
+            if best['pairs'] < MIN_SEEDS: word = f"{best['pairs']} paired seed(s), fewer than the {MIN_SEEDS} an interval needs here: not resolved"
+            else: word = 'no difference resolved' if abs(d) <= ci else 'better than scratch' if d > 0 else 'worse than scratch'
+            lines.append(f"labels {frac:g}: {what}{best['mode']} (validation FROC {pm(best['valid_froc'], best['valid_ci'])}); "
+                         f"test FROC {pm(best['froc'], best['froc_ci'])}, paired difference from scratch {pm(d, ci)}: {word}")
     return lines
+
+
+# the ways of using the unlabelled slices other than pretraining, each reported against scratch on its own
+METHODS = {'carry': 'labels carried to neighbour slices', 'selftrain': 'self-training from scratch',
+           'selftrain-ae': 'self-training from the autoencoder'}
 
 
 def summarise(rows):
@@ -188,7 +222,9 @@ def add_parser(sub) -> None:
     e.add_argument('--fractions', type=parse_floats, default='0.02,0.1,1', help='label fractions of training patients (runs go in this order)')
     e.add_argument('--modes', default=','.join(GRID_MODES), help=f"scratch and pretrained modes to compare, of {', '.join(MODES)} "
                    "(sandwich: transfer layers between the frozen encoder's stages; decoder-sandwich: 3FabRec's, between the frozen "
-                   "decoder's blocks; encoder: only the head trains; full: every layer trains from the pretrained encoder, old name none)")
+                   "decoder's blocks; encoder: only the head trains; full: every layer trains from the pretrained encoder, old name none; "
+                   "the -ft modes unfreeze after --unfreeze-after epochs; carry: scratch with labels carried to the neighbour slices; "
+                   "selftrain, selftrain-ae: the scratch run's pseudo-labels, the student from scratch or from the autoencoder)")
     e.add_argument('--pretexts', default='masked', help=f"pretraining pretexts ({', '.join(PRETEXTS)}), one pretraining each")
     e.add_argument('--context', type=int, default=None, help=f'neighbour slices on each side as input channels, for every run (context pretext: 1 or more; '
                    f'default {DEFAULT_CONTEXT} where the data ships neighbour slices, else 0)')
@@ -198,12 +234,16 @@ def add_parser(sub) -> None:
     e.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs, the same for every run')
     e.add_argument('--jobs', type=int, default=1, help='runs in parallel processes (a GPU machine with many cores)')
     e.add_argument('--report-only', action='store_true', help='train nothing: report the runs that finished')
-    e.add_argument('--precision', choices=PRECISIONS, default='auto', help='of every run: auto is bf16 on a GPU, fp32 on the CPU')
     e.add_argument('--backbone', default='resnet', help='the body of every pretraining and run: resnet or a timm model name')
     e.add_argument('--backbone-weights', type=Path, default=None, help="a local state dict of the timm --backbone (ImageNet weights): "
                    "the imagenet mode fine-tunes from it, every layer training (skipped with a note without it)")
     e.add_argument('--code-channels', type=parse_ints, default=None, help="the autoencoder's codes of every pretraining, as python -m "
                    "pretrain --code-channels (e.g. 64,8,4,4 adds a stride-4 code; default: pretrain's)")
+    e.add_argument('--unfreeze-after', type=int, default=5, help='the -ft modes: frozen epochs before every layer trains (fastai fine_tune)')
+    e.add_argument('--carry-weight', type=float, default=.5, help='the carry mode: weight of the labels carried to neighbour slices')
+    e.add_argument('--pseudo-fp', type=float, default=.5, help="the selftrain modes: the teacher's boxes scoring at least its score at "
+                   'this many false positives per validation slice are pseudo-labels')
+    e.add_argument('--pseudo-weight', type=float, default=.5, help='the selftrain modes: weight of the pseudo-labels')
     e.set_defaults(run=_run)
 
 
@@ -225,4 +265,6 @@ def _run(ap, args) -> dict:
     return efficiency(args.out, data, patients=args.patients, native=args.native, fractions=fractions, modes=modes, seeds=args.seeds,
                       epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, bs=args.bs, pretexts=pretexts, context=args.context,
                       neighbours=args.neighbours, jobs=args.jobs, report_only=args.report_only, precision=args.precision,
-                      code_channels=args.code_channels, backbone=args.backbone, backbone_weights=args.backbone_weights)
+                      code_channels=args.code_channels, backbone=args.backbone, backbone_weights=args.backbone_weights,
+                      unfreeze_after=args.unfreeze_after, carry_weight=args.carry_weight, pseudo_fp=args.pseudo_fp,
+                      pseudo_weight=args.pseudo_weight)

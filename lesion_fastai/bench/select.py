@@ -32,7 +32,8 @@ CRITERIA = {'froc': ('valid_froc', max), 'iou': ('valid_mean_iou', max), 'calibr
 
 
 def select(out: Path, data: Path, patients: int, native: int, setting: str, values, mode: str, fractions, seeds,
-           epochs: int, pretrain_epochs: int, bs: int, changes: dict | None = None, criterion: str = 'froc') -> dict:
+           epochs: int, pretrain_epochs: int, bs: int, changes: dict | None = None, criterion: str = 'froc',
+           precision: str = 'auto') -> dict:
     """Choose the default of one fine-tuning `setting` on validation, never on test: every value x label
     fraction x seed is fine-tuned (same data, pretraining and steps as `efficiency`; a seed fixes the
     label subset and the initialisation, shared by all values), and only validation figures are
@@ -41,17 +42,18 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
     better; 'calibration': the Gaussian std's distance from 68% / 95% coverage, lower is better),
     and its paired difference from the first value (the current default) over the same seeds."""
     key, best_of = CRITERIA[criterion]
+    speed = {} if precision == 'auto' else {'precision': precision}
     if mode == 'scratch':
         ckpt = None
         ensure_data(data, patients, native)
-    else: ckpt = prepare(out, data, patients, native, pretrain_epochs, bs)
+    else: ckpt = prepare(out, data, patients, native, pretrain_epochs, bs, speed)
     rows = []
     for frac in fractions:
         for seed in seeds:
             for v in values:
                 run = out / 'select' / setting / f'{mode}_{v:g}_{frac:g}_seed{seed}'
                 if not (run / 'metrics.json').exists(): log.info(f"\n== {setting} {v:g}, {mode}, label fraction {frac:g}, seed {seed}")
-                m = run_finetune(finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, {**(changes or {}), setting: v}))
+                m = run_finetune(finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, {**(changes or {}), **speed, setting: v}))
                 rows.append(_validation_row(m, value=v, fraction=frac, seed=seed))
     summary = []
     for frac in fractions:
@@ -104,4 +106,4 @@ def _run(ap, args) -> dict:
     if args.setting not in FinetuneConfig.__dataclass_fields__: ap.error(f'--setting {args.setting!r} is not a fine-tuning setting')
     return select(args.out, data, args.patients, args.native, args.setting, list(args.values), args.mode, list(args.fractions),
                   list(args.seeds), args.epochs, args.pretrain_epochs, args.bs, {'head': args.head} if args.head != 'direct' else None,
-                  args.criterion)
+                  args.criterion, args.precision)

@@ -35,16 +35,17 @@ STUDY = [
 
 
 def study(out: Path, data: Path, patients: int, native: int, epochs: int, pretrain_epochs: int, bs: int, seed: int = 0,
-          variants=STUDY) -> dict:
+          variants=STUDY, precision: str = 'auto') -> dict:
     """Where the sandwich with 10% of the labels stands against scratch with all of them, and what
     each single change (objective, transfer layers, learning rate, regularisation, epochs) does to
     it. Same data, pretraining and epoch length as `efficiency` (pass the same --out to share them)."""
     rows = []
     for i, (name, mode, frac, change, *pretrain_change) in enumerate(variants):
-        ckpt = prepare(out, data, patients, native, pretrain_epochs, bs, *pretrain_change)
+        speed = {} if precision == 'auto' else {'precision': precision}
+        ckpt = prepare(out, data, patients, native, pretrain_epochs, bs, {**(pretrain_change[0] if pretrain_change else {}), **speed})
         run = out / 'study' / f'{i:02d}_{mode}_{frac:g}_seed{seed}'
         if not (run / 'metrics.json').exists(): log.info(f"\n== {name}")
-        rows.append(test_row(run_finetune(finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, change)), variant=name, mode=mode, fraction=frac,
+        rows.append(test_row(run_finetune(finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, {**change, **speed})), variant=name, mode=mode, fraction=frac,
                          change=change, pretrain_change=pretrain_change[0] if pretrain_change else {}))
     lines = ['| variant | labeled slices | trainable parameters | test FROC | top box hit@0.5 / IoU | valid FROC | mean box FROC / hit@0.5 | time s |',
              '|---|---|---|---|---|---|---|---|']
@@ -67,4 +68,4 @@ def add_parser(sub) -> None:
 def _run(ap, args) -> dict:
     data = data_args(args)
     return study(args.out, data, args.patients, args.native, args.epochs, args.pretrain_epochs, args.bs, args.seed,
-                 [STUDY[0], STUDY[4], STUDY[6]] if args.quick else STUDY)
+                 [STUDY[0], STUDY[4], STUDY[6]] if args.quick else STUDY, args.precision)

@@ -1,0 +1,99 @@
+"""python -m lesion_fastai.selftrain: self-training on the slices whose labels a run does not use.
+
+A teacher (trained here with the same settings as the student, or an export given with --teacher)
+predicts on every slice of the training patients that carries no label the run uses (the key slices
+of the patients outside --label-fraction's subset, every neighbour slice); its boxes scoring at least
+the score at which it makes --pseudo-fp false positives per validation slice become pseudo-labels,
+written as OUT/round_N/pseudo_labels.csv (DeepLesion-style, one row per box, with its score), and a
+student is fine-tuned on the labels and the pseudo-labels (at --pseudo-weight) into OUT/round_N, from
+scratch or, with --pretrained, from the autoencoder. With --rounds 2 or more each student teaches
+the next round. The student's settings are python -m finetune's flags; the test split is never
+looked at before the last student is evaluated on it.
+
+Examples:
+    python -m lesion_fastai.selftrain --data data/synthetic --label-fraction 0.1 --out runs/selftrain
+    python -m lesion_fastai.selftrain --data data/synthetic --label-fraction 0.1 --teacher runs/scratch10/export.pkl \\
+        --pretrained runs/pretrain/pretrained.pth --freeze full --out runs/selftrain_ae
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .config import FinetuneConfig, add_settings, from_args
+
+__all__ = ['pseudo_labels_from', 'self_train', 'main']
+
+
+def pseudo_labels_from(teacher: Path, cfg: FinetuneConfig, out_csv: Path, fp: float) -> dict:
+    """The pseudo-labels `teacher` (an export) gives the slices `cfg`'s run has no labels for, at the
+    score where it makes `fp` false positives per validation slice; written to `out_csv`. Returns the
+    threshold, the slices looked at and labelled, and the boxes."""
+    from .data import select_patients
+    from .deeplesion import evaluation_records, load_data
+    from .evaluation import predict_detections
+    from .export import detector_settings, load_export
+    from .froc import froc_curve
+    from .log import log
+    from .metrics import froc_inputs
+    from .unlabelled import pseudo_label, score_at_fp, unlabelled_slices, write_pseudo_labels
+    learn = load_export(teacher, flag='--teacher')
+    spec, decoding = detector_settings(learn)
+    _, records = load_data(cfg.data)
+    valid = evaluation_records(records, 'val')
+    dets, _ = predict_detections(learn, valid)
+    fps, _, scores = froc_curve(*froc_inputs(dets, valid))
+    threshold = score_at_fp(fps, scores, fp)
+    used = select_patients(evaluation_records(records, 'train'), cfg.label_fraction, cfg.seed)
+    paths = unlabelled_slices(cfg.data, records, used)
+    labelled = pseudo_label(learn.model, spec, decoding, paths, threshold, cfg.pseudo_weight, records)
+    write_pseudo_labels(out_csv, labelled, str(teacher))
+    boxes = sum(len(r.boxes) for r, _ in labelled)
+    log.info(f"teacher {teacher}: score {threshold:.3f} makes {fp:g} false positive(s) per validation slice; {len(labelled)} of "
+             f"{len(paths)} unlabelled slices get {boxes} pseudo-label box(es): {out_csv}")
+    return {'threshold': threshold, 'unlabelled_slices': len(paths), 'pseudo_labelled_slices': len(labelled), 'boxes': boxes,
+            'teacher': str(teacher), 'csv': str(out_csv)}
+
+
+def self_train(cfg: FinetuneConfig, rounds: int = 1, fp: float = .5, teacher: Path | None = None) -> dict:
+    """`rounds` of self-training (module docstring) into `cfg.out`: the teacher (trained into
+    OUT/teacher with `cfg`'s settings unless given), then per round the pseudo-labels and the
+    student. Returns the last student's metrics with each round's pseudo-label summary."""
+    from .finetuning import finetune
+    from .files import check_out_folder
+    out = check_out_folder(cfg.out)
+    if teacher is None:
+        finetune(dataclasses.replace(cfg, out=out / 'teacher', pseudo_labels=None))
+        teacher = out / 'teacher' / 'export.pkl'
+    summary = []
+    for k in range(1, rounds + 1):
+        folder = out / f'round_{k}'
+        csv = folder / 'pseudo_labels.csv'
+        if not (cfg.resume and csv.exists()): summary.append(pseudo_labels_from(Path(teacher), cfg, csv, fp))
+        metrics = finetune(dataclasses.replace(cfg, out=folder, pseudo_labels=csv))
+        teacher = folder / 'export.pkl'
+    return {**metrics, 'self_training': summary}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog='python -m lesion_fastai.selftrain', description=__doc__.split('\n\n')[0],
+                                 epilog=__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--teacher', type=Path, default=None, metavar='EXPORT', help="a trained detector's export.pkl as the first "
+                    'teacher (default: trained into OUT/teacher with the same settings as the student)')
+    ap.add_argument('--rounds', type=int, default=1, help='rounds of pseudo-labelling, each student the next teacher (default 1)')
+    ap.add_argument('--pseudo-fp', type=float, default=.5, metavar='FP', help="the threshold of the teacher's boxes: the score at which it "
+                    'makes FP false positives per validation slice (default 0.5)')
+    add_settings(ap, FinetuneConfig, defaults={'out': Path('runs/selftrain')}, names=[
+        f.name for f in dataclasses.fields(FinetuneConfig) if f.name != 'pseudo_labels'])
+    args = ap.parse_args(argv)
+    if args.rounds < 1: ap.error(f'--rounds must be at least 1, got {args.rounds}')
+    if args.pseudo_fp <= 0: ap.error(f'--pseudo-fp must be positive, got {args.pseudo_fp:g}')
+    cfg = from_args(FinetuneConfig, ap, args)
+    try: self_train(cfg, args.rounds, args.pseudo_fp, args.teacher)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e: sys.exit(f"error: {e}")
+
+
+if __name__ == '__main__':
+    main()
