@@ -8,6 +8,9 @@ Examples:
     torchrun --nproc_per_node 4 -m finetune --data data/synthetic --out runs/scratch
         (data parallel, one process per GPU, or gloo on CPUs; --bs is per process; rank 0 writes and evaluates)
 """
+from lesion_fastai.log import hush_third_party
+hush_third_party(__name__)       # run as a command: quiet known third-party warnings before fastai loads
+
 import argparse
 import sys
 from pathlib import Path

@@ -18,9 +18,11 @@ with one error naming every such file and the DL_info.csv line that needs it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ import torch
 
 from . import distributed
 from .deeplesion import SliceRecord, check_png, context_paths
-from .files import atomic_write_text, remove_stale_temps
+from .files import PidLock, atomic_write_text, remove_stale_temps
 from .log import log, progress
 
 __all__ = ['SliceCache', 'BadSlicesError', 'plane_units', 'cache_key', 'decode_all', 'check_files', 'build_slice_cache',
@@ -203,11 +205,33 @@ def build_slice_cache(items, spec, folder: Path | str = DEFAULT_CACHE_DIR, worke
     array_file, index_file = folder / f'slices_{key}.npy', folder / f'slices_{key}.json'
     if array_file.exists() and index_file.exists():
         return SliceCache(array_file, json.loads(index_file.read_text())['index'])
+    # one builder per key: a second process (another run sharing the folder) waits, then opens what the first built
+    with PidLock(folder / f'slices_{key}.lock', f"the slice cache {array_file.name}", wait=True):
+        if array_file.exists() and index_file.exists():
+            return SliceCache(array_file, json.loads(index_file.read_text())['index'])
+        try: return _build(items, units, prep, spec, folder, key, array_file, index_file, workers)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
+            raise ValueError(f"the slice cache {folder}: the disk is full ({e.strerror}); free space there, give --cache-dir "
+                             f"on another disk, or use --cache memory") from None
+
+
+def _build(items, units, prep, spec, folder, key, array_file, index_file, workers) -> SliceCache:
     n_windows = len(prep.windows_for(None))
     shape = (len(units), n_windows, spec.size, spec.size)
     partial, record = folder / f'slices_{key}.partial.npy', folder / f'slices_{key}.partial.json'
     state = json.loads(record.read_text()) if partial.exists() and record.exists() else None
-    if state is None: np.lib.format.open_memmap(partial, mode='w+', dtype=np.float16, shape=shape).flush()
+    if state is None:
+        need, free = np.prod(shape) * 2 + 4096, shutil.disk_usage(folder).free
+        if need > free:
+            raise ValueError(f"the slice cache {array_file.name} needs {need / 1e9:.2f} GB in {folder} and {free / 1e9:.2f} GB are free: "
+                             f"free space, give --cache-dir on another disk, or use --cache memory")
+        np.lib.format.open_memmap(partial, mode='w+', dtype=np.float16, shape=shape).flush()
+        try:                                     # reserve the blocks now: a full disk under a memory map is a SIGBUS later
+            with open(partial, 'r+b') as f: os.posix_fallocate(f.fileno(), 0, os.path.getsize(partial))
+        except OSError:
+            partial.unlink(missing_ok=True)
+            raise
     index = {k: e for k, *e in (state or {}).get('entries', [])}
     chunks = [c for c in range(0, len(units), CHUNK) if c not in set((state or {}).get('chunks', []))]
     finished = sorted(set((state or {}).get('chunks', [])))

@@ -49,7 +49,7 @@ class TensorCT(TensorImage):
 
 class TensorBoxCorners(TensorPoint):
     "Boxes as pairs of corner points (x1, y1), (x2, y2), [2M, 2]; shown as rectangles (ground truth green)."
-    def show(self, ctx=None, color='lime', **kwargs): return _show_boxes(self, None, ctx, color)
+    def show(self, ctx=None, color='lime', **kwargs): return _show_boxes(self, None, ctx, color)[0]
 
 
 def downsample(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -411,29 +411,43 @@ def autoencoder_dls(paths: list, valid_patients, spec: SliceSpec = SliceSpec(), 
 def show_batch(x: TensorCT, y: tuple, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
     if ctxs is None: ctxs = get_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)
     ctxs = [s[0].show(ctx=c) for s, c, _ in zip(samples, ctxs, range(max_n))]
-    return [_show_boxes(s[1], s[2], c, 'lime', _display_scale(s[0])) for s, c in zip(samples, ctxs)]
+    return [_show_boxes(s[1], s[2], c, 'lime', _display_scale(s[0]))[0] for s, c in zip(samples, ctxs)]
 
 
 @dispatch
 def show_results(x: TensorCT, y: tuple, samples, outs, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None,
-                 min_score: float = .3, **kwargs):
-    """Ground truth green; predicted boxes scoring at least `min_score` yellow, each with its score."""
+                 min_score: float | None = None, **kwargs):
+    """Ground truth green; predicted boxes scoring at least `min_score` yellow, each with its score, and
+    the top box of each slice always (dashed where it scores less). `min_score` defaults to the
+    model's operating point (the score of 1 false positive per validation slice, stored in its
+    export). Says how many boxes it drew and at which threshold."""
+    from .heatmap import Decoding
+    from .log import log
+    op = getattr(outs[0][1], 'operating_score', None) if len(outs) else None
+    threshold, why = Decoding(operating_score=op).shown_above(min_score)
     if ctxs is None: ctxs = get_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)
     ctxs = [s[0].show(ctx=c) for s, c, _ in zip(samples, ctxs, range(max_n))]
-    ctxs = [_show_boxes(s[1], s[2], c, 'lime', _display_scale(s[0])) for s, c in zip(samples, ctxs)]
-    return [_show_boxes(o[0], o[1], c, 'yellow', _display_scale(s[0]), min_score, label=True) for s, o, c in zip(samples, outs, ctxs)]
+    ctxs = [_show_boxes(s[1], s[2], c, 'lime', _display_scale(s[0]))[0] for s, c in zip(samples, ctxs)]
+    drawn = [_show_boxes(o[0], o[1], c, 'yellow', _display_scale(s[0]), threshold, label=True, top=True) for s, o, c in zip(samples, outs, ctxs)]
+    log.info(f"show_results: {sum(n for _, n in drawn)} box(es) drawn at score >= {threshold:.3f} ({why}); "
+             f"the top box of each slice always, dashed where it scores less")
+    return [c for c, _ in drawn]
 
 
-def _show_boxes(boxes, scores, ctx, color, scale=None, min_score: float = .5, label: bool = False):
+def _show_boxes(boxes, scores, ctx, color, scale=None, min_score: float = .5, label: bool = False, top: bool = False):
     """Draw decoded boxes (corner pairs or x1,y1,x2,y2, slice pixels) whose score (or target flag) is at
-    least `min_score`; with `label`, each with its score."""
+    least `min_score`, and with `top` the first (best) one whatever it scores, dashed if it is less;
+    with `label`, each with its score. Returns (`ctx`, how many it drew)."""
     from .plots import draw_box
     b = torch.as_tensor(boxes).detach().reshape(-1, 2, 2).float().cpu()
     if scale is not None: b = b * scale
     b = torch.cat([b.min(1).values, b.max(1).values], 1)                                # [M, 4]
     sc = torch.ones(len(b)) if scores is None else torch.as_tensor(scores).detach().float().cpu().reshape(-1)
-    for box, score in zip(b.tolist(), sc.tolist()):
-        if score < min_score: continue
-        draw_box(ctx, box, color)
-        if label: ctx.text(box[0], box[1] - 1, f'{score:.2f}', color=color, fontsize=7)
-    return ctx
+    n = 0
+    for i, (box, score) in enumerate(zip(b.tolist(), sc.tolist())):
+        below = score < min_score
+        if below and not (top and i == 0): continue
+        draw_box(ctx, box, color, ls='--' if below else '-')
+        n += 1
+        if label: ctx.text(box[0], box[1] - 1, f'{score:.2f}' + (' (below)' if below else ''), color=color, fontsize=7)
+    return ctx, n

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import re
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,11 @@ WINDOWS = {
 }
 
 _FILE_RE = re.compile(r'^(\d+)_(\d+)_(\d+)_(\d+)\.png$')
-_INT_RE = re.compile(r'^-?\d+$')
+_INT_RE = re.compile(r'^-?\d{1,9}$')      # the index columns: DeepLesion's are a few digits; 9 keeps them in int64
+
+MAX_SLICE_PX = 4096       # the largest slice side read (DeepLesion's are 512, about 0.1% 768 or 1024): larger is not CT slice data
+LESION_TYPES = (-1, 1, 2, 3, 4, 5, 6, 7, 8)   # Coarse_lesion_type: -1 unlabelled (all of train), 1-8 the eight types
+MAX_FIELD_CHARS = 10_000  # no DeepLesion field is longer than a few dozen characters
 
 # Multi-number columns: (csv column, how many numbers, output column names).
 _VECTORS = (
@@ -60,6 +66,12 @@ _INT_COLUMNS = ('patient', 'study', 'series_id', 'key_slice', 'lesion_type', 'sl
                 'width', 'height', 'line')
 
 
+def _rows(reader, path):
+    "The header row of `reader`, a csv.Error named as the file's line 1."
+    try: return next(reader, ())
+    except csv.Error as e: raise ValueError(f"{path} line 1: {e}") from None
+
+
 def image_path(file_name: str, root: Path | str = '.') -> Path:
     """The PNG of a `File_name`: `000001_01_01_109.png` -> `root/Images_png/000001_01_01/109.png`."""
     m = _FILE_RE.match(file_name)
@@ -77,18 +89,61 @@ def _numbers(text: str, n: int, column: str) -> list[float]:
     parts = [p.strip() for p in text.split(',')]
     if len(parts) != n or any(p == '' for p in parts):
         raise ValueError(f"{column} has {len([p for p in parts if p])} numbers, expected {n}")
-    try: return [float(p) for p in parts]
+    try: values = [float(p) for p in parts]
     except ValueError: raise ValueError(f"{column} {text!r} is not {n} comma-separated numbers") from None
+    if not all(np.isfinite(values)): raise ValueError(f"{column} {text!r} holds NaN or an infinity, expected {n} finite numbers")
+    return values
 
 
 def _integer(text: str, column: str) -> int:
     text = text.strip()
-    if not _INT_RE.match(text): raise ValueError(f"{column} {text!r} is not an integer")
+    if not _INT_RE.match(text): raise ValueError(f"{column} {text!r} is not an integer of at most 9 digits")
     return int(text)
+
+
+def _check_values(rec: dict) -> None:
+    """What the pipeline reads must be possible: sizes, boxes, axes and diameters inside the slice,
+    spacing positive, a known lesion type, a window with low < high, the key slice in its range.
+    Raises ValueError naming the field and what was expected."""
+    w, h = rec['width'], rec['height']
+    if not (1 <= w <= MAX_SLICE_PX and 1 <= h <= MAX_SLICE_PX):
+        raise ValueError(f"Image_size ({w:g}, {h:g}): expected a width and height of 1 to {MAX_SLICE_PX} px")
+    box = rec['x1'], rec['y1'], rec['x2'], rec['y2']
+    if not (rec['x1'] < rec['x2'] and rec['y1'] < rec['y2']):
+        raise ValueError(f"Bounding_boxes ({', '.join(f'{v:g}' for v in box)}) has no area, expected x1 < x2 and y1 < y2")
+    if rec['x1'] < 0 or rec['y1'] < 0 or rec['x2'] > w or rec['y2'] > h:
+        raise ValueError(f"Bounding_boxes ({', '.join(f'{v:g}' for v in box)}) is not inside the {w:g} x {h:g} slice of Image_size, "
+                         f"expected 0 <= x1 < x2 <= {w:g} and 0 <= y1 < y2 <= {h:g}")
+    axes = [rec[k] for k in ('long_x1', 'long_y1', 'long_x2', 'long_y2', 'short_x1', 'short_y1', 'short_x2', 'short_y2')]
+    if not all(-1 <= v <= max(w, h) + 1 for v in axes):
+        raise ValueError(f"Measurement_coordinates ({', '.join(f'{v:g}' for v in axes)}) leaves the {w:g} x {h:g} slice, "
+                         f"expected pixel coordinates inside it")
+    diagonal = float(np.hypot(w, h))
+    if not all(0 <= rec[k] <= diagonal for k in ('diameter_long_px', 'diameter_short_px')):
+        raise ValueError(f"Lesion_diameters_Pixel_ ({rec['diameter_long_px']:g}, {rec['diameter_short_px']:g}): expected lengths "
+                         f"of 0 to the slice's diagonal, {diagonal:.0f} px")
+    if not all(0 <= rec[k] <= 1 for k in ('location_x', 'location_y', 'location_z')):
+        raise ValueError(f"Normalized_lesion_location ({rec['location_x']:g}, {rec['location_y']:g}, {rec['location_z']:g}): "
+                         f"expected three numbers in [0, 1]")
+    spacing = rec['spacing_x_mm'], rec['spacing_y_mm'], rec['spacing_z_mm']
+    if not all(0 < v <= 100 for v in spacing):
+        raise ValueError(f"Spacing_mm_px_ ({', '.join(f'{v:g}' for v in spacing)}): expected pixel spacing and slice interval "
+                         f"in mm, each above 0 (DeepLesion: pixels 0.18-0.98, slices mostly 1 or 5)")
+    if rec['lesion_type'] not in LESION_TYPES:
+        raise ValueError(f"Coarse_lesion_type {rec['lesion_type']}: expected -1 (unlabelled) or 1-8")
+    if not rec['window_low'] < rec['window_high']:
+        raise ValueError(f"DICOM_windows ({rec['window_low']:g}, {rec['window_high']:g}): expected low < high in HU")
+    if not rec['slice_first'] <= rec['key_slice'] <= rec['slice_last']:
+        raise ValueError(f"Slice_range ({rec['slice_first']:g}, {rec['slice_last']:g}) does not hold Key_slice_index "
+                         f"{rec['key_slice']}, expected first <= key <= last")
 
 
 def _parse_row(row: dict, root: Path) -> dict:
     "One CSV row -> typed fields. Raises ValueError naming the field; the caller adds file and line."
+    for col, text in row.items():
+        if '\x00' in text or '\n' in text or '\r' in text:
+            raise ValueError(f"{col} holds a {'NUL byte' if chr(0) in text else 'line break'}, expected one line of text")
+        if len(text) > MAX_FIELD_CHARS: raise ValueError(f"{col} is {len(text):,} characters long, expected at most {MAX_FIELD_CHARS:,}")
     rec = {'file_name': row['File_name'].strip()}
     for col, name in _SCALARS: rec[name] = _integer(row[col], col)
     for col, n, names in _VECTORS: rec.update(zip(names, _numbers(row[col], n, col)))
@@ -100,8 +155,9 @@ def _parse_row(row: dict, root: Path) -> dict:
         raise ValueError(f"Bounding_boxes ({rec['x1']:g}, {rec['y1']:g}, {rec['x2']:g}, {rec['y2']:g}) "
                          f"has x2 < x1 or y2 < y1, expected x1 <= x2 and y1 <= y2")
     if rec['slice_last'] < rec['slice_first']: raise ValueError("Slice_range has last < first")
-    for name in ('slice_first', 'slice_last', 'width', 'height'):
-        if rec[name] != int(rec[name]): raise ValueError(f"{name} {rec[name]} is not an integer")
+    for name, col in (('slice_first', 'Slice_range'), ('slice_last', 'Slice_range'), ('width', 'Image_size'), ('height', 'Image_size')):
+        if rec[name] != int(rec[name]) or abs(rec[name]) > 1e9: raise ValueError(f"{col} {row[col].strip()!r}: {rec[name]:g} is not an integer slice index or size")
+    _check_values(rec)
     split = row['Train_Val_Test'].strip()
     if split not in ('1', '2', '3'): raise ValueError(f"Train_Val_Test {split!r} is unknown, expected 1, 2 or 3")
     rec['split'] = SPLITS[int(split)]
@@ -128,25 +184,46 @@ def read_dl_info(path: Path | str, root: Path | str | None = None, strict: bool 
     """
     path = Path(path)
     root = path.parent if root is None else Path(root)
-    records, bad = [], []
-    with open(path, newline='') as f:
-        reader = csv.reader(f)
-        header = tuple(h.strip() for h in next(reader, ()))
-        if header != COLUMNS:
-            missing = [c for c in COLUMNS if c not in header]
-            extra = [c for c in header if c not in COLUMNS]
-            raise ValueError(f"{path} line 1: header is not DeepLesion's 18 columns in order "
-                             f"(missing {missing}, unexpected {extra})")
-        for row in reader:
-            if not row: continue
-            try:
-                if len(row) != len(COLUMNS): raise ValueError(f"row has {len(row)} fields, expected {len(COLUMNS)}")
-                records.append({**_parse_row(dict(zip(COLUMNS, row)), root), 'line': reader.line_num})
-            except ValueError as e:
-                msg = f"{path} line {reader.line_num}: {e}"
-                if strict: raise ValueError(msg) from None
-                bad.append(msg)
+    records, bad, seen, repeated = [], [], {}, []
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:      # a BOM, as some editors write, is read past
+            reader = csv.reader(f)
+            header = tuple(h.strip() for h in _rows(reader, path))
+            if header != COLUMNS:
+                missing = [c for c in COLUMNS if c not in header]
+                extra = [c for c in header if c not in COLUMNS]
+                moved = [f"{c} at column {header.index(c) + 1}" for i, c in enumerate(COLUMNS) if c in header and header.index(c) != i]
+                raise ValueError(f"{path} line 1: header is not DeepLesion's 18 columns in order "
+                                 + (f"(missing {missing}, unexpected {extra})" if missing or extra or not moved else
+                                    f"(the right names in another order: {', '.join(moved[:4])}{' ...' if len(moved) > 4 else ''}; "
+                                    f"expected {', '.join(COLUMNS)})"))
+            while True:
+                try: row = next(reader, None)
+                except csv.Error as e:
+                    row, problem = [], f"{e} (a field longer than any DeepLesion field, or an unclosed quote)"
+                else: problem = None
+                if row is None: break
+                if not row and problem is None: continue
+                key = tuple(c.strip() for c in row)
+                if key in seen:                      # the same lesion twice: read once
+                    repeated.append((reader.line_num, seen[key]))
+                    continue
+                seen[key] = reader.line_num
+                try:
+                    if problem: raise ValueError(problem)
+                    if len(row) != len(COLUMNS): raise ValueError(f"row has {len(row)} fields, expected {len(COLUMNS)}")
+                    records.append({**_parse_row(dict(zip(COLUMNS, row)), root), 'line': reader.line_num})
+                except ValueError as e:
+                    msg = f"{path} line {reader.line_num}: {e}"
+                    if strict or problem: raise ValueError(msg) from None
+                    bad.append(msg)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected DL_info.csv as NIH ships it, "
+                         f"ASCII / UTF-8 (a UTF-16 or Latin-1 export must be saved as UTF-8)") from None
     if bad: warnings.warn(f"skipped {len(bad)} bad row(s) of {path}:\n" + '\n'.join(bad), stacklevel=2)
+    if repeated:
+        from .log import log
+        log.info(f"{path}: {len(repeated)} row(s) repeat an earlier row and were read once (line {repeated[0][0]} repeats line {repeated[0][1]})")
     df = pd.DataFrame.from_records(records)
     if df.empty: return df
     for c in _INT_COLUMNS: df[c] = df[c].astype('int64')
@@ -174,9 +251,17 @@ def open_png(path) -> Image.Image:
     if path.stat().st_size == 0: raise SliceFileError(path, f"empty file (0 bytes), {_EXPECTED}")
     try: im = Image.open(path)
     except UnidentifiedImageError: raise SliceFileError(path, f"not an image file (unreadable header), {_EXPECTED}") from None
+    except Image.DecompressionBombError as e:       # Pillow refuses before we can read the size: its message has it
+        raise SliceFileError(path, f"far larger than a CT slice ({e}); expected at most {MAX_SLICE_PX} x {MAX_SLICE_PX} px") from None
+    except (ValueError, OSError, SyntaxError) as e:  # a text chunk that inflates past Pillow's limit, a broken header
+        raise SliceFileError(path, f"unreadable PNG header ({e}), {_EXPECTED}") from None
     if im.mode not in _SLICE_MODES:
         im.close()
         raise SliceFileError(path, f"PNG mode {im.mode!r}, {_EXPECTED}")
+    if max(im.size) > MAX_SLICE_PX:
+        im.close()
+        raise SliceFileError(path, f"{im.size[0]} x {im.size[1]} px, larger than the {MAX_SLICE_PX} x {MAX_SLICE_PX} px read "
+                                   f"(DeepLesion's slices are 512 px, a few 768 or 1024)")
     return im
 
 
@@ -186,7 +271,9 @@ def load_hu(path: Path | str) -> np.ndarray:
     Raises `SliceFileError` (a `ValueError`) naming the file for one that is empty, not an image,
     truncated or corrupt, or not 16-bit single channel: such a file is not DeepLesion data.
     """
-    with open_png(path) as im:
+    open_png(path).close()                               # the header: size, mode, a bomb
+    raw = _checked_chunks(path)
+    with Image.open(io.BytesIO(raw)) as im:
         try: a = np.asarray(im)
         except (OSError, SyntaxError, ValueError) as e:   # truncated or corrupt pixel data
             raise SliceFileError(path, f"corrupt or truncated image data ({e}), {_EXPECTED}") from None
@@ -196,12 +283,29 @@ def load_hu(path: Path | str) -> np.ndarray:
 
 def check_png(path: Path | str) -> None:
     """Check a slice without decoding its pixels: header, mode, and every chunk's checksum through to the
-    end of the file (Pillow's `verify`). Catches empty, foreign, 8-bit / RGB and truncated files, as
+    end of the file (as Pillow's `verify` does, faster). Catches empty, foreign, 8-bit / RGB and truncated files, as
     `load_hu` would, at a fraction of the cost of decoding; raises `SliceFileError`."""
-    with open_png(path) as im:
-        try: im.verify()
-        except (OSError, SyntaxError, ValueError) as e:
-            raise SliceFileError(path, f"corrupt or truncated image data ({e}), {_EXPECTED}") from None
+    open_png(path).close()
+    _checked_chunks(path)
+
+
+def _checked_chunks(path) -> bytes:
+    """The bytes of the PNG at `path` once every chunk's CRC matches and the file reaches IEND: a flipped
+    bit in the pixel data can still inflate (Pillow checks those CRCs only in `verify`), and a copy cut
+    short at its end still decodes."""
+    raw = Path(path).read_bytes()
+    at = 8
+    while True:
+        if at + 12 > len(raw):
+            raise SliceFileError(path, f"corrupt or truncated image data (the file ends at byte {len(raw)} before its IEND chunk), {_EXPECTED}")
+        length, kind = int.from_bytes(raw[at:at + 4], 'big'), raw[at + 4:at + 8]
+        end = at + 8 + length
+        if end + 4 > len(raw):
+            raise SliceFileError(path, f"corrupt or truncated image data (chunk {kind!r} at byte {at} runs past the end), {_EXPECTED}")
+        if zlib.crc32(raw[at + 4:end]) != int.from_bytes(raw[end:end + 4], 'big'):
+            raise SliceFileError(path, f"corrupt or truncated image data (chunk {kind!r} at byte {at} fails its CRC), {_EXPECTED}")
+        if kind == b'IEND': return raw
+        at = end + 4
 
 
 def save_hu(path: Path | str, hu: np.ndarray, compress_level: int = 1) -> None:

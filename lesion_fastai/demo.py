@@ -11,6 +11,9 @@ with the time it took.
 """
 from __future__ import annotations
 
+from .log import hush_third_party
+hush_third_party(__name__)       # run as a command: quiet known third-party warnings before fastai loads
+
 import argparse
 import sys
 import time
@@ -21,6 +24,7 @@ from .files import atomic_write_text, write_json
 from .finetuning import finetune
 from .log import log
 from .pretraining import pretrain
+from .report import markdown_table, summary_report
 
 __all__ = ['main', 'BUDGET_S']
 
@@ -74,6 +78,7 @@ def _run(args):
     took, since = time.time() - t0, time.time() - (args.started or t0)
     write_json({'sandwich': sandwich, 'scratch': scratch, 'time_s': round(took, 1), 'since_make_demo_s': round(since, 1),
                 'budget_s': BUDGET_S}, args.out / 'summary.json')
+    _report(args.out, table, took, since if args.started else None)
     wrote = sorted(p.relative_to(args.out) for p in args.out.rglob('*') if p.is_file() and not p.name.startswith('.')
                    and 'models' not in p.parts)
     log.info(f"\n{table}\n\ndone in {took:.0f} s" + (f" ({since:.0f} s since make demo started)" if args.started else '')
@@ -81,6 +86,22 @@ def _run(args):
     if since > BUDGET_S:
         log.warning(f"warning: the demo took {since / 60:.1f} minutes, over its {BUDGET_S // 60}-minute budget "
                     f"(README, Demo, says what it takes on a 2-core CPU)")
+
+
+def _report(out: Path, table: str, took: float, since: float | None):
+    "runs/demo/report.html: the demo's table, each model's FROC curves and test slices; each run's own report.html has the rest."
+    header, rows = markdown_table(table)
+    figures = [(f'{name}: {what}', out / name / f, what) for name in ('sandwich', 'scratch')
+               for f, what in (('froc.png', 'validation and test FROC curves, the mean box, published points'),
+                               ('results.png', "the first test slices at the model's operating point"),
+                               ('errors.png', 'the worst misses and false positives among the test slices'))]
+    took_line = f"It took {took:.0f} s" + (f" ({since:.0f} s since make demo started)" if since is not None else '') + '.'
+    summary_report(out / 'report.html', 'lesion_fastai demo: the frozen sandwich and scratch',
+                   'The autoencoder pretrained on every training-patient slice (labels unused), then the frozen sandwich fine-tuned '
+                   f'from it and the same detector trained from scratch with the same budget, on the built-in synthetic data. {took_line}',
+                   tables=[('Test FROC (validation in brackets)', header, rows)],
+                   notes=[f'Each run has a report of its own, with its training curves, settings and data counts: '
+                          f'{out / "sandwich" / "report.html"} and {out / "scratch" / "report.html"}.'], figures=figures)
 
 
 if __name__ == '__main__':

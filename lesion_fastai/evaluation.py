@@ -10,16 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from .boxes import one_std_boxes, to_pixels
+from .boxes import one_std_boxes, protocol_iou, to_pixels
 from .cache import prepare_slices
 from .deeplesion import evaluation_records, load_data
-from .export import detector_settings, load_export
+from .export import detector_settings, is_safe, load_export, safe_learner
 from .files import check_out_folder, output_folder, write_csv, write_json
-from .froc import froc_curve
+from .froc import froc_curve, score_at_fp
+from .log import log
 from .metrics import Detections, evaluate_detections, froc_inputs, match_lesion, mean_box
 from .plots import plot_froc, plot_results
 
-__all__ = ['PREDICTION_COLUMNS', 'prediction_row', 'predict_detections', 'write_predictions', 'report', 'evaluate_export']
+__all__ = ['PREDICTION_COLUMNS', 'prediction_row', 'predict_detections', 'write_predictions', 'report', 'operating_point',
+           'slice_errors', 'evaluate_export']
 
 # predictions.csv: the evaluation's columns, as the reference evaluation code reads them (predict adds its own after them)
 PREDICTION_COLUMNS = ('File_name', 'x1', 'y1', 'x2', 'y2', 'score')
@@ -58,33 +60,92 @@ def report(learn, splits: dict, baseline: np.ndarray, out: Path, prefix: str = '
     """Evaluate the learner on each split of `splits` ({'valid': records, 'test': records}, already
     filtered by DeepLesion's protocol) beside the `baseline` mean box; write `<prefix>predictions.csv`
     (test; `<prefix>predictions_valid.csv` for validation), `<prefix>froc.png` and, for the test split,
-    `<prefix>results.png`. Returns the metrics of each split."""
+    `<prefix>results.png` (its first slices) and `<prefix>errors.png` (its worst misses and false
+    positives). With a validation split, the model's operating point is set first (`operating_point`):
+    the threshold of the figures' boxes. Returns the metrics of each split."""
     results, curves = {}, {}
-    for name, recs in splits.items():
+    _, decoding = detector_settings(learn)
+    for name in sorted(splits, key=lambda k: k != 'valid'):           # validation first: it sets the operating point
+        recs = splits[name]
         if not recs: continue
         dets, images = predict_detections(learn, recs)
         results[name] = evaluate_detections(dets, recs, baseline)
         write_predictions(out / f"{prefix}predictions{'' if name == 'test' else '_' + name}.csv", dets, recs)
-        curves[name] = froc_curve(*froc_inputs(dets, recs))[:2]
-        if name == 'test': _results_figure(recs, dets, images, out / f'{prefix}results.png', n_figure)
+        fps, sens, scores = froc_curve(*froc_inputs(dets, recs))
+        curves[name] = fps, sens
+        if name == 'valid': results[name]['operating_point'] = operating_point(decoding, fps, sens, scores)
+        if name == 'test':
+            threshold, why = decoding.shown_above()
+            drawn = _results_figure(recs, dets, images, out / f'{prefix}results.png', n_figure, threshold)
+            _errors_figure(learn, recs, dets, out / f'{prefix}errors.png', threshold, n_figure)
+            log.info(f"{prefix}results.png: {drawn} box(es) drawn at score >= {threshold:.3f} ({why}); the top box of each slice always, "
+                     f"dashed where it scores less")
     last = 'test' if 'test' in results else next(iter(results))
-    plot_froc(curves, {k: v['froc'] for k, v in results.items()}, results[last]['mean_box_baseline']['froc'], out / f'{prefix}froc.png')
+    plot_froc({k: curves[k] for k in splits if k in curves}, {k: results[k]['froc'] for k in splits if k in results},
+              results[last]['mean_box_baseline']['froc'], out / f'{prefix}froc.png')
     return results
 
 
-def _results_figure(records, dets: Detections, images, path, n, min_score: float = .3, max_boxes: int = 5):
-    """Test slices: ground truth green; up to `max_boxes` predicted boxes scoring at least `min_score`
-    yellow with their scores (the top box always); for the Gaussian head the top box's one-std range
-    dashed."""
+def operating_point(decoding, fps, sens, scores, fp: float = 1.) -> dict:
+    """Set `decoding.operating_score` to the score at which the validation curve (`froc_curve`'s FPs per
+    slice, sensitivity, scores) reaches `fp` false positives per slice; returns it with the
+    sensitivity there."""
+    score = score_at_fp(fps, scores, fp)
+    decoding.operating_score, decoding.operating_fp = score, fp
+    at = np.flatnonzero(np.asarray(scores) >= score)
+    return {'score': score, 'fp_per_slice': fp, 'sensitivity': float(sens[at[-1]]) if len(at) else 0.,
+            'fp_per_slice_reached': float(fps[at[-1]]) if len(at) else 0.}
+
+
+def _results_figure(records, dets: Detections, images, path, n, threshold: float, max_boxes: int = 5) -> int:
+    """Test slices: ground truth green; up to `max_boxes` predicted boxes scoring at least `threshold`
+    yellow with their scores, and the top box always (dashed where it scores less); for the Gaussian
+    head the top box's one-std range dashed. Returns how many boxes were drawn."""
     n = min(n, len(images))
     H, W = images.shape[-2:]
     scale = np.array([W, H, W, H])
-    shown = [(s >= min_score) | (np.arange(len(s)) == 0) for s in dets.scores[:n]]          # the top box always
+    shown = [(s >= threshold) | (np.arange(len(s)) == 0) for s in dets.scores[:n]]          # the top box always
     keep = [(b[m][:max_boxes], s[m][:max_boxes]) for b, s, m in zip(dets.boxes[:n], dets.scores[:n], shown)]
     ious = [match_lesion(to_pixels(dets.boxes[i, 0], r.width, r.height), r)[1] for i, r in enumerate(records[:n])]
     margins = None if dets.sd is None else [one_std_boxes(dets.boxes[i, 0], dets.sd[i, 0]) * scale for i in range(n)]
-    return plot_results(images[:n], records[:n], [b * scale for b, _ in keep], path, pred_scores=[s for _, s in keep],
-                        pred_margins=margins, ious=ious)
+    plot_results(images[:n], records[:n], [b * scale for b, _ in keep], path, pred_scores=[s for _, s in keep],
+                 pred_margins=margins, ious=ious, threshold=threshold)
+    return sum(len(b) for b, _ in keep)
+
+
+def slice_errors(dets: Detections, records, threshold: float, n: int = 4) -> tuple[list, list]:
+    """The test slices of the worst misses and false positives at `threshold`: (slice index, lesion
+    index, its best overlapping box's score) of lesions no box at the threshold finds at IoU >= 0.5,
+    the least covered first; (slice index, box index, score) of boxes at the threshold overlapping no
+    lesion at IoU >= 0.5, the highest-scoring first. At most `n` of each, one per slice."""
+    import torch
+    misses, false_pos = [], []
+    for i, ((boxes, scores), r) in enumerate(zip(dets.in_pixels(records), records)):
+        iou = protocol_iou(torch.tensor(boxes, dtype=torch.float64), torch.tensor(r.boxes, dtype=torch.float64)).numpy()
+        above = scores >= threshold
+        for j in range(len(r.boxes)):
+            if not (iou[above, j] >= .5).any(): misses.append((i, j, float(scores[iou[:, j] >= .5].max(initial=0))))
+        for k in np.flatnonzero(above):
+            if iou[k].max(initial=0) < .5: false_pos.append((i, int(k), float(scores[k])))
+    first = lambda items: list({t[0]: t for t in items[::-1]}.values())[::-1]        # one per slice, keeping the order
+    return first(sorted(misses, key=lambda t: t[2]))[:n], first(sorted(false_pos, key=lambda t: -t[2]))[:n]
+
+
+def _errors_figure(learn, records, dets: Detections, path, threshold: float, n: int):
+    "The worst misses and false positives (`slice_errors`) drawn as `results.png` draws slices, each titled with its error."
+    from .data import CTSlice
+    misses, false_pos = slice_errors(dets, records, threshold, max(1, n // 2))
+    chosen = [(i, f'missed a lesion (its best box scores {s:.2f})') for i, _, s in misses] + \
+             [(i, f'false positive scoring {s:.2f}') for i, _, s in false_pos]
+    if not chosen: return plot_results(np.zeros((0, 1, 1)), [], [], path, titles=[], threshold=threshold)
+    spec, _ = detector_settings(learn)
+    recs = [records[i] for i, _ in chosen]
+    images = CTSlice(spec).batch(recs)[:, 0].numpy()
+    scale = np.array([images.shape[-1], images.shape[-2]] * 2)
+    keep = [(dets.boxes[i][(dets.scores[i] >= threshold) | (np.arange(dets.scores.shape[1]) == 0)][:5],
+             dets.scores[i][(dets.scores[i] >= threshold) | (np.arange(dets.scores.shape[1]) == 0)][:5]) for i, _ in chosen]
+    return plot_results(images, recs, [b * scale for b, _ in keep], path, pred_scores=[s for _, s in keep],
+                        titles=[why for _, why in chosen], threshold=threshold)
 
 
 def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | None = None) -> dict:
@@ -93,12 +154,13 @@ def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | 
     `eval_metrics.json`, `eval_predictions.csv`, `eval_froc.png` and `eval_results.png`. Checks the
     output folder and every test slice before evaluating."""
     model_path = Path(model_path)
-    if not model_path.is_file(): raise FileNotFoundError(f"--eval {model_path}: no such exported model")
-    out = check_out_folder(Path(out) if out else model_path.parent)
+    if not model_path.exists(): raise FileNotFoundError(f"--eval {model_path}: no such exported model")
+    out = check_out_folder(Path(out) if out else (model_path if model_path.is_dir() else model_path.parent))
     _, records = load_data(data)
     test = evaluation_records(records, 'test')
     if not test: raise ValueError(f"{data}: no test slices (Train_Val_Test = 3) with a lesion not Possibly_noisy")
-    learn = load_export(model_path, cpu=not torch.cuda.is_available(), flag='--eval')
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    learn = safe_learner(model_path, test, device) if is_safe(model_path) else load_export(model_path, cpu=device == 'cpu', flag='--eval')
     spec, _ = detector_settings(learn)                # the preprocessing the model was trained with
     prepare_slices('none', test, spec)
     info = getattr(learn, 'train_info', None)
@@ -108,4 +170,8 @@ def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | 
         results = report(learn, {'test': test}, baseline, out, prefix='eval_')
         metrics = {'test': results['test'], 'model': str(model_path), 'mean_box_source': source}
         write_json(metrics, out / 'eval_metrics.json')
+        from .report import run_report
+        run_report(out, metrics, prefix='eval_', title=f'lesion_fastai --eval of {model_path}')
+    log.info(f"wrote {out / 'eval_metrics.json'}, eval_predictions.csv, eval_froc.png, eval_results.png, eval_errors.png and "
+             f"eval_report.html in {out}")
     return metrics

@@ -1,7 +1,14 @@
 """A trained detector as a file, written by every `finetune` run and read by `finetune --eval`,
-`lesion_fastai.predict` and users: fastai's `export.pkl` (the whole `Learner`, for `load_learner`),
-written atomically, read back with errors that name the file, and the settings a user of the model
-needs from it (how slices are prepared, how its maps are decoded).
+`lesion_fastai.predict` and users, in two forms:
+
+* `export.pkl`, fastai's (the whole `Learner`, for `load_learner`): a pickle, so loading one runs
+  whatever code it holds. Load only your own.
+* `model.safetensors` + `model.json`, the safe one to share: the weights as plain tensors and, as
+  JSON, what rebuilds the detector around them (its construction arguments, windows, context, size,
+  decoding and operating point, the mean box it was trained beside). `load_detector` reads it
+  without unpickling anything; `predict` and `--eval` take either form.
+
+Both are written atomically and read back with errors that name the file.
 """
 from __future__ import annotations
 
@@ -11,7 +18,10 @@ from fastai.learner import Learner, load_learner
 
 from .files import atomic_path
 
-__all__ = ['save_export', 'load_export', 'detector_settings']
+__all__ = ['save_export', 'load_export', 'detector_settings', 'save_safe', 'load_detector', 'is_safe', 'safe_learner',
+           'SAFE_WEIGHTS', 'SAFE_SETTINGS']
+
+SAFE_WEIGHTS, SAFE_SETTINGS, SAFE_FORMAT = 'model.safetensors', 'model.json', 'lesion_fastai detector'
 
 
 def save_export(learn, path: Path | str) -> Path:
@@ -42,3 +52,69 @@ def detector_settings(learn):
     "(`SliceSpec`, `Decoding`) of a detector's learner: how it prepares slices, how it decodes its maps."
     from .data import slice_transform
     return slice_transform(learn.dls).spec, learn.model.decoding
+
+
+def save_safe(learn, folder: Path | str) -> tuple[Path, Path]:
+    "`folder/model.safetensors` and `folder/model.json` of a trained detector's learner (module docstring)."
+    from dataclasses import asdict
+    from safetensors.torch import save_file
+    from .files import write_json
+    folder = Path(folder)
+    spec, decoding = detector_settings(learn)
+    model = learn.model
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / SAFE_WEIGHTS) as tmp: save_file(weights, str(tmp), metadata={'format': SAFE_FORMAT})
+    settings = {'format': SAFE_FORMAT, 'version': 1, 'detector': model.init_args, 'spec': asdict(spec),
+                'target': getattr(learn.loss_func, 'target', 'points'), 'decoding': asdict(decoding),
+                'train_info': getattr(learn, 'train_info', None)}
+    return folder / SAFE_WEIGHTS, write_json(settings, folder / SAFE_SETTINGS)
+
+
+def is_safe(path: Path | str) -> bool:
+    "Whether `path` names the safe form: its `.safetensors`, its `.json`, or a folder holding both."
+    path = Path(path)
+    return path.suffix in ('.safetensors', '.json') or (path.is_dir() and (path / SAFE_WEIGHTS).is_file())
+
+
+def load_detector(path: Path | str, device: str = 'cpu'):
+    """(detector in eval mode, `SliceSpec`, settings dict) from the safe form at `path` (the
+    `.safetensors`, the `.json` beside it, or their folder), unpickling nothing; errors name the file."""
+    import json
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from .data import SliceSpec
+    from .heatmap import Decoding
+    from .models.detector import Detector
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    weights, settings_file = folder / (path.name if path.suffix == '.safetensors' else SAFE_WEIGHTS), folder / SAFE_SETTINGS
+    if path.suffix == '.json': settings_file = path
+    for f in (weights, settings_file):
+        if not f.is_file(): raise FileNotFoundError(f"{f}: missing; the safe model is {SAFE_WEIGHTS} and {SAFE_SETTINGS} side by side")
+    try: settings = json.loads(settings_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{settings_file}: not JSON ({e})") from None
+    if not isinstance(settings, dict) or settings.get('format') != SAFE_FORMAT:
+        raise ValueError(f"{settings_file}: not the settings of a lesion_fastai detector (expected format {SAFE_FORMAT!r})")
+    try:
+        model = Detector(**settings['detector'], decoding=Decoding(**settings['decoding']))
+        state = load_file(str(weights), device='cpu')
+        model.load_state_dict(state)
+    except (SafetensorError, OSError) as e: raise ValueError(f"{weights}: not a safetensors file ({e})") from None
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{weights} does not fit {settings_file} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return model.to(device).eval(), SliceSpec(**settings['spec']), settings
+
+
+def safe_learner(path: Path | str, records, device: str = 'cpu') -> Learner:
+    """A fastai `Learner` around the safe model at `path`, its DataLoaders over `records` (scored as
+    validation slices), for the evaluation code that takes a learner; `train_info` as stored."""
+    import dataclasses
+    from .data import detection_dls
+    from .losses import DetectionLoss
+    model, spec, settings = load_detector(path, device)
+    target = settings.get('target', 'points')
+    items = [dataclasses.replace(records[0], split='train')] + [dataclasses.replace(r, split='val') for r in records]   # fastai sets up on a training item
+    dls = detection_dls(items, spec, target, bs=16, augment=False, device=device)
+    learn = Learner(dls, model, loss_func=DetectionLoss(target=target, decoding=model.decoding))
+    learn.train_info = settings.get('train_info')
+    return learn

@@ -16,7 +16,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ['atomic_path', 'atomic_write_text', 'write_json', 'write_csv', 'remove_stale_temps', 'check_out_folder', 'output_folder']
+__all__ = ['atomic_path', 'atomic_write_text', 'write_json', 'write_csv', 'remove_stale_temps', 'check_out_folder', 'output_folder',
+           'PidLock', 'LockedError', 'DiskFullError']
 
 _TEMP_RE = re.compile(r'^\..+\.(\d+)\.tmp$')
 
@@ -31,8 +32,27 @@ def atomic_path(path: Path | str):
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if not _disk_full(e, path.parent): raise
+        if tmp.exists(): tmp.unlink()
+        free = shutil.disk_usage(path.parent).free
+        raise DiskFullError(f"{path}: the disk is full ({free / 1e6:.1f} MB free in {path.parent}), so it was not written; the files "
+                            f"written before it are intact (an interrupted run continues from its last.pth with --resume once there "
+                            f"is space)") from None
     finally:
         if tmp.exists(): tmp.unlink()
+
+
+class DiskFullError(ValueError):
+    "A file could not be written for want of space; the message names it."
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    """ENOSPC / EDQUOT, or a writer that says less (torch's zip writer raises a RuntimeError from
+    inline_container.cc) on a disk with less than 1 MB left for this user."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT): return True
+    try: return shutil.disk_usage(folder).free < 2 ** 20
+    except OSError: return False
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
@@ -77,6 +97,58 @@ def remove_stale_temps(folder: Path | str, recursive: bool = True) -> list[Path]
     return removed
 
 
+class LockedError(ValueError):
+    "Another live process holds the lock; `pid` is its process id."
+    def __init__(self, message: str, pid: int):
+        super().__init__(message)
+        self.pid = pid
+
+
+def _lock_owner(path: Path) -> int | None:
+    try: return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError): return None
+
+
+class PidLock:
+    """The lock file `path`, holding its owner's pid, taken with `acquire` (or `with`). A lock whose
+    owner no longer runs (a killed process) is stale and taken over. Held by a live process: `acquire`
+    raises `LockedError` naming `what` and the pid, or with `wait`, waits until it is released."""
+
+    def __init__(self, path: Path | str, what: str, wait: bool = False, poll_s: float = 1.):
+        self.path, self.what, self.wait, self.poll_s = Path(path), what, wait, poll_s
+
+    def acquire(self) -> 'PidLock':
+        import time
+        said = False
+        while True:
+            try: fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _lock_owner(self.path)
+                if owner is None:                        # being written this instant, or garbage: look again
+                    time.sleep(.05)
+                    if _lock_owner(self.path) is None: self.path.unlink(missing_ok=True)
+                    continue
+                if not _alive(owner):                    # stale: its process is gone
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if not self.wait: raise LockedError(f"{self.what} is in use by another process (pid {owner}, lock {self.path})", owner) from None
+                if not said:
+                    from .log import log
+                    log.info(f"waiting for process {owner}, which holds {self.path} ({self.what})")
+                    said = True
+                time.sleep(self.poll_s)
+                continue
+            with os.fdopen(fd, 'w') as f: f.write(f'{os.getpid()}\n')
+            return self
+
+    def release(self) -> None:
+        if _lock_owner(self.path) == os.getpid(): self.path.unlink(missing_ok=True)
+
+    def __enter__(self): return self.acquire()
+
+    def __exit__(self, *exc): self.release()
+
+
 def check_out_folder(out: Path | str, flag: str = '--out') -> Path:
     """Fail before any work when `out` cannot be a writable output folder: an existing file, a path
     below a file, or a folder (or the nearest existing parent) this process cannot write to."""
@@ -106,15 +178,23 @@ def output_folder(out: Path | str, keep_if: str = 'last.pth'):
     """Create `out` for a run. If the run fails and this call created the folder, the folder is removed
     unless it holds `keep_if` (a resume state: a run that finished epochs keeps what `--resume` needs),
     so a run that fails before training leaves nothing behind. Stale temp files of killed runs in it
-    are removed first."""
+    are removed first. While the run writes, it holds `OUT/.run.lock`: a second run given the same
+    folder at the same time is refused with a `LockedError` and touches nothing of the first's."""
     out = Path(out)
     top = None                                   # the outermost folder this call creates, if any
     for p in (out, *out.parents):
         if p.exists(): break
         top = p
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    try: yield out
+    lock = PidLock(out / '.run.lock', f"--out {out}")
+    try: lock.acquire()
+    except LockedError as e:                      # another run writes there: its folder is left alone
+        raise LockedError(f"--out {out} is being written by another run (pid {e.pid}): wait for it to finish, "
+                          f"or give this run another --out", e.pid) from None
+    try:
+        remove_stale_temps(out)
+        yield out
     except BaseException:
         if top is not None and not (out / keep_if).exists(): shutil.rmtree(top, ignore_errors=True)
         raise
+    finally: lock.release()

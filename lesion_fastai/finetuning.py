@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
@@ -25,15 +26,17 @@ from .config import FinetuneConfig, RunConfig, resolve_context
 from .data import SliceSpec, detection_dls, select_patients
 from .deeplesion import evaluation_records, load_data
 from .evaluation import report
-from .export import save_export
+from .export import save_export, save_safe
 from .files import check_out_folder, write_json
-from .fit import back_to_fp32, check_batches, check_precision, fit_resumable, loader_kwargs, native_size, run_folder, seed_rank, speed_up
+from .fit import (back_to_fp32, check_batches, check_precision, check_resume, fit_resumable, loader_kwargs, native_size, run_folder,
+                  save_run_settings, seed_rank, speed_up)
 from .freeze import apply_freeze, detector_splitter, freeze_callbacks, lr_for, parameter_counts
 from .heatmap import Decoding
 from .log import log
 from .losses import DetectionLoss
 from .metrics import ValidFROC, mean_box, summary_line
 from .models.detector import Detector
+from .report import run_report
 
 __all__ = ['resolve_settings', 'finetune']
 
@@ -114,6 +117,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
     fastai callbacks for the fit (a hyperparameter search's pruning callback, say)."""
     t0 = time.time()
     out = check_out_folder(cfg.out)
+    check_resume(cfg, out)
     check_precision(cfg.precision)
     distributed.setup()
     decoding = Decoding(cfg.keep, cfg.nms_iou)
@@ -124,8 +128,9 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
     train_all = evaluation_records(records, 'train')
     train = select_patients(train_all, cfg.label_fraction, cfg.seed)
     valid, test = evaluation_records(records, 'val'), evaluation_records(records, 'test')
-    if not train or not valid:
-        raise ValueError(f"{cfg.data}: needs train (Train_Val_Test 1) and validation (2) slices, with lesions not all Possibly_noisy")
+    if not train or not valid or not test:
+        raise ValueError(f"{Path(cfg.data) / 'DL_info.csv'}: needs train (Train_Val_Test 1), validation (2) and test (3) slices with "
+                         f"lesions not all Possibly_noisy; it has {len(train)}, {len(valid)} and {len(test)}")
     extra = unlabelled_targets(cfg, train, records)
     epoch_items = epoch_of(train, extra, len(train_all) if cfg.same_epoch_length else None, cfg.seed)
     check_batches(len(epoch_items), cfg.bs, f"--label-fraction {cfg.label_fraction:g} leaves {len({r.patient for r in train})} patient(s)",
@@ -138,6 +143,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
     needed = records + extra if cfg.cache == 'disk' else epoch_items + valid + test
     cache = prepare_slices(cfg.cache, needed, spec, cfg.cache_dir, max(1, cfg.num_workers))
     with run_folder(out):
+        if distributed.is_main(): save_run_settings(cfg, out)
         set_seed(cfg.seed, reproducible=True)
         dls = detection_dls(epoch_items + valid, spec, cfg.target, cfg.bs, cfg.augment, cfg.num_workers, cfg.seed, cache=cache,
                             **loader_kwargs())
@@ -172,9 +178,11 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         learn.train_info = {'mean_box': baseline.tolist(), 'train_slices': len(train), 'label_fraction': cfg.label_fraction,
                             'seed': cfg.seed, 'data': str(cfg.data)}
         save_export(learn, out / 'export.pkl')
+        save_safe(learn, out)            # model.safetensors + model.json: the form to share, loaded without unpickling
         metrics = {**results, 'mean_box': baseline.tolist(), 'parameters': counts, 'train_slices': len(train),
                    'slices_per_epoch': len(dls.train_ds),
                    'train_patients': len({r.patient for r in train}), 'config': config, 'time_s': round(time.time() - t0, 1)}
         write_json(metrics, out / 'metrics.json')
-    if 'test' in results: log.info(f"test: {summary_line(results['test'])}; wrote {out}")
+        run_report(out, metrics)
+    if 'test' in results: log.info(f"test: {summary_line(results['test'])}; wrote {out} (open {out / 'report.html'})")
     return metrics

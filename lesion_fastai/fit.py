@@ -20,7 +20,7 @@ from .files import output_folder
 from .log import log, speaking
 
 __all__ = ['fit_resumable', 'check_batches', 'native_size', 'cpu_has_bf16', 'check_precision', 'resolved_precision', 'CPUBFloat16',
-           'speed_up', 'back_to_fp32', 'run_folder',
+           'speed_up', 'back_to_fp32', 'run_folder', 'check_resume', 'save_run_settings',
            'seed_rank', 'loader_kwargs']
 
 
@@ -29,6 +29,44 @@ def check_batches(n_items: int, bs: int, what: str, hint: str) -> None:
     if n_items < bs:
         raise ValueError(f"{what}: {n_items} training slice(s), fewer than --bs {bs}, so an epoch would have no batch "
                          f"and nothing would train; use --bs {max(1, n_items)} or less{hint}")
+
+
+# settings a resumed run may change: where slices come from and how fast, not what is trained
+RESUME_FREE = ('resume', 'out', 'num_workers', 'cache', 'cache_dir')
+RUN_CONFIG = 'run_config.json'
+
+
+def _run_settings(cfg) -> dict:
+    from dataclasses import asdict
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+    if settings.get('data') is not None: settings['data'] = str(Path(settings['data']).resolve())
+    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in settings.items()}
+
+
+def check_resume(cfg, out: Path) -> None:
+    """Before a `--resume` run touches anything: its resume state must load, and its settings must be
+    those the run it continues started with (`OUT/run_config.json`); each disagreeing flag is named."""
+    state, saved = Path(out) / 'last.pth', Path(out) / RUN_CONFIG
+    if not cfg.resume or not state.exists(): return
+    try: epoch = torch.load(state, map_location='cpu', weights_only=False)['epoch']
+    except Exception as e:
+        why = (str(e).splitlines() or ['no message'])[0].split('. ')[0][:160]
+        raise ValueError(f"--resume: {state} cannot be read ({type(e).__name__}: {why}), "
+                         f"so the run cannot continue; start it over without --resume (or in another --out)") from None
+    if not saved.exists(): return                 # a run from before run_config.json: nothing to compare
+    import json
+    before, now = json.loads(saved.read_text()), _run_settings(cfg)
+    changed = [f"--{k.replace('_', '-')} {now.get(k)!r} (the run has {before.get(k)!r})" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"--resume: {out} was started with other settings than these, after {epoch + 1} epoch(s): "
+                         + '; '.join(changed) + ". Resume with the run's settings, or start a new run in another --out")
+
+
+def save_run_settings(cfg, out: Path) -> None:
+    "What `check_resume` compares a later `--resume` with (a resumed run keeps the file it started with)."
+    from .files import write_json
+    if not (cfg.resume and (Path(out) / RUN_CONFIG).exists()): write_json(_run_settings(cfg), Path(out) / RUN_CONFIG)
 
 
 def native_size(records) -> int:

@@ -20,7 +20,7 @@ from scipy.interpolate import interp1d
 
 from .boxes import protocol_iou
 
-__all__ = ['FP_RATES', 'SELECTION_RATES', 'PUBLISHED', 'froc_curve', 'sensitivity_at', 'froc']
+__all__ = ['FP_RATES', 'SELECTION_RATES', 'PUBLISHED', 'froc_curve', 'sensitivity_at', 'score_at_fp', 'froc']
 
 FP_RATES = (0.5, 1, 2, 4, 8, 16)
 SELECTION_RATES = (0.5, 1, 2, 4)
@@ -76,6 +76,15 @@ def sensitivity_at(fp_per_slice: np.ndarray, sensitivity: np.ndarray, rates=FP_R
     read = interp1d(fp, sens, kind='linear', assume_sorted=True, fill_value='extrapolate')
     with np.errstate(divide='ignore', invalid='ignore'): inside = read(rates)     # beyond the end: not used
     return np.where(rates > fp[-1], sens[-1], inside).astype(np.float64)
+
+
+def score_at_fp(fp_per_slice: np.ndarray, scores: np.ndarray, fp: float) -> float:
+    """The lowest score at which a detector makes at most `fp` false positives per slice, from its FROC
+    curve (`froc_curve`'s FPs per slice and scores, in score order): its boxes scoring at least this,
+    on slices like these, make about `fp` false positives each (the highest score if even its best
+    box is a false positive too many; 1 without boxes)."""
+    within = np.flatnonzero(np.asarray(fp_per_slice) <= fp)
+    return float(scores[within[-1]]) if len(within) else float(scores[0]) if len(scores) else 1.
 
 
 def froc(pred_boxes, pred_scores, gt_boxes, rates=FP_RATES) -> dict:

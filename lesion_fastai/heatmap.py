@@ -25,6 +25,7 @@ TTF_ALPHA = .54
 # What a detector keeps per slice for evaluation, as MULAN does: at most 50 boxes, score at least 0.05.
 # Peaks of the heatmap are already one per 3x3 cells; NMS is off unless asked for.
 KEEP, MIN_SCORE, NMS_IOU = 50, .05, None
+DRAWN_SCORE = .3   # the threshold of drawn boxes for a model without an operating point
 
 
 def centre_cells(boxes: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +111,25 @@ def detections(out, k: int = KEEP, nms_iou: float | None = None, min_score: floa
 class Decoding:
     """How a detector's maps become scored boxes, carried by the model (`Detector.decoding`) into its
     export: `k` boxes per slice, optional NMS at `nms_iou`, boxes under `min_score` dropped for
-    evaluation (`min_score` 0 in `decode(..., all_k=True)`: every kept peak, as `learn.predict` gives)."""
+    evaluation (`min_score` 0 in `decode(..., all_k=True)`: every kept peak, as `learn.predict` gives).
+    `operating_score` is the score at which the model made `operating_fp` false positives per
+    validation slice (set by `finetune`): the default threshold of every figure and overlay of boxes."""
     k: int = KEEP
     nms_iou: float | None = NMS_IOU
     min_score: float = MIN_SCORE
+    operating_score: float | None = None
+    operating_fp: float = 1.
+
+    def shown_above(self, min_score: float | None = None) -> tuple[float, str]:
+        "The threshold boxes are drawn at, and where it comes from: `min_score` if given, else the operating point."
+        if min_score is not None: return float(min_score), 'as asked'
+        if self.operating_score is not None:
+            return self.operating_score, (f"the model's operating point: {self.operating_fp:g} false positive"
+                                          f"{'' if self.operating_fp == 1 else 's'} per validation slice")
+        return DRAWN_SCORE, 'the model has no operating point (exported before it had one)'
+
+    def __setstate__(self, state):  # exports written before the operating point kept none
+        self.__dict__.update({'operating_score': None, 'operating_fp': 1., **state})
 
     def __call__(self, out, all_k: bool = False):
         "`detections` of a head's output with these settings."

@@ -13,7 +13,7 @@ import logging
 import sys
 from contextlib import contextmanager
 
-__all__ = ['log', 'progress', 'quiet', 'speaking']
+__all__ = ['log', 'progress', 'quiet', 'speaking', 'hush_third_party', 'THIRD_PARTY_NOISE']
 
 log = logging.getLogger('lesion_fastai')
 
@@ -61,9 +61,34 @@ def quiet():
 
 
 def progress(items, comment: str = '', total: int | None = None):
-    "`items` with a fastprogress bar, while this process speaks; `items` itself otherwise."
+    """`items` with a fastprogress bar, while this process speaks; `items` itself otherwise. In a
+    console the finished bar ends its line, so the next message starts on a line of its own."""
     if not speaking(): return items
-    from fastprogress.fastprogress import progress_bar
+    from fastprogress.fastprogress import ConsoleProgressBar, progress_bar
     bar = progress_bar(items, total=total)
     if comment: bar.comment = comment
-    return bar
+    return _ending_line(bar) if isinstance(bar, ConsoleProgressBar) else bar
+
+
+def _ending_line(bar):
+    try: yield from bar
+    finally: print(flush=True)
+
+
+# (category, message pattern) of the warnings third-party code prints on every command, which say
+# nothing a user of this package can act on: fastai 2.8 scripting activations with torch.jit.script,
+# fastai reading `numpy.core`, fastai's tensors' `__array__` as matplotlib calls it, fastai's tabular
+# module setting a pandas option pandas 3 deprecated.
+THIRD_PARTY_NOISE = [(FutureWarning, r'`torch\.jit\.script` is deprecated'),
+                     (DeprecationWarning, r'numpy\.core is deprecated'),
+                     (DeprecationWarning, r"__array__ implementation doesn't accept a copy keyword"),
+                     (Warning, r"The 'mode\.chained_assignment' option is deprecated"),
+                     (Warning, r'IProgress not found')]       # tqdm in a notebook without ipywidgets (fastai's own bars still show)
+
+
+def hush_third_party(name: str = '__main__'):
+    """Filter `THIRD_PARTY_NOISE`, when `name` (the caller's `__name__`) is `'__main__'`: each entry
+    point calls it first thing, before fastai is imported; tests and library use keep every warning."""
+    if name != '__main__': return
+    import warnings
+    for category, message in THIRD_PARTY_NOISE: warnings.filterwarnings('ignore', message=message, category=category)

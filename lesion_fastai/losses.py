@@ -131,7 +131,7 @@ class DetectionLoss:
         boxes, scores, _ = self.decoding(out, all_k=True)
         b = boxes * 2 - 1
         b = TensorPoint(b.reshape(len(b), -1, 2)) if self.target == 'points' else TensorBBox(b)
-        return b, TensorScore(scores)
+        return b, TensorScore(scores, operating_score=getattr(self.decoding, 'operating_score', None))      # show_results' threshold
 
     def __setstate__(self, state):  # exports written before the decoding travelled with the model kept k and nms_iou here
         if 'decoding' not in state: state['decoding'] = Decoding(state.pop('k', Decoding.k), state.pop('nms_iou', None))

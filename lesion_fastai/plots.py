@@ -50,27 +50,33 @@ def plot_slices(records, path: Path | str, win=WINDOWS['soft'], ncols=4) -> Path
     return save_fig(fig, path)
 
 
-def plot_results(images, records, pred_boxes, path: Path | str, pred_scores=None, pred_margins=None, ious=None, ncols=4) -> Path:
+def plot_results(images, records, pred_boxes, path: Path | str, pred_scores=None, pred_margins=None, ious=None, ncols=4,
+                 threshold: float | None = None, titles=None) -> Path:
     """Slices with ground truth (all lesions, green) and the predicted boxes (yellow, each with its score
-    when `pred_scores` is given). `images` [n, H, W] in [0, 1]; `pred_boxes[i]` [k, 4] in pixels of those
+    when `pred_scores` is given; dashed where a box scores under `threshold`: the top box is drawn
+    whatever it scores). `images` [n, H, W] in [0, 1]; `pred_boxes[i]` [k, 4] in pixels of those
     images, best first. With `pred_margins` (Gaussian head: per slice [2, 4], the smallest and largest
-    box within one std of the top box, `boxes.one_std_boxes`, in pixels) dashed yellow boxes mark the
-    one-std range around it."""
-    fig, axs = _grid(len(records), ncols)
+    box within one std of the top box, `boxes.one_std_boxes`, in pixels) thin dashed yellow boxes mark
+    the one-std range around it. `titles` replace the series names as panel titles."""
+    fig, axs = _grid(max(1, len(records)), ncols)
     for i, (ax, r) in enumerate(zip(axs, records)):
         img = images[i]
         ax.imshow(img, cmap='bone', vmin=0, vmax=1)
         sx, sy = img.shape[1] / r.width, img.shape[0] / r.height
         for b in r.boxes: draw_box(ax, b * np.array([sx, sy, sx, sy]), GT_COLOR)
         for j, b in enumerate(np.asarray(pred_boxes[i]).reshape(-1, 4)):
-            draw_box(ax, b, PRED_COLOR)
-            if pred_scores is not None: ax.text(b[0], b[1] - 1, f'{pred_scores[i][j]:.2f}', color=PRED_COLOR, fontsize=6)
+            score = None if pred_scores is None else float(pred_scores[i][j])
+            below = threshold is not None and score is not None and score < threshold
+            draw_box(ax, b, PRED_COLOR, ls='--' if below else '-')
+            if score is not None: ax.text(b[0], b[1] - 1, f'{score:.2f}' + (' (below)' if below else ''), color=PRED_COLOR, fontsize=6)
         if pred_margins is not None:
-            for b in pred_margins[i]: draw_box(ax, b, PRED_COLOR, lw=.8, ls='--')
-        title = Path(r.image_path).parent.name
+            for b in pred_margins[i]: draw_box(ax, b, PRED_COLOR, lw=.8, ls=':')
+        title = titles[i] if titles is not None else Path(r.image_path).parent.name
         if ious is not None: title += f'  top box IoU {ious[i]:.2f}'
         ax.set_title(title, fontsize=7)
-    fig.suptitle('ground truth green, predictions yellow (score)', fontsize=9)
+    if not records: axs[0].text(.5, .5, 'none', ha='center', va='center', transform=axs[0].transAxes)
+    shown = f'boxes scoring at least {threshold:.2f}; the top box always, dashed below that' if threshold is not None else 'predictions'
+    fig.suptitle(f'ground truth green, {shown} yellow (score)', fontsize=9)
     return save_fig(fig, path)
 
 
@@ -94,7 +100,7 @@ def plot_froc(curves: dict, summaries: dict, baseline: dict | None, path: Path |
     ax.set_xscale('log', base=2); ax.set_xticks(FP_RATES); ax.set_xticklabels([f'{r:g}' for r in FP_RATES])
     ax.set_xlim(.35, 20); ax.set_ylim(0, 1.02); ax.grid(alpha=.3)
     ax.set_xlabel('false positives per slice'); ax.set_ylabel('sensitivity (IoU >= 0.5)')
-    ax.legend(fontsize=7, loc='lower right')
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1), borderaxespad=0)     # beside the axes: it covers no curve
     return save_fig(fig, path)
 
 

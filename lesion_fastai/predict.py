@@ -10,7 +10,11 @@ from the export.
 Writes to OUT: predictions.csv (File_name, x1, y1, x2, y2, score as the evaluation's predictions.csv,
 in the input's pixels, then slice_index, source, the box in mm where the spacing is known, and the
 Gaussian head's std in pixels), skipped.csv (every input that was not predicted, and why) and, with
---overlays, overlays/*.png (the slice, its boxes above --min-score in yellow with their scores).
+--overlays, overlays/*.png (the slice, its boxes above --min-score in yellow with their scores, and its top box
+always: orange, marked 'below', where it scores less). --min-score defaults to the model's operating
+point, stored in its export: the score of 1 false positive per validation slice. PNG slices in
+DeepLesion's layout (a folder Images_png/<series>/ beside DL_info.csv) take their pixel spacing from
+DL_info.csv, so their boxes have mm columns too.
 
 Exit status: 0 when every input was predicted, 3 when some were skipped (the rest are predicted;
 skipped.csv names them), 1 on an error (with --strict, any input that cannot be predicted is one,
@@ -22,6 +26,9 @@ Examples:
 """
 from __future__ import annotations
 
+from .log import hush_third_party
+hush_third_party(__name__)       # run as a command: quiet known third-party warnings before fastai loads
+
 import argparse
 import re
 import sys
@@ -30,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import slice_transform
+from .data import CTSlice, slice_transform
 from .deeplesion import SliceFileError, window
 from .scans import Series, find_inputs, read_dicom_series
 
@@ -57,21 +64,28 @@ class _Slices(torch.utils.data.Dataset):
                 order = [i] + [min(max(i + d, 0), len(s) - 1) for o in range(1, c + 1) for d in (-o, o)]
                 hus = [s.hu(k) for k in order]
                 if any(h.shape != hus[0].shape for h in hus): raise SliceFileError(s.source, f"slice {i}: its neighbours differ in size")
+                if not np.isfinite(hus[0]).any(): raise SliceFileError(s.source, f"slice {i}: no finite HU value (all NaN or infinite)")
                 x = self.ct.from_hu(hus, s.windows[i] if s.windows else None)
             w, h = x.orig_size
             return x.as_subclass(torch.Tensor), w, h, ''
-        except (SliceFileError, OSError, ValueError) as e:
-            return torch.zeros(self.ct.n_channels, self.ct.spec.size, self.ct.spec.size), 0, 0, str(e)
+        except Exception as e:                   # whatever a reader raises for this slice: a row of skipped.csv, the rest go on
+            why = str(e) if isinstance(e, SliceFileError) else f"unreadable ({type(e).__name__}: {e})"
+            return torch.zeros(self.ct.n_channels, self.ct.spec.size, self.ct.spec.size), 0, 0, why
 
 
-def _overlay(path: Path, hu: np.ndarray, boxes, scores, lo_hi) -> None:
+ABOVE, BELOW = (255, 255, 0), (255, 150, 0)     # overlay colours: boxes at the threshold yellow, a top box under it orange
+
+
+def _overlay(path: Path, hu: np.ndarray, boxes, scores, lo_hi, threshold: float) -> None:
     from PIL import Image, ImageDraw
     from .files import atomic_path
     img = Image.fromarray((window(hu, *lo_hi) * 255).astype(np.uint8)).convert('RGB')
     draw = ImageDraw.Draw(img)
     for b, s in zip(boxes, scores):
-        draw.rectangle([float(v) for v in b], outline=(255, 255, 0), width=max(1, img.width // 256))
-        draw.text((float(b[0]), max(0., float(b[1]) - 11)), f'{s:.2f}', fill=(255, 255, 0))
+        below = s < threshold
+        colour = BELOW if below else ABOVE
+        draw.rectangle([float(v) for v in b], outline=colour, width=max(1, img.width // 256))
+        draw.text((float(b[0]), max(0., float(b[1]) - 11)), f'{s:.2f}' + (' below' if below else ''), fill=colour)
     with atomic_path(path) as tmp: img.save(tmp, format='PNG')
 
 
@@ -80,24 +94,34 @@ EXTRA_COLUMNS = ('slice_index', 'source', 'x1_mm', 'y1_mm', 'x2_mm', 'y2_mm', 's
 
 @torch.no_grad()
 def predict(model_path, inputs, out, device: str = 'auto', bs: int = 16, workers: int = 0, overlays: bool = False,
-            min_score: float = .3, max_boxes: int = 5, strict: bool = False) -> dict:
+            min_score: float | None = None, max_boxes: int = 5, strict: bool = False) -> dict:
     """Predict every slice of `inputs` with the exported learner at `model_path` and write OUT's files
-    (see the module's help). Returns {'predicted': slices, 'boxes': rows, 'skipped': [(file, reason)]}."""
+    (see the module's help); overlays draw boxes scoring at least `min_score` (default: the model's
+    operating point) and each slice's top box whatever it scores. Returns {'predicted': slices,
+    'boxes': rows, 'skipped': [(file, reason)], 'drawn': boxes on overlays, 'threshold': theirs}."""
     from .evaluation import PREDICTION_COLUMNS, prediction_row
-    from .export import detector_settings, load_export
+    from .export import detector_settings, is_safe, load_detector, load_export
     from .files import check_out_folder, output_folder, write_csv
     from .log import log, progress
     model_path = Path(model_path)
-    if not model_path.is_file(): raise FileNotFoundError(f"{model_path}: no such exported model")
+    if not model_path.exists(): raise FileNotFoundError(f"{model_path}: no such exported model")
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device == 'cuda' and not torch.cuda.is_available(): raise ValueError("--device cuda: no CUDA GPU here")
     out = check_out_folder(out)
     series, skipped, ignored = find_inputs(inputs)
     if strict and skipped: raise ValueError(f"--strict: {len(skipped)} input(s) cannot be predicted, first {skipped[0][0]}: {skipped[0][1]}")
-    learn = load_export(model_path, cpu=device == 'cpu')
-    spec, decoding = detector_settings(learn)
-    ct = slice_transform(learn.dls)
-    model = learn.model.to(device).eval()
+    if not series:
+        raise ValueError("nothing to predict: " + (f"{len(skipped)} input(s) cannot be predicted, first {skipped[0][0]}: {skipped[0][1]}"
+                                                   if skipped else f"no slices in {', '.join(map(str, inputs))}"))
+    if is_safe(model_path):                    # model.safetensors + model.json: nothing unpickled
+        model, spec, _ = load_detector(model_path, device)
+        decoding, ct = model.decoding, CTSlice(spec)
+    else:
+        learn = load_export(model_path, cpu=device == 'cpu')
+        spec, decoding = detector_settings(learn)
+        ct = slice_transform(learn.dls)
+        model = learn.model.to(device).eval()
+    threshold, why = decoding.shown_above(min_score)
     data = _Slices(series, ct)
     dl = torch.utils.data.DataLoader(data, batch_size=bs, num_workers=workers, pin_memory=device == 'cuda')
     rows, drawn, n_ok, where = [], [], 0, iter(data.index)
@@ -124,20 +148,21 @@ def predict(model_path, inputs, out, device: str = 'auto', bs: int = 16, workers
                 std = [f'{v:.4f}' for v in sd[j][o] * scale] if sd is not None else [''] * 4
                 rows.append([*prediction_row(s.names[i], b, scores[j][o]), str(index), str(src), *mm(b, s.spacing), *std])
             if overlays:
-                shown = [o for o in keep if scores[j][o] >= min_score][:max_boxes]
+                shown = [o for n, o in enumerate(keep) if n == 0 or scores[j][o] >= threshold][:max_boxes]     # the top box always
                 drawn.append((s, i, [boxes[j][o] * scale for o in shown], [scores[j][o] for o in shown]))
     with output_folder(out):                          # written only now: a failed or --strict run leaves nothing
         for s, i, b, sc in drawn:                     # the key slice in the model's first window, its boxes in yellow
             stem = Path(s.names[i]).stem if s.kind == 'png' else f'{Path(s.names[i]).name}_{i:04d}'
             _overlay(out / 'overlays' / (re.sub(r'[^A-Za-z0-9_.-]+', '_', stem) + '.png'), _key_hu(s, i), b, sc,
-                     _first_window(spec, s.windows[i] if s.windows else None))
+                     _first_window(spec, s.windows[i] if s.windows else None), threshold)
         write_csv(out / 'predictions.csv', [*PREDICTION_COLUMNS, *EXTRA_COLUMNS], rows)
         write_csv(out / 'skipped.csv', ['file', 'reason'], skipped)
     log.info(f"predicted {n_ok} slice(s) of {len(series)} series: {len(rows)} boxes in {out / 'predictions.csv'}"
-             + (f"; overlays in {out / 'overlays'}" if overlays else '')
+             + (f"; overlays in {out / 'overlays'}: {sum(len(b) for *_, b, _ in drawn)} box(es) at score >= {threshold:.3f} ({why}), "
+                f"and the top box of each slice always, orange where it scores less" if overlays else '')
              + (f"; {len(skipped)} input(s) skipped, named in {out / 'skipped.csv'}" if skipped else '')
              + (f"; {ignored} other file(s) in the folders ignored" if ignored else ''))
-    return {'predicted': n_ok, 'boxes': len(rows), 'skipped': skipped}
+    return {'predicted': n_ok, 'boxes': len(rows), 'skipped': skipped, 'drawn': sum(len(b) for *_, b, _ in drawn), 'threshold': threshold}
 
 
 def _key_hu(s: Series, i: int) -> np.ndarray:
@@ -159,8 +184,10 @@ def main(argv=None):
     ap.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto', help='auto: a CUDA GPU when there is one (default)')
     ap.add_argument('--bs', type=int, default=16, help='slices per batch (default 16)')
     ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes reading the slices (default 0: the main process)')
-    ap.add_argument('--overlays', action='store_true', help='write OUT/overlays/*.png: each slice with its boxes above --min-score')
-    ap.add_argument('--min-score', type=float, default=.3, help='lowest score of a box drawn on an overlay (default 0.3)')
+    ap.add_argument('--overlays', action='store_true', help='write OUT/overlays/*.png: each slice with its boxes above --min-score '
+                    'and its top box always')
+    ap.add_argument('--min-score', type=float, default=None, help="lowest score of a box drawn on an overlay (default: the model's "
+                    "operating point, the score of 1 false positive per validation slice; the top box of a slice is drawn whatever it scores)")
     ap.add_argument('--max-boxes', type=int, default=5, help='most boxes drawn on an overlay, best first (default 5)')
     ap.add_argument('--strict', action='store_true', help='any input that cannot be predicted is an error (exit 1, nothing written)')
     args = ap.parse_args(argv)

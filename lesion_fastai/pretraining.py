@@ -28,7 +28,8 @@ from .config import PRETEXTS, PretrainConfig, resolve_context
 from .data import CTSlice, SliceSpec, autoencoder_dls
 from .deeplesion import context_paths, list_slices, load_data, patient_of
 from .files import check_out_folder, write_json
-from .fit import back_to_fp32, check_batches, check_precision, fit_resumable, loader_kwargs, native_size, run_folder, seed_rank, speed_up
+from .fit import (back_to_fp32, check_batches, check_precision, check_resume, fit_resumable, loader_kwargs, native_size, run_folder,
+                  save_run_settings, seed_rank, speed_up)
 from .log import log
 from .models.autoencoder import create_autoencoder
 from .plots import plot_reconstructions
@@ -104,6 +105,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     arguments + config), `reconstructions.png`, `history.csv`, `pretrain_metrics.json`."""
     t0 = time.time()
     out = check_out_folder(cfg.out)
+    check_resume(cfg, out)
     distributed.setup()
     check_precision(cfg.precision)
     ratio, patch_fraction, noise = PRETEXTS[cfg.pretext]
@@ -142,6 +144,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                  f"(mean absolute difference of the windowed pixels); {n_train} remain")
         check_batches(n_train, cfg.bs, f"{cfg.data} after --dedup {cfg.dedup:g}", ' or a smaller --dedup')
     with run_folder(out):
+        if distributed.is_main(): save_run_settings(cfg, out)
         set_seed(cfg.seed, reproducible=True)
         dls = autoencoder_dls(paths, val_p, spec, cfg.bs, cfg.num_workers, cfg.seed, cache=cache, **loader_kwargs())
         n_in = spec.n_channels

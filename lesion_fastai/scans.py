@@ -7,6 +7,8 @@ files and pixels, nothing about models.
 """
 from __future__ import annotations
 
+import csv
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 
 from .deeplesion import SliceFileError, open_png
 
-__all__ = ['Series', 'find_inputs', 'read_dicom_series', 'dicom_hu']
+__all__ = ['Series', 'find_inputs', 'read_dicom_series', 'dicom_hu', 'deeplesion_spacing']
 
 _NIFTI = ('.nii', '.nii.gz')
 _DEEPLESION_FOLDER = re.compile(r'^\d+_\d+_\d+$')
@@ -118,16 +120,41 @@ def _png_name(path: Path) -> str:
     return f'{path.parent.name}_{path.name}' if _DEEPLESION_FOLDER.match(path.parent.name) else str(path)
 
 
+def deeplesion_spacing(folder: Path, tables: dict | None = None) -> tuple[float, float] | None:
+    """The (row, column) pixel spacing in mm of a series folder in DeepLesion's layout
+    (`<data>/Images_png/<series>/`), from `Spacing_mm_px_` of its rows in `<data>/DL_info.csv`; None
+    where there is no such file or it has no valid spacing for the series. `tables` caches the
+    files read (csv path -> {series: spacing})."""
+    folder = Path(folder)
+    csv_path = folder.parent.parent / 'DL_info.csv'
+    if folder.parent.name != 'Images_png' or not csv_path.is_file(): return None
+    tables = {} if tables is None else tables
+    if csv_path not in tables:
+        found = {}
+        try:
+            with open(csv_path, newline='', encoding='utf-8-sig', errors='replace') as f:
+                for row in csv.DictReader(f):
+                    try: x, y = (float(v) for v in (row.get('Spacing_mm_px_') or '').split(',')[:2])
+                    except ValueError: continue
+                    name = (row.get('File_name') or '').rsplit('_', 1)[0]
+                    if name and math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0: found.setdefault(name, (y, x))
+        except (OSError, csv.Error): pass
+        tables[csv_path] = found
+    return tables[csv_path].get(folder.name)
+
+
 def find_inputs(inputs) -> tuple[list[Series], list[tuple[str, str]], int]:
     """The series to predict from files and folders (searched recursively), the (file, reason) pairs
     of inputs that cannot be predicted, and how many other files inside folders were ignored."""
     kinds, skipped, ignored = {}, [], 0                       # path -> 'png', 'dicom' or 'nifti', in input order
     for given in map(Path, inputs):
         if given.is_dir():
+            found = 0
             for p in sorted(q for q in given.rglob('*') if q.is_file()):
                 kind = _kind(p)
-                if kind: kinds.setdefault(p, kind)
+                if kind: kinds.setdefault(p, kind); found += 1
                 else: ignored += 1
+            if not found: skipped.append((str(given), 'a folder with no PNG, DICOM or NIfTI file in it'))
         elif given.is_file():
             kind = _kind(given)
             if kind: kinds.setdefault(given, kind)
@@ -142,9 +169,10 @@ def find_inputs(inputs) -> tuple[list[Series], list[tuple[str, str]], int]:
         except (SliceFileError, FileNotFoundError) as e:
             skipped.append((str(p), str(e).split(': ', 1)[-1])); continue
         pngs.setdefault(p.parent, []).append(p)
+    spacings = {}
     for folder, ps in pngs.items():
         ps.sort(key=lambda q: (int(q.stem) if q.stem.isdigit() else 0, q.name))
-        series.append(Series('png', str(folder), ps, [_png_name(q) for q in ps]))
+        series.append(Series('png', str(folder), ps, [_png_name(q) for q in ps], deeplesion_spacing(folder, spacings)))
     dicoms = of_kind('dicom')
     if dicoms:
         s, sk = read_dicom_series(dicoms)
@@ -157,6 +185,10 @@ def find_inputs(inputs) -> tuple[list[Series], list[tuple[str, str]], int]:
         except Exception as e:
             skipped.append((str(p), f"not a readable NIfTI volume ({type(e).__name__}: {e})")); continue
         if len(shape) != 3: skipped.append((str(p), f"NIfTI of shape {shape}, expected a 3-D CT volume")); continue
+        if shape[2] == 0: skipped.append((str(p), f"NIfTI of shape {shape}: no slices")); continue
+        try: np.asarray(img.dataobj[..., shape[2] - 1])     # the last slice: a truncated file fails here, not mid-run
+        except Exception as e:
+            skipped.append((str(p), f"NIfTI data truncated or unreadable ({type(e).__name__}: {e})")); continue
         zooms = img.header.get_zooms()
         series.append(Series('nifti', str(p), [], [str(p)] * shape[2], (float(zooms[1]), float(zooms[0]))))
     return series, skipped, ignored

@@ -15,6 +15,9 @@ Examples:
 """
 from __future__ import annotations
 
+from .log import hush_third_party
+hush_third_party(__name__)       # run as a command: quiet known third-party warnings before fastai loads
+
 import argparse
 import shlex
 import sys

@@ -17,6 +17,9 @@ Examples:
 """
 from __future__ import annotations
 
+from .log import hush_third_party
+hush_third_party(__name__)       # run as a command: quiet known third-party warnings before fastai loads
+
 import argparse
 import dataclasses
 import sys
@@ -38,7 +41,8 @@ def pseudo_labels_from(teacher: Path, cfg: FinetuneConfig, out_csv: Path, fp: fl
     from .froc import froc_curve
     from .log import log
     from .metrics import froc_inputs
-    from .unlabelled import pseudo_label, score_at_fp, unlabelled_slices, write_pseudo_labels
+    from .froc import score_at_fp
+    from .unlabelled import pseudo_label, unlabelled_slices, write_pseudo_labels
     learn = load_export(teacher, flag='--teacher')
     spec, decoding = detector_settings(learn)
     _, records = load_data(cfg.data)

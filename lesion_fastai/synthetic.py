@@ -13,6 +13,9 @@ ellipsoids, so they shrink or vanish on the neighbour slices, which carry no lab
 """
 from __future__ import annotations
 
+from .log import hush_third_party
+hush_third_party(__name__)       # run as a command: quiet known third-party warnings before fastai loads
+
 import argparse
 import csv
 import math
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .deeplesion import COLUMNS, save_hu
-from .log import log
+from .log import log, progress
 
 __all__ = ['generate', 'render_slice', 'main']
 
@@ -260,9 +263,11 @@ def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0
     tmp = Path(tempfile.mkdtemp(prefix='.synthetic-', dir=out.parent))
     noisy_rng = np.random.default_rng([seed, 7919])
     jobs = [(tmp, p, split, size, seed, neighbours, noise, lesions_per_slice or LESIONS_PER_SLICE) for p, split in enumerate(splits, 1)]
+    what = f'writing {patients} patients at {size} px'
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool: per_patient = list(pool.map(_write_patient, *zip(*jobs), chunksize=4))
-    else: per_patient = [_write_patient(*job) for job in jobs]
+        with ProcessPoolExecutor(workers) as pool:
+            per_patient = list(progress(pool.map(_write_patient, *zip(*jobs), chunksize=4), what, total=len(jobs)))
+    else: per_patient = [_write_patient(*job) for job in progress(jobs, what)]
     rows = [row for rs in per_patient for row in rs]
     for row in rows: row[10] = int(noisy_rng.random() < noisy)          # Possibly_noisy, in row order
     with open(tmp / 'DL_info.csv', 'w', newline='') as f:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .deeplesion import SliceRecord, list_slices, open_png, patient_of
 
-__all__ = ['carry_labels', 'unlabelled_slices', 'score_at_fp', 'pseudo_label', 'write_pseudo_labels', 'read_pseudo_labels',
+__all__ = ['carry_labels', 'unlabelled_slices', 'pseudo_label', 'write_pseudo_labels', 'read_pseudo_labels',
            'PSEUDO_COLUMNS', 'MAX_PSEUDO_BOXES']
 
 PAD_PX = 5             # DeepLesion's boxes are the RECIST extent padded by 5 px on each side
@@ -74,14 +74,6 @@ def unlabelled_slices(data, records, used) -> list[Path]:
     train_patients = {r.patient for r in records if r.split == 'train'}
     labelled = {str(Path(r.image_path)) for r in used}
     return [p for p in list_slices(data, train_patients) if str(p) not in labelled]
-
-
-def score_at_fp(fp_per_slice: np.ndarray, scores: np.ndarray, fp: float) -> float:
-    """The lowest score at which a detector makes at most `fp` false positives per slice, from its FROC
-    curve (`froc.froc_curve`'s FPs per slice and scores, in score order): its boxes scoring at least
-    this, on slices like these, make about `fp` false positives each."""
-    within = np.flatnonzero(np.asarray(fp_per_slice) <= fp)
-    return float(scores[within[-1]]) if len(within) else float(scores[0]) if len(scores) else 1.
 
 
 def _series_settings(records) -> dict:

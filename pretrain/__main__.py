@@ -12,6 +12,9 @@ Example:
     torchrun --nproc_per_node 4 -m pretrain --data data/synthetic --out runs/pretrain --cache disk
         (data parallel, one process per GPU, or gloo on CPUs; --bs is per process; rank 0 writes)
 """
+from lesion_fastai.log import hush_third_party
+hush_third_party(__name__)       # run as a command: quiet known third-party warnings before fastai loads
+
 import argparse
 import sys
 from pathlib import Path

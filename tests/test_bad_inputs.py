@@ -100,7 +100,7 @@ CASES = [
     ('no validation patients, pretraining', 'pretrain', lambda root: _write_rows(root, [[c if c != '2' or i != 17 else '1' for i, c in enumerate(r)] for r in _rows(root)]),
      [], r'no validation patients \(Train_Val_Test = 2\)'),
     ('no validation slices, fine-tuning', 'finetune', lambda root: _write_rows(root, [[c if c != '2' or i != 17 else '1' for i, c in enumerate(r)] for r in _rows(root)]),
-     [], r'needs train \(Train_Val_Test 1\) and validation \(2\) slices'),
+     [], r'needs train \(Train_Val_Test 1\), validation \(2\) and test \(3\) slices .* it has \d+, 0 and \d+'),
     ('--out is a file', 'finetune', 'out-file', [], r'--out .* is a file, expected a folder'),
     ('--out not writable', 'finetune', 'out-locked', [], r'--out .* is not writable by this user'),
     ('--pretrained not a checkpoint', 'finetune', 'bad-ckpt', [], r'not a lesion_fastai pretrained checkpoint'),

@@ -146,7 +146,6 @@ def test_gpu_check_measures_every_path_on_the_cpu_and_refuses_cuda_without_a_gpu
 def test_runs_gathered_from_another_folder_and_precision_report_but_do_not_resume(tiny_data, tmp_path):
     import json
     import shutil
-    import torch
     from lesion_fastai.bench.common import tag
     from lesion_fastai.fit import resolved_precision
     args = dict(data=tiny_data, patients=10, native=64, fractions=[1.], modes=['scratch', 'sandwich'], seeds=[0], epochs=1,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lesion_fastai.cache import SliceCache, build_slice_cache, plane_units, prepare_slices
+from lesion_fastai.cache import SliceCache, build_slice_cache, prepare_slices
 from lesion_fastai.data import CTSlice, SliceSpec, plane_key
 from lesion_fastai.deeplesion import list_slices, load_hu
 from lesion_fastai.config import FinetuneConfig

@@ -62,6 +62,7 @@ def test_context_defaults_to_two_neighbours_where_the_data_ships_them_and_says_s
     assert DEFAULT_CONTEXT == 2 and resolve_context(None, tiny_records, 'tiny') == 2 and resolve_context(0, tiny_records, 'tiny') == 0
     assert capsys.readouterr().out == ''
     generate(tmp_path / 'keys', patients=4, size=32, seed=0, neighbours=0)            # key slices only
+    capsys.readouterr()                                                                # its progress bar
     keys_only = slice_records(read_dl_info(tmp_path / 'keys' / 'DL_info.csv'))
     assert resolve_context(None, keys_only, tmp_path / 'keys') == 0 and resolve_context(1, keys_only, 'x') == 1
     assert capsys.readouterr().out.strip() == (f"--context: {tmp_path / 'keys'} ships no neighbour slices beside its key slices, "

@@ -4,7 +4,6 @@ a distributed run."""
 import socket
 
 import pytest
-import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
 from fastai.learner import Learner

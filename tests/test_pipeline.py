@@ -51,6 +51,10 @@ def test_finetune_cli_scratch_writes_metrics_results_and_export(tiny_data, tmp_p
     assert set(m['test']) >= METRIC_KEYS and set(m['test']['top1']) >= TOP1_KEYS and m['config']['freeze'] == 'scratch'
     assert set(m['test']['froc']['sensitivity']) == {'0.5', '1', '2', '4', '8', '16'} and m['config']['size'] == 32
     for f in ('results.png', 'froc.png', 'models/best.pth'): assert (out / f).stat().st_size > 0, f
+    from test_report import CHROMIUM, shown_figures
+    text = (out / 'report.html').read_text()
+    assert 'this model, test' in text and text.count('<img src="data:image/png;base64,') == 4     # froc, training, results, errors
+    if CHROMIUM: assert shown_figures(out / 'report.html') == '4 of 4'
     history = (out / 'history.csv').read_text().strip().splitlines()
     assert len(history) == 2 and history[0] == 'epoch,train_loss,valid_loss,froc,time'
     import csv
@@ -88,7 +92,7 @@ def test_predict_returns_boxes_in_the_slice_files_pixels(exported, tiny_records,
 
 
 @pytest.mark.slow
-def test_show_results_on_an_exported_learner(exported, tiny_data, tiny_records):
+def test_show_results_on_an_exported_learner(exported, tiny_data, tiny_records, capsys):
     import matplotlib.pyplot as plt
     from lesion_fastai.data import labelled_dl
     learn = load_learner(exported / 'export.pkl')
@@ -108,6 +112,15 @@ def test_show_results_on_an_exported_learner(exported, tiny_data, tiny_records):
     truth = ax.patches[0]
     assert truth.get_xy() == pytest.approx((x1, y1), abs=1e-3) and truth.get_width() == pytest.approx(x2 - x1, abs=1e-3)
     plt.close('all')
+    op = learn.model.decoding.operating_score                   # chosen on validation by finetune, stored in the export
+    assert op is not None and 0 < op <= 1
+    capsys.readouterr()
+    learn.show_results(dl=dl, max_n=1)                          # the default threshold: the operating point
+    yellow = [p for p in plt.gcf().axes[0].patches if p.get_edgecolor()[:3] == (1., 1., 0.)]
+    drawn = max(1, int((scores[:5] >= op).sum()))               # the top box whatever it scores
+    assert len(yellow) == drawn and (yellow[0].get_linestyle() == '--') == bool(scores[0] < op)
+    assert f'{drawn} box(es) drawn at score >= {op:.3f}' in capsys.readouterr().out
+    plt.close('all')
     learn2 = Learner(detection_dls(tiny_records, SliceSpec(size=32), bs=2, seed=0), learn.model, loss_func=learn.loss_func)
     learn2.show_results(max_n=2, min_score=0.)                  # and on a learner with its training data
     assert {p.get_edgecolor()[:3] for p in plt.gcf().axes[0].patches} == {(0., 1., 0.), (1., 1., 0.)}
@@ -122,7 +135,7 @@ def test_eval_cli_reports_what_finetune_reported_with_the_baseline_it_trained_wi
     finetune_cli.main(['--eval', str(tmp_path / 'export.pkl'), '--data', str(tiny_data), '--out', str(tmp_path / 'eval')])
     m, ref = (json.loads(p.read_text()) for p in (tmp_path / 'eval' / 'eval_metrics.json', tmp_path / 'metrics.json'))
     assert set(m['test']) >= METRIC_KEYS
-    for f in ('eval_results.png', 'eval_froc.png', 'eval_predictions.csv'): assert (tmp_path / 'eval' / f).exists(), f
+    for f in ('eval_results.png', 'eval_froc.png', 'eval_predictions.csv', 'eval_report.html'): assert (tmp_path / 'eval' / f).exists(), f
     assert m['test']['froc'] == ref['test']['froc'] and m['test']['top1']['mean_iou'] == pytest.approx(ref['test']['top1']['mean_iou'])
     assert (tmp_path / 'eval' / 'eval_predictions.csv').read_text() == (tmp_path / 'predictions.csv').read_text()
     assert m['test']['mean_box_baseline'] == ref['test']['mean_box_baseline'] and m['mean_box_source'] == 'stored with the model'
@@ -410,3 +423,30 @@ def test_a_fine_tune_schedule_killed_in_either_fit_resumes_to_the_uninterrupted_
     a, b = (torch.load(p / 'last.pth', weights_only=False)['model'] for p in (tmp_path / 'ref', run))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert m['test'] == ref['test'] and m['valid'] == ref['valid']
+
+
+@pytest.mark.slow
+def test_the_safe_model_loads_without_unpickling_and_predicts_and_evaluates_as_the_export(tiny_data, tmp_path, monkeypatch):
+    import pickle
+    from lesion_fastai.export import load_detector
+    from lesion_fastai.predict import predict
+    finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'run', epochs=1, bs=2, size=32, head='gaussian', context=1))
+    run = tmp_path / 'run'
+    settings = json.loads((run / 'model.json').read_text())
+    assert settings['spec'] == {'windows': 'soft', 'context': 1, 'size': 32} and settings['detector']['head'] == 'gaussian'
+    assert settings['decoding']['operating_score'] == json.loads((run / 'metrics.json').read_text())['valid']['operating_point']['score']
+
+    def no_unpickling(*a, **k): raise AssertionError('unpickled')
+    with monkeypatch.context() as m:                          # the safe path reads tensors and JSON, nothing else
+        m.setattr(pickle, 'load', no_unpickling); m.setattr(pickle, 'loads', no_unpickling); m.setattr(torch, 'load', no_unpickling)
+        model, spec, _ = load_detector(run / 'model.safetensors')
+    ref = load_learner(run / 'export.pkl').model
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    folder = sorted((tiny_data / 'Images_png').iterdir())[0]
+    predict(run / 'model.safetensors', [folder], tmp_path / 'p_safe')
+    predict(run / 'export.pkl', [folder], tmp_path / 'p_pkl')
+    assert (tmp_path / 'p_safe' / 'predictions.csv').read_text() == (tmp_path / 'p_pkl' / 'predictions.csv').read_text()
+    finetune_cli.main(['--eval', str(run / 'model.json'), '--data', str(tiny_data), '--out', str(tmp_path / 'e_safe')])
+    finetune_cli.main(['--eval', str(run / 'export.pkl'), '--data', str(tiny_data), '--out', str(tmp_path / 'e_pkl')])
+    a, b = (json.loads((tmp_path / d / 'eval_metrics.json').read_text()) for d in ('e_safe', 'e_pkl'))
+    assert a['test']['froc'] == b['test']['froc'] and a['mean_box_source'] == b['mean_box_source'] == 'stored with the model'

@@ -49,7 +49,12 @@ def test_png_folder_gives_what_learn_predict_gives(model, tiny_data, tiny_record
     assert res['predicted'] == n_png and res['skipped'] == []
     rows = _rows(tmp_path / 'out')
     assert list(rows[0])[:6] == ['File_name', 'x1', 'y1', 'x2', 'y2', 'score']          # the evaluation's columns first
-    assert all(r['std_x1'] != '' and r['x1_mm'] == '' for r in rows)                     # Gaussian std; PNG has no spacing
+    assert all(r['std_x1'] != '' for r in rows)                                          # the Gaussian head's std
+    spacing = {r.file_name.rsplit('_', 1)[0]: r.spacing_mm for r in tiny_records}        # DL_info.csv beside Images_png: mm columns
+    for r in rows:
+        sx, sy = spacing[r['File_name'].rsplit('_', 1)[0]]
+        assert np.allclose([float(r[c + '_mm']) for c in ('x1', 'y1', 'x2', 'y2')],
+                           np.array([float(r[c]) for c in ('x1', 'y1', 'x2', 'y2')]) * [sx, sy, sx, sy], atol=1e-3)
     got = _boxes(rows)
     learn = load_learner(model)
     for rec in [r for r in tiny_records if r.split == 'test'][:2]:
@@ -143,6 +148,25 @@ def test_bad_files_are_skipped_and_named_the_rest_predicted_strict_writes_nothin
     assert str(e.value.code).startswith('error: --strict') and not (tmp_path / 'strict').exists()
 
 
+def test_overlays_default_to_the_models_operating_point_and_always_show_the_top_box(model, tiny_data, tmp_path, capsys):
+    from lesion_fastai.export import detector_settings
+    _, decoding = detector_settings(load_learner(model))
+    op = decoding.operating_score
+    assert op is not None
+    folder, pngs, _ = _series(tiny_data)
+    res = predict(model, [folder], tmp_path / 'o', overlays=True)
+    scores = {k: v[:, 4] for k, v in _boxes(_rows(tmp_path / 'o')).items()}
+    want = sum(max(1, int((s[:5] >= op).sum())) for s in scores.values())
+    assert res['threshold'] == op and res['drawn'] == want and len(scores) == len(pngs)
+    assert f"{want} box(es) at score >= {op:.3f} (the model's operating point" in capsys.readouterr().out
+    below = [k for k, s in scores.items() if s[0] < op]                    # a top box under the threshold: drawn orange
+    for k in below[:1]:
+        img = np.asarray(Image.open(tmp_path / 'o' / 'overlays' / (k[:-4] + '.png')))
+        assert ((img == (255, 150, 0)).all(-1)).any()
+    res = predict(model, [folder], tmp_path / 'z', overlays=True, min_score=1.)              # a threshold no box reaches
+    assert res['threshold'] == 1. and res['drawn'] == len(pngs)
+
+
 def test_a_slice_larger_than_the_training_size_gets_boxes_in_its_own_pixels(model, tiny_data, tmp_path):
     folder, pngs, hus = _series(tiny_data)
     big = tmp_path / 'big' / folder.name
@@ -153,3 +177,36 @@ def test_a_slice_larger_than_the_training_size_gets_boxes_in_its_own_pixels(mode
     assert b.keys() == s.keys() and all(np.allclose(b[k][:, :4], 2 * s[k][:, :4], atol=2e-3) and np.allclose(b[k][:, 4], s[k][:, 4], atol=1e-4) for k in b)
     shots = sorted((tmp_path / 'b' / 'overlays').glob('*.png'))
     assert len(shots) == len(pngs) and Image.open(shots[0]).size == (128, 128)
+
+
+def test_bombs_truncated_volumes_and_empty_inputs_are_rows_of_skipped_csv_and_the_rest_is_predicted(model, tiny_data, tmp_path):
+    nib = pytest.importorskip('nibabel')
+    from test_fuzz import _png_header_only, _ztxt_bomb
+    folder, pngs, hus = _series(tiny_data)
+    mixed = tmp_path / 'mixed' / folder.name
+    shutil.copytree(folder, mixed)
+    (mixed / '900.png').write_bytes(_png_header_only(30000, 30000))         # a decompression bomb's header
+    (mixed / '901.png').write_bytes((mixed / pngs[0].name).read_bytes())
+    _ztxt_bomb(mixed / '901.png')                                          # a text chunk that inflates to 200 MB
+    vol = np.stack([h.T for h in hus], axis=-1).astype(np.int16)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / 'ct.nii.gz')
+    data = (tmp_path / 'ct.nii.gz').read_bytes()
+    (tmp_path / 'cut.nii.gz').write_bytes(data[:len(data) // 2])           # truncated
+    nib.save(nib.Nifti1Image(np.full((8, 8, 2), np.nan, np.float32), np.eye(4)), tmp_path / 'nan.nii.gz')
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 0), np.int16), np.eye(4)), tmp_path / 'none.nii.gz')
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'dir' / 'x.png').mkdir(parents=True)                       # a folder named like a slice
+    inputs = [tmp_path / 'mixed', tmp_path / 'cut.nii.gz', tmp_path / 'nan.nii.gz', tmp_path / 'none.nii.gz', tmp_path / 'empty',
+              tmp_path / 'dir' / 'x.png']
+    with pytest.raises(SystemExit) as e: main([str(model), *map(str, inputs), '--out', str(tmp_path / 'out')])
+    assert e.value.code == SKIPPED
+    with open(tmp_path / 'out' / 'skipped.csv') as f: skipped = {}; [skipped.setdefault(r['file'], r['reason']) for r in csv.DictReader(f)]
+    name = lambda p: str(p)
+    assert 'larger than' in skipped[name(mixed / '900.png')] or 'far larger' in skipped[name(mixed / '900.png')]
+    assert 'unreadable PNG header' in skipped[name(mixed / '901.png')]
+    assert 'truncated' in skipped[name(tmp_path / 'cut.nii.gz')] and 'no slices' in skipped[name(tmp_path / 'none.nii.gz')]
+    assert 'no finite HU' in skipped[name(tmp_path / 'nan.nii.gz')]
+    assert 'no PNG, DICOM or NIfTI' in skipped[name(tmp_path / 'empty')] and 'no PNG, DICOM or NIfTI' in skipped[name(tmp_path / 'dir' / 'x.png')]
+    assert {r['source'].rsplit('/', 1)[1] for r in _rows(tmp_path / 'out')} == {p.name for p in pngs}     # the rest, predicted
+    with pytest.raises(SystemExit) as e: main([str(model), str(tmp_path / 'empty'), '--out', str(tmp_path / 'nothing')])
+    assert str(e.value.code).startswith('error: nothing to predict') and not (tmp_path / 'nothing').exists()

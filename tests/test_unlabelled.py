@@ -10,7 +10,8 @@ import torch
 from lesion_fastai.deeplesion import SliceRecord, evaluation_records, load_data, save_hu
 from lesion_fastai.finetuning import epoch_of
 from lesion_fastai.losses import DetectionLoss
-from lesion_fastai.unlabelled import PAD_PX, carry_labels, score_at_fp, unlabelled_slices
+from lesion_fastai.froc import score_at_fp
+from lesion_fastai.unlabelled import PAD_PX, carry_labels, unlabelled_slices
 
 from tiny import TINY, targets
 

@@ -1,4 +1,7 @@
 """python -m lesion_fastai.bench NAME: the benchmarks (the package's docstring lists them)."""
+from ..log import hush_third_party
+hush_third_party(__name__)       # run as a command: quiet known third-party warnings before fastai loads
+
 import argparse
 
 from . import __doc__ as DOC

@@ -17,6 +17,7 @@ from ..config import DEFAULT_CONTEXT, PRETEXTS, PretrainConfig, parse_floats, pa
 from ..deeplesion import load_data
 from ..log import log
 from ..plots import plt, save_fig
+from ..report import markdown_table, summary_report
 from ..stats import mean_ci
 from .common import (GRID_MODES, MODE_ALIASES, MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, ensure_data,
                      finetune_config, in_process, machine, mode_changes, pm, pretrain_folder, pretrain_once, report, run_finetune, tag,
@@ -126,7 +127,13 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
                                backbone_weights=str(backbone_weights) if backbone_weights else None, unfreeze_after=unfreeze_after,
                                carry_weight=carry_weight, pseudo_fp=pseudo_fp, pseudo_weight=pseudo_weight)}
     plot = efficiency_plot(summary, out / 'data_efficiency.png')
-    report(out, 'efficiency', result, efficiency_table(summary), verdict, [plot])
+    table = efficiency_table(summary)
+    report(out, 'efficiency', result, table, verdict, [plot, out / 'report.html'])
+    header, table_rows = markdown_table(table)
+    summary_report(out / 'report.html', 'lesion_fastai: data efficiency', f"Test FROC over seeds {', '.join(map(str, seeds))} per label "
+                   f"fraction and mode, each mode's paired difference from scratch (95% intervals), the modes chosen on validation. "
+                   f"{machine()}.", tables=[('Every cell', header, table_rows)], notes=verdict,
+                   figures=[('Test FROC and the top box against the labels', plot, 'error bars: 95% interval over seeds')])
     return result
 
 

@@ -164,6 +164,10 @@ class Detector(nn.Module):
         self.head = HEADS[head](self.neck.out_ch, hidden, out_bn, **kw)
         self.stride = stride
         self.decoding = decoding or Decoding()   # how its maps become scored boxes: travels with the model into its export
+        # what rebuilds it around a state dict (export.save_safe): the weights come from there, not from backbone_weights
+        self.init_args = dict(encoder_args=dict(self.encoder_args), head=head, sandwich=kind, hidden=hidden, out_bn=out_bn, kappa=kappa,
+                              adapter_ratio=adapter_ratio, adapter_stem=adapter_stem, stride=stride,
+                              decoder_args=dict(self.decoder_args) if kind == 'decoder' else None)
 
     def features(self, x) -> list:  # [B, C, H, W] -> what the neck reads, finest first
         x, out = self.encoder.stem(x), []

@@ -1,0 +1,147 @@
+"""Faults around a run: two processes on one slice cache, two runs on one --out, a resume with other
+settings or a broken resume state, a full disk."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import finetune.__main__ as finetune_cli
+from lesion_fastai.config import FinetuneConfig, from_args
+from lesion_fastai.files import PidLock, LockedError
+from lesion_fastai.fit import save_run_settings
+
+BUILD = textwrap.dedent("""
+    import hashlib, sys
+    import numpy as np
+    from lesion_fastai.cache import build_slice_cache
+    from lesion_fastai.data import SliceSpec
+    from lesion_fastai.deeplesion import load_data
+    _, records = load_data(sys.argv[1])
+    cache = build_slice_cache(records, SliceSpec(size=32, context=1), sys.argv[2])
+    print(cache.file.name if hasattr(cache, 'file') else '', hashlib.sha1(np.ascontiguousarray(np.load(sorted(__import__('pathlib').Path(sys.argv[2]).glob('slices_*.npy'))[0])).tobytes()).hexdigest())
+""")
+
+
+def test_two_processes_building_one_cache_end_with_the_same_complete_cache(tiny_data, tmp_path):
+    folder = tmp_path / 'cache'
+    runs = [subprocess.Popen([sys.executable, '-c', BUILD, str(tiny_data), str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [r.communicate(timeout=600) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], [e[-2000:] for _, e in outs]
+    digests = {o.split()[-1] for o, _ in outs}
+    assert len(digests) == 1                                            # the same array for both
+    names = sorted(p.name for p in folder.iterdir())
+    assert len([n for n in names if n.endswith('.npy')]) == 1 and not [n for n in names if 'partial' in n or n.endswith('.lock')], names
+
+
+def test_a_lock_of_a_live_process_refuses_and_a_stale_one_is_taken_over(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (tmp_path / 'a.lock').write_text(f'{sleeper.pid}\n')
+        with pytest.raises(LockedError, match=rf'pid {sleeper.pid}'): PidLock(tmp_path / 'a.lock', 'the thing').acquire()
+    finally: sleeper.kill(); sleeper.wait()
+    with PidLock(tmp_path / 'a.lock', 'the thing'):                      # its owner is gone: stale
+        assert (tmp_path / 'a.lock').read_text().split()[0] == str(os.getpid())
+    assert not (tmp_path / 'a.lock').exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_leaves_the_first_runs_folder_alone(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'history.csv').write_text('the first run\n')
+    first = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (out / '.run.lock').write_text(f'{first.pid}\n')
+        with pytest.raises(SystemExit) as e:
+            finetune_cli.main(['--data', str(tiny_data), '--out', str(out), '--epochs', '1', '--bs', '2', '--size', '32'])
+    finally: first.kill(); first.wait()
+    assert 'is being written by another run (pid' in e.value.code and 'another --out' in e.value.code
+    assert sorted(p.name for p in out.iterdir()) == ['.run.lock', 'history.csv'] and (out / 'history.csv').read_text() == 'the first run\n'
+
+
+def _started(tiny_data, out, argv):
+    "The folder of a run started with `argv` that finished one epoch (its run_config.json and a last.pth)."
+    ap = finetune_cli.parser()
+    cfg = from_args(FinetuneConfig, ap, ap.parse_args(['--data', str(tiny_data), '--out', str(out), *argv]), out=out)
+    out.mkdir()
+    save_run_settings(cfg, out)
+    torch.save({'epoch': 0, 'model': {}}, out / 'last.pth')
+    return sorted(p.name for p in out.iterdir())
+
+
+def test_resume_with_other_settings_names_every_flag_that_differs(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    before = _started(tiny_data, out, ['--epochs', '3', '--bs', '2', '--size', '32'])
+    with pytest.raises(SystemExit) as e:
+        finetune_cli.main(['--data', str(tiny_data), '--out', str(out), '--resume', '--epochs', '1', '--bs', '2', '--size', '32',
+                           '--lr', '0.01', '--head', 'gaussian', '--workers', '0'])
+    msg = e.value.code
+    assert msg.startswith('error: --resume:') and 'after 1 epoch(s)' in msg
+    for flag in ("--epochs 1 (the run has 3)", "--lr 0.01 (the run has 0.003)", "--head 'gaussian' (the run has 'direct')"): assert flag in msg, msg
+    assert '--num-workers' not in msg and '--workers' not in msg and '--bs' not in msg and '--size' not in msg
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize('cut', [0, .5])
+def test_an_unreadable_resume_state_is_a_named_error_saying_how_to_start_over(tiny_data, tmp_path, cut):
+    out = tmp_path / 'run'
+    _started(tiny_data, out, ['--epochs', '3', '--bs', '2', '--size', '32'])
+    data = (out / 'last.pth').read_bytes()
+    (out / 'last.pth').write_bytes(data[:int(len(data) * cut)])
+    with pytest.raises(SystemExit) as e:
+        finetune_cli.main(['--data', str(tiny_data), '--out', str(out), '--resume', '--epochs', '3', '--bs', '2', '--size', '32'])
+    assert f'{out / "last.pth"} cannot be read' in e.value.code and 'start it over without --resume' in e.value.code
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    "A 32 MB tmpfs (root can mount one; elsewhere the test skips)."
+    mnt = tmp_path / 'disk'
+    mnt.mkdir()
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=32m', 'tmpfs', str(mnt)], capture_output=True, text=True)
+    if r.returncode: pytest.skip(f"cannot mount a small tmpfs here ({(r.stderr or r.stdout).strip()[:100]})")
+    yield mnt
+    subprocess.run(['umount', '-l', str(mnt)], capture_output=True)        # lazily: a failed run's frames may hold a file open
+
+
+def _fill(mnt, leave: int = 0):
+    "Fill the disk to `leave` bytes free."
+    free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+    with open(mnt / f'filler{len(list(mnt.glob("filler*")))}', 'wb') as f:
+        try: f.write(b'\0' * max(0, free - leave))
+        except OSError: pass
+
+
+def test_a_cache_on_a_full_disk_is_a_named_error_that_leaves_no_partial_array(tiny_data, small_disk):
+    from lesion_fastai.cache import build_slice_cache
+    from lesion_fastai.data import SliceSpec
+    from lesion_fastai.deeplesion import load_data
+    _fill(small_disk, leave=64 * 1024)
+    with pytest.raises(ValueError, match=r'needs .* GB in .* are free: free space, give --cache-dir on another disk'):
+        build_slice_cache(load_data(tiny_data)[1], SliceSpec(size=64, context=1), small_disk / 'cache')
+    assert not list((small_disk / 'cache').glob('*partial*'))
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_run_is_a_named_error_and_the_last_epochs_checkpoints_stay_intact(tiny_data, small_disk):
+    from fastai.callback.core import Callback
+    from lesion_fastai.finetuning import finetune
+
+    class FillAfterFirstEpoch(Callback):
+        order = 99                                        # after the epoch's checkpoints are written
+        def after_epoch(self):
+            if self.epoch == 0: _fill(small_disk)
+    out = small_disk / 'run'
+    cfg = FinetuneConfig(data=tiny_data, out=out, epochs=3, bs=2, size=32, context=0)
+    with pytest.raises(ValueError, match=r'the disk is full .* so it was not written; the files written before it are intact'):
+        finetune(cfg, cbs=[FillAfterFirstEpoch()])
+    for f in small_disk.glob('filler*'): f.unlink()
+    assert torch.load(out / 'last.pth', map_location='cpu', weights_only=False)['epoch'] == 0
+    assert torch.load(out / 'models' / 'best.pth', map_location='cpu', weights_only=False)
+    assert not [p for p in out.rglob('*.tmp')]
+    assert json.loads((out / 'run_config.json').read_text())['epochs'] == 3
