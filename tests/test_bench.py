@@ -251,3 +251,10 @@ def test_budget_curve_pretrains_each_cell_and_compares_with_scratch_on_the_same_
     assert cells == [(1, 0), (1, 1), (1, 2), (0, 2)] and all(s['seeds'] == 2 for s in res['summary'])   # fewer neighbours: the middle epochs
     assert (tmp_path / 'pretrain_0n_2e' / 'pretrained.pth').exists() and (tmp_path / 'pretraining_budget.png').stat().st_size > 0
     assert '| 1 | 0 (scratch) |' in (tmp_path / 'budget.md').read_text()
+
+
+def test_select_gives_an_int_setting_whole_numbers():
+    from lesion_fastai.bench.select import setting_values
+    values = setting_values('unfreeze_after', [5., 2.])
+    assert values == [5, 2] and all(type(v) is int for v in values)        # fit_one_cycle counts epochs in ints
+    assert setting_values('unfreeze_after', [2.5]) is None and setting_values('wd', [.01, .1]) == [.01, .1]

@@ -101,9 +101,18 @@ def add_parser(sub) -> None:
     se.set_defaults(run=_run)
 
 
+def setting_values(setting: str, values) -> list | None:
+    "`values` (parsed as floats) as the type of the FinetuneConfig field `setting`: ints for an int field (None if one is not whole)."
+    import typing
+    if typing.get_type_hints(FinetuneConfig)[setting] is not int: return list(values)
+    return [int(v) for v in values] if all(float(v).is_integer() for v in values) else None
+
+
 def _run(ap, args) -> dict:
     data = data_args(args)
     if args.setting not in FinetuneConfig.__dataclass_fields__: ap.error(f'--setting {args.setting!r} is not a fine-tuning setting')
-    return select(args.out, data, args.patients, args.native, args.setting, list(args.values), args.mode, list(args.fractions),
+    values = setting_values(args.setting, args.values)
+    if values is None: ap.error(f'--values {",".join(f"{v:g}" for v in args.values)}: --setting {args.setting} takes whole numbers')
+    return select(args.out, data, args.patients, args.native, args.setting, values, args.mode, list(args.fractions),
                   list(args.seeds), args.epochs, args.pretrain_epochs, args.bs, {'head': args.head} if args.head != 'direct' else None,
                   args.criterion, args.precision)
