@@ -212,8 +212,10 @@ def build_slice_cache(items, spec, folder: Path | str = DEFAULT_CACHE_DIR, worke
         try: return _build(items, units, prep, spec, folder, key, array_file, index_file, workers)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
-            raise ValueError(f"the slice cache {folder}: the disk is full ({e.strerror}); free space there, give --cache-dir "
-                             f"on another disk, or use --cache memory") from None
+            raise ValueError(f"the slice cache {folder}: the disk is full ({e.strerror}); {NO_ROOM}") from None
+
+
+NO_ROOM = 'free space, give --cache-dir on another disk, or use --cache memory'     # what to do when the cache does not fit
 
 
 def _build(items, units, prep, spec, folder, key, array_file, index_file, workers) -> SliceCache:
@@ -225,7 +227,7 @@ def _build(items, units, prep, spec, folder, key, array_file, index_file, worker
         need, free = np.prod(shape) * 2 + 4096, shutil.disk_usage(folder).free
         if need > free:
             raise ValueError(f"the slice cache {array_file.name} needs {need / 1e9:.2f} GB in {folder} and {free / 1e9:.2f} GB are free: "
-                             f"free space, give --cache-dir on another disk, or use --cache memory")
+                             f"{NO_ROOM}")
         np.lib.format.open_memmap(partial, mode='w+', dtype=np.float16, shape=shape).flush()
         try:                                     # reserve the blocks now: a full disk under a memory map is a SIGBUS later
             with open(partial, 'r+b') as f: os.posix_fallocate(f.fileno(), 0, os.path.getsize(partial))

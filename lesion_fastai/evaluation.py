@@ -104,13 +104,19 @@ def _results_figure(records, dets: Detections, images, path, n, threshold: float
     n = min(n, len(images))
     H, W = images.shape[-2:]
     scale = np.array([W, H, W, H])
-    shown = [(s >= threshold) | (np.arange(len(s)) == 0) for s in dets.scores[:n]]          # the top box always
-    keep = [(b[m][:max_boxes], s[m][:max_boxes]) for b, s, m in zip(dets.boxes[:n], dets.scores[:n], shown)]
+    keep = [_drawn(dets, i, threshold, max_boxes) for i in range(n)]
     ious = [match_lesion(to_pixels(dets.boxes[i, 0], r.width, r.height), r)[1] for i, r in enumerate(records[:n])]
     margins = None if dets.sd is None else [one_std_boxes(dets.boxes[i, 0], dets.sd[i, 0]) * scale for i in range(n)]
     plot_results(images[:n], records[:n], [b * scale for b, _ in keep], path, pred_scores=[s for _, s in keep],
                  pred_margins=margins, ious=ious, threshold=threshold)
     return sum(len(b) for b, _ in keep)
+
+
+def _drawn(dets: Detections, i: int, threshold: float, max_boxes: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    "(boxes, scores) a figure draws on slice `i`: those scoring at least `threshold`, and the top box always; at most `max_boxes`."
+    s = dets.scores[i]
+    m = (s >= threshold) | (np.arange(len(s)) == 0)
+    return dets.boxes[i][m][:max_boxes], s[m][:max_boxes]
 
 
 def slice_errors(dets: Detections, records, threshold: float, n: int = 4) -> tuple[list, list]:
@@ -142,8 +148,7 @@ def _errors_figure(learn, records, dets: Detections, path, threshold: float, n: 
     recs = [records[i] for i, _ in chosen]
     images = CTSlice(spec).batch(recs)[:, 0].numpy()
     scale = np.array([images.shape[-1], images.shape[-2]] * 2)
-    keep = [(dets.boxes[i][(dets.scores[i] >= threshold) | (np.arange(dets.scores.shape[1]) == 0)][:5],
-             dets.scores[i][(dets.scores[i] >= threshold) | (np.arange(dets.scores.shape[1]) == 0)][:5]) for i, _ in chosen]
+    keep = [_drawn(dets, i, threshold) for i, _ in chosen]
     return plot_results(images, recs, [b * scale for b, _ in keep], path, pred_scores=[s for _, s in keep],
                         titles=[why for _, why in chosen], threshold=threshold)
 

@@ -150,6 +150,7 @@ def predict(model_path, inputs, out, device: str = 'auto', bs: int = 16, workers
             if overlays:
                 shown = [o for n, o in enumerate(keep) if n == 0 or scores[j][o] >= threshold][:max_boxes]     # the top box always
                 drawn.append((s, i, [boxes[j][o] * scale for o in shown], [scores[j][o] for o in shown]))
+    n_drawn = sum(len(b) for *_, b, _ in drawn)
     with output_folder(out):                          # written only now: a failed or --strict run leaves nothing
         for s, i, b, sc in drawn:                     # the key slice in the model's first window, its boxes in yellow
             stem = Path(s.names[i]).stem if s.kind == 'png' else f'{Path(s.names[i]).name}_{i:04d}'
@@ -158,11 +159,11 @@ def predict(model_path, inputs, out, device: str = 'auto', bs: int = 16, workers
         write_csv(out / 'predictions.csv', [*PREDICTION_COLUMNS, *EXTRA_COLUMNS], rows)
         write_csv(out / 'skipped.csv', ['file', 'reason'], skipped)
     log.info(f"predicted {n_ok} slice(s) of {len(series)} series: {len(rows)} boxes in {out / 'predictions.csv'}"
-             + (f"; overlays in {out / 'overlays'}: {sum(len(b) for *_, b, _ in drawn)} box(es) at score >= {threshold:.3f} ({why}), "
+             + (f"; overlays in {out / 'overlays'}: {n_drawn} box(es) at score >= {threshold:.3f} ({why}), "
                 f"and the top box of each slice always, orange where it scores less" if overlays else '')
              + (f"; {len(skipped)} input(s) skipped, named in {out / 'skipped.csv'}" if skipped else '')
              + (f"; {ignored} other file(s) in the folders ignored" if ignored else ''))
-    return {'predicted': n_ok, 'boxes': len(rows), 'skipped': skipped, 'drawn': sum(len(b) for *_, b, _ in drawn), 'threshold': threshold}
+    return {'predicted': n_ok, 'boxes': len(rows), 'skipped': skipped, 'drawn': n_drawn, 'threshold': threshold}
 
 
 def _key_hu(s: Series, i: int) -> np.ndarray:
