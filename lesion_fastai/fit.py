@@ -4,7 +4,8 @@ before anything trains. `pretraining.py` and `finetuning.py` hold the two runs t
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+import re
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -112,11 +113,25 @@ def fit_resumable(learn, out: Path, epochs: int, lr, monitor: str, resume: bool,
         best.load_at_end = i == len(phases) - 1
         if i: best.reset_on_fit = False                                          # the best so far is the first fit's
         fit = lambda: learn.fit_one_cycle(n, phase_lr, start_epoch=start, cbs=[best, state, *([csv] if csv else []), finite, *cbs], **kw)
-        with distributed.data_parallel(learn):
+        with _named_errors(), distributed.data_parallel(learn):
             if speaking(): fit()
             else:
                 with learn.no_bar(), learn.no_logging(): fit()
         if finite.problem: raise FloatingPointError(finite.problem)
+
+
+_CALLBACK_PREFIX = re.compile(r'^(?:Exception occured in `\w+` when calling event `\w+`:\n\t)+')
+
+
+@contextmanager
+def _named_errors():
+    """fastai puts "Exception occured in `ResumeState` when calling event `after_epoch`:" before an error
+    raised in a callback; a named error of ours (a full disk while a checkpoint is written) reads as itself,
+    so the command line prints the one `error:` line it promises."""
+    try: yield
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        if e.args and isinstance(e.args[0], str): e.args = (_CALLBACK_PREFIX.sub('', e.args[0]), *e.args[1:])
+        raise
 
 
 def cpu_has_bf16() -> bool:

@@ -2,6 +2,7 @@
 settings or a broken resume state, a full disk."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -127,6 +128,19 @@ def test_a_cache_on_a_full_disk_is_a_named_error_that_leaves_no_partial_array(ti
     assert not list((small_disk / 'cache').glob('*partial*'))
 
 
+def test_a_named_error_raised_in_a_callback_reads_as_itself():
+    "fastai puts the callback and event before an error raised in a callback; the command line's one error line must not carry it."
+    from fastai.callback.core import Callback
+    from lesion_fastai.files import DiskFullError
+    from lesion_fastai.fit import _named_errors
+
+    class Full(Callback):
+        def after_epoch(self): raise DiskFullError('/runs/x/last.pth: the disk is full')
+    with pytest.raises(DiskFullError) as e, _named_errors(): Full()('after_epoch')
+    assert str(e.value) == '/runs/x/last.pth: the disk is full'
+    with pytest.raises(DiskFullError, match='^Exception occured in `Full`'): Full()('after_epoch')     # what fastai alone says
+
+
 @pytest.mark.slow
 def test_a_full_disk_mid_run_is_a_named_error_and_the_last_epochs_checkpoints_stay_intact(tiny_data, small_disk):
     from fastai.callback.core import Callback
@@ -138,7 +152,8 @@ def test_a_full_disk_mid_run_is_a_named_error_and_the_last_epochs_checkpoints_st
             if self.epoch == 0: _fill(small_disk)
     out = small_disk / 'run'
     cfg = FinetuneConfig(data=tiny_data, out=out, epochs=3, bs=2, size=32, context=0)
-    with pytest.raises(ValueError, match=r'the disk is full .* so it was not written; the files written before it are intact'):
+    with pytest.raises(ValueError, match=rf'^{re.escape(str(out))}/\S+: the disk is full .* so it was not written; the files written '
+                                         'before it are intact'):       # the named error as itself, not behind fastai's callback prefix
         finetune(cfg, cbs=[FillAfterFirstEpoch()])
     for f in small_disk.glob('filler*'): f.unlink()
     assert torch.load(out / 'last.pth', map_location='cpu', weights_only=False)['epoch'] == 0
