@@ -117,6 +117,19 @@ def test_select_compares_values_on_validation_only_over_paired_seeds(tiny_data, 
     assert (tmp_path / 'select_wd.md').read_text().startswith('| wd | labels |') and res['verdict'].startswith(f"wd = {res['best']:g}")
 
 
+@pytest.mark.parametrize('mode, pretrains', [('carry', False), ('sandwich-ft', True)])
+def test_select_pretrains_only_for_a_mode_that_starts_from_the_autoencoder(tiny_data, tmp_path, monkeypatch, mode, pretrains):
+    import lesion_fastai.bench.select as sel
+    calls, cfgs = [], []
+    monkeypatch.setattr(sel, 'prepare', lambda *a, **k: calls.append(a) or tmp_path / 'pretrained.pth')
+    valid = {'froc': {'mean_0.5_4': .5}, 'top1': {'mean_iou': .5, 'hit@0.5': .5, 'calibration': None}}
+    monkeypatch.setattr(sel, 'run_finetune', lambda cfg: cfgs.append(cfg) or {'valid': valid, 'train_slices': 3})
+    setting, values = ('carry_weight', [.5, 1.]) if mode == 'carry' else ('unfreeze_after', [5., 2.])
+    sel.select(tmp_path, tiny_data, 10, 64, setting, values, mode, [.1], [0], epochs=1, pretrain_epochs=1, bs=2)
+    assert bool(calls) == pretrains and [c.pretrained for c in cfgs] == [tmp_path / 'pretrained.pth' if pretrains else None] * 2
+    assert [getattr(c, setting) for c in cfgs] == values
+
+
 def test_mean_ci_is_students_t_interval():
     from lesion_fastai.stats import mean_ci
     m, h = mean_ci([1., 2., 3.])

@@ -13,7 +13,7 @@ import numpy as np
 from ..config import FinetuneConfig, choices, parse_floats, parse_ints
 from ..log import log
 from ..stats import mean_ci
-from .common import MODES, add_data_args, data_args, ensure_data, finetune_config, machine, prepare, report, run_finetune
+from .common import MODES, NO_CHECKPOINT, add_data_args, data_args, ensure_data, finetune_config, machine, prepare, report, run_finetune
 
 __all__ = ['CRITERIA', 'select', 'add_parser']
 
@@ -43,7 +43,7 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
     and its paired difference from the first value (the current default) over the same seeds."""
     key, best_of = CRITERIA[criterion]
     speed = {} if precision == 'auto' else {'precision': precision}
-    if mode == 'scratch':
+    if mode in NO_CHECKPOINT:                    # scratch, carry: no autoencoder to pretrain
         ckpt = None
         ensure_data(data, patients, native)
     else: ckpt = prepare(out, data, patients, native, pretrain_epochs, bs, speed)
