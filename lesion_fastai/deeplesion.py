@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import io
 import re
+import struct
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def _numbers(text: str, n: int, column: str) -> list[float]:
 
 def _integer(text: str, column: str) -> int:
     text = text.strip()
-    if not _INT_RE.match(text): raise ValueError(f"{column} {text!r} is not an integer of at most 9 digits")
+    if not _INT_RE.match(text): raise ValueError(f"{column} {text!r}: expected a whole number of at most 9 digits")
     return int(text)
 
 
@@ -154,9 +155,9 @@ def _parse_row(row: dict, root: Path) -> dict:
     if rec['x2'] < rec['x1'] or rec['y2'] < rec['y1']:
         raise ValueError(f"Bounding_boxes ({rec['x1']:g}, {rec['y1']:g}, {rec['x2']:g}, {rec['y2']:g}) "
                          f"has x2 < x1 or y2 < y1, expected x1 <= x2 and y1 <= y2")
-    if rec['slice_last'] < rec['slice_first']: raise ValueError("Slice_range has last < first")
+    if rec['slice_last'] < rec['slice_first']: raise ValueError(f"Slice_range {row['Slice_range'].strip()!r}: last < first, expected first, last with first <= last")
     for name, col in (('slice_first', 'Slice_range'), ('slice_last', 'Slice_range'), ('width', 'Image_size'), ('height', 'Image_size')):
-        if rec[name] != int(rec[name]) or abs(rec[name]) > 1e9: raise ValueError(f"{col} {row[col].strip()!r}: {rec[name]:g} is not an integer slice index or size")
+        if rec[name] != int(rec[name]) or abs(rec[name]) > 1e9: raise ValueError(f"{col} {row[col].strip()!r}: {rec[name]:g}, expected whole numbers (slice indices, sizes in px)")
     _check_values(rec)
     split = row['Train_Val_Test'].strip()
     if split not in ('1', '2', '3'): raise ValueError(f"Train_Val_Test {split!r} is unknown, expected 1, 2 or 3")
@@ -167,7 +168,7 @@ def _parse_row(row: dict, root: Path) -> dict:
     rec['gender'] = row['Patient_gender'].strip()
     age = row['Patient_age'].strip()
     try: rec['age'] = float(age) if age not in ('', 'NaN', 'nan') else np.nan
-    except ValueError: raise ValueError(f"Patient_age {age!r} is not a number") from None
+    except ValueError: raise ValueError(f"Patient_age {age!r}: expected a number (or nothing)") from None
     path = image_path(rec['file_name'], root)
     rec['series_dir'], rec['image_path'] = path.parent.name, str(path)
     return rec
@@ -180,7 +181,9 @@ def read_dl_info(path: Path | str, root: Path | str | None = None, strict: bool 
     normalized location, slice range, spacing in mm, image size, DICOM window, gender, age (NaN when
     missing), `split` as 'train' / 'val' / 'test', plus `series_dir` and the slice's `image_path` under
     `root` (default: the CSV's folder) and `line`, the row's line in the file. Bad input raises `ValueError` naming the file, line and field;
-    with `strict=False` bad rows are skipped with one warning that lists them.
+    with `strict=False` bad rows are skipped with one warning that lists them. A file the csv module
+    cannot split into rows (a field over its limit, an unclosed quote that swallows the lines after it)
+    is an error either way: which rows it holds is not known, so none can be skipped safely.
     """
     path = Path(path)
     root = path.parent if root is None else Path(root)
@@ -193,14 +196,16 @@ def read_dl_info(path: Path | str, root: Path | str | None = None, strict: bool 
                 missing = [c for c in COLUMNS if c not in header]
                 extra = [c for c in header if c not in COLUMNS]
                 moved = [f"{c} at column {header.index(c) + 1}" for i, c in enumerate(COLUMNS) if c in header and header.index(c) != i]
+                repeated = sorted({c for c in header if header.count(c) > 1})
                 raise ValueError(f"{path} line 1: header is not DeepLesion's 18 columns in order "
-                                 + (f"(missing {missing}, unexpected {extra})" if missing or extra or not moved else
+                                 + (f"(missing {missing}, unexpected {extra})" if missing or extra else
+                                    f"({', '.join(repeated)} more than once; expected each of the 18 once)" if repeated else
                                     f"(the right names in another order: {', '.join(moved[:4])}{' ...' if len(moved) > 4 else ''}; "
                                     f"expected {', '.join(COLUMNS)})"))
             while True:
                 try: row = next(reader, None)
                 except csv.Error as e:
-                    row, problem = [], f"{e} (a field longer than any DeepLesion field, or an unclosed quote)"
+                    row, problem = [], f"{e}: expected fields of at most {MAX_FIELD_CHARS:,} characters and closed quotes (a field longer than any DeepLesion field, or an unclosed quote)"
                 else: problem = None
                 if row is None: break
                 if not row and problem is None: continue
@@ -249,6 +254,8 @@ def open_png(path) -> Image.Image:
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such slice")
     if path.stat().st_size == 0: raise SliceFileError(path, f"empty file (0 bytes), {_EXPECTED}")
+    size = _png_header_size(path)
+    if size and max(size) > MAX_SLICE_PX: _too_large(path, size)         # named by its header, before Pillow decodes anything
     try: im = Image.open(path)
     except UnidentifiedImageError: raise SliceFileError(path, f"not an image file (unreadable header), {_EXPECTED}") from None
     except Image.DecompressionBombError as e:       # Pillow refuses before we can read the size: its message has it
@@ -260,9 +267,20 @@ def open_png(path) -> Image.Image:
         raise SliceFileError(path, f"PNG mode {im.mode!r}, {_EXPECTED}")
     if max(im.size) > MAX_SLICE_PX:
         im.close()
-        raise SliceFileError(path, f"{im.size[0]} x {im.size[1]} px, larger than the {MAX_SLICE_PX} x {MAX_SLICE_PX} px read "
-                                   f"(DeepLesion's slices are 512 px, a few 768 or 1024)")
+        _too_large(path, im.size)
     return im
+
+
+def _png_header_size(path: Path) -> tuple[int, int] | None:
+    "Width and height as a PNG's IHDR chunk states them (the file's first 24 bytes); None for anything else."
+    with open(path, 'rb') as f: head = f.read(24)
+    if head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR': return struct.unpack('>II', head[16:24])
+    return None
+
+
+def _too_large(path: Path, size) -> None:
+    raise SliceFileError(path, f"{size[0]} x {size[1]} px, larger than the {MAX_SLICE_PX} x {MAX_SLICE_PX} px read "
+                               f"(DeepLesion's slices are 512 px, a few 768 or 1024)")
 
 
 def load_hu(path: Path | str) -> np.ndarray:

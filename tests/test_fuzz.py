@@ -58,10 +58,18 @@ def _csv_cases(n_rows: int, seed: int = 0) -> list:
         def mutate(rows):
             rows[r + 1][COLUMNS.index(col)] = value
             return rows
-        return (f'{col}={value[:20]!r} row {r}', mutate)
+        named = col if len(value) < 131072 else None        # a field over the csv limit: no column is parsed to name
+        return (f'{col}={value[:20]!r} row {r}', mutate, named)
     for col, values in BAD.items():
         for v in values: cases.append(field(int(rng.integers(n_rows)), col, v))
     for v in ANY_FIELD: cases.append(field(int(rng.integers(n_rows)), COLUMNS[int(rng.integers(len(COLUMNS)))], v))
+
+    def huge_patient(rows):                                  # the index and File_name's patient agree, both too large
+        row = rows[1 + int(rng.integers(n_rows))]
+        row[1] = '9999999999999999999999999'
+        row[0] = '9999999999999999999999999_' + row[0].split('_', 1)[1]
+        return rows
+    cases.append(('Patient_index and File_name patient 9999999999999999999999999', huge_patient, 'Patient_index'))
     while len(cases) < 110:
         col = list(BAD)[int(rng.integers(len(BAD)))]
         cases.append(field(int(rng.integers(n_rows)), col, BAD[col][int(rng.integers(len(BAD[col])))]))
@@ -81,6 +89,8 @@ def _whole_file_cases() -> list:
         ('UTF-16', rewrite(lambda rows, p: _write(p, rows, encoding='utf-16')), r'not UTF-8 text'),
         ('Latin-1 byte', lambda p: p.write_bytes(p.read_bytes().replace(b'M,', b'\xe9,', 1)), r'not UTF-8 text'),
         ('swapped header columns', rewrite(lambda rows, p: _write(p, [swap] + rows[1:])), r'the right names in another order'),
+        ('a header column twice', rewrite(lambda rows, p: _write(p, [rows[0] + [rows[0][3]]] + [r + ['1'] for r in rows[1:]])),
+         r'Series_ID more than once; expected each of the 18 once'),
         ('a header column missing', rewrite(lambda rows, p: _write(p, [rows[0][:-1]] + rows[1:])), r"missing \['Train_Val_Test'\]"),
         ('a row with a field more', rewrite(lambda rows, p: _write(p, rows[:3] + [rows[3] + ['x']] + rows[4:])), r'line 4: row has 19 fields'),
         ('a truncated last row', lambda p: p.write_bytes(p.read_bytes().rstrip(b'\r\n')[:-30]), r'line \d+: row has \d+ fields|line \d+: '),
@@ -125,13 +135,14 @@ N_ROWS = 12          # the rows the fuzz draws from (the tiny set has at least t
 
 @pytest.mark.parametrize('case', _csv_cases(N_ROWS), ids=lambda c: c[0])
 def test_a_bad_field_is_an_error_naming_file_line_and_field(case, clean, tmp_path):
-    name, mutate = case
+    name, mutate, column = case
     data = _case_dir(clean, tmp_path)
     rows = _rows(data / 'DL_info.csv')
     assert len(rows) > N_ROWS
     _write(data / 'DL_info.csv', mutate(rows))
     code = _refused(data, tmp_path, str(data / 'DL_info.csv'))
     assert ' line ' in code
+    if column: assert column in code and 'expected' in code, code       # the field, and what it may hold
 
 
 @pytest.mark.parametrize('case', _whole_file_cases(), ids=lambda c: c[0])
@@ -211,6 +222,31 @@ def test_a_bad_slice_is_an_error_naming_it(case, split, clean, tmp_path):
     path = df[df.split == split].iloc[0].image_path
     mutate(__import__('pathlib').Path(path))
     _refused(data, tmp_path, path)
+
+
+@pytest.fixture(scope='module')
+def with_neighbours(tmp_path_factory):
+    "A tiny set with one unlabelled slice on each side of every key slice."
+    from lesion_fastai.synthetic import generate
+    root = tmp_path_factory.mktemp('fuzz_neighbours') / 'data'
+    generate(root, patients=8, size=64, seed=5, neighbours=1)
+    return root
+
+
+@pytest.mark.parametrize('cache', ['memory', 'none'])
+def test_a_bombed_neighbour_slice_is_named_before_it_is_decoded(with_neighbours, tmp_path, cache):
+    data = tmp_path / 'data'
+    shutil.copytree(with_neighbours, data)
+    row = read_dl_info(data / 'DL_info.csv').iloc[0]
+    neighbour = __import__('pathlib').Path(row.image_path).with_name(f'{row.key_slice + 1:03d}.png')
+    assert neighbour.exists()
+    neighbour.write_bytes(_png_header_only(30000, 30000))
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        finetune_cli.main(['--data', str(data), '--out', str(out), '--epochs', '1', '--bs', '2', '--size', '32', '--context', '1',
+                           '--cache', cache])
+    assert str(neighbour) in e.value.code and '30000 x 30000' in e.value.code and 'Traceback' not in e.value.code, e.value.code
+    assert not out.exists()
 
 
 # mutations that are still valid DeepLesion: the same training as the clean set
