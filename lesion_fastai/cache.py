@@ -30,7 +30,7 @@ import torch
 
 from . import distributed
 from .deeplesion import SliceRecord, check_png, context_paths
-from .files import PidLock, atomic_write_text, remove_stale_temps
+from .files import DiskFullError, PidLock, atomic_write_text, remove_stale_temps
 from .log import log, progress
 
 __all__ = ['SliceCache', 'BadSlicesError', 'plane_units', 'cache_key', 'decode_all', 'check_files', 'build_slice_cache',
@@ -210,9 +210,11 @@ def build_slice_cache(items, spec, folder: Path | str = DEFAULT_CACHE_DIR, worke
         if array_file.exists() and index_file.exists():
             return SliceCache(array_file, json.loads(index_file.read_text())['index'])
         try: return _build(items, units, prep, spec, folder, key, array_file, index_file, workers)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
-            raise ValueError(f"the slice cache {folder}: the disk is full ({e.strerror}); {NO_ROOM}") from None
+        except (OSError, DiskFullError) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
+            for f in (folder / f'slices_{key}.partial.npy', folder / f'slices_{key}.partial.json'): f.unlink(missing_ok=True)
+            raise ValueError(f"the slice cache {folder}: the disk is full ({getattr(e, 'strerror', None) or 'a file could not be written'}); "
+                             f"the partial build was removed to give its space back; {NO_ROOM}") from None
 
 
 NO_ROOM = 'free space, give --cache-dir on another disk, or use --cache memory'     # what to do when the cache does not fit

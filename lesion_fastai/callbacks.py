@@ -7,6 +7,7 @@ fastai upgrade that changes them fails loudly: `SaveModelCallback._save(name)` (
 through it), `CSVLogger._write_line` and `old_logger` (set by `before_fit`, restored by `after_fit`)."""
 from __future__ import annotations
 
+import errno
 import random
 import time
 
@@ -19,7 +20,7 @@ from fastai.torch_core import get_model
 
 from . import distributed
 from .checkpoint import atomic_save
-from .files import atomic_path
+from .files import atomic_path, disk_full
 
 __all__ = ['TimeBudget', 'StopOnNonFinite', 'AtomicSaveModelCallback', 'ResumableCSVLogger', 'ResumeState', 'rng_state', 'set_rng_state']
 
@@ -94,8 +95,12 @@ class ResumableCSVLogger(CSVLogger):
         self.old_logger, self.learn.logger = self.logger, self._write_line
 
     def _write_line(self, log):
-        if self.epoch >= self.start_epoch: super()._write_line([log[0] + self.offset, *log[1:]])
-        else: self.old_logger(log)
+        try:
+            if self.epoch >= self.start_epoch: super()._write_line([log[0] + self.offset, *log[1:]])
+            else: self.old_logger(log)
+        except OSError as e:                # a row cut short is cut off on --resume: last.pth was not saved after it
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
+            raise disk_full(self.path / self.fname) from None
 
 
 def rng_state(dls=()) -> dict:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ['atomic_path', 'atomic_write_text', 'write_json', 'write_csv', 'remove_stale_temps', 'check_out_folder', 'output_folder',
-           'PidLock', 'LockedError', 'DiskFullError']
+           'PidLock', 'LockedError', 'DiskFullError', 'disk_full']
 
 _TEMP_RE = re.compile(r'^\..+\.(\d+)\.tmp$')
 
@@ -35,16 +35,21 @@ def atomic_path(path: Path | str):
     except (OSError, RuntimeError) as e:
         if not _disk_full(e, path.parent): raise
         if tmp.exists(): tmp.unlink()
-        free = shutil.disk_usage(path.parent).free
-        raise DiskFullError(f"{path}: the disk is full ({free / 1e6:.1f} MB free in {path.parent}), so it was not written; the files "
-                            f"written before it are intact (an interrupted run continues from its last.pth with --resume once there "
-                            f"is space)") from None
+        raise disk_full(path) from None
     finally:
         if tmp.exists(): tmp.unlink()
 
 
 class DiskFullError(ValueError):
     "A file could not be written for want of space; the message names it."
+
+
+def disk_full(path: Path) -> DiskFullError:
+    "The error for `path`, not written for want of space: how much is free, and that a run can resume."
+    free = shutil.disk_usage(path.parent).free
+    return DiskFullError(f"{path}: the disk is full ({free / 1e6:.1f} MB free in {path.parent}), so it was not written; the files "
+                         f"written before it are intact (an interrupted run continues from its last.pth with --resume once there "
+                         f"is space)")
 
 
 def _disk_full(e: BaseException, folder: Path) -> bool:
@@ -110,27 +115,26 @@ def _lock_owner(path: Path) -> int | None:
 
 
 class PidLock:
-    """The lock file `path`, holding its owner's pid, taken with `acquire` (or `with`). A lock whose
-    owner no longer runs (a killed process) is stale and taken over. Held by a live process: `acquire`
-    raises `LockedError` naming `what` and the pid, or with `wait`, waits until it is released."""
+    """The lock file `path`, taken with `acquire` (or `with`): an exclusive `flock` on it, which the
+    kernel lets go of when its process ends however it ends, so a killed owner leaves no lock to take
+    over by hand (two processes that found one stale lock at once could both have taken it). The file
+    holds its owner's pid, for the message. Held by another process: `acquire` raises `LockedError`
+    naming `what` and the pid, or with `wait`, waits until it is released."""
 
     def __init__(self, path: Path | str, what: str, wait: bool = False, poll_s: float = 1.):
         self.path, self.what, self.wait, self.poll_s = Path(path), what, wait, poll_s
+        self.fd = None
 
     def acquire(self) -> 'PidLock':
+        import fcntl
         import time
         said = False
         while True:
-            try: fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 owner = _lock_owner(self.path)
-                if owner is None:                        # being written this instant, or garbage: look again
-                    time.sleep(.05)
-                    if _lock_owner(self.path) is None: self.path.unlink(missing_ok=True)
-                    continue
-                if not _alive(owner):                    # stale: its process is gone
-                    self.path.unlink(missing_ok=True)
-                    continue
                 if not self.wait: raise LockedError(f"{self.what} is in use by another process (pid {owner}, lock {self.path})", owner) from None
                 if not said:
                     from .log import log
@@ -138,11 +142,21 @@ class PidLock:
                     said = True
                 time.sleep(self.poll_s)
                 continue
-            with os.fdopen(fd, 'w') as f: f.write(f'{os.getpid()}\n')
+            try: current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError: current = False
+            if not current:                              # locked a file its owner removed on release: take the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f'{os.getpid()}\n'.encode())
+            self.fd = fd
             return self
 
     def release(self) -> None:
-        if _lock_owner(self.path) == os.getpid(): self.path.unlink(missing_ok=True)
+        if self.fd is None: return
+        self.path.unlink(missing_ok=True)                # while still held: a waiter that locks the old file sees it gone
+        os.close(self.fd)
+        self.fd = None
 
     def __enter__(self): return self.acquire()
 

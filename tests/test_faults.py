@@ -3,11 +3,12 @@ settings or a broken resume state, a full disk."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -40,28 +41,64 @@ def test_two_processes_building_one_cache_end_with_the_same_complete_cache(tiny_
     assert len([n for n in names if n.endswith('.npy')]) == 1 and not [n for n in names if 'partial' in n or n.endswith('.lock')], names
 
 
-def test_a_lock_of_a_live_process_refuses_and_a_stale_one_is_taken_over(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+HOLD = "import sys, time; from lesion_fastai.files import PidLock; PidLock(sys.argv[1], 'x').acquire(); print('held', flush=True); time.sleep(60)"
+
+
+def _holder(lock):
+    "A process that holds the lock file `lock` until it is killed."
+    p = subprocess.Popen([sys.executable, '-c', HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == 'held'
+    return p
+
+
+def test_a_lock_of_a_live_process_refuses_and_a_killed_owners_is_taken_over(tmp_path):
+    holder = _holder(tmp_path / 'a.lock')
     try:
-        (tmp_path / 'a.lock').write_text(f'{sleeper.pid}\n')
-        with pytest.raises(LockedError, match=rf'pid {sleeper.pid}'): PidLock(tmp_path / 'a.lock', 'the thing').acquire()
-    finally: sleeper.kill(); sleeper.wait()
-    with PidLock(tmp_path / 'a.lock', 'the thing'):                      # its owner is gone: stale
+        with pytest.raises(LockedError, match=rf'pid {holder.pid}'): PidLock(tmp_path / 'a.lock', 'the thing').acquire()
+    finally: holder.kill(); holder.wait()
+    assert (tmp_path / 'a.lock').read_text().split()[0] == str(holder.pid)        # killed: its file stays behind
+    with PidLock(tmp_path / 'a.lock', 'the thing'):
         assert (tmp_path / 'a.lock').read_text().split()[0] == str(os.getpid())
     assert not (tmp_path / 'a.lock').exists()
+
+
+CONTEND = """
+import os, sys, time
+from pathlib import Path
+from lesion_fastai.files import PidLock
+lock, inside = Path(sys.argv[1]), Path(sys.argv[2])
+while not Path(sys.argv[3]).exists(): time.sleep(.001)          # every process starts at once
+for _ in range(30):
+    with PidLock(lock, 'x', wait=True, poll_s=.001):
+        fd = os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fails if another process is inside too
+        time.sleep(.001)
+        os.close(fd); os.unlink(inside)
+"""
+
+
+@pytest.mark.slow
+def test_processes_that_find_one_stale_lock_at_once_take_it_one_at_a_time(tmp_path):
+    (tmp_path / 'a.lock').write_text('999999999\n')                   # left by a process long gone
+    go = tmp_path / 'go'
+    runs = [subprocess.Popen([sys.executable, '-c', CONTEND, str(tmp_path / 'a.lock'), str(tmp_path / 'inside'), str(go)],
+                             stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(2)
+    go.touch()
+    errs = [r.communicate(timeout=120)[1] for r in runs]
+    assert [r.returncode for r in runs] == [0] * 4, [e[-500:] for e in errs]
+    assert not (tmp_path / 'a.lock').exists() and not (tmp_path / 'inside').exists()
 
 
 def test_a_second_run_on_the_same_out_is_refused_and_leaves_the_first_runs_folder_alone(tiny_data, tmp_path):
     out = tmp_path / 'run'
     out.mkdir()
     (out / 'history.csv').write_text('the first run\n')
-    first = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    first = _holder(out / '.run.lock')
     try:
-        (out / '.run.lock').write_text(f'{first.pid}\n')
         with pytest.raises(SystemExit) as e:
             finetune_cli.main(['--data', str(tiny_data), '--out', str(out), '--epochs', '1', '--bs', '2', '--size', '32'])
     finally: first.kill(); first.wait()
-    assert 'is being written by another run (pid' in e.value.code and 'another --out' in e.value.code
+    assert f'is being written by another run (pid {first.pid})' in e.value.code and 'another --out' in e.value.code
     assert sorted(p.name for p in out.iterdir()) == ['.run.lock', 'history.csv'] and (out / 'history.csv').read_text() == 'the first run\n'
 
 
@@ -86,6 +123,20 @@ def test_resume_with_other_settings_names_every_flag_that_differs(tiny_data, tmp
     for flag in ("--epochs 1 (the run has 3)", "--lr 0.01 (the run has 0.003)", "--head 'gaussian' (the run has 'direct')"): assert flag in msg, msg
     assert '--num-workers' not in msg and '--workers' not in msg and '--bs' not in msg and '--size' not in msg
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize('flag, value, said', [('--bs', '4', '--bs 4 (the run has 2)'), ('--seed', '7', '--seed 7 (the run has 0)'),
+                                               ('--size', '64', '--size 64 (the run has 32)'), ('--context', '1', '--context 1 (the run has 0)'),
+                                               ('--data', 'OTHER', "--data 'OTHER' (the run has 'DATA')")])
+def test_resume_names_each_other_setting(tiny_data, tmp_path, flag, value, said):
+    other = tmp_path / 'other'
+    shutil.copytree(tiny_data, other)
+    out = tmp_path / 'run'
+    base = {'--epochs': '3', '--bs': '2', '--size': '32', '--context': '0', '--seed': '0', '--data': str(tiny_data)}
+    _started(tiny_data, out, [x for k, v in base.items() if k != '--data' for x in (k, v)])
+    argv = {**base, flag: str(other) if value == 'OTHER' else value}
+    with pytest.raises(SystemExit) as e: finetune_cli.main(['--out', str(out), '--resume', *[x for kv in argv.items() for x in kv]])
+    assert said.replace('OTHER', str(other)).replace('DATA', str(tiny_data)) in e.value.code, e.value.code
 
 
 @pytest.mark.parametrize('cut', [0, .5])
@@ -139,6 +190,34 @@ def test_a_named_error_raised_in_a_callback_reads_as_itself():
     with pytest.raises(DiskFullError) as e, _named_errors(): Full()('after_epoch')
     assert str(e.value) == '/runs/x/last.pth: the disk is full'
     with pytest.raises(DiskFullError, match='^Exception occured in `Full`'): Full()('after_epoch')     # what fastai alone says
+
+
+def test_a_disk_that_fills_during_a_cache_build_is_a_named_error_that_gives_the_space_back(tiny_data, small_disk, monkeypatch):
+    import lesion_fastai.cache as cache
+    from lesion_fastai.data import SliceSpec
+    from lesion_fastai.deeplesion import load_data
+    real = cache.atomic_write_text
+
+    def fill_then_write(path, text):                      # the disk fills after the array's blocks were reserved
+        _fill(small_disk)
+        return real(path, text)
+    monkeypatch.setattr(cache, 'atomic_write_text', fill_then_write)
+    with pytest.raises(ValueError, match=r'the disk is full .* the partial build was removed .* give --cache-dir on another disk'):
+        cache.build_slice_cache(load_data(tiny_data)[1], SliceSpec(size=64, context=1), small_disk / 'cache')
+    assert sorted(p.name for p in (small_disk / 'cache').iterdir()) == []
+
+
+def test_a_full_disk_while_a_history_row_is_written_is_the_named_error(tmp_path):
+    import errno
+    from types import SimpleNamespace
+    from lesion_fastai.callbacks import ResumableCSVLogger
+    from lesion_fastai.files import DiskFullError
+
+    class FullFile:
+        def write(self, text): raise OSError(errno.ENOSPC, 'No space left on device')
+    csv = ResumableCSVLogger('history.csv')
+    csv.learn, csv.file, csv.old_logger = SimpleNamespace(path=tmp_path, epoch=1), FullFile(), lambda log: None
+    with pytest.raises(DiskFullError, match=rf'^{re.escape(str(tmp_path / "history.csv"))}: the disk is full'): csv._write_line([1, .5])
 
 
 @pytest.mark.slow

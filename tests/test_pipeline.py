@@ -437,16 +437,16 @@ def test_the_safe_model_loads_without_unpickling_and_predicts_and_evaluates_as_t
     assert settings['decoding']['operating_score'] == json.loads((run / 'metrics.json').read_text())['valid']['operating_point']['score']
 
     def no_unpickling(*a, **k): raise AssertionError('unpickled')
-    with monkeypatch.context() as m:                          # the safe path reads tensors and JSON, nothing else
+    folder = sorted((tiny_data / 'Images_png').iterdir())[0]
+    with monkeypatch.context() as m:                          # the safe path reads tensors and JSON, nothing else: load, predict, --eval
         m.setattr(pickle, 'load', no_unpickling); m.setattr(pickle, 'loads', no_unpickling); m.setattr(torch, 'load', no_unpickling)
         model, spec, _ = load_detector(run / 'model.safetensors')
+        predict(run / 'model.safetensors', [folder], tmp_path / 'p_safe')
+        finetune_cli.main(['--eval', str(run / 'model.json'), '--data', str(tiny_data), '--out', str(tmp_path / 'e_safe')])
     ref = load_learner(run / 'export.pkl').model
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
-    folder = sorted((tiny_data / 'Images_png').iterdir())[0]
-    predict(run / 'model.safetensors', [folder], tmp_path / 'p_safe')
     predict(run / 'export.pkl', [folder], tmp_path / 'p_pkl')
     assert (tmp_path / 'p_safe' / 'predictions.csv').read_text() == (tmp_path / 'p_pkl' / 'predictions.csv').read_text()
-    finetune_cli.main(['--eval', str(run / 'model.json'), '--data', str(tiny_data), '--out', str(tmp_path / 'e_safe')])
     finetune_cli.main(['--eval', str(run / 'export.pkl'), '--data', str(tiny_data), '--out', str(tmp_path / 'e_pkl')])
     a, b = (json.loads((tmp_path / d / 'eval_metrics.json').read_text()) for d in ('e_safe', 'e_pkl'))
     assert a['test']['froc'] == b['test']['froc'] and a['mean_box_source'] == b['mean_box_source'] == 'stored with the model'
