@@ -101,13 +101,18 @@ def _whole_file_cases() -> list:
     ]
 
 
+def _tiny_set(tmp_path_factory, neighbours: int):
+    "8 patients at 64 px with `neighbours` unlabelled slices on each side of a key slice."
+    from lesion_fastai.synthetic import generate
+    root = tmp_path_factory.mktemp(f'fuzz{neighbours}n') / 'data'
+    generate(root, patients=8, size=64, seed=5, neighbours=neighbours)
+    return root
+
+
 @pytest.fixture(scope='module')
 def clean(tmp_path_factory):
-    "The tiny set (8 patients, 64 px, key slices only), its rows, and the clean run's metrics."
-    from lesion_fastai.synthetic import generate
-    root = tmp_path_factory.mktemp('fuzz') / 'data'
-    generate(root, patients=8, size=64, seed=5, neighbours=0)
-    return root
+    "The tiny set, key slices only."
+    return _tiny_set(tmp_path_factory, 0)
 
 
 def _case_dir(clean, tmp_path):
@@ -226,11 +231,8 @@ def test_a_bad_slice_is_an_error_naming_it(case, split, clean, tmp_path):
 
 @pytest.fixture(scope='module')
 def with_neighbours(tmp_path_factory):
-    "A tiny set with one unlabelled slice on each side of every key slice."
-    from lesion_fastai.synthetic import generate
-    root = tmp_path_factory.mktemp('fuzz_neighbours') / 'data'
-    generate(root, patients=8, size=64, seed=5, neighbours=1)
-    return root
+    "The tiny set with one unlabelled slice on each side of every key slice."
+    return _tiny_set(tmp_path_factory, 1)
 
 
 @pytest.mark.parametrize('cache', ['memory', 'none'])
