@@ -91,12 +91,13 @@ def unlabelled_targets(cfg: FinetuneConfig, train, records) -> list:
 
 def epoch_of(train, extra, length: int | None, seed: int) -> list:
     """One epoch's training items: the labelled slices `train` and the `extra` ones; with `length` (the
-    benchmarks' same steps per epoch for every label fraction) exactly that many: all of them
-    repeated while they are fewer, else half of it labelled slices (repeated) and half a seeded
-    sample of the extra ones."""
+    benchmarks' same steps per epoch for every label fraction) exactly that many: labelled slices
+    (repeated) fill at least half of it and the extra ones the rest, each at most once (a seeded
+    sample where they are more). Repeating labels and extras alike would leave few labelled steps: 30
+    key slices beside 114 carried neighbours were 21% of an epoch."""
     pool = train + extra
     if length is None or len(pool) == length or (not extra and len(pool) > length): return pool
-    if len(pool) < length: return (pool * -(-length // len(pool)))[:length]
+    if not extra: return (pool * -(-length // len(pool)))[:length]
     rng = np.random.default_rng(seed)
     n_train = max(length - len(extra), length // 2)
     labelled = (train * -(-n_train // len(train)))[:n_train]
