@@ -18,7 +18,6 @@ with one error naming every such file and the DL_info.csv line that needs it.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ import torch
 
 from . import distributed
 from .deeplesion import SliceRecord, check_png, context_paths
-from .files import DiskFullError, PidLock, atomic_write_text, remove_stale_temps
+from .files import NO_SPACE, DiskFullError, PidLock, atomic_write_text, remove_stale_temps
 from .log import log, progress
 
 __all__ = ['SliceCache', 'BadSlicesError', 'plane_units', 'cache_key', 'decode_all', 'check_files', 'build_slice_cache',
@@ -211,10 +210,15 @@ def build_slice_cache(items, spec, folder: Path | str = DEFAULT_CACHE_DIR, worke
             return SliceCache(array_file, json.loads(index_file.read_text())['index'])
         try: return _build(items, units, prep, spec, folder, key, array_file, index_file, workers)
         except (OSError, DiskFullError) as e:
-            if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
-            for f in (folder / f'slices_{key}.partial.npy', folder / f'slices_{key}.partial.json'): f.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno not in NO_SPACE: raise
+            for f in _partial_files(folder, key): f.unlink(missing_ok=True)
             raise ValueError(f"the slice cache {folder}: the disk is full ({getattr(e, 'strerror', None) or 'a file could not be written'}); "
                              f"the partial build was removed to give its space back; {NO_ROOM}") from None
+
+
+def _partial_files(folder: Path, key: str) -> tuple[Path, Path]:
+    "An unfinished build's array and its record of the finished chunks."
+    return folder / f'slices_{key}.partial.npy', folder / f'slices_{key}.partial.json'
 
 
 NO_ROOM = 'free space, give --cache-dir on another disk, or use --cache memory'     # what to do when the cache does not fit
@@ -223,7 +227,7 @@ NO_ROOM = 'free space, give --cache-dir on another disk, or use --cache memory' 
 def _build(items, units, prep, spec, folder, key, array_file, index_file, workers) -> SliceCache:
     n_windows = len(prep.windows_for(None))
     shape = (len(units), n_windows, spec.size, spec.size)
-    partial, record = folder / f'slices_{key}.partial.npy', folder / f'slices_{key}.partial.json'
+    partial, record = _partial_files(folder, key)
     state = json.loads(record.read_text()) if partial.exists() and record.exists() else None
     if state is None:
         need, free = np.prod(shape) * 2 + 4096, shutil.disk_usage(folder).free

@@ -7,7 +7,6 @@ fastai upgrade that changes them fails loudly: `SaveModelCallback._save(name)` (
 through it), `CSVLogger._write_line` and `old_logger` (set by `before_fit`, restored by `after_fit`)."""
 from __future__ import annotations
 
-import errno
 import random
 import time
 
@@ -20,7 +19,7 @@ from fastai.torch_core import get_model
 
 from . import distributed
 from .checkpoint import atomic_save
-from .files import atomic_path, disk_full
+from .files import NO_SPACE, atomic_path, disk_full
 
 __all__ = ['TimeBudget', 'StopOnNonFinite', 'AtomicSaveModelCallback', 'ResumableCSVLogger', 'ResumeState', 'rng_state', 'set_rng_state']
 
@@ -99,7 +98,7 @@ class ResumableCSVLogger(CSVLogger):
             if self.epoch >= self.start_epoch: super()._write_line([log[0] + self.offset, *log[1:]])
             else: self.old_logger(log)
         except OSError as e:                # a row cut short is cut off on --resume: last.pth was not saved after it
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
+            if e.errno not in NO_SPACE: raise
             raise disk_full(self.path / self.fname) from None
 
 

@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ['atomic_path', 'atomic_write_text', 'write_json', 'write_csv', 'remove_stale_temps', 'check_out_folder', 'output_folder',
-           'PidLock', 'LockedError', 'DiskFullError', 'disk_full']
+           'PidLock', 'LockedError', 'DiskFullError', 'disk_full', 'NO_SPACE']
 
 _TEMP_RE = re.compile(r'^\..+\.(\d+)\.tmp$')
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)       # the errnos of a write that found no room
 
 
 @contextmanager
@@ -55,7 +56,7 @@ def disk_full(path: Path) -> DiskFullError:
 def _disk_full(e: BaseException, folder: Path) -> bool:
     """ENOSPC / EDQUOT, or a writer that says less (torch's zip writer raises a RuntimeError from
     inline_container.cc) on a disk with less than 1 MB left for this user."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT): return True
+    if isinstance(e, OSError) and e.errno in NO_SPACE: return True
     try: return shutil.disk_usage(folder).free < 2 ** 20
     except OSError: return False
 
