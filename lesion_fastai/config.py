@@ -21,12 +21,13 @@ from .losses import BoxLoss
 from .models.autoencoder import CODE_CHANNELS
 from .models.detector import HEADS, KAPPA, SANDWICHES
 
-__all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneConfig', 'PRECISIONS', 'PRETEXTS', 'CACHES', 'DEFAULT_CONTEXT',
+__all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneConfig', 'PRECISIONS', 'PRETEXTS', 'CACHES', 'DEFAULT_CONTEXT', 'PSEUDO_FP',
            'resolve_context',
            'add_settings', 'from_args', 'choices', 'parse_ints', 'parse_floats', 'flag_of']
 
 PRECISIONS = ('auto', 'fp32', 'bf16')
 DEFAULT_CONTEXT = 2   # neighbour slices on each side, where the data ships them: the strongest lever measured (README)
+PSEUDO_FP = .5        # self-training's threshold: the teacher's score at this many false positives per validation slice (README)
 CACHES = ('memory', 'disk', 'none')
 
 # pretext: (mask ratio, patch as a fraction of the size, noise std), what each reconstructs:

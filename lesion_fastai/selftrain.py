@@ -25,7 +25,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import FinetuneConfig, add_settings, from_args
+from .config import PSEUDO_FP, FinetuneConfig, add_settings, from_args
 
 __all__ = ['pseudo_labels_from', 'self_train', 'main']
 
@@ -61,7 +61,7 @@ def pseudo_labels_from(teacher: Path, cfg: FinetuneConfig, out_csv: Path, fp: fl
             'teacher': str(teacher), 'csv': str(out_csv)}
 
 
-def self_train(cfg: FinetuneConfig, rounds: int = 1, fp: float = .5, teacher: Path | None = None) -> dict:
+def self_train(cfg: FinetuneConfig, rounds: int = 1, fp: float = PSEUDO_FP, teacher: Path | None = None) -> dict:
     """`rounds` of self-training (module docstring) into `cfg.out`: the teacher (trained into
     OUT/teacher with `cfg`'s settings unless given), then per round the pseudo-labels and the
     student. Returns the last student's metrics with each round's pseudo-label summary."""
@@ -87,8 +87,8 @@ def main(argv=None):
     ap.add_argument('--teacher', type=Path, default=None, metavar='EXPORT', help="a trained detector's export.pkl as the first "
                     'teacher (default: trained into OUT/teacher with the same settings as the student)')
     ap.add_argument('--rounds', type=int, default=1, help='rounds of pseudo-labelling, each student the next teacher (default 1)')
-    ap.add_argument('--pseudo-fp', type=float, default=.5, metavar='FP', help="the threshold of the teacher's boxes: the score at which it "
-                    'makes FP false positives per validation slice (default 0.5)')
+    ap.add_argument('--pseudo-fp', type=float, default=PSEUDO_FP, metavar='FP', help="the threshold of the teacher's boxes: the score at "
+                    f'which it makes FP false positives per validation slice (default {PSEUDO_FP:g})')
     add_settings(ap, FinetuneConfig, defaults={'out': Path('runs/selftrain')}, names=[
         f.name for f in dataclasses.fields(FinetuneConfig) if f.name != 'pseudo_labels'])
     args = ap.parse_args(argv)

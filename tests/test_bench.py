@@ -130,6 +130,34 @@ def test_select_pretrains_only_for_a_mode_that_starts_from_the_autoencoder(tiny_
     assert [getattr(c, setting) for c in cfgs] == values
 
 
+@pytest.mark.parametrize('setting, values', [('pseudo_fp', [.5, 2.]), ('pseudo_weight', [.5, 1.])])
+def test_select_self_trains_from_efficiencys_scratch_teacher_at_each_threshold(tiny_data, tmp_path, monkeypatch, setting, values):
+    import lesion_fastai.bench.select as sel
+    from lesion_fastai.bench.common import pseudo_csv, teacher_config
+    from lesion_fastai.config import DEFAULT_CONTEXT
+    cfgs, made = [], []
+    valid = {'froc': {'mean_0.5_4': .5}, 'top1': {'mean_iou': .5, 'hit@0.5': .5, 'calibration': None}}
+    monkeypatch.setattr(sel, 'run_finetune', lambda cfg: cfgs.append(cfg) or {'valid': valid, 'train_slices': 3})
+    monkeypatch.setattr(sel, 'ensure_pseudo_labels', lambda teacher, cfg, fp: made.append((teacher.out, cfg.pseudo_labels, fp)) or cfg)
+    sel.select(tmp_path, tiny_data, 10, 64, setting, values, 'selftrain', [.5], [0, 1], epochs=1, pretrain_epochs=1, bs=2, pseudo_fp=4.)
+    teachers = [teacher_config(tmp_path, tiny_data, .5, s, 1, 2, DEFAULT_CONTEXT) for s in (0, 1)]    # the data ships neighbours
+    assert [c for c in cfgs if c.pseudo_labels is None] == teachers and teachers[0].out == tmp_path / 'runs' / 'scratch_0.5_seed0_context2'
+    students = [c for c in cfgs if c.pseudo_labels is not None]
+    fps = values if setting == 'pseudo_fp' else [4.] * 2
+    assert made == [(teachers[s].out, pseudo_csv(tmp_path, .5, s, DEFAULT_CONTEXT, fp), fp) for s in (0, 1) for fp in fps]
+    assert [c.pseudo_weight for c in students] == (values * 2 if setting == 'pseudo_weight' else [.5] * 4)
+    assert all(c.pretrained is None and c.freeze == 'scratch' and c.context == DEFAULT_CONTEXT for c in students)
+    with pytest.raises(ValueError, match='a setting of the selftrain modes'):
+        sel.select(tmp_path, tiny_data, 10, 64, 'pseudo_fp', [.5], 'carry', [.5], [0], epochs=1, pretrain_epochs=1, bs=2)
+
+
+def test_select_refuses_a_teacher_setting_without_a_selftrain_mode(capsys):
+    from lesion_fastai.bench.__main__ import main
+    with pytest.raises(SystemExit):
+        main(['select', '--setting', 'pseudo_fp', '--values', '0.5,1', '--mode', 'carry', '--data', 'nowhere'])
+    assert 'pseudo_fp is a setting of the modes selftrain, selftrain-ae, not of carry' in capsys.readouterr().err
+
+
 def test_mean_ci_is_students_t_interval():
     from lesion_fastai.stats import mean_ci
     m, h = mean_ci([1., 2., 3.])
@@ -237,8 +265,8 @@ def test_efficiency_runs_the_fine_tune_schedule_carried_labels_and_self_training
     run = lambda name: json.loads((tmp_path / 'runs' / f'{name}_0.5_seed0_context1' / 'metrics.json').read_text())
     assert run('sandwich-ft')['config']['unfreeze_after'] == 1 and run('carry')['config']['carry_weight'] == .5
     student = run('selftrain-ae')
-    assert student['config']['freeze'] == 'full' and student['config']['pseudo_labels'].endswith('pseudo/0.5_seed0_context1.csv')
-    assert (tmp_path / 'pseudo' / '0.5_seed0_context1.csv').exists() and run('selftrain')['config']['pseudo_labels'] == student['config']['pseudo_labels']
+    assert student['config']['freeze'] == 'full' and student['config']['pseudo_labels'].endswith('pseudo/0.5_seed0_context1_fp8.csv')
+    assert (tmp_path / 'pseudo' / '0.5_seed0_context1_fp8.csv').exists() and run('selftrain')['config']['pseudo_labels'] == student['config']['pseudo_labels']
     verdict = (tmp_path / 'efficiency.md').read_text()
     for what in ('best pretrained mode on validation', 'labels carried to neighbour slices', 'self-training from scratch',
                  'self-training from the autoencoder'): assert what in verdict

@@ -16,7 +16,7 @@ from ..files import atomic_write_text, write_json
 from ..log import log
 
 __all__ = ['MODES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED', 'mode_changes', 'machine', 'ensure_data', 'tag', 'pretrain_folder', 'pretrain_once', 'prepare',
-           'run_finetune', 'finetune_config', 'test_row', 'pm', 'report', 'in_process', 'add_data_args', 'data_args']
+           'run_finetune', 'finetune_config', 'run_name', 'teacher_config', 'pseudo_csv', 'ensure_pseudo_labels', 'test_row', 'pm', 'report', 'in_process', 'add_data_args', 'data_args']
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich); 'none' is the old name of 'full'. The -ft modes unfreeze after
 # the frozen epochs (fastai's fine_tune); carry: scratch with labels carried to the neighbour slices; selftrain: scratch with the
@@ -131,6 +131,34 @@ def finetune_config(data: Path, run: Path, mode: str, fraction: float, seed: int
     cfg = dict(data=data, out=run, epochs=epochs, bs=bs, label_fraction=fraction, seed=seed, same_epoch_length=True,
                pretrained=None if mode in NO_CHECKPOINT else ckpt, freeze=freeze, sandwich=sandwich, resume=True)
     return FinetuneConfig(**{**cfg, **(changes or {})})
+
+
+def run_name(mode: str, fraction: float, seed: int, context: int | None) -> str:
+    "A grid run's folder name, before its pretext, code and body: `scratch_0.1_seed0_context2`."
+    return f'{mode}_{fraction:g}_seed{seed}' + (f'_context{context}' if context else '')
+
+
+def teacher_config(out: Path, data: Path, fraction: float, seed: int, epochs: int, bs: int, context: int | None,
+                   changes: dict | None = None):
+    """The teacher of the selftrain modes at a label fraction and seed: `efficiency`'s scratch run of
+    that fraction and seed (`select` trains or reuses the same run)."""
+    return finetune_config(data, out / 'runs' / run_name('scratch', fraction, seed, context), 'scratch', fraction, seed, epochs, bs,
+                           None, {'context': context, **(changes or {})})
+
+
+def pseudo_csv(out: Path, fraction: float, seed: int, context: int | None, fp: float) -> Path:
+    "Where the pseudo-labels of a label fraction and seed's teacher at `fp` validation false positives per slice go."
+    return out / 'pseudo' / (f'{fraction:g}_seed{seed}' + (f'_context{context}' if context else '') + f'_fp{fp:g}.csv')
+
+
+def ensure_pseudo_labels(teacher, student, fp: float):
+    """`student` (a FinetuneConfig with `pseudo_labels`), its pseudo-labels made from the finished
+    `teacher` run's export at `fp` validation false positives per slice, once."""
+    if not Path(student.pseudo_labels).exists():
+        from ..log import quiet
+        from ..selftrain import pseudo_labels_from
+        with quiet(): pseudo_labels_from(Path(teacher.out) / 'export.pkl', student, student.pseudo_labels, fp)
+    return student
 
 
 def test_row(m: dict, **extra) -> dict:

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULT_CONTEXT, PRETEXTS, PretrainConfig, parse_floats, parse_ints, resolve_context
+from ..config import DEFAULT_CONTEXT, PRETEXTS, PSEUDO_FP, FinetuneConfig, PretrainConfig, parse_floats, parse_ints, resolve_context
 from ..deeplesion import load_data
 from ..log import log
 from ..plots import plt, save_fig
 from ..report import markdown_table, summary_report
 from ..stats import mean_ci
 from .common import (GRID_MODES, MODE_ALIASES, MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, ensure_data,
-                     finetune_config, in_process, machine, mode_changes, pm, pretrain_folder, pretrain_once, report, run_finetune, tag,
-                     test_row)
+                     ensure_pseudo_labels, finetune_config, in_process, machine, mode_changes, pm, pretrain_folder, pretrain_once,
+                     pseudo_csv, report, run_finetune, run_name, tag, test_row)
 
 __all__ = ['efficiency', 'summarise', 'verdict_lines', 'efficiency_table', 'efficiency_plot', 'add_parser']
 
@@ -30,7 +30,7 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
                seeds=(0, 1, 2), epochs: int = 30, pretrain_epochs: int = 10, bs: int = 16, pretexts=('masked',), context: int | None = None,
                neighbours: int = 10, jobs: int = 1, report_only: bool = False, precision: str = 'auto',
                code_channels: tuple | None = None, backbone: str = 'resnet', backbone_weights: Path | None = None,
-               unfreeze_after: int = 5, carry_weight: float = .5, pseudo_fp: float = .5, pseudo_weight: float = .5) -> dict:
+               unfreeze_after: int = 5, carry_weight: float = .5, pseudo_fp: float = PSEUDO_FP, pseudo_weight: float = FinetuneConfig.pseudo_weight) -> dict:
     """One pretraining per pretext, then every (label fraction, seed, mode, pretext) fine-tune with the
     same epoch budget (small label sets are repeated to the full training set's length per epoch, so
     every run takes the same number of steps); a seed fixes the label subset and the initialisation,
@@ -70,12 +70,12 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
         for seed in seeds:
             for mode in modes:
                 for p in (['-'] if mode in NO_CHECKPOINT else pretexts):
-                    name = f'{mode}_{frac:g}_seed{seed}' + (f'_context{context}' if context else '') + ('' if p in ('-', 'masked') else f'_{p}')
+                    name = run_name(mode, frac, seed, context) + ('' if p in ('-', 'masked') else f'_{p}')
                     name += (tag(code) if p != '-' else '') + (f'_{backbone}' if body else '')
                     changes = {**({'context': context} if mode in NO_CHECKPOINT else {}), **speed, **body,
                                **({'backbone_weights': Path(backbone_weights)} if mode == 'imagenet' else {}),
                                **mode_changes(mode, unfreeze_after, carry_weight),
-                               **({'pseudo_labels': out / 'pseudo' / f'{frac:g}_seed{seed}{f"_context{context}" if context else ""}.csv',
+                               **({'pseudo_labels': pseudo_csv(out, frac, seed, context, pseudo_fp),
                                    'pseudo_weight': pseudo_weight} if mode in SELF_TRAINED else {})}
                     cfg = finetune_config(data, out / 'runs' / name, mode, frac, seed, epochs, bs, ckpts.get(p), changes)
                     todo.append((p, mode, frac, seed, cfg))
@@ -84,11 +84,7 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
     teachers = {(frac, seed): cfg for _, mode, frac, seed, cfg in todo if mode == 'scratch'}
 
     def pseudo(cfg):                           # a student's pseudo-labels: from its scratch teacher, made once for both students
-        if not Path(cfg.pseudo_labels).exists():
-            from ..log import quiet
-            from ..selftrain import pseudo_labels_from
-            with quiet(): pseudo_labels_from(Path(teachers[cfg.label_fraction, cfg.seed].out) / 'export.pkl', cfg, cfg.pseudo_labels, pseudo_fp)
-        return cfg
+        return ensure_pseudo_labels(teachers[cfg.label_fraction, cfg.seed], cfg, pseudo_fp)
 
     if report_only:
         todo = [t for t in todo if (Path(t[4].out) / 'metrics.json').exists()]
@@ -248,9 +244,9 @@ def add_parser(sub) -> None:
                    "pretrain --code-channels (e.g. 64,8,4,4 adds a stride-4 code; default: pretrain's)")
     e.add_argument('--unfreeze-after', type=int, default=5, help='the -ft modes: frozen epochs before every layer trains (fastai fine_tune)')
     e.add_argument('--carry-weight', type=float, default=.5, help='the carry mode: weight of the labels carried to neighbour slices')
-    e.add_argument('--pseudo-fp', type=float, default=.5, help="the selftrain modes: the teacher's boxes scoring at least its score at "
+    e.add_argument('--pseudo-fp', type=float, default=PSEUDO_FP, help="the selftrain modes: the teacher's boxes scoring at least its score at "
                    'this many false positives per validation slice are pseudo-labels')
-    e.add_argument('--pseudo-weight', type=float, default=.5, help='the selftrain modes: weight of the pseudo-labels')
+    e.add_argument('--pseudo-weight', type=float, default=FinetuneConfig.pseudo_weight, help='the selftrain modes: weight of the pseudo-labels')
     e.set_defaults(run=_run)
 
 
