@@ -132,13 +132,16 @@ def test_select_pretrains_only_for_a_mode_that_starts_from_the_autoencoder(tiny_
 
 @pytest.mark.parametrize('setting, values', [('pseudo_fp', [.5, 2.]), ('pseudo_weight', [.5, 1.])])
 def test_select_self_trains_from_efficiencys_scratch_teacher_at_each_threshold(tiny_data, tmp_path, monkeypatch, setting, values):
+    import lesion_fastai.bench.common as common
     import lesion_fastai.bench.select as sel
     from lesion_fastai.bench.common import pseudo_csv, teacher_config
     from lesion_fastai.config import DEFAULT_CONTEXT
     cfgs, made = [], []
     valid = {'froc': {'mean_0.5_4': .5}, 'top1': {'mean_iou': .5, 'hit@0.5': .5, 'calibration': None}}
-    monkeypatch.setattr(sel, 'run_finetune', lambda cfg: cfgs.append(cfg) or {'valid': valid, 'train_slices': 3})
-    monkeypatch.setattr(sel, 'ensure_pseudo_labels', lambda teacher, cfg, fp: made.append((teacher.out, cfg.pseudo_labels, fp)) or cfg)
+    fake = lambda cfg: cfgs.append(cfg) or {'valid': valid, 'train_slices': 3}
+    monkeypatch.setattr(sel, 'run_finetune', fake)
+    monkeypatch.setattr(common, 'run_finetune', fake)
+    monkeypatch.setattr(common, 'ensure_pseudo_labels', lambda teacher, cfg, fp: made.append((teacher.out, cfg.pseudo_labels, fp)) or cfg)
     sel.select(tmp_path, tiny_data, 10, 64, setting, values, 'selftrain', [.5], [0, 1], epochs=1, pretrain_epochs=1, bs=2, pseudo_fp=4.)
     teachers = [teacher_config(tmp_path, tiny_data, .5, s, 1, 2, DEFAULT_CONTEXT) for s in (0, 1)]    # the data ships neighbours
     assert [c for c in cfgs if c.pseudo_labels is None] == teachers and teachers[0].out == tmp_path / 'runs' / 'scratch_0.5_seed0_context2'
@@ -149,6 +152,25 @@ def test_select_self_trains_from_efficiencys_scratch_teacher_at_each_threshold(t
     assert all(c.pretrained is None and c.freeze == 'scratch' and c.context == DEFAULT_CONTEXT for c in students)
     with pytest.raises(ValueError, match='a setting of the selftrain modes'):
         sel.select(tmp_path, tiny_data, 10, 64, 'pseudo_fp', [.5], 'carry', [.5], [0], epochs=1, pretrain_epochs=1, bs=2)
+
+
+def test_select_of_rounds_makes_each_values_student_the_next_values_teacher(tiny_data, tmp_path, monkeypatch):
+    import lesion_fastai.bench.common as common
+    import lesion_fastai.bench.select as sel
+    from lesion_fastai.config import DEFAULT_CONTEXT
+    cfgs, made = [], []
+    valid = {'froc': {'mean_0.5_4': .5}, 'top1': {'mean_iou': .5, 'hit@0.5': .5, 'calibration': None}}
+    fake = lambda cfg: cfgs.append(cfg) or {'valid': valid, 'train_slices': 3}
+    monkeypatch.setattr(sel, 'run_finetune', fake)
+    monkeypatch.setattr(common, 'run_finetune', fake)
+    monkeypatch.setattr(common, 'ensure_pseudo_labels', lambda teacher, cfg, fp: made.append((teacher.out, cfg.pseudo_labels)) or cfg)
+    res = sel.select(tmp_path, tiny_data, 10, 64, 'rounds', [1, 2], 'selftrain', [.5], [0], epochs=1, pretrain_epochs=1, bs=2)
+    teacher, one, again, two = cfgs
+    assert one == again and one.out == tmp_path / 'select' / 'rounds' / 'selftrain_1_0.5_seed0'    # round 1's student, reused
+    round1 = common.pseudo_csv(tmp_path, .5, 0, DEFAULT_CONTEXT, .5)
+    assert made == [(teacher.out, round1), (teacher.out, round1), (one.out, one.out / 'pseudo_labels_fp0.5.csv')]
+    assert one.pseudo_labels == round1 and two.pseudo_labels == one.out / 'pseudo_labels_fp0.5.csv'
+    assert two.out.name == 'selftrain_2_0.5_seed0' and [r['value'] for r in res['rows']] == [1, 2]
 
 
 def test_select_refuses_a_teacher_setting_without_a_selftrain_mode(capsys):
@@ -260,13 +282,17 @@ def test_precision_rates_train_both_precisions_in_one_fresh_process():
 def test_efficiency_runs_the_fine_tune_schedule_carried_labels_and_self_training_and_reports_each(tiny_data, tmp_path):
     modes = ['scratch', 'sandwich-ft', 'carry', 'selftrain', 'selftrain-ae']
     res = efficiency(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[.5], modes=modes, seeds=[0], epochs=2,
-                     pretrain_epochs=1, bs=2, context=1, unfreeze_after=1, carry_weight=.5, pseudo_fp=8.)
+                     pretrain_epochs=1, bs=2, context=1, unfreeze_after=1, carry_weight=.5, pseudo_fp=8., rounds=2)
     assert [r['mode'] for r in res['rows']] == ['scratch', 'sandwich-ft [masked]', 'carry', 'selftrain', 'selftrain-ae [masked]']
     run = lambda name: json.loads((tmp_path / 'runs' / f'{name}_0.5_seed0_context1' / 'metrics.json').read_text())
     assert run('sandwich-ft')['config']['unfreeze_after'] == 1 and run('carry')['config']['carry_weight'] == .5
-    student = run('selftrain-ae')
-    assert student['config']['freeze'] == 'full' and student['config']['pseudo_labels'].endswith('pseudo/0.5_seed0_context1_fp8.csv')
-    assert (tmp_path / 'pseudo' / '0.5_seed0_context1_fp8.csv').exists() and run('selftrain')['config']['pseudo_labels'] == student['config']['pseudo_labels']
+    first = run('selftrain-ae')                 # round 1: the scratch teacher's pseudo-labels, one file for both students
+    assert first['config']['freeze'] == 'full' and first['config']['pseudo_labels'].endswith('pseudo/0.5_seed0_context1_fp8.csv')
+    assert (tmp_path / 'pseudo' / '0.5_seed0_context1_fp8.csv').exists() and run('selftrain')['config']['pseudo_labels'] == first['config']['pseudo_labels']
+    for mode in ('selftrain', 'selftrain-ae'):  # round 2: round 1's student teaches, its pseudo-labels in its folder
+        folder = tmp_path / 'runs' / f'{mode}_0.5_seed0_context1'
+        second = json.loads((folder.with_name(folder.name + '_rounds2') / 'metrics.json').read_text())
+        assert second['config']['pseudo_labels'].endswith(f'{folder.name}/pseudo_labels_fp8.csv') and (folder / 'pseudo_labels_fp8.csv').exists()
     verdict = (tmp_path / 'efficiency.md').read_text()
     for what in ('best pretrained mode on validation', 'labels carried to neighbour slices', 'self-training from scratch',
                  'self-training from the autoencoder'): assert what in verdict

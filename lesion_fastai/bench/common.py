@@ -16,7 +16,7 @@ from ..files import atomic_write_text, write_json
 from ..log import log
 
 __all__ = ['MODES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED', 'mode_changes', 'machine', 'ensure_data', 'tag', 'pretrain_folder', 'pretrain_once', 'prepare',
-           'run_finetune', 'finetune_config', 'run_name', 'teacher_config', 'pseudo_csv', 'ensure_pseudo_labels', 'test_row', 'pm', 'report', 'in_process', 'add_data_args', 'data_args']
+           'run_finetune', 'finetune_config', 'run_name', 'teacher_config', 'pseudo_csv', 'ensure_pseudo_labels', 'self_trained', 'test_row', 'pm', 'report', 'in_process', 'add_data_args', 'data_args']
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich); 'none' is the old name of 'full'. The -ft modes unfreeze after
 # the frozen epochs (fastai's fine_tune); carry: scratch with labels carried to the neighbour slices; selftrain: scratch with the
@@ -159,6 +159,21 @@ def ensure_pseudo_labels(teacher, student, fp: float):
         from ..selftrain import pseudo_labels_from
         with quiet(): pseudo_labels_from(Path(teacher.out) / 'export.pkl', student, student.pseudo_labels, fp)
     return student
+
+
+def self_trained(teacher, student, fp: float, rounds: int, round_out):
+    """`student` (a FinetuneConfig whose `pseudo_labels` are round 1's) after `rounds` rounds of
+    self-training: round 1's teacher is the finished `teacher` run; the student of each earlier round
+    k (trained here into `round_out(k)` unless it finished there) teaches the next, its pseudo-labels
+    at `fp` written in its own folder. Returns the last round's student, its pseudo-labels made."""
+    from dataclasses import replace
+    first = student.pseudo_labels
+    for k in range(1, rounds):
+        taught = replace(student, out=Path(round_out(k)), pseudo_labels=first if k == 1 else Path(teacher.out) / f'pseudo_labels_fp{fp:g}.csv')
+        run_finetune(ensure_pseudo_labels(teacher, taught, fp))
+        teacher = taught
+    if rounds > 1: student = replace(student, pseudo_labels=Path(teacher.out) / f'pseudo_labels_fp{fp:g}.csv')
+    return ensure_pseudo_labels(teacher, student, fp)
 
 
 def test_row(m: dict, **extra) -> dict:

@@ -20,8 +20,8 @@ from ..plots import plt, save_fig
 from ..report import markdown_table, summary_report
 from ..stats import mean_ci
 from .common import (GRID_MODES, MODE_ALIASES, MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, ensure_data,
-                     ensure_pseudo_labels, finetune_config, in_process, machine, mode_changes, pm, pretrain_folder, pretrain_once,
-                     pseudo_csv, report, run_finetune, run_name, tag, test_row)
+                     finetune_config, in_process, machine, mode_changes, pm, pretrain_folder, pretrain_once, pseudo_csv, report,
+                     run_finetune, run_name, self_trained, tag, test_row)
 
 __all__ = ['efficiency', 'summarise', 'verdict_lines', 'efficiency_table', 'efficiency_plot', 'add_parser']
 
@@ -30,7 +30,8 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
                seeds=(0, 1, 2), epochs: int = 30, pretrain_epochs: int = 10, bs: int = 16, pretexts=('masked',), context: int | None = None,
                neighbours: int = 10, jobs: int = 1, report_only: bool = False, precision: str = 'auto',
                code_channels: tuple | None = None, backbone: str = 'resnet', backbone_weights: Path | None = None,
-               unfreeze_after: int = 5, carry_weight: float = .5, pseudo_fp: float = PSEUDO_FP, pseudo_weight: float = FinetuneConfig.pseudo_weight) -> dict:
+               unfreeze_after: int = 5, carry_weight: float = .5, pseudo_fp: float = PSEUDO_FP, pseudo_weight: float = FinetuneConfig.pseudo_weight,
+               rounds: int = 1) -> dict:
     """One pretraining per pretext, then every (label fraction, seed, mode, pretext) fine-tune with the
     same epoch budget (small label sets are repeated to the full training set's length per epoch, so
     every run takes the same number of steps); a seed fixes the label subset and the initialisation,
@@ -47,7 +48,8 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
     after `unfreeze_after` frozen epochs (fastai's fine_tune), `carry` carries the labels to the
     neighbour slices at `carry_weight`, `selftrain` and `selftrain-ae` train on the labels and the
     pseudo-labels (at `pseudo_weight`) the scratch run of their fraction and seed gives at `pseudo_fp`
-    validation false positives per slice (`OUT/pseudo/`), from scratch or from the autoencoder."""
+    validation false positives per slice (`OUT/pseudo/`), from scratch or from the autoencoder; with
+    `rounds` > 1 each round's student (`..._rounds<k>`, round 1 the plain name) teaches the next."""
     from concurrent.futures import ProcessPoolExecutor
     modes = [MODE_ALIASES.get(m, m) for m in modes]
     if not report_only: ensure_data(data, patients, native, neighbours, workers=max(1, jobs))
@@ -72,6 +74,7 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
                 for p in (['-'] if mode in NO_CHECKPOINT else pretexts):
                     name = run_name(mode, frac, seed, context) + ('' if p in ('-', 'masked') else f'_{p}')
                     name += (tag(code) if p != '-' else '') + (f'_{backbone}' if body else '')
+                    name += f'_rounds{rounds}' if mode in SELF_TRAINED and rounds > 1 else ''
                     changes = {**({'context': context} if mode in NO_CHECKPOINT else {}), **speed, **body,
                                **({'backbone_weights': Path(backbone_weights)} if mode == 'imagenet' else {}),
                                **mode_changes(mode, unfreeze_after, carry_weight),
@@ -83,8 +86,10 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
     todo.sort(key=lambda t: (order[t[2], t[3]], t[1] in SELF_TRAINED))     # a student after its teacher
     teachers = {(frac, seed): cfg for _, mode, frac, seed, cfg in todo if mode == 'scratch'}
 
-    def pseudo(cfg):                           # a student's pseudo-labels: from its scratch teacher, made once for both students
-        return ensure_pseudo_labels(teachers[cfg.label_fraction, cfg.seed], cfg, pseudo_fp)
+    def pseudo(cfg):                           # a student's pseudo-labels: from its scratch teacher (round 1's made once for both students)
+        base = Path(cfg.out).name.removesuffix(f'_rounds{rounds}')
+        return self_trained(teachers[cfg.label_fraction, cfg.seed], cfg, pseudo_fp, rounds,
+                            lambda k: out / 'runs' / (base + ('' if k == 1 else f'_rounds{k}')))
 
     if report_only:
         todo = [t for t in todo if (Path(t[4].out) / 'metrics.json').exists()]
@@ -121,7 +126,7 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
                                pretexts=list(pretexts), context=context, neighbours=neighbours, seeds=list(seeds), epochs=epochs,
                                pretrain_epochs=pretrain_epochs, bs=bs, backbone=backbone,
                                backbone_weights=str(backbone_weights) if backbone_weights else None, unfreeze_after=unfreeze_after,
-                               carry_weight=carry_weight, pseudo_fp=pseudo_fp, pseudo_weight=pseudo_weight)}
+                               carry_weight=carry_weight, pseudo_fp=pseudo_fp, pseudo_weight=pseudo_weight, rounds=rounds)}
     plot = efficiency_plot(summary, out / 'data_efficiency.png')
     table = efficiency_table(summary)
     report(out, 'efficiency', result, table, verdict, [plot, out / 'report.html'])
@@ -247,6 +252,8 @@ def add_parser(sub) -> None:
     e.add_argument('--pseudo-fp', type=float, default=PSEUDO_FP, help="the selftrain modes: the teacher's boxes scoring at least its score at "
                    'this many false positives per validation slice are pseudo-labels')
     e.add_argument('--pseudo-weight', type=float, default=FinetuneConfig.pseudo_weight, help='the selftrain modes: weight of the pseudo-labels')
+    e.add_argument('--rounds', type=int, default=1, help="the selftrain modes: rounds of self-training, each round's student the next "
+                   "round's teacher (the earlier rounds' students are runs of their own)")
     e.set_defaults(run=_run)
 
 
@@ -261,6 +268,8 @@ def _run(ap, args) -> dict:
     if bad or not pretexts: ap.error(f"--pretexts: unknown {bad}, expected some of {', '.join(PRETEXTS)}")
     if 'context' in pretexts and args.context is not None and args.context < 1: ap.error('--pretexts context needs --context 1 or more')
     if args.jobs < 1: ap.error(f'--jobs must be at least 1, got {args.jobs}')
+    if args.rounds < 1: ap.error(f'--rounds must be at least 1, got {args.rounds}')
+    if args.pseudo_fp <= 0: ap.error(f'--pseudo-fp must be positive, got {args.pseudo_fp:g}')
     if args.code_channels is not None:
         try: PretrainConfig(data='.', out='.', code_channels=args.code_channels)
         except ValueError as e: ap.error(str(e))
@@ -270,4 +279,4 @@ def _run(ap, args) -> dict:
                       neighbours=args.neighbours, jobs=args.jobs, report_only=args.report_only, precision=args.precision,
                       code_channels=args.code_channels, backbone=args.backbone, backbone_weights=args.backbone_weights,
                       unfreeze_after=args.unfreeze_after, carry_weight=args.carry_weight, pseudo_fp=args.pseudo_fp,
-                      pseudo_weight=args.pseudo_weight)
+                      pseudo_weight=args.pseudo_weight, rounds=args.rounds)

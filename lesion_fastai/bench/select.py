@@ -3,10 +3,11 @@ fraction x seed fine-tuned, validation figures only, paired differences from the
 
     python -m lesion_fastai.bench select --setting adapter_ratio --values 1,0.25 --mode sandwich
     python -m lesion_fastai.bench select --setting pseudo_fp --values 0.5,0.25,1 --mode selftrain --fractions 0.1
+    python -m lesion_fastai.bench select --setting rounds --values 1,2 --mode selftrain --fractions 0.1
 
 The selftrain modes learn from `efficiency`'s scratch run of their label fraction and seed (trained
-here once if it is not there yet, then shared), and also take `pseudo_fp`, the teacher's threshold,
-as a setting.
+here once if it is not there yet, then shared), and also take `pseudo_fp` (the teacher's threshold)
+and `rounds` (of self-training; value k's run is the teacher of value k + 1's) as settings.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from ..config import PSEUDO_FP, FinetuneConfig, choices, parse_floats, parse_int
 from ..deeplesion import load_data
 from ..log import log
 from ..stats import mean_ci
-from .common import (MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, ensure_data, ensure_pseudo_labels, finetune_config,
-                     machine, prepare, pseudo_csv, report, run_finetune, teacher_config)
+from .common import (MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, ensure_data, finetune_config, machine, prepare,
+                     pseudo_csv, report, run_finetune, self_trained, teacher_config)
 
 __all__ = ['CRITERIA', 'TEACHER_SETTINGS', 'select', 'add_parser']
 
@@ -35,7 +36,8 @@ def _validation_row(m: dict, **extra) -> dict:
             'calibration_error': (abs(cal['within_1std'] - .683) + abs(cal['within_2std'] - .954)) / 2 if cal else None}
 
 
-TEACHER_SETTINGS = ('pseudo_fp',)   # settings of the selftrain modes that are not FinetuneConfig fields: how the pseudo-labels are made
+# settings of the selftrain modes that are not FinetuneConfig fields: how the pseudo-labels are made (their types)
+TEACHER_SETTINGS = {'pseudo_fp': float, 'rounds': int}
 
 
 CRITERIA = {'froc': ('valid_froc', max), 'iou': ('valid_mean_iou', max), 'calibration': ('calibration_error', min)}
@@ -53,20 +55,21 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
     and its paired difference from the first value (the current default) over the same seeds. The
     selftrain modes' students learn from the pseudo-labels their teacher (`efficiency`'s scratch run,
     `teacher_config`) gives at `pseudo_fp` validation false positives per slice, or at each value
-    when `setting` is 'pseudo_fp'; the teacher's choice of threshold looks at validation only."""
+    when `setting` is 'pseudo_fp', in one round or, when `setting` is 'rounds', in each value's; the
+    teacher's threshold looks at validation only."""
     key, best_of = CRITERIA[criterion]
-    self_trained = mode in SELF_TRAINED
-    if setting in TEACHER_SETTINGS and not self_trained: raise ValueError(f"{setting} is a setting of the selftrain modes, not of {mode}")
+    taught = mode in SELF_TRAINED                # a student of efficiency's scratch run
+    if setting in TEACHER_SETTINGS and not taught: raise ValueError(f"{setting} is a setting of the selftrain modes, not of {mode}")
     speed = {} if precision == 'auto' else {'precision': precision}
     if mode in NO_CHECKPOINT:                    # scratch, carry, selftrain: no autoencoder to pretrain
         ckpt = None
         ensure_data(data, patients, native)
     else: ckpt = prepare(out, data, patients, native, pretrain_epochs, bs, speed)
-    context = resolve_context(None, load_data(data)[1], data) if self_trained else None    # the teacher's, as in efficiency
+    context = resolve_context(None, load_data(data)[1], data) if taught else None    # the teacher's, as in efficiency
     rows = []
     for frac in fractions:
         for seed in seeds:
-            teacher = teacher_config(out, data, frac, seed, epochs, bs, context, speed) if self_trained else None
+            teacher = teacher_config(out, data, frac, seed, epochs, bs, context, speed) if taught else None
             if teacher is not None:
                 if not (Path(teacher.out) / 'metrics.json').exists(): log.info(f"\n== the teacher: scratch, label fraction {frac:g}, seed {seed}")
                 run_finetune(teacher)
@@ -75,9 +78,12 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
                 if not (run / 'metrics.json').exists(): log.info(f"\n== {setting} {v:g}, {mode}, label fraction {frac:g}, seed {seed}")
                 cfg = {**(changes or {}), **speed, **({} if setting in TEACHER_SETTINGS else {setting: v})}
                 fp = v if setting == 'pseudo_fp' else pseudo_fp
-                if self_trained: cfg.update(pseudo_labels=pseudo_csv(out, frac, seed, context, fp), **({'context': context} if mode in NO_CHECKPOINT else {}))
+                if taught: cfg.update(pseudo_labels=pseudo_csv(out, frac, seed, context, fp), **({'context': context} if mode in NO_CHECKPOINT else {}))
                 cfg = finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, cfg)
-                m = run_finetune(ensure_pseudo_labels(teacher, cfg, fp) if self_trained else cfg)
+                if taught:                 # value k of rounds: value k - 1's run is the last teacher
+                    round_out = lambda k: out / 'select' / setting / f'{mode}_{k:g}_{frac:g}_seed{seed}'
+                    cfg = self_trained(teacher, cfg, fp, v if setting == 'rounds' else 1, round_out)
+                m = run_finetune(cfg)
                 rows.append(_validation_row(m, value=v, fraction=frac, seed=seed))
     summary = []
     for frac in fractions:
@@ -104,7 +110,7 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
     result = {'rows': rows, 'summary': summary, 'verdict': verdict, 'best': best, 'machine': machine(),
               'settings': dict(setting=setting, values=list(values), mode=mode, fractions=list(fractions), seeds=list(seeds),
                                epochs=epochs, criterion=criterion, changes=changes or {},
-                               **({'pseudo_fp': pseudo_fp} if self_trained and setting != 'pseudo_fp' else {}))}
+                               **({'pseudo_fp': pseudo_fp} if taught and setting != 'pseudo_fp' else {}))}
     report(out, f'select_{setting}', result, table, [verdict])
     return result
 
@@ -114,7 +120,7 @@ def add_parser(sub) -> None:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_data_args(se, "output folder (efficiency's: shares its data and pretraining)", 'a few-minute smoke run: 40 patients, 2 epochs')
     se.add_argument('--setting', required=True, help='a FinetuneConfig field, e.g. adapter_ratio, nll_weight, map_radius, lr, wd, '
-                    "pseudo_weight; or, with a selftrain mode, pseudo_fp (the teacher's threshold)")
+                    "pseudo_weight; or, with a selftrain mode, pseudo_fp (the teacher's threshold) or rounds (of self-training)")
     se.add_argument('--values', type=parse_floats, required=True, help='values to compare, comma separated; the first is the current default')
     se.add_argument('--mode', choices=list(MODES), default='sandwich', help='scratch or freeze mode of every run')
     se.add_argument('--head', choices=choices(FinetuneConfig, 'head'), default='direct', help='box head of every run')
@@ -132,7 +138,7 @@ def add_parser(sub) -> None:
 def setting_values(setting: str, values) -> list | None:
     "`values` (parsed as floats) as the type of the FinetuneConfig field `setting`: ints for an int field (None if one is not whole)."
     import typing
-    if setting in TEACHER_SETTINGS or typing.get_type_hints(FinetuneConfig)[setting] is not int: return list(values)
+    if (TEACHER_SETTINGS.get(setting) or typing.get_type_hints(FinetuneConfig)[setting]) is not int: return list(values)
     return [int(v) for v in values] if all(float(v).is_integer() for v in values) else None
 
 
@@ -140,7 +146,8 @@ def _run(ap, args) -> dict:
     data = data_args(args)
     if args.setting in TEACHER_SETTINGS:
         if args.mode not in SELF_TRAINED: ap.error(f"--setting {args.setting} is a setting of the modes {', '.join(SELF_TRAINED)}, not of {args.mode}")
-        if min(args.values) <= 0: ap.error(f'--values: {args.setting} must be positive')
+        if min(args.values) <= 0 or (args.setting == 'rounds' and min(args.values) < 1): ap.error(f'--values: {args.setting} must be '
+                                                                                                   + ('at least 1' if args.setting == 'rounds' else 'positive'))
     elif args.setting not in FinetuneConfig.__dataclass_fields__: ap.error(f'--setting {args.setting!r} is not a fine-tuning setting')
     if args.pseudo_fp <= 0: ap.error(f'--pseudo-fp must be positive, got {args.pseudo_fp:g}')
     values = setting_values(args.setting, args.values)
