@@ -164,7 +164,8 @@ def test_select_of_rounds_makes_each_values_student_the_next_values_teacher(tiny
     monkeypatch.setattr(sel, 'run_finetune', fake)
     monkeypatch.setattr(common, 'run_finetune', fake)
     monkeypatch.setattr(common, 'ensure_pseudo_labels', lambda teacher, cfg, fp: made.append((teacher.out, cfg.pseudo_labels)) or cfg)
-    res = sel.select(tmp_path, tiny_data, 10, 64, 'rounds', [1, 2], 'selftrain', [.5], [0], epochs=1, pretrain_epochs=1, bs=2)
+    res = sel.select(tmp_path, tiny_data, 10, 64, 'rounds', [1, 2], 'selftrain', [.5], [0], epochs=1, pretrain_epochs=1, bs=2,
+                     pseudo_fp=.5)
     teacher, one, again, two = cfgs
     assert one == again and one.out == tmp_path / 'select' / 'rounds' / 'selftrain_1_0.5_seed0'    # round 1's student, reused
     round1 = common.pseudo_csv(tmp_path, .5, 0, DEFAULT_CONTEXT, .5)
