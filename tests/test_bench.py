@@ -130,6 +130,17 @@ def test_select_pretrains_only_for_a_mode_that_starts_from_the_autoencoder(tiny_
     assert [getattr(c, setting) for c in cfgs] == values
 
 
+def test_select_runs_a_mode_with_efficiencys_settings_for_it(tiny_data, tmp_path, monkeypatch):
+    import lesion_fastai.bench.select as sel
+    from lesion_fastai.bench.common import UNFREEZE_AFTER
+    cfgs = []
+    monkeypatch.setattr(sel, 'prepare', lambda *a, **k: tmp_path / 'pretrained.pth')
+    valid = {'froc': {'mean_0.5_4': .5}, 'top1': {'mean_iou': .5, 'hit@0.5': .5, 'calibration': None}}
+    monkeypatch.setattr(sel, 'run_finetune', lambda cfg: cfgs.append(cfg) or {'valid': valid, 'train_slices': 3})
+    sel.select(tmp_path, tiny_data, 10, 64, 'lr_mult', [100., 10.], 'sandwich-ft', [.1], [0], epochs=1, pretrain_epochs=1, bs=2)
+    assert [(c.freeze, c.unfreeze_after, c.lr_mult) for c in cfgs] == [('sandwich', UNFREEZE_AFTER, 100.), ('sandwich', UNFREEZE_AFTER, 10.)]
+
+
 @pytest.mark.parametrize('setting, values', [('pseudo_fp', [.5, 2.]), ('pseudo_weight', [.5, 1.])])
 def test_select_self_trains_from_efficiencys_scratch_teacher_at_each_threshold(tiny_data, tmp_path, monkeypatch, setting, values):
     import lesion_fastai.bench.common as common

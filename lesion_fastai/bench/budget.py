@@ -20,7 +20,7 @@ from ..config import PRECISIONS, parse_ints
 from ..log import log
 from ..plots import plt, save_fig
 from ..stats import mean_ci
-from .common import MODES, ensure_data, finetune_config, machine, pm, pretrain_once, report, run_finetune
+from .common import MODES, UNFREEZE_AFTER, ensure_data, finetune_config, machine, pm, pretrain_once, report, run_finetune
 
 __all__ = ['budget', 'neighbour_view', 'add_parser']
 
@@ -49,7 +49,7 @@ def neighbour_view(data: Path, folder: Path, neighbours: int) -> Path:
 
 def budget(out: Path, data: Path, *, patients: int = 250, native: int = 256, neighbours=(2, 10), pretrain_epochs=(0, 3, 10, 30),
            fraction: float = .1, seeds=(0, 1, 2), mode: str = 'full', epochs: int = 30, bs: int = 16, precision: str = 'auto',
-           unfreeze_after: int = 5) -> dict:
+           unfreeze_after: int = UNFREEZE_AFTER) -> dict:
     """Every (pretraining epochs, neighbours) cell: the epochs against the most neighbours, the
     neighbours at the second-largest epoch count (10 of 0, 3, 10, 30); one pretraining per cell (`out`
     /pretrain_<neighbours>n_<epochs>e), then `mode` fine-tuned at `fraction` for every seed (0 epochs:
@@ -128,7 +128,7 @@ def add_parser(sub) -> None:
     b.add_argument('--seeds', type=parse_ints, default='0,1,2', help='seeds of every cell')
     b.add_argument('--mode', choices=[m for m in MODES if m not in ('scratch', 'imagenet', 'carry', 'selftrain', 'selftrain-ae')],
                    default='full', help='the pretrained mode fine-tuned')
-    b.add_argument('--unfreeze-after', type=int, default=5, help='the -ft modes: frozen epochs before every layer trains')
+    b.add_argument('--unfreeze-after', type=int, default=UNFREEZE_AFTER, help='the -ft modes: frozen epochs before every layer trains')
     b.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs')
     b.add_argument('--bs', type=int, default=16, help='batch size')
     b.add_argument('--precision', choices=PRECISIONS, default='auto', help='of every run')

@@ -15,7 +15,7 @@ from ..config import PRECISIONS
 from ..files import atomic_write_text, write_json
 from ..log import log
 
-__all__ = ['MODES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED', 'mode_changes', 'machine', 'ensure_data', 'tag', 'pretrain_folder', 'pretrain_once', 'prepare',
+__all__ = ['MODES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED', 'UNFREEZE_AFTER', 'CARRY_WEIGHT', 'mode_changes', 'machine', 'ensure_data', 'tag', 'pretrain_folder', 'pretrain_once', 'prepare',
            'run_finetune', 'finetune_config', 'run_name', 'teacher_config', 'pseudo_csv', 'ensure_pseudo_labels', 'self_trained', 'test_row', 'pm', 'report', 'in_process', 'add_data_args', 'data_args']
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich); 'none' is the old name of 'full'. The -ft modes unfreeze after
@@ -31,7 +31,11 @@ NO_CHECKPOINT = ('scratch', 'imagenet', 'carry', 'selftrain')   # modes that do 
 SELF_TRAINED = ('selftrain', 'selftrain-ae')                      # students of the scratch run of their label fraction and seed
 
 
-def mode_changes(mode: str, unfreeze_after: int, carry_weight: float) -> dict:
+UNFREEZE_AFTER = 5   # the -ft modes' frozen epochs, chosen on validation of 5, 2 (README)
+CARRY_WEIGHT = .5    # the carry mode's weight, chosen on validation of 0.5, 1, 0.25, 0.1 (README)
+
+
+def mode_changes(mode: str, unfreeze_after: int = UNFREEZE_AFTER, carry_weight: float = CARRY_WEIGHT) -> dict:
     "The FinetuneConfig settings a bench mode adds to its freeze mode."
     if mode.endswith('-ft'): return {'unfreeze_after': unfreeze_after}
     if mode == 'carry': return {'carry_weight': carry_weight}

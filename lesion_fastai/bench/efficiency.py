@@ -19,9 +19,9 @@ from ..log import log
 from ..plots import plt, save_fig
 from ..report import markdown_table, summary_report
 from ..stats import mean_ci
-from .common import (GRID_MODES, MODE_ALIASES, MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, ensure_data,
-                     finetune_config, in_process, machine, mode_changes, pm, pretrain_folder, pretrain_once, pseudo_csv, report,
-                     run_finetune, run_name, self_trained, tag, test_row)
+from .common import (CARRY_WEIGHT, GRID_MODES, MODE_ALIASES, MODES, NO_CHECKPOINT, SELF_TRAINED, UNFREEZE_AFTER, add_data_args,
+                     data_args, ensure_data, finetune_config, in_process, machine, mode_changes, pm, pretrain_folder, pretrain_once,
+                     pseudo_csv, report, run_finetune, run_name, self_trained, tag, test_row)
 
 __all__ = ['efficiency', 'summarise', 'verdict_lines', 'efficiency_table', 'efficiency_plot', 'add_parser']
 
@@ -30,7 +30,7 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
                seeds=(0, 1, 2), epochs: int = 30, pretrain_epochs: int = 10, bs: int = 16, pretexts=('masked',), context: int | None = None,
                neighbours: int = 10, jobs: int = 1, report_only: bool = False, precision: str = 'auto',
                code_channels: tuple | None = None, backbone: str = 'resnet', backbone_weights: Path | None = None,
-               unfreeze_after: int = 5, carry_weight: float = .5, pseudo_fp: float = PSEUDO_FP, pseudo_weight: float = FinetuneConfig.pseudo_weight,
+               unfreeze_after: int = UNFREEZE_AFTER, carry_weight: float = CARRY_WEIGHT, pseudo_fp: float = PSEUDO_FP, pseudo_weight: float = FinetuneConfig.pseudo_weight,
                rounds: int = 1) -> dict:
     """One pretraining per pretext, then every (label fraction, seed, mode, pretext) fine-tune with the
     same epoch budget (small label sets are repeated to the full training set's length per epoch, so
@@ -247,8 +247,8 @@ def add_parser(sub) -> None:
                    "the imagenet mode fine-tunes from it, every layer training (skipped with a note without it)")
     e.add_argument('--code-channels', type=parse_ints, default=None, help="the autoencoder's codes of every pretraining, as python -m "
                    "pretrain --code-channels (e.g. 64,8,4,4 adds a stride-4 code; default: pretrain's)")
-    e.add_argument('--unfreeze-after', type=int, default=5, help='the -ft modes: frozen epochs before every layer trains (fastai fine_tune)')
-    e.add_argument('--carry-weight', type=float, default=.5, help='the carry mode: weight of the labels carried to neighbour slices')
+    e.add_argument('--unfreeze-after', type=int, default=UNFREEZE_AFTER, help='the -ft modes: frozen epochs before every layer trains (fastai fine_tune)')
+    e.add_argument('--carry-weight', type=float, default=CARRY_WEIGHT, help='the carry mode: weight of the labels carried to neighbour slices')
     e.add_argument('--pseudo-fp', type=float, default=PSEUDO_FP, help="the selftrain modes: the teacher's boxes scoring at least its score at "
                    'this many false positives per validation slice are pseudo-labels')
     e.add_argument('--pseudo-weight', type=float, default=FinetuneConfig.pseudo_weight, help='the selftrain modes: weight of the pseudo-labels')

@@ -4,10 +4,13 @@ fraction x seed fine-tuned, validation figures only, paired differences from the
     python -m lesion_fastai.bench select --setting adapter_ratio --values 1,0.25 --mode sandwich
     python -m lesion_fastai.bench select --setting pseudo_fp --values 0.5,0.25,1 --mode selftrain --fractions 0.1
     python -m lesion_fastai.bench select --setting rounds --values 1,2 --mode selftrain --fractions 0.1
+    python -m lesion_fastai.bench select --setting lr_mult --values 100,10,1 --mode sandwich-ft --fractions 0.1
 
-The selftrain modes learn from `efficiency`'s scratch run of their label fraction and seed (trained
-here once if it is not there yet, then shared), and also take `pseudo_fp` (the teacher's threshold)
-and `rounds` (of self-training; value k's run is the teacher of value k + 1's) as settings.
+A mode means what it means in `efficiency` (the -ft modes unfreeze after `UNFREEZE_AFTER` epochs,
+carry weighs the carried labels at `CARRY_WEIGHT`) unless the setting is that one. The selftrain
+modes learn from `efficiency`'s scratch run of their label fraction and seed (trained here once if
+it is not there yet, then shared), and also take `pseudo_fp` (the teacher's threshold) and `rounds`
+(of self-training; value k's run is the teacher of value k + 1's) as settings.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from ..config import PSEUDO_FP, FinetuneConfig, choices, parse_floats, parse_int
 from ..deeplesion import load_data
 from ..log import log
 from ..stats import mean_ci
-from .common import (MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, ensure_data, finetune_config, machine, prepare,
+from .common import (MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, ensure_data, finetune_config, machine, mode_changes, prepare,
                      pseudo_csv, report, run_finetune, self_trained, teacher_config)
 
 __all__ = ['CRITERIA', 'TEACHER_SETTINGS', 'select', 'add_parser']
@@ -76,7 +79,7 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
             for v in values:
                 run = out / 'select' / setting / f'{mode}_{v:g}_{frac:g}_seed{seed}'
                 if not (run / 'metrics.json').exists(): log.info(f"\n== {setting} {v:g}, {mode}, label fraction {frac:g}, seed {seed}")
-                cfg = {**(changes or {}), **speed, **({} if setting in TEACHER_SETTINGS else {setting: v})}
+                cfg = {**mode_changes(mode), **(changes or {}), **speed, **({} if setting in TEACHER_SETTINGS else {setting: v})}
                 fp = v if setting == 'pseudo_fp' else pseudo_fp
                 if taught: cfg.update(pseudo_labels=pseudo_csv(out, frac, seed, context, fp), **({'context': context} if mode in NO_CHECKPOINT else {}))
                 cfg = finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, cfg)
