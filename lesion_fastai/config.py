@@ -251,8 +251,9 @@ class FinetuneConfig(RunConfig):
                                  'peaking at its end), then every layer trains for the rest of --epochs in a second one-cycle at '
                                  'discriminative rates (the pretrained layers at lr/2/--lr-mult, the rest at lr/2); 0: frozen throughout',
                                  at_least=0, metavar='K', group='freeze')
-    lr_mult: float = option(100., "with --unfreeze-after: how many times slower the pretrained layers train than the fresh ones once "
-                            "unfrozen (fastai's fine_tune lr_mult)", above=0, group='freeze')
+    lr_mult: float = option(1., "with --unfreeze-after: how many times slower the pretrained layers train than the fresh ones once "
+                            "unfrozen (fastai's fine_tune lr_mult; 1, chosen on validation of 100, 10, 1, README)", above=0,
+                            group='freeze')
     kappa: float = option(KAPPA, 'gaussian head: std scale, std = kappa * softplus(output)', above=0, group='loss')
     nll_weight: float = option(.1, 'gaussian head: weight of the negative log-likelihood of the target under the predicted mean and '
                                'std, the term that makes the std an uncertainty (0.1 was chosen on validation by bench select; 0: the '

@@ -76,7 +76,7 @@ def native_size(records) -> int:
 
 
 def fit_resumable(learn, out: Path, epochs: int, lr, monitor: str, resume: bool, cbs=(), unfreeze_after: int = 0,
-                  lr_mult: float = 100., unfreeze=None) -> None:
+                  lr_mult: float = 1., unfreeze=None) -> None:
     """`fit_one_cycle` with the best epoch kept by `monitor` (models/best.pth), history.csv, and the
     resume state last.pth after every epoch; with `resume`, continue from last.pth where it stopped.
     Launched in several processes (torchrun), the fit is data parallel and only rank 0 writes.
