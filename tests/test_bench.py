@@ -117,13 +117,18 @@ def test_select_compares_values_on_validation_only_over_paired_seeds(tiny_data, 
     assert (tmp_path / 'select_wd.md').read_text().startswith('| wd | labels |') and res['verdict'].startswith(f"wd = {res['best']:g}")
 
 
+def _recording_finetune(cfgs):
+    "A stand-in for run_finetune that records each config and returns the same validation figures."
+    valid = {'froc': {'mean_0.5_4': .5}, 'top1': {'mean_iou': .5, 'hit@0.5': .5, 'calibration': None}}
+    return lambda cfg: cfgs.append(cfg) or {'valid': valid, 'train_slices': 3}
+
+
 @pytest.mark.parametrize('mode, pretrains', [('carry', False), ('sandwich-ft', True)])
 def test_select_pretrains_only_for_a_mode_that_starts_from_the_autoencoder(tiny_data, tmp_path, monkeypatch, mode, pretrains):
     import lesion_fastai.bench.select as sel
     calls, cfgs = [], []
     monkeypatch.setattr(sel, 'prepare', lambda *a, **k: calls.append(a) or tmp_path / 'pretrained.pth')
-    valid = {'froc': {'mean_0.5_4': .5}, 'top1': {'mean_iou': .5, 'hit@0.5': .5, 'calibration': None}}
-    monkeypatch.setattr(sel, 'run_finetune', lambda cfg: cfgs.append(cfg) or {'valid': valid, 'train_slices': 3})
+    monkeypatch.setattr(sel, 'run_finetune', _recording_finetune(cfgs))
     setting, values = ('carry_weight', [.5, 1.]) if mode == 'carry' else ('unfreeze_after', [5., 2.])
     sel.select(tmp_path, tiny_data, 10, 64, setting, values, mode, [.1], [0], epochs=1, pretrain_epochs=1, bs=2)
     assert bool(calls) == pretrains and [c.pretrained for c in cfgs] == [tmp_path / 'pretrained.pth' if pretrains else None] * 2
@@ -135,8 +140,7 @@ def test_select_runs_a_mode_with_efficiencys_settings_for_it(tiny_data, tmp_path
     from lesion_fastai.bench.common import UNFREEZE_AFTER
     cfgs = []
     monkeypatch.setattr(sel, 'prepare', lambda *a, **k: tmp_path / 'pretrained.pth')
-    valid = {'froc': {'mean_0.5_4': .5}, 'top1': {'mean_iou': .5, 'hit@0.5': .5, 'calibration': None}}
-    monkeypatch.setattr(sel, 'run_finetune', lambda cfg: cfgs.append(cfg) or {'valid': valid, 'train_slices': 3})
+    monkeypatch.setattr(sel, 'run_finetune', _recording_finetune(cfgs))
     sel.select(tmp_path, tiny_data, 10, 64, 'lr_mult', [100., 10.], 'sandwich-ft', [.1], [0], epochs=1, pretrain_epochs=1, bs=2)
     assert [(c.freeze, c.unfreeze_after, c.lr_mult) for c in cfgs] == [('sandwich', UNFREEZE_AFTER, 100.), ('sandwich', UNFREEZE_AFTER, 10.)]
 
@@ -148,8 +152,7 @@ def test_select_self_trains_from_efficiencys_scratch_teacher_at_each_threshold(t
     from lesion_fastai.bench.common import pseudo_csv, teacher_config
     from lesion_fastai.config import DEFAULT_CONTEXT
     cfgs, made = [], []
-    valid = {'froc': {'mean_0.5_4': .5}, 'top1': {'mean_iou': .5, 'hit@0.5': .5, 'calibration': None}}
-    fake = lambda cfg: cfgs.append(cfg) or {'valid': valid, 'train_slices': 3}
+    fake = _recording_finetune(cfgs)
     monkeypatch.setattr(sel, 'run_finetune', fake)
     monkeypatch.setattr(common, 'run_finetune', fake)
     monkeypatch.setattr(common, 'ensure_pseudo_labels', lambda teacher, cfg, fp: made.append((teacher.out, cfg.pseudo_labels, fp)) or cfg)
@@ -170,8 +173,7 @@ def test_select_of_rounds_makes_each_values_student_the_next_values_teacher(tiny
     import lesion_fastai.bench.select as sel
     from lesion_fastai.config import DEFAULT_CONTEXT
     cfgs, made = [], []
-    valid = {'froc': {'mean_0.5_4': .5}, 'top1': {'mean_iou': .5, 'hit@0.5': .5, 'calibration': None}}
-    fake = lambda cfg: cfgs.append(cfg) or {'valid': valid, 'train_slices': 3}
+    fake = _recording_finetune(cfgs)
     monkeypatch.setattr(sel, 'run_finetune', fake)
     monkeypatch.setattr(common, 'run_finetune', fake)
     monkeypatch.setattr(common, 'ensure_pseudo_labels', lambda teacher, cfg, fp: made.append((teacher.out, cfg.pseudo_labels)) or cfg)

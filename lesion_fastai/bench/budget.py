@@ -20,7 +20,7 @@ from ..config import PRECISIONS, parse_ints
 from ..log import log
 from ..plots import plt, save_fig
 from ..stats import mean_ci
-from .common import MODES, UNFREEZE_AFTER, ensure_data, finetune_config, machine, pm, pretrain_once, report, run_finetune
+from .common import MODES, UNFREEZE_AFTER, data_context, ensure_data, finetune_config, machine, pm, pretrain_once, report, run_finetune
 
 __all__ = ['budget', 'neighbour_view', 'add_parser']
 
@@ -55,12 +55,10 @@ def budget(out: Path, data: Path, *, patients: int = 250, native: int = 256, nei
     /pretrain_<neighbours>n_<epochs>e), then `mode` fine-tuned at `fraction` for every seed (0 epochs:
     scratch, the same seeds). Reports validation FROC (and test) per cell with 95% intervals and the
     paired difference from scratch, and plots the curve."""
-    from ..config import resolve_context
-    from ..deeplesion import load_data
     from .common import mode_changes
     most = max(neighbours)
     ensure_data(data, patients, native, most)
-    context = resolve_context(None, load_data(data)[1], data)
+    context = data_context(data)
     speed = {} if precision == 'auto' else {'precision': precision}
     epoch_axis = sorted(pretrain_epochs)
     middle = [e for e in epoch_axis if e][len([e for e in epoch_axis if e]) // 2] if any(epoch_axis) else 0

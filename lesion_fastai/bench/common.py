@@ -15,7 +15,7 @@ from ..config import PRECISIONS
 from ..files import atomic_write_text, write_json
 from ..log import log
 
-__all__ = ['MODES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED', 'UNFREEZE_AFTER', 'CARRY_WEIGHT', 'mode_changes', 'machine', 'ensure_data', 'tag', 'pretrain_folder', 'pretrain_once', 'prepare',
+__all__ = ['MODES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED', 'UNFREEZE_AFTER', 'CARRY_WEIGHT', 'mode_changes', 'machine', 'ensure_data', 'data_context', 'tag', 'pretrain_folder', 'pretrain_once', 'prepare',
            'run_finetune', 'finetune_config', 'run_name', 'teacher_config', 'pseudo_csv', 'ensure_pseudo_labels', 'self_trained', 'test_row', 'pm', 'report', 'in_process', 'add_data_args', 'data_args']
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich); 'none' is the old name of 'full'. The -ft modes unfreeze after
@@ -77,16 +77,21 @@ def pretrain_once(data: Path, folder: Path, pretrain_epochs: int, bs: int, chang
     return ckpt
 
 
+def data_context(data: Path) -> int:
+    "The context every benchmark run of `data` sees: the data's default (2 where it ships neighbour slices, else 0)."
+    from ..config import resolve_context
+    from ..deeplesion import load_data
+    return resolve_context(None, load_data(data)[1], data)
+
+
 def prepare(out: Path, data: Path, patients: int, native: int, pretrain_epochs: int, bs: int,
              pretrain_changes: dict | None = None) -> Path:
     """The benchmark's data (generated once, unless `data` holds some) and its autoencoder pretraining
     with the data's default context resolved (`out/pretrain_context2`, say, or with other settings
     `out/pretrain_context2_<changes>`; the same folder `efficiency` makes); returns the checkpoint."""
-    from ..config import resolve_context
-    from ..deeplesion import load_data
     ensure_data(data, patients, native)
     changes = dict(pretrain_changes or {})
-    changes.setdefault('context', resolve_context(None, load_data(data)[1], data))
+    changes.setdefault('context', data_context(data))
     speed = {k: changes.pop(k) for k in ('precision',) if k in changes}
     return pretrain_once(data, pretrain_folder(out, changes), pretrain_epochs, bs, {**changes, **speed})
 
@@ -171,12 +176,10 @@ def self_trained(teacher, student, fp: float, rounds: int, round_out):
     k (trained here into `round_out(k)` unless it finished there) teaches the next, its pseudo-labels
     at `fp` written in its own folder. Returns the last round's student, its pseudo-labels made."""
     from dataclasses import replace
-    first = student.pseudo_labels
     for k in range(1, rounds):
-        taught = replace(student, out=Path(round_out(k)), pseudo_labels=first if k == 1 else Path(teacher.out) / f'pseudo_labels_fp{fp:g}.csv')
+        taught = replace(student, out=Path(round_out(k)))
         run_finetune(ensure_pseudo_labels(teacher, taught, fp))
-        teacher = taught
-    if rounds > 1: student = replace(student, pseudo_labels=Path(teacher.out) / f'pseudo_labels_fp{fp:g}.csv')
+        teacher, student = taught, replace(student, pseudo_labels=Path(taught.out) / f'pseudo_labels_fp{fp:g}.csv')
     return ensure_pseudo_labels(teacher, student, fp)
 
 

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULT_CONTEXT, PRETEXTS, PSEUDO_FP, FinetuneConfig, PretrainConfig, parse_floats, parse_ints, resolve_context
-from ..deeplesion import load_data
+from ..config import DEFAULT_CONTEXT, PRETEXTS, PSEUDO_FP, FinetuneConfig, PretrainConfig, parse_floats, parse_ints
 from ..log import log
 from ..plots import plt, save_fig
 from ..report import markdown_table, summary_report
 from ..stats import mean_ci
 from .common import (CARRY_WEIGHT, GRID_MODES, MODE_ALIASES, MODES, NO_CHECKPOINT, SELF_TRAINED, UNFREEZE_AFTER, add_data_args,
-                     data_args, ensure_data, finetune_config, in_process, machine, mode_changes, pm, pretrain_folder, pretrain_once,
+                     data_args, data_context, ensure_data, finetune_config, in_process, machine, mode_changes, pm, pretrain_folder, pretrain_once,
                      pseudo_csv, report, run_finetune, run_name, self_trained, tag, test_row)
 
 __all__ = ['efficiency', 'summarise', 'verdict_lines', 'efficiency_table', 'efficiency_plot', 'add_parser']
@@ -54,7 +53,7 @@ def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256,
     modes = [MODE_ALIASES.get(m, m) for m in modes]
     if not report_only: ensure_data(data, patients, native, neighbours, workers=max(1, jobs))
     if context is None:                        # every run sees the same input: the data's default, resolved once
-        context = resolve_context(None, load_data(data)[1], data) if (Path(data) / 'DL_info.csv').exists() else 0
+        context = data_context(data) if (Path(data) / 'DL_info.csv').exists() else 0
     # each pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder)
     if 'imagenet' in modes and not backbone_weights:
         log.info("mode imagenet skipped: it needs --backbone NAME --backbone-weights PATH (a timm model's ImageNet weights)")

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import PSEUDO_FP, FinetuneConfig, choices, parse_floats, parse_ints, resolve_context
-from ..deeplesion import load_data
+from ..config import PSEUDO_FP, FinetuneConfig, choices, parse_floats, parse_ints
 from ..log import log
 from ..stats import mean_ci
-from .common import (MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, ensure_data, finetune_config, machine, mode_changes, prepare,
+from .common import (MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, data_context, ensure_data, finetune_config, machine, mode_changes, prepare,
                      pseudo_csv, report, run_finetune, self_trained, teacher_config)
 
 __all__ = ['CRITERIA', 'TEACHER_SETTINGS', 'select', 'add_parser']
@@ -68,7 +67,7 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
         ckpt = None
         ensure_data(data, patients, native)
     else: ckpt = prepare(out, data, patients, native, pretrain_epochs, bs, speed)
-    context = resolve_context(None, load_data(data)[1], data) if taught else None    # the teacher's, as in efficiency
+    context = data_context(data) if taught else None    # the teacher's, as in efficiency
     rows = []
     for frac in fractions:
         for seed in seeds:
