@@ -48,6 +48,10 @@ _INT_RE = re.compile(r'^-?\d{1,9}$')      # the index columns: DeepLesion's are 
 MAX_SLICE_PX = 4096       # the largest slice side read (DeepLesion's are 512, about 0.1% 768 or 1024): larger is not CT slice data
 LESION_TYPES = (-1, 1, 2, 3, 4, 5, 6, 7, 8)   # Coarse_lesion_type: -1 unlabelled (all of train), 1-8 the eight types
 MAX_FIELD_CHARS = 10_000  # no DeepLesion field is longer than a few dozen characters
+# How far past the slice border a box or a RECIST point may reach and still be read (boxes are then clipped to the
+# slice): DeepLesion pads the RECIST extent by 5 px each side, and its RECIST points sit up to a pixel past the last
+# pixel, so a lesion touching the border has a box up to 6 px outside it (the official test split: 1.7 px).
+BORDER_TOLERANCE_PX = 6.
 
 # Multi-number columns: (csv column, how many numbers, output column names).
 _VECTORS = (
@@ -103,7 +107,8 @@ def _integer(text: str, column: str) -> int:
 
 
 def _check_values(rec: dict) -> None:
-    """What the pipeline reads must be possible: sizes, boxes, axes and diameters inside the slice,
+    """What the pipeline reads must be possible: sizes, boxes, axes and diameters inside the slice (boxes and axes
+    up to `BORDER_TOLERANCE_PX` past its border),
     spacing positive, a known lesion type, a window with low < high, the key slice in its range.
     Raises ValueError naming the field and what was expected."""
     w, h = rec['width'], rec['height']
@@ -112,13 +117,17 @@ def _check_values(rec: dict) -> None:
     box = rec['x1'], rec['y1'], rec['x2'], rec['y2']
     if not (rec['x1'] < rec['x2'] and rec['y1'] < rec['y2']):
         raise ValueError(f"Bounding_boxes ({', '.join(f'{v:g}' for v in box)}) has no area, expected x1 < x2 and y1 < y2")
-    if rec['x1'] < 0 or rec['y1'] < 0 or rec['x2'] > w or rec['y2'] > h:
+    t = BORDER_TOLERANCE_PX
+    if rec['x1'] < -t or rec['y1'] < -t or rec['x2'] > w + t or rec['y2'] > h + t:
         raise ValueError(f"Bounding_boxes ({', '.join(f'{v:g}' for v in box)}) is not inside the {w:g} x {h:g} slice of Image_size, "
-                         f"expected 0 <= x1 < x2 <= {w:g} and 0 <= y1 < y2 <= {h:g}")
+                         f"expected 0 <= x1 < x2 <= {w:g} and 0 <= y1 < y2 <= {h:g} (up to {t:g} px past the border is clipped to it)")
+    if min(rec['x2'], w) - max(rec['x1'], 0) <= 0 or min(rec['y2'], h) - max(rec['y1'], 0) <= 0:
+        raise ValueError(f"Bounding_boxes ({', '.join(f'{v:g}' for v in box)}) lies outside the {w:g} x {h:g} slice of Image_size, "
+                         f"expected a box that overlaps it")
     axes = [rec[k] for k in ('long_x1', 'long_y1', 'long_x2', 'long_y2', 'short_x1', 'short_y1', 'short_x2', 'short_y2')]
-    if not all(-1 <= v <= max(w, h) + 1 for v in axes):
+    if not all(-t <= v <= max(w, h) + t for v in axes):
         raise ValueError(f"Measurement_coordinates ({', '.join(f'{v:g}' for v in axes)}) leaves the {w:g} x {h:g} slice, "
-                         f"expected pixel coordinates inside it")
+                         f"expected pixel coordinates inside it (up to {t:g} px past the border)")
     diagonal = float(np.hypot(w, h))
     if not all(0 <= rec[k] <= diagonal for k in ('diameter_long_px', 'diameter_short_px')):
         raise ValueError(f"Lesion_diameters_Pixel_ ({rec['diameter_long_px']:g}, {rec['diameter_short_px']:g}): expected lengths "
@@ -137,6 +146,14 @@ def _check_values(rec: dict) -> None:
     if not rec['slice_first'] <= rec['key_slice'] <= rec['slice_last']:
         raise ValueError(f"Slice_range ({rec['slice_first']:g}, {rec['slice_last']:g}) does not hold Key_slice_index "
                          f"{rec['key_slice']}, expected first <= key <= last")
+
+
+def _clip_box(rec: dict) -> bool:
+    "Clip the row's box to its slice (it may reach `BORDER_TOLERANCE_PX` past it); whether it moved."
+    inside = (max(rec['x1'], 0.), max(rec['y1'], 0.), min(rec['x2'], float(rec['width'])), min(rec['y2'], float(rec['height'])))
+    moved = inside != (rec['x1'], rec['y1'], rec['x2'], rec['y2'])
+    rec['x1'], rec['y1'], rec['x2'], rec['y2'] = inside
+    return moved
 
 
 def _parse_row(row: dict, root: Path) -> dict:
@@ -159,6 +176,7 @@ def _parse_row(row: dict, root: Path) -> dict:
     for name, col in (('slice_first', 'Slice_range'), ('slice_last', 'Slice_range'), ('width', 'Image_size'), ('height', 'Image_size')):
         if rec[name] != int(rec[name]) or abs(rec[name]) > 1e9: raise ValueError(f"{col} {row[col].strip()!r}: {rec[name]:g}, expected whole numbers (slice indices, sizes in px)")
     _check_values(rec)
+    rec['clipped'] = _clip_box(rec)
     split = row['Train_Val_Test'].strip()
     if split not in ('1', '2', '3'): raise ValueError(f"Train_Val_Test {split!r} is unknown, expected 1, 2 or 3")
     rec['split'] = SPLITS[int(split)]
@@ -226,9 +244,13 @@ def read_dl_info(path: Path | str, root: Path | str | None = None, strict: bool 
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected DL_info.csv as NIH ships it, "
                          f"ASCII / UTF-8 (a UTF-16 or Latin-1 export must be saved as UTF-8)") from None
     if bad: warnings.warn(f"skipped {len(bad)} bad row(s) of {path}:\n" + '\n'.join(bad), stacklevel=2)
+    from .log import log
     if repeated:
-        from .log import log
         log.info(f"{path}: {len(repeated)} row(s) repeat an earlier row and were read once (line {repeated[0][0]} repeats line {repeated[0][1]})")
+    clipped = [r['line'] for r in records if r.pop('clipped')]
+    if clipped:
+        log.info(f"{path}: {len(clipped)} box(es) clipped to the slice border (at most {BORDER_TOLERANCE_PX:g} px past it): "
+                 f"line{'s' if len(clipped) > 1 else ''} {', '.join(map(str, clipped[:10]))}{' ...' if len(clipped) > 10 else ''}")
     df = pd.DataFrame.from_records(records)
     if df.empty: return df
     for c in _INT_COLUMNS: df[c] = df[c].astype('int64')

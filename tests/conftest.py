@@ -3,7 +3,10 @@ from pathlib import Path
 
 import pytest
 
-SAMPLE = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'DL_info_sample.csv'
+SHARED = Path(__file__).resolve().parents[2] / 'shared'
+SAMPLE = SHARED / 'fixtures' / 'DL_info_sample.csv'
+TEST_SPLIT = SHARED / 'fixtures' / 'DL_info_test_split.csv'
+REAL_CT = SHARED / 'realct'
 
 
 @pytest.fixture(scope='session')
@@ -24,3 +27,9 @@ def tiny_records(tiny_data):
 def sample_csv():
     if not SAMPLE.exists(): pytest.skip(f"real DeepLesion sample not found at {SAMPLE} (../shared/fixtures beside the project)")
     return SAMPLE
+
+
+@pytest.fixture
+def test_split_csv():
+    if not TEST_SPLIT.exists(): pytest.skip(f"DeepLesion's official test split rows not found at {TEST_SPLIT} (../shared/fixtures beside the project)")
+    return TEST_SPLIT

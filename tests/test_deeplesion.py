@@ -41,6 +41,52 @@ def test_multi_lesion_slices_keep_all_boxes(sample_csv):
         assert np.array_equal(r.boxes, rows[['x1', 'y1', 'x2', 'y2']].to_numpy(np.float32)) and r.lines == tuple(rows.line)
 
 
+def test_every_row_of_the_official_test_split_is_read_strictly(test_split_csv, caplog):
+    with caplog.at_level('INFO', logger='lesion_fastai'):
+        df = read_dl_info(test_split_csv)
+    assert len(df) == 4927 and sorted(df.line) == list(range(2, 4929))        # every row, none skipped
+    clipped = [m for m in caplog.messages if 'clipped to the slice border' in m]
+    assert len(clipped) == 1 and clipped[0].endswith('line 4642')             # 489.818, 252.689, 513.681, 284.578 on 512 px
+    r = df[df.line == 4642].iloc[0]
+    assert (r.x1, r.y1, r.x2, r.y2) == (489.818, 252.689, 512., 284.578)
+    assert (df.x1 >= 0).all() and (df.y1 >= 0).all() and (df.x2 <= df.width).all() and (df.y2 <= df.height).all()
+
+
+def test_official_test_split_statistics(test_split_csv):
+    from lesion_fastai.deeplesion import evaluation_records, lesion_statistics
+    df = read_dl_info(test_split_csv)
+    stats = lesion_statistics(df)
+    assert (stats['lesions'], stats['key_slices'], df.patient.nunique(), int(df.noisy.sum())) == (4927, 4831, 665, 15)
+    assert set(df.split) == {'test'} and stats['labelled_lesions'] == 4927
+    evaluated = evaluation_records(slice_records(df), 'test')     # the protocol's counts (DEEPLESION.md): noisy lesions dropped
+    assert (len(evaluated), sum(len(r.boxes) for r in evaluated)) == (4817, 4912)
+
+
+@pytest.mark.parametrize('box,kept', [('-3, 5, 10, 12', (0., 5., 10., 12.)), ('50, 60, 69.5, 70', (50., 60., 64., 64.)),
+                                      ('0, 0, 64, 64', (0., 0., 64., 64.))])
+def test_a_box_a_few_pixels_past_the_border_is_clipped_to_the_slice(sample_csv, tmp_path, box, kept, caplog):
+    rows = list(csv.reader(open(sample_csv)))[:3]
+    for r in rows[1:]: r[COLUMNS.index('Image_size')] = '64, 64'; r[COLUMNS.index('Measurement_coordinates')] = '10, 10, 20, 20, 12, 18, 18, 12'
+    rows[1][COLUMNS.index('Bounding_boxes')] = box
+    rows[2][COLUMNS.index('Bounding_boxes')] = '10, 10, 20, 20'
+    path = tmp_path / 'DL_info.csv'
+    with open(path, 'w', newline='') as f: csv.writer(f).writerows(rows)
+    with caplog.at_level('INFO', logger='lesion_fastai'): df = read_dl_info(path)
+    assert tuple(df.iloc[0][['x1', 'y1', 'x2', 'y2']]) == kept and tuple(df.iloc[1][['x1', 'y1', 'x2', 'y2']]) == (10., 10., 20., 20.)
+    clipped = [m for m in caplog.messages if 'clipped' in m]
+    assert clipped == ([] if kept == (0., 0., 64., 64.) else [f"{path}: 1 box(es) clipped to the slice border (at most 6 px past it): line 2"])
+
+
+@pytest.mark.parametrize('box,message', [('-7, 5, 10, 12', 'is not inside the 64 x 64 slice'), ('60, 5, 70.5, 12', 'is not inside'),
+                                         ('64, 5, 69, 12', 'lies outside the 64 x 64 slice'), ('-6, -6, 0, 0', 'lies outside')])
+def test_a_box_far_outside_or_beside_the_slice_stays_an_error(sample_csv, tmp_path, box, message):
+    path = _csv_with(sample_csv, tmp_path, 0, 'Bounding_boxes', box)
+    rows = list(csv.reader(open(path)))
+    rows[1][COLUMNS.index('Image_size')] = '64, 64'; rows[1][COLUMNS.index('Measurement_coordinates')] = '10, 10, 20, 20, 12, 18, 18, 12'
+    with open(path, 'w', newline='') as f: csv.writer(f).writerows(rows)
+    with pytest.raises(ValueError, match=f'line 2: Bounding_boxes .*{message}'): read_dl_info(path)
+
+
 def test_image_path_layout():
     assert image_path('000001_01_01_109.png', '/d').as_posix() == '/d/Images_png/000001_01_01/109.png'
     assert image_path('000001_01_01_007.png').as_posix() == 'Images_png/000001_01_01/007.png'
