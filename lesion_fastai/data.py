@@ -18,6 +18,7 @@ per-item pipeline makes, value for value (tested).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +116,18 @@ class CTSlice(Transform):
             c = self.spec.context
             paths = context_paths(path, c)
             found = self._found[str(path)] = [paths[c]] + [paths[i] for o in range(1, c + 1) for i in (c - o, c + o)]
+            if c and found.count(found[0]) == len(found): self._warn_alone(found[0])
         return found
+
+    def _warn_alone(self, path) -> None:
+        "Once per transform: a slice with no neighbour on disk is read with the key slice in their places."
+        if getattr(self, '_warned', False): return         # exports made before this attribute lack it
+        self._warned = True
+        why = ("its name is not a slice number as DeepLesion's <slice:03d>.png, so its neighbours cannot be named"
+               if not Path(path).stem.isdigit() else "no slice of its series lies beside it on disk")
+        warnings.warn(f"{path}: {why}; the model's {2 * self.spec.context} neighbour channels (--context {self.spec.context}) "
+                      f"repeat the key slice, as at the first and last slice of a DeepLesion series (any other such slice "
+                      f"of this run likewise, without another warning)", stacklevel=2)
 
     def planes(self, path, wins) -> tuple[torch.Tensor, tuple[int, int]]:
         """One PNG windowed in `wins` and area-averaged to the model size, [windows, size, size] float32,

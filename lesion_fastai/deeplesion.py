@@ -382,8 +382,10 @@ def resolve_windows(names: str | list[str], dicom_window: tuple[float, float] | 
 
 def neighbour_path(key_path: Path | str, offset: int, max_search: int = 8) -> Path:
     """The slice `offset` positions from `key_path` in its series, or the nearest existing slice to it
-    (ties go towards the key slice) when DeepLesion did not ship it."""
+    (ties go towards the key slice) when DeepLesion did not ship it; the key slice itself when there is none,
+    or when its name is not a slice number (`slice.png`), so that no neighbour can be named."""
     key_path = Path(key_path)
+    if not key_path.stem.isdigit(): return key_path
     k = int(key_path.stem)
     target = k + offset
     for d in range(max_search + 1):

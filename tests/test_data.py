@@ -87,6 +87,29 @@ def test_every_channel_of_a_multi_window_multi_context_input(tmp_path):
     assert t.orig_size == (8, 8)
 
 
+@pytest.mark.parametrize('name', ['slice.png', 'scan_0007.png', '005.png'])
+def test_a_slice_without_neighbours_on_disk_repeats_the_key_slice_with_one_warning(tmp_path, name):
+    "A slice not named like DeepLesion's, or alone in its folder: every neighbour channel is the key slice, warned once."
+    hu = np.random.default_rng(0).integers(-300, 300, size=(16, 16)).astype(np.float32)
+    for d in ('a', 'b'): save_hu(tmp_path / d / name, hu)
+    load = CTSlice(SliceSpec('soft', 2, 8))
+    with pytest.warns(UserWarning, match=r"neighbour channels \(--context 2\) repeat the key slice") as w:
+        t = load(tmp_path / 'a' / name)
+        load(tmp_path / 'b' / name)                               # a second such slice: no second warning
+    assert len(w) == 1 and str(tmp_path / 'a' / name) in str(w[0].message)
+    assert t.shape == (5, 8, 8) and all(torch.equal(t[0], c) for c in t)
+    assert torch.equal(t, load.from_hu([hu] * 5))
+
+
+def test_a_slice_with_its_neighbours_is_read_without_a_warning(tmp_path):
+    import warnings
+    for k in (4, 5, 6): save_hu(tmp_path / f'{k:03d}.png', np.full((8, 8), 10. * k, np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        t = CTSlice(SliceSpec('soft', 1, 8))(tmp_path / '005.png')
+    assert not torch.equal(t[1], t[0])
+
+
 def _lesion_image(size=64):
     yy, xx = np.mgrid[0:size, 0:size]
     mask = ((xx - 20.5) / 9) ** 2 + ((yy - 40.5) / 5) ** 2 <= 1

@@ -210,3 +210,18 @@ def test_bombs_truncated_volumes_and_empty_inputs_are_rows_of_skipped_csv_and_th
     assert {r['source'].rsplit('/', 1)[1] for r in _rows(tmp_path / 'out')} == {p.name for p in pngs}     # the rest, predicted
     with pytest.raises(SystemExit) as e: main([str(model), str(tmp_path / 'empty'), '--out', str(tmp_path / 'nothing')])
     assert str(e.value.code).startswith('error: nothing to predict') and not (tmp_path / 'nothing').exists()
+
+
+def test_learn_predict_on_a_slice_not_named_like_deeplesions(model, tiny_records, tmp_path):
+    "learn.predict('slice.png') with a --context model: the key slice stands in for its neighbours, with one warning."
+    learn = load_learner(model)
+    rec = next(r for r in tiny_records if r.split == 'test')
+    shutil.copy(rec.image_path, tmp_path / 'slice.png')
+    (tmp_path / 'alone').mkdir()
+    shutil.copy(rec.image_path, tmp_path / 'alone' / '050.png')           # numbered, but no neighbour beside it
+    with pytest.warns(UserWarning, match='slice.png: its name is not a slice number') as w:
+        (boxes, scores), _, _ = learn.predict(tmp_path / 'slice.png')
+    assert len(w) == 1
+    (boxes2, scores2), _, _ = learn.predict(tmp_path / 'alone' / '050.png')
+    assert np.asarray(boxes).reshape(-1, 4).shape[0] == len(scores) > 0
+    assert np.allclose(np.asarray(boxes), np.asarray(boxes2)) and np.allclose(scores, scores2)
