@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = ['COLUMNS', 'SPLITS', 'WINDOWS', 'HU_OFFSET', 'read_dl_info', 'image_path', 'SliceFileError', 'open_png', 'load_hu', 'check_png', 'save_hu',
            'window', 'resolve_windows', 'neighbour_path', 'context_paths', 'list_slices', 'SliceRecord',
-           'slice_records', 'evaluation_records', 'load_data', 'lesion_statistics', 'patient_of', 'ships_neighbours']
+           'slice_records', 'evaluation_records', 'load_data', 'lesion_statistics', 'patient_of', 'ships_neighbours', 'format_numbers']
 
 # The 18 columns of DL_info.csv, in the official order.
 COLUMNS = ('File_name', 'Patient_index', 'Study_index', 'Series_ID', 'Key_slice_index',
@@ -83,6 +83,11 @@ def image_path(file_name: str, root: Path | str = '.') -> Path:
     if m is None: raise ValueError(f"File_name {file_name!r}: expected <patient>_<study>_<series>_<slice>.png")
     patient, study, series, key = m.groups()
     return Path(root) / 'Images_png' / f'{patient}_{study}_{series}' / f'{int(key):03d}.png'
+
+
+def format_numbers(*values) -> str:
+    "Numbers as a DL_info.csv field writes them: `233.537, 95.0204` (integers plain, others to 4 decimals, trailing zeros cut)."
+    return ', '.join(f'{x:g}' if isinstance(x, (int, np.integer)) else f'{x:.4f}'.rstrip('0').rstrip('.') for x in values)
 
 
 def patient_of(series_dir: str) -> int:

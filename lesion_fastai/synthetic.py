@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .deeplesion import COLUMNS, save_hu
+from .deeplesion import COLUMNS, format_numbers as _fmt, save_hu
 from .log import log, progress
 
 __all__ = ['generate', 'render_slice', 'main']
@@ -244,10 +244,6 @@ def render_slice(an: dict, lesions: list[tuple[Ellipse, float]], dz_mm: float, S
     grain = _smooth(rng.normal(0, 1, (S, S)).astype(np.float32), 1.5 * S / 256) * noise * .8
     img += np.where(img > -500, grain, 0).astype(np.float32) + rng.normal(0, noise, img.shape).astype(np.float32)
     return img
-
-
-def _fmt(*v) -> str:
-    return ', '.join(f'{x:g}' if isinstance(x, (int, np.integer)) else f'{x:.4f}'.rstrip('0').rstrip('.') for x in v)
 
 
 def _row(fname, patient, study, series, key, les, box, spacing, slice_mm, z, S, slice_range, gender, age, split, lesion_type, body, noisy=0):
