@@ -15,11 +15,11 @@ from lesion_fastai.finetuning import finetune
 @pytest.mark.slow
 def test_same_epoch_length_repeats_the_label_subset(tiny_data, tiny_records, tmp_path):
     n_train = sum(r.split == 'train' for r in tiny_records)
-    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path, epochs=1, bs=2, size=32, label_fraction=.2,
+    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path, epochs=1, bs=2, size=32, label_fraction=.3,
                                 same_epoch_length=True))
     assert m['train_slices'] < n_train
     assert m['slices_per_epoch'] == n_train          # every epoch as long as with all labels
-    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'b', epochs=1, bs=2, size=32, label_fraction=.2))
+    m = finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'b', epochs=1, bs=2, size=32, label_fraction=.3))
     assert m['slices_per_epoch'] == m['train_slices'] < n_train
 
 

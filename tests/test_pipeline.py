@@ -27,7 +27,7 @@ TOP1_KEYS = {'n', 'hit@0.5', 'mean_iou', 'centre_error_mm', 'centre_error_mm_mea
 @pytest.fixture(scope='module')
 def pretrained(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp('pretrain')
-    pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--epochs', '8', '--bs', '4', '--size', '32', '--lr', '1e-2',
+    pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--epochs', '16', '--bs', '4', '--size', '32', '--lr', '1e-2',
                        '--context', '0'])
     return out
 

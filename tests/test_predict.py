@@ -37,8 +37,13 @@ def _boxes(rows, key='File_name'):
 
 
 def _series(tiny_data):
-    "The first series folder of the tiny data and its slices in HU, in slice order."
-    folder = sorted((tiny_data / 'Images_png').iterdir())[0]
+    """The first series folder of the tiny data whose slices follow each other without a gap (so that a DICOM or NIfTI
+    copy, whose neighbours are the next slices of the stack, holds the neighbours the PNGs have), and its slices
+    in HU, in slice order."""
+    def contiguous(folder):
+        numbers = sorted(int(p.stem) for p in folder.glob('*.png'))
+        return numbers == list(range(numbers[0], numbers[-1] + 1))
+    folder = next(f for f in sorted((tiny_data / 'Images_png').iterdir()) if contiguous(f))
     pngs = sorted(folder.glob('*.png'))
     return folder, pngs, [load_hu(p) for p in pngs]
 
