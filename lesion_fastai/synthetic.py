@@ -97,13 +97,13 @@ def _tissue_hu(rng: np.random.Generator, enhanced: bool) -> dict:
             'lung': u(-880, -820), 'heart': u(120, 160) if enhanced else u(35, 45), 'bladder': u(0, 15)}
 
 
-def _anatomy(rng: np.random.Generator, S: int, region: str = 'abdomen', spacing: float | None = None) -> dict:
+def _anatomy(rng: np.random.Generator, S: int, region: str, spacing: float) -> dict:
     """One study's anatomy in pixels at size S: the body of a chest, abdomen or pelvis slice as an ordered list of
     (name, ellipse, HU, shrinks along z) to paint, HU per tissue, and the hosts lesions are placed in."""
     hu = _tissue_hu(rng, rng.random() < 0.6)
     cx, cy = S / 2 + rng.normal(0, S * .01), S / 2 + rng.normal(0, S * .015)
     # the body's half width, 140-200 mm, in pixels of `spacing` mm (a field of view fitted to the patient)
-    A = min(S * .47, rng.uniform(140, 200) / spacing) if spacing else S * rng.uniform(.38, .45)
+    A = min(S * .47, rng.uniform(140, 200) / spacing)
     B = A * rng.uniform(.62, .80)
     body = Ellipse(cx, cy, A, B)
     fat_t = rng.uniform(.04, .12)
@@ -183,10 +183,10 @@ def _lesion(rng: np.random.Generator, an: dict, S: int, spacing: float) -> dict:
     b = a * rng.uniform(.4, 1.)
     dark = rng.random() < .75                       # most organ lesions are hypodense (cysts, metastases)
     if site in ('liver', 'spleen', 'kidney', 'muscle'):
-        host = {'liver': an.get('liver'), 'spleen': an.get('spleen'), 'kidney': an['kidneys'][rng.integers(2)] if 'kidneys' in an else None,
-                'muscle': an['psoas'][rng.integers(2)] if 'psoas' in an else None}[site]
+        kidney, psoas = an['kidneys'][rng.integers(2)], an['psoas'][rng.integers(2)]     # both drawn whatever the site
+        host = {'liver': an['liver'], 'spleen': an['spleen'], 'kidney': kidney, 'muscle': psoas}[site]
         cx, cy = _inside(rng, host, max(.1, .7 - a / min(host.a, host.b)))
-        value = hu[site if site != 'muscle' else 'muscle'] + (-1 if dark else 1) * _contrast(rng)
+        value = hu[site] + (-1 if dark else 1) * _contrast(rng)
     elif site == 'lung':
         cx, cy = _inside(rng, an['lungs'][rng.integers(2)], .75)
         value = rng.uniform(-100, 50)                 # a solid or part-solid nodule in aerated lung
