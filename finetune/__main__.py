@@ -21,8 +21,8 @@ from lesion_fastai.config import FinetuneConfig, add_settings, from_args
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m finetune', description=__doc__.split('\n\n')[0],
                                  epilog=__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--eval', type=Path, default=None, metavar='MODEL', help='only evaluate an exported model (export.pkl) on the test split: '
-                    'eval_metrics.json, eval_predictions.csv, eval_froc.png, eval_results.png, written to --out if given, else beside MODEL')
+    ap.add_argument('--eval', type=Path, default=None, metavar='MODEL', help='only evaluate an exported model on the test split, as '
+                    'python -m lesion_fastai.evaluate MODEL --data DATA [--out OUT] does (--bs its batch size)')
     add_settings(ap, FinetuneConfig, defaults={'out': None}, shown={'out': 'runs/finetune; with --eval, the folder of MODEL'})
     return ap
 
@@ -33,11 +33,10 @@ def main(argv=None):
     from lesion_fastai.distributed import quiet_other_ranks
     quiet_other_ranks()
     try:
-        if args.eval is not None:
-            from lesion_fastai.evaluation import evaluate_export
-            from lesion_fastai.log import log
-            from lesion_fastai.metrics import summary_line
-            log.info(f"test: {summary_line(evaluate_export(args.eval, args.data, args.out)['test'])}")
+        if args.eval is not None:                  # an alias of python -m lesion_fastai.evaluate
+            from lesion_fastai.config import EvaluateConfig
+            from lesion_fastai.evaluate import evaluate
+            evaluate(from_args(EvaluateConfig, ap, args, model=args.eval))
             return
         cfg = from_args(FinetuneConfig, ap, args, out=args.out or Path('runs/finetune'))
         from lesion_fastai.finetuning import finetune

@@ -6,7 +6,7 @@ Two caches hold them. The in-memory cache (a dict, the default) spares decoding 
 epoch of one run; the disk cache (`build_slice_cache`, one memory-mapped float16 array) spares it
 across runs and for data larger than memory, built once per slice set and settings (a
 `data.SliceSpec`: windows, context, size) and read by every later run and every DataLoader worker
-(how large DeepLesion's is and how long decoding takes: README, `bench throughput` and `bench scale`).
+(how large DeepLesion's is and how long decoding takes: docs/results.md, `bench throughput` and `bench scale`).
 
     cache = build_slice_cache(records, SliceSpec('soft', 2, 256), '~/.cache/lesion_fastai')
     CTSlice(SliceSpec('soft', 2, 256), cache)      # stacks cached planes; a PNG not in the cache is decoded as usual

@@ -1,18 +1,17 @@
 """Every setting of a run, in one place: `PretrainConfig` and `FinetuneConfig` (with `RunConfig`, the
-fields both have) hold each setting's default, help text and allowed values. `__post_init__` checks
-them, so `FinetuneConfig(kappa=0)` fails from Python as `--kappa 0` fails on the command line, and
-the parsers of `python -m pretrain`, `python -m finetune`, the search and the benchmarks are built from
-the same fields (`add_settings`, `from_args`).
+fields both have), `EvaluateConfig` and `PredictConfig` (with `InferenceConfig`) hold each setting's
+default, help text and allowed values, declared with `settings.option`. `__post_init__` checks them,
+so `FinetuneConfig(kappa=0)` fails from Python as `--kappa 0` fails on the command line, and the
+parsers of every command are built from the same fields (`add_settings`, `from_args`). A run resolves
+its config once (`finetuning.resolve`, `pretraining.resolve`): what it records is `recorded(resolved)`.
 
 A value out of its range is a `SettingError` (the command line's usage error, exit status 2); settings
 that cannot go together (`--freeze sandwich` without a checkpoint, say) are found when the run starts.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import typing
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .freeze import FREEZE_ALIASES, FREEZE_MODES
@@ -20,15 +19,18 @@ from .heatmap import KEEP, NMS_IOU
 from .losses import BoxLoss
 from .models.autoencoder import CODE_CHANNELS
 from .models.detector import HEADS, KAPPA, SANDWICHES
+from .settings import (SettingError, add_settings, check_fields, choices, flag_of, from_args, option, parse_floats, parse_ints, recorded,
+                       settings_diff)
 
-__all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneConfig', 'PRECISIONS', 'PRETEXTS', 'CACHES', 'DEFAULT_CONTEXT', 'PSEUDO_FP',
-           'resolve_context',
-           'add_settings', 'from_args', 'choices', 'parse_ints', 'parse_floats', 'flag_of']
+__all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneConfig', 'InferenceConfig', 'EvaluateConfig', 'PredictConfig',
+           'DEVICES', 'PRECISIONS', 'PRETEXTS', 'CACHES', 'DEFAULT_CONTEXT', 'PSEUDO_FP',
+           'resolve_context', 'recorded', 'settings_diff',
+           'add_settings', 'from_args', 'choices', 'parse_ints', 'parse_floats', 'flag_of', 'check_fields']
 
 PRECISIONS = ('auto', 'fp32', 'bf16')
-DEFAULT_CONTEXT = 2   # neighbour slices on each side, where the data ships them: the strongest lever measured (README)
+DEFAULT_CONTEXT = 2   # neighbour slices on each side, where the data ships them: the strongest lever measured (docs/results.md)
 PSEUDO_FP = .1        # self-training's threshold: the teacher's score at this many false positives per validation slice, chosen on
-                      # validation of 0.1, 0.25, 0.5, 1 (README)
+                      # validation of 0.1, 0.25, 0.5, 1 (docs/results.md)
 CACHES = ('memory', 'disk', 'none')
 
 # pretext: (mask ratio, patch as a fraction of the size, noise std), what each reconstructs:
@@ -36,70 +38,6 @@ CACHES = ('memory', 'disk', 'none')
 # neighbour slices whole, the key slice reconstructed; mae: a high ratio of small patches masked, no noise, the loss
 # on the masked pixels only (masked autoencoders: He et al. 2022; convolutional ones: SparK, ConvNeXt V2).
 PRETEXTS = {'masked': (.5, 1 / 16, .05), 'context': (.5, 1 / 16, .05), 'mae': (.75, 1 / 32, 0.)}
-
-
-class SettingError(ValueError):
-    "A setting outside the values it allows; on the command line, argparse's usage error."
-
-
-def option(default=MISSING, help: str = '', *, flag: str | None = None, choices=None, aliases: dict | None = None,
-           at_least=None, above=None, at_most=None, below=None, parse=None, check=None, metavar: str | None = None,
-           default_help: str | None = None, cli: bool = True, group: str = 'run', mutex: str | None = None):
-    """A config field with what its command-line flag needs: `help` (the default is appended unless
-    `default_help` says it in words), `flag` (default --name-with-dashes), allowed `choices` (with
-    `aliases`: old names accepted for new ones), bounds (`at_least`, `above`, `at_most`, `below`),
-    `parse` (text -> value, for tuples), `check` (value -> message or None, for what bounds cannot
-    say). `cli=False` keeps a field out of the parsers (set from Python only)."""
-    meta = dict(help=help, flag=flag, choices=choices, aliases=aliases or {}, at_least=at_least, above=above, at_most=at_most,
-                below=below, parse=parse, check=check, metavar=metavar, default_help=default_help, cli=cli, group=group, mutex=mutex)
-    return field(default=default, metadata=meta)
-
-
-def flag_of(f: dataclasses.Field) -> str:
-    return f.metadata.get('flag') or '--' + f.name.replace('_', '-')
-
-
-def _bounds(m: dict) -> str | None:
-    "The allowed range in words: 'at least 1', 'positive', 'in (0, 1]'."
-    lo = ('(', m['above']) if m['above'] is not None else ('[', m['at_least']) if m['at_least'] is not None else None
-    hi = (')', m['below']) if m['below'] is not None else (']', m['at_most']) if m['at_most'] is not None else None
-    if lo and hi: return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
-    if lo: return f"at least {lo[1]:g}" if lo[0] == '[' else 'positive' if lo[1] == 0 else f"greater than {lo[1]:g}"
-    if hi: return f"at most {hi[1]:g}" if hi[0] == ']' else f"less than {hi[1]:g}"
-    return None
-
-
-def _out_of_bounds(m: dict, v) -> bool:
-    return ((m['at_least'] is not None and v < m['at_least']) or (m['above'] is not None and v <= m['above'])
-            or (m['at_most'] is not None and v > m['at_most']) or (m['below'] is not None and v >= m['below']))
-
-
-def _check_fields(cfg) -> None:
-    "Each field against its choices, bounds and check; aliases are replaced by the names they stand for."
-    for f in dataclasses.fields(cfg):
-        m, v = f.metadata, getattr(cfg, f.name)
-        if not m or v is None: continue
-        if m['aliases'] and v in m['aliases']:
-            v = m['aliases'][v]
-            object.__setattr__(cfg, f.name, v)
-        if m['choices'] is not None and v not in m['choices']:
-            raise SettingError(f"{flag_of(f)} {v!r}: expected one of {', '.join(map(str, m['choices']))}")
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and _out_of_bounds(m, v):
-            raise SettingError(f"{flag_of(f)} must be {_bounds(m)}, got {v:g}")
-        problem = m['check'](v) if m['check'] else None
-        if problem: raise SettingError(f"{flag_of(f)} {problem}")
-
-
-def parse_ints(text: str) -> tuple[int, ...]:
-    "'64,8,4' -> (64, 8, 4)."
-    try: return tuple(int(c) for c in str(text).split(',') if c.strip())
-    except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not integers joined by commas") from None
-
-
-def parse_floats(text: str) -> tuple[float, ...]:
-    "'0.02,0.1,1' -> (0.02, 0.1, 1.0)."
-    try: return tuple(float(c) for c in str(text).split(',') if c.strip())
-    except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not numbers joined by commas") from None
 
 
 def _code_channels(v) -> str | None:
@@ -153,7 +91,7 @@ class RunConfig:
         self.data, self.out = Path(self.data), Path(self.out)
         if self.cache_dir is not None: self.cache_dir = Path(self.cache_dir)
         if self.backbone_weights is not None: self.backbone_weights = Path(self.backbone_weights)
-        _check_fields(self)
+        check_fields(self)
 
 
 @dataclass(kw_only=True)
@@ -252,7 +190,7 @@ class FinetuneConfig(RunConfig):
                                  'discriminative rates (the pretrained layers at lr/2/--lr-mult, the rest at lr/2); 0: frozen throughout',
                                  at_least=0, metavar='K', group='freeze')
     lr_mult: float = option(1., "with --unfreeze-after: how many times slower the pretrained layers train than the fresh ones once "
-                            "unfrozen (fastai's fine_tune lr_mult; 1, chosen on validation of 100, 10, 1, README)", above=0,
+                            "unfrozen (fastai's fine_tune lr_mult; 1, chosen on validation of 100, 10, 1, docs/results.md)", above=0,
                             group='freeze')
     kappa: float = option(KAPPA, 'gaussian head: std scale, std = kappa * softplus(output)', above=0, group='loss')
     nll_weight: float = option(.1, 'gaussian head: weight of the negative log-likelihood of the target under the predicted mean and '
@@ -269,6 +207,47 @@ class FinetuneConfig(RunConfig):
         super().__post_init__()
 
 
+DEVICES = ('auto', 'cpu', 'cuda')
+
+
+@dataclass(kw_only=True)
+class InferenceConfig:
+    "Settings of running a trained detector: `python -m lesion_fastai.evaluate` and `python -m lesion_fastai.predict`."
+    model: Path = option(help="a trained detector: finetune's OUT/export.pkl, or its OUT/model.safetensors (model.json beside it)",
+                         cli=False)
+    device: str = option('auto', 'auto: a CUDA GPU when there is one', choices=DEVICES, group='inference')
+    bs: int = option(16, 'slices per batch', at_least=1, group='inference')
+
+    def __post_init__(self):
+        for name in ('model', 'data', 'out'):
+            if getattr(self, name, None) is not None: setattr(self, name, Path(getattr(self, name)))
+        check_fields(self)
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(InferenceConfig):
+    "Settings of `python -m lesion_fastai.evaluate`: a trained detector scored on the test patients of a data folder."
+    data: Path = option(help='DeepLesion-layout folder whose test patients (Train_Val_Test 3) are scored', group='data')
+    out: Path | None = option(None, 'output folder: eval_metrics.json, eval_predictions.csv, eval_froc.png, eval_results.png, '
+                              'eval_errors.png, eval_report.html', default_help='the folder of MODEL', group='data')
+
+
+@dataclass(kw_only=True)
+class PredictConfig(InferenceConfig):
+    "Settings of `python -m lesion_fastai.predict`: a trained detector on new scans."
+    inputs: tuple = option((), 'PNG, DICOM or NIfTI files, or folders holding them (searched recursively)', cli=False)
+    out: Path = option(help='output folder: predictions.csv, skipped.csv, overlays/', group='data')
+    num_workers: int = option(0, 'DataLoader worker processes reading the slices (0: the main process)', flag='--workers', metavar='N',
+                              at_least=0, group='inference')
+    overlays: bool = option(False, 'write OUT/overlays/*.png: each slice with its boxes above --min-score and its top box always',
+                            group='output')
+    min_score: float | None = option(None, 'lowest score of a box drawn on an overlay (the top box of a slice is drawn whatever it '
+                                     'scores)', default_help="the model's operating point, the score of 1 false positive per "
+                                     'validation slice', group='output')
+    max_boxes: int = option(5, 'most boxes drawn on an overlay, best first', at_least=1, group='output')
+    strict: bool = option(False, 'any input that cannot be predicted is an error (exit 1, nothing written)', group='output')
+
+
 def resolve_context(context: int | None, records, data) -> int:
     """The neighbour slices a run sees on each side: `context` when given, else `DEFAULT_CONTEXT` where
     the data ships neighbour slices (`deeplesion.ships_neighbours`), else 0, which is said once."""
@@ -280,51 +259,3 @@ def resolve_context(context: int | None, records, data) -> int:
     return 0
 
 
-def choices(cls, name: str) -> tuple:
-    "The values a field of a config class allows."
-    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata['choices']
-
-
-def _help(f: dataclasses.Field) -> str:
-    m = f.metadata
-    if m['default_help'] is not None: return f"{m['help']} (default {m['default_help']})"
-    if f.default is MISSING or f.default is False or m['flag'] == '--no-augment': return m['help']
-    shown = ','.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-    return f"{m['help']} (default {shown})"
-
-
-def add_settings(ap: argparse.ArgumentParser, cls, names=None, defaults: dict | None = None, shown: dict | None = None,
-                 required=('data',)) -> None:
-    """Add the flags of `cls`'s fields (those in `names`, default every field with a flag) to `ap`,
-    in argument groups; `defaults` replace a field's default on the command line (`shown` says one in
-    words in the help); `required` fields must be given."""
-    defaults, shown = defaults or {}, shown or {}
-    hints = typing.get_type_hints(cls)
-    groups, mutex = {}, {}
-    for f in dataclasses.fields(cls):
-        m = f.metadata
-        if not m.get('cli') or (names is not None and f.name not in names): continue
-        g = groups.get(m['group']) or groups.setdefault(m['group'], ap.add_argument_group(f"{m['group']} settings"))
-        if m['mutex']: g = mutex.get(m['mutex']) or mutex.setdefault(m['mutex'], g.add_mutually_exclusive_group())
-        kind = hints[f.name]
-        default = defaults.get(f.name, f.default)
-        kw = dict(dest=f.name, help=_help(f) if f.name not in defaults else f"{m['help']} (default {shown.get(f.name, default)})")
-        if kind is bool:
-            g.add_argument(flag_of(f), action='store_false' if default is True else 'store_true', **kw)
-            continue
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if typing.get_origin(kind) else kind
-        parse = m['parse'] or (base if base in (int, float, Path) else str)
-        choices_ = None if m['aliases'] or m['choices'] is None else m['choices']
-        if m['aliases'] and m['choices']: kw['metavar'] = '{' + ','.join(m['choices']) + '}'
-        if m['metavar']: kw['metavar'] = m['metavar']
-        g.add_argument(flag_of(f), type=parse, choices=choices_, default=None if default is MISSING else default,
-                       required=f.name in required and default is MISSING, **kw)
-
-
-def from_args(cls, ap: argparse.ArgumentParser, args: argparse.Namespace, **extra):
-    """`cls` from parsed flags (and `extra` fields); a value out of range is argparse's usage error,
-    naming the flag (exit status 2)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in vars(args).items() if k in names}
-    try: return cls(**{**given, **extra})
-    except SettingError as e: ap.error(str(e))

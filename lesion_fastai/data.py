@@ -76,6 +76,11 @@ class SliceSpec:
     @property
     def n_channels(self) -> int: return n_channels(self.windows, self.context)
 
+    @classmethod
+    def of(cls, cfg) -> 'SliceSpec':
+        "The spec of a resolved run config (`finetuning.resolve`, `pretraining.resolve`): its windows, context and size."
+        return cls(cfg.windows, cfg.context, cfg.size)
+
 
 DEFAULT_DICOM_WINDOW = (-150., 250.)   # a 'dicom' window for slices that come without a record: the soft-tissue window
 

@@ -1,19 +1,21 @@
 """A trained detector over the validation and test slices, and what a run reports about it: metrics
 (FROC and top-1, beside the mean-box baseline), `predictions.csv` (File_name,x1,y1,x2,y2,score in
 slice pixels, one row per box), `froc.png` and `results.png`. Used by `finetune` after training and by
-`python -m finetune --eval` on an exported learner; `lesion_fastai.predict` writes its predictions.csv
+`python -m lesion_fastai.evaluate` (or `finetune --eval`) on an exported model; `lesion_fastai.predict` writes its predictions.csv
 with the same columns first (`PREDICTION_COLUMNS`, `prediction_row`).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 from .boxes import one_std_boxes, protocol_iou, to_pixels
 from .cache import prepare_slices
+from .data import CTSlice
 from .deeplesion import evaluation_records, load_data
-from .export import detector_settings, is_safe, load_export, safe_learner
+from .inference import detect
 from .files import check_out_folder, output_folder, write_csv, write_json
 from .froc import froc_curve, score_at_fp
 from .log import log
@@ -32,22 +34,10 @@ def prediction_row(file_name: str, box_px, score) -> list[str]:
     return [file_name, *(f'{float(v):.4f}' for v in box_px), f'{float(score):.4f}']
 
 
-@torch.no_grad()
-def predict_detections(learn, records, bs: int | None = None) -> tuple[Detections, np.ndarray]:
-    """The detector's boxes on `records` (`Detections`, decoded as the model's own `decoding` says: the
-    best `k` per slice, boxes scoring under its `min_score` dropped), and the first batch's key-slice
-    images [n, H, W] for figures."""
-    _, decoding = detector_settings(learn)
-    dl = learn.dls.test_dl(records, with_labels=False, bs=bs or learn.dls.bs)
-    model = learn.model.eval()
-    parts, images = [], None
-    for b in dl:
-        x = b[0]
-        boxes, scores, sd = decoding(model(x))
-        parts.append([t.float().cpu().numpy() if t is not None else None for t in (boxes, scores, sd)])
-        if images is None: images = x[:, 0].float().cpu().numpy()
-    cat = lambda i: None if parts[0][i] is None else np.concatenate([p[i] for p in parts])
-    return Detections(cat(0), cat(1), cat(2)), images
+def predict_detections(model, spec, decoding, records, bs: int = 16, cache=None) -> Detections:
+    """The detector's boxes on `records` (`Detections`, decoded as `decoding` says: the best `k` per
+    slice, boxes scoring under its `min_score` dropped), through the one inference path (`inference.detect`)."""
+    return detect(model, spec, decoding, records, bs=bs, cache=cache)[0]
 
 
 def write_predictions(path: Path, dets: Detections, records) -> Path:
@@ -56,28 +46,33 @@ def write_predictions(path: Path, dets: Detections, records) -> Path:
     return write_csv(path, PREDICTION_COLUMNS, rows)
 
 
-def report(learn, splits: dict, baseline: np.ndarray, out: Path, prefix: str = '', n_figure: int = 8) -> dict:
-    """Evaluate the learner on each split of `splits` ({'valid': records, 'test': records}, already
-    filtered by DeepLesion's protocol) beside the `baseline` mean box; write `<prefix>predictions.csv`
-    (test; `<prefix>predictions_valid.csv` for validation), `<prefix>froc.png` and, for the test split,
+def report(model, spec, decoding, splits: dict, baseline: np.ndarray, out: Path, prefix: str = '', n_figure: int = 8, bs: int = 16,
+           cache=None) -> dict:
+    """Evaluate the detector `model` (its input prepared as `spec` says, decoded by `decoding`) on each
+    split of `splits` ({'valid': records, 'test': records}, already filtered by DeepLesion's protocol)
+    beside the `baseline` mean box; write `<prefix>predictions.csv` (test;
+    `<prefix>predictions_valid.csv` for validation), `<prefix>froc.png` and, for the test split,
     `<prefix>results.png` (its first slices) and `<prefix>errors.png` (its worst misses and false
-    positives). With a validation split, the model's operating point is set first (`operating_point`):
-    the threshold of the figures' boxes. Returns the metrics of each split."""
-    results, curves = {}, {}
-    _, decoding = detector_settings(learn)
+    positives). With a validation split, its operating point (`operating_point`) is returned in its
+    metrics and is the threshold of the figures' boxes; the model is not changed (the caller stores the
+    point with it: `export.at_operating_point`). Returns the metrics of each split."""
+    results, curves, shown = {}, {}, decoding
     for name in sorted(splits, key=lambda k: k != 'valid'):           # validation first: it sets the operating point
         recs = splits[name]
         if not recs: continue
-        dets, images = predict_detections(learn, recs)
+        dets = predict_detections(model, spec, decoding, recs, bs, cache)
         results[name] = evaluate_detections(dets, recs, baseline)
         write_predictions(out / f"{prefix}predictions{'' if name == 'test' else '_' + name}.csv", dets, recs)
         fps, sens, scores = froc_curve(*froc_inputs(dets, recs))
         curves[name] = fps, sens
-        if name == 'valid': results[name]['operating_point'] = operating_point(decoding, fps, sens, scores)
+        if name == 'valid':
+            op = results[name]['operating_point'] = operating_point(fps, sens, scores)
+            shown = dataclasses.replace(decoding, operating_score=op['score'], operating_fp=op['fp_per_slice'])
         if name == 'test':
-            threshold, why = decoding.shown_above()
+            threshold, why = shown.shown_above()
+            images = CTSlice(spec, cache).batch(recs[:min(n_figure, bs)])[:, 0].numpy()
             drawn = _results_figure(recs, dets, images, out / f'{prefix}results.png', n_figure, threshold)
-            _errors_figure(learn, recs, dets, out / f'{prefix}errors.png', threshold, n_figure)
+            _errors_figure(spec, recs, dets, out / f'{prefix}errors.png', threshold, n_figure)
             log.info(f"{prefix}results.png: {drawn} box(es) drawn at score >= {threshold:.3f} ({why}); the top box of each slice always, "
                      f"dashed where it scores less")
     last = 'test' if 'test' in results else next(iter(results))
@@ -86,12 +81,10 @@ def report(learn, splits: dict, baseline: np.ndarray, out: Path, prefix: str = '
     return results
 
 
-def operating_point(decoding, fps, sens, scores, fp: float = 1.) -> dict:
-    """Set `decoding.operating_score` to the score at which the validation curve (`froc_curve`'s FPs per
-    slice, sensitivity, scores) reaches `fp` false positives per slice; returns it with the
-    sensitivity there."""
+def operating_point(fps, sens, scores, fp: float = 1.) -> dict:
+    """The score at which the validation curve (`froc_curve`'s FPs per slice, sensitivity, scores)
+    reaches `fp` false positives per slice, with the sensitivity there: the model's operating point."""
     score = score_at_fp(fps, scores, fp)
-    decoding.operating_score, decoding.operating_fp = score, fp
     at = np.flatnonzero(np.asarray(scores) >= score)
     return {'score': score, 'fp_per_slice': fp, 'sensitivity': float(sens[at[-1]]) if len(at) else 0.,
             'fp_per_slice_reached': float(fps[at[-1]]) if len(at) else 0.}
@@ -137,14 +130,12 @@ def slice_errors(dets: Detections, records, threshold: float, n: int = 4) -> tup
     return first(sorted(misses, key=lambda t: t[2]))[:n], first(sorted(false_pos, key=lambda t: -t[2]))[:n]
 
 
-def _errors_figure(learn, records, dets: Detections, path, threshold: float, n: int):
+def _errors_figure(spec, records, dets: Detections, path, threshold: float, n: int):
     "The worst misses and false positives (`slice_errors`) drawn as `results.png` draws slices, each titled with its error."
-    from .data import CTSlice
     misses, false_pos = slice_errors(dets, records, threshold, max(1, n // 2))
     chosen = [(i, f'missed a lesion (its best box scores {s:.2f})') for i, _, s in misses] + \
              [(i, f'false positive scoring {s:.2f}') for i, _, s in false_pos]
     if not chosen: return plot_results(np.zeros((0, 1, 1)), [], [], path, titles=[], threshold=threshold)
-    spec, _ = detector_settings(learn)
     recs = [records[i] for i, _ in chosen]
     images = CTSlice(spec).batch(recs)[:, 0].numpy()
     scale = np.array([images.shape[-1], images.shape[-2]] * 2)
@@ -153,30 +144,30 @@ def _errors_figure(learn, records, dets: Detections, path, threshold: float, n: 
                         titles=[why for _, why in chosen], threshold=threshold)
 
 
-def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | None = None) -> dict:
-    """Evaluate an exported learner (`export.pkl`) on the test patients of `data` (DeepLesion's
-    protocol), beside the mean-box baseline it was trained with (stored in the export); writes
-    `eval_metrics.json`, `eval_predictions.csv`, `eval_froc.png` and `eval_results.png`. Checks the
-    output folder and every test slice before evaluating."""
+def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | None = None, bs: int = 16, device: str = 'auto') -> dict:
+    """Evaluate a trained detector (either export form, `export.load_model`) on the test patients of
+    `data` (DeepLesion's protocol), beside the mean-box baseline it was trained with (stored with it);
+    writes `eval_metrics.json`, `eval_predictions.csv`, `eval_froc.png`, `eval_results.png`,
+    `eval_errors.png` and `eval_report.html`. Checks the output folder and every test slice before
+    evaluating."""
+    from .export import load_model
     model_path = Path(model_path)
-    if not model_path.exists(): raise FileNotFoundError(f"--eval {model_path}: no such exported model")
+    if not model_path.exists(): raise FileNotFoundError(f"{model_path}: no such exported model")
+    if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     out = check_out_folder(Path(out) if out else (model_path if model_path.is_dir() else model_path.parent))
     _, records = load_data(data)
     test = evaluation_records(records, 'test')
     if not test: raise ValueError(f"{data}: no test slices (Train_Val_Test = 3) with a lesion not Possibly_noisy")
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    learn = safe_learner(model_path, test, device) if is_safe(model_path) else load_export(model_path, cpu=device == 'cpu', flag='--eval')
-    spec, _ = detector_settings(learn)                # the preprocessing the model was trained with
-    prepare_slices('none', test, spec)
-    info = getattr(learn, 'train_info', None)
+    model, spec, info = load_model(model_path, device)
+    prepare_slices('none', test, spec)                # every test slice readable with the model's preprocessing
     baseline, source = (np.asarray(info['mean_box']), 'stored with the model') if info else \
         (mean_box(evaluation_records(records, 'train')), 'training split of --data (the export stores none)')
     with output_folder(out):
-        results = report(learn, {'test': test}, baseline, out, prefix='eval_')
+        results = report(model, spec, model.decoding, {'test': test}, baseline, out, prefix='eval_', bs=bs)
         metrics = {'test': results['test'], 'model': str(model_path), 'mean_box_source': source}
         write_json(metrics, out / 'eval_metrics.json')
         from .report import run_report
-        run_report(out, metrics, prefix='eval_', title=f'lesion_fastai --eval of {model_path}')
+        run_report(out, metrics, prefix='eval_', title=f'lesion_fastai.evaluate of {model_path}')
     log.info(f"wrote {out / 'eval_metrics.json'}, eval_predictions.csv, eval_froc.png, eval_results.png, eval_errors.png and "
              f"eval_report.html in {out}")
     return metrics

@@ -1,12 +1,14 @@
-"""A trained detector as a file, written by every `finetune` run and read by `finetune --eval`,
-`lesion_fastai.predict` and users, in two forms:
+"""A trained detector as a file, written by every `finetune` run and read by `lesion_fastai.evaluate`,
+`lesion_fastai.predict`, self-training and users, in two forms:
 
-* `export.pkl`, fastai's (the whole `Learner`, for `load_learner`): a pickle, so loading one runs
-  whatever code it holds. Load only your own.
-* `model.safetensors` + `model.json`, the safe one to share: the weights as plain tensors and, as
-  JSON, what rebuilds the detector around them (its construction arguments, windows, context, size,
-  decoding and operating point, the mean box it was trained beside). `load_detector` reads it
-  without unpickling anything; `predict` and `--eval` take either form.
+* `model.safetensors` + `model.json`, the form to share: the weights as plain tensors and, as JSON
+  (with its `version`), what rebuilds the detector around them (its construction arguments, windows,
+  context, size, decoding and operating point, the mean box and the resolved settings it was trained
+  with). `load_detector` reads it without unpickling anything.
+* `export.pkl`, fastai's (the whole `Learner`, for `load_learner` and `learn.show_results`): a pickle,
+  so loading one runs whatever code it holds. Load only your own. It carries `export_version`.
+
+`load_model` reads either; both are written atomically and read back with errors that name the file.
 
 Both are written atomically and read back with errors that name the file.
 """
@@ -18,16 +20,19 @@ from fastai.learner import Learner, load_learner
 
 from .files import atomic_path
 
-__all__ = ['save_export', 'load_export', 'detector_settings', 'save_safe', 'load_detector', 'is_safe', 'safe_learner',
-           'SAFE_WEIGHTS', 'SAFE_SETTINGS']
+__all__ = ['save_export', 'load_export', 'detector_settings', 'save_safe', 'load_detector', 'is_safe', 'load_model', 'at_operating_point',
+           'SAFE_WEIGHTS', 'SAFE_SETTINGS', 'EXPORT_VERSION']
 
 SAFE_WEIGHTS, SAFE_SETTINGS, SAFE_FORMAT = 'model.safetensors', 'model.json', 'lesion_fastai detector'
+# the version of export.pkl's contents, stored in the learner as `export_version` (exports before it have none: version 1);
+# a version above this one was written by a newer lesion_fastai and is refused by name rather than half read
+EXPORT_VERSION = 2
 
 
 def save_export(learn, path: Path | str) -> Path:
     "`learn.export` to `path` through a temp file and a rename, without metrics (the validation FROC keeps records)."
     path = Path(path)
-    learn.metrics = []
+    learn.metrics, learn.export_version = [], EXPORT_VERSION
     with atomic_path(path) as tmp:
         old, learn.path = learn.path, tmp.parent
         try: learn.export(tmp.name)
@@ -44,6 +49,9 @@ def load_export(path: Path | str, cpu: bool = True, flag: str = '') -> Learner:
     except Exception as e: raise ValueError(f"{name}: not a learner exported by finetune ({type(e).__name__}: {e})") from None
     if not isinstance(learn, Learner) or not hasattr(learn.loss_func, 'decoding'):
         raise ValueError(f"{name}: not a learner exported by finetune")
+    if getattr(learn, 'export_version', 1) > EXPORT_VERSION:
+        raise ValueError(f"{name}: export version {learn.export_version}, written by a newer lesion_fastai than this one (which reads up to "
+                         f"{EXPORT_VERSION}); update lesion_fastai, or share the model as {SAFE_WEIGHTS} + {SAFE_SETTINGS}")
     if not hasattr(learn.model, 'decoding'): learn.model.decoding = learn.loss_func.decoding   # exported before it travelled with the model
     return learn
 
@@ -105,16 +113,23 @@ def load_detector(path: Path | str, device: str = 'cpu'):
     return model.to(device).eval(), SliceSpec(**settings['spec']), settings
 
 
-def safe_learner(path: Path | str, records, device: str = 'cpu') -> Learner:
-    """A fastai `Learner` around the safe model at `path`, its DataLoaders over `records` (scored as
-    validation slices), for the evaluation code that takes a learner; `train_info` as stored."""
+def load_model(path: Path | str, device: str = 'cpu', flag: str = ''):
+    """(detector in eval mode on `device`, `SliceSpec`, what it was trained with: `train_info` or None)
+    from either form at `path`: the safe pair (`is_safe`) or an `export.pkl`. Its `decoding`, with the
+    operating point, travels with the model. Used by evaluation, `predict` and self-training."""
+    if is_safe(path):
+        model, spec, settings = load_detector(path, device)
+        return model, spec, settings.get('train_info')
+    learn = load_export(path, cpu=device == 'cpu', flag=flag)
+    spec, _ = detector_settings(learn)
+    return learn.model.to(device).eval(), spec, getattr(learn, 'train_info', None)
+
+
+def at_operating_point(learn, op: dict) -> None:
+    """Store the operating point `evaluation.report` returned (validation's score at `op['fp_per_slice']`
+    false positives per slice) with the model, so both export forms carry it as the default threshold
+    of every figure and overlay."""
     import dataclasses
-    from .data import detection_dls
-    from .losses import DetectionLoss
-    model, spec, settings = load_detector(path, device)
-    target = settings.get('target', 'points')
-    items = [dataclasses.replace(records[0], split='train')] + [dataclasses.replace(r, split='val') for r in records]   # fastai sets up on a training item
-    dls = detection_dls(items, spec, target, bs=16, augment=False, device=device)
-    learn = Learner(dls, model, loss_func=DetectionLoss(target=target, decoding=model.decoding))
-    learn.train_info = settings.get('train_info')
-    return learn
+    decoding = dataclasses.replace(learn.model.decoding, operating_score=op['score'], operating_fp=op['fp_per_slice'])
+    learn.model.decoding = decoding
+    if hasattr(learn.loss_func, 'decoding'): learn.loss_func.decoding = decoding

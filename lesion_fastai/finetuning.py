@@ -9,8 +9,8 @@ state) and the exported learner `export.pkl`.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,11 @@ from . import distributed
 from .cache import prepare_slices
 from .callbacks import TimeBudget
 from .checkpoint import decoder_args, load_decoder, load_encoder, load_pretrained
-from .config import FinetuneConfig, RunConfig, resolve_context
+from .config import FinetuneConfig, RunConfig, recorded, resolve_context
 from .data import SliceSpec, detection_dls, select_patients
 from .deeplesion import evaluation_records, load_data
 from .evaluation import report
-from .export import save_export, save_safe
+from .export import at_operating_point, save_export, save_safe
 from .files import check_out_folder, write_json
 from .fit import (back_to_fp32, check_batches, check_precision, check_resume, fit_resumable, loader_kwargs, native_size, run_folder,
                   save_run_settings, seed_rank, speed_up)
@@ -38,13 +38,15 @@ from .metrics import ValidFROC, mean_box, summary_line
 from .models.detector import Detector
 from .report import run_report
 
-__all__ = ['resolve_settings', 'finetune']
+__all__ = ['resolve', 'finetune']
 
 
-def resolve_settings(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
-    """Settings of this run (windows, context, size, freeze mode, backbone) and its checkpoint: from the
-    checkpoint when there is one (a disagreeing flag is an error), else the flags or their defaults."""
-    ckpt = load_pretrained(cfg.pretrained) if cfg.pretrained else None
+def resolve(cfg: FinetuneConfig, records, ckpt: dict | None) -> FinetuneConfig:
+    """`cfg` with every setting a run decides filled in (`dataclasses.replace`): windows, context, size
+    and backbone from the checkpoint `ckpt` when there is one (a flag that disagrees is an error), else
+    the flags or their defaults (context from the data, size half the native slice); the freeze mode
+    from what the encoder starts from. Settings that cannot go together are errors here, before
+    anything is written. `asdict` of the result is what the run records."""
     weights = cfg.backbone_weights
     if ckpt is not None and weights: raise ValueError("--pretrained and --backbone-weights both set the encoder's weights: give one")
     freeze = cfg.freeze or ('sandwich' if ckpt else 'full' if weights else 'scratch')
@@ -63,19 +65,18 @@ def resolve_settings(cfg: FinetuneConfig, records) -> tuple[dict, dict | None]:
         raise ValueError(f"--unfreeze-after {cfg.unfreeze_after} leaves no epoch of --epochs {cfg.epochs} to train unfrozen")
     if cfg.sandwich == 'decoder' and ckpt is None:
         raise ValueError("--sandwich decoder reads the pretrained autoencoder's decoder: it needs --pretrained CHECKPOINT")
-    defaults = {'windows': RunConfig.windows, 'context': lambda: resolve_context(None, records, cfg.data), 'size': lambda: native_size(records) // 2}
-    settings = {}
-    for k in ('windows', 'context', 'size'):
+    defaults = {'windows': lambda: RunConfig.windows, 'context': lambda: resolve_context(None, records, cfg.data),
+                'size': lambda: native_size(records) // 2}
+    filled = {}
+    for k, default in defaults.items():
         flag = getattr(cfg, k)
         if ckpt is not None:
             have = ckpt['config'][k]
             if flag is not None and flag != have:
                 raise ValueError(f"--{k} {flag} disagrees with the checkpoint {cfg.pretrained}, pretrained with {k} {have}")
-            settings[k] = have
-        else: settings[k] = flag if flag is not None else defaults[k]() if callable(defaults[k]) else defaults[k]
-    settings['freeze'] = freeze
-    settings['backbone'] = pretrained_body or cfg.backbone or 'resnet'
-    return settings, ckpt
+            filled[k] = have
+        else: filled[k] = flag if flag is not None else default()
+    return dataclasses.replace(cfg, **filled, freeze=freeze, backbone=pretrained_body or cfg.backbone or 'resnet')
 
 
 def unlabelled_targets(cfg: FinetuneConfig, train, records) -> list:
@@ -118,14 +119,15 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
     fastai callbacks for the fit (a hyperparameter search's pruning callback, say)."""
     t0 = time.time()
     out = check_out_folder(cfg.out)
-    check_resume(cfg, out)
     check_precision(cfg.precision)
     distributed.setup()
     decoding = Decoding(cfg.keep, cfg.nms_iou)
     loss_func = DetectionLoss(cfg.loss, cfg.map_weight, cfg.map_radius, cfg.nll_weight, cfg.target, decoding)
     df, records = load_data(cfg.data)
-    s, ckpt = resolve_settings(cfg, records)
-    spec = SliceSpec(s['windows'], s['context'], s['size'])
+    ckpt = load_pretrained(cfg.pretrained) if cfg.pretrained else None
+    cfg = resolve(cfg, records, ckpt)
+    check_resume(cfg, out)
+    spec = SliceSpec.of(cfg)
     train_all = evaluation_records(records, 'train')
     train = select_patients(train_all, cfg.label_fraction, cfg.seed)
     valid, test = evaluation_records(records, 'val'), evaluation_records(records, 'test')
@@ -137,7 +139,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
     check_batches(len(epoch_items), cfg.bs, f"--label-fraction {cfg.label_fraction:g} leaves {len({r.patient for r in train})} patient(s)",
                    ' or a larger --label-fraction')
     in_chans = spec.n_channels
-    enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans, 'backbone': s['backbone']}
+    enc_args = dict(ckpt['model_args']['encoder_args']) if ckpt else {'in_chans': in_chans, 'backbone': cfg.backbone}
     if enc_args['in_chans'] != in_chans:
         raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
     # every slice this run reads: the disk cache is shared by all label fractions, the memory cache holds this run's
@@ -148,16 +150,16 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         set_seed(cfg.seed, reproducible=True)
         dls = detection_dls(epoch_items + valid, spec, cfg.target, cfg.bs, cfg.augment, cfg.num_workers, cfg.seed, cache=cache,
                             **loader_kwargs())
-        model = Detector(enc_args, head=cfg.head, sandwich=s['freeze'] == 'sandwich' and cfg.sandwich, out_bn=cfg.out_bn, kappa=cfg.kappa,
+        model = Detector(enc_args, head=cfg.head, sandwich=cfg.freeze == 'sandwich' and cfg.sandwich, out_bn=cfg.out_bn, kappa=cfg.kappa,
                          adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, stride=cfg.stride,
                          decoder_args=decoder_args(ckpt) if ckpt else None, backbone_weights=cfg.backbone_weights, decoding=decoding)
         if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
         if model.decoder is not None: load_decoder(model.decoder, ckpt, str(cfg.pretrained))
         learn = Learner(dls, model, loss_func=loss_func, metrics=[ValidFROC()], train_bn=False, wd=cfg.wd, path=out,
                         model_dir='models', splitter=detector_splitter)
-        apply_freeze(learn, s['freeze'])
+        apply_freeze(learn, cfg.freeze)
         counts = parameter_counts(model)
-        log.info(f"freeze {s['freeze']}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters; "
+        log.info(f"freeze {cfg.freeze}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters; "
                  f"{len(train)} training slices of {len({r.patient for r in train})} patients, {len(valid)} validation, {len(test)} test")
         lr = cfg.lr
         if cfg.lr_find:    # in one process (it saves and reloads the model in the output folder); the other ranks take its rate
@@ -165,19 +167,19 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
                 with distributed.alone(): lr = float(learn.lr_find(show_plot=False).valley)
             lr = distributed.gather(lr)[0]
             log.info(f"lr_find: {lr:.2e}")
-        cbs = freeze_callbacks(s['freeze'], cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else []) + list(cbs)
+        cbs = freeze_callbacks(cfg.freeze, cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else []) + list(cbs)
         seed_rank(cfg.seed)
         precision = speed_up(learn, cfg.precision)
-        fit_resumable(learn, out, cfg.epochs, lr_for(s['freeze'], lr), 'froc', cfg.resume, cbs, cfg.unfreeze_after, cfg.lr_mult, learn.unfreeze)
+        fit_resumable(learn, out, cfg.epochs, lr_for(cfg.freeze, lr), 'froc', cfg.resume, cbs, cfg.unfreeze_after, cfg.lr_mult, learn.unfreeze)
         if not distributed.is_main(): return {}     # rank 0 evaluates the model in one process, as a single-process run would
         back_to_fp32(learn)             # evaluation and the export in float32, as a CPU evaluation of it
         baseline = mean_box(train)
-        results = report(learn, {'valid': valid, 'test': test}, baseline, out, n_figure=cfg.n_figure)
-        config = {**asdict(cfg), **s, 'lr': lr, 'precision': precision, 'data': str(cfg.data), 'out': str(out),
-                  'pretrained': str(cfg.pretrained) if cfg.pretrained else None}
+        results = report(learn.model, spec, decoding, {'valid': valid, 'test': test}, baseline, out, n_figure=cfg.n_figure, bs=cfg.bs, cache=cache)
+        at_operating_point(learn, results['valid']['operating_point'])
+        config = {**recorded(cfg), 'lr': lr, 'precision': precision, 'out': str(out)}
         # the export carries what evaluating it later needs: the baseline of the labels it was trained with
         learn.train_info = {'mean_box': baseline.tolist(), 'train_slices': len(train), 'label_fraction': cfg.label_fraction,
-                            'seed': cfg.seed, 'data': str(cfg.data)}
+                            'seed': cfg.seed, 'data': str(cfg.data), 'config': config}
         save_export(learn, out / 'export.pkl')
         save_safe(learn, out)            # model.safetensors + model.json: the form to share, loaded without unpickling
         metrics = {**results, 'mean_box': baseline.tolist(), 'parameters': counts, 'train_slices': len(train),

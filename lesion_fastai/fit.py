@@ -35,18 +35,23 @@ def check_batches(n_items: int, bs: int, what: str, hint: str) -> None:
 # settings a resumed run may change: where slices come from and how fast, not what is trained
 RESUME_FREE = ('resume', 'out', 'num_workers', 'cache', 'cache_dir')
 RUN_CONFIG = 'run_config.json'
+# settings a run resolves from its data or checkpoint (`finetuning.resolve`, `pretraining.resolve`)
+RESOLVED = ('windows', 'context', 'size', 'freeze', 'backbone', 'mask_ratio', 'patch', 'noise_std')
 
 
 def _run_settings(cfg) -> dict:
-    from dataclasses import asdict
-    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+    "What `run_config.json` records: the resolved settings (`config.recorded`) less those a resume may change, the data as an absolute path."
+    from .config import recorded
+    settings = {k: v for k, v in recorded(cfg).items() if k not in RESUME_FREE}
     if settings.get('data') is not None: settings['data'] = str(Path(settings['data']).resolve())
-    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in settings.items()}
+    return settings
 
 
 def check_resume(cfg, out: Path) -> None:
-    """Before a `--resume` run touches anything: its resume state must load, and its settings must be
-    those the run it continues started with (`OUT/run_config.json`); each disagreeing flag is named."""
+    """Before a `--resume` run touches anything: its resume state must load, and its resolved settings
+    must be those the run it continues started with (`OUT/run_config.json`, compared by
+    `config.settings_diff`); each disagreeing flag is named."""
+    from .config import settings_diff
     state, saved = Path(out) / 'last.pth', Path(out) / RUN_CONFIG
     if not cfg.resume or not state.exists(): return
     try: epoch = torch.load(state, map_location='cpu', weights_only=False)['epoch']
@@ -56,9 +61,10 @@ def check_resume(cfg, out: Path) -> None:
                          f"so the run cannot continue; start it over without --resume (or in another --out)") from None
     if not saved.exists(): return                 # a run from before run_config.json: nothing to compare
     import json
-    before, now = json.loads(saved.read_text()), _run_settings(cfg)
-    changed = [f"--{k.replace('_', '-')} {now.get(k)!r} (the run has {before.get(k)!r})" for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k)]
+    before = json.loads(saved.read_text())
+    unresolved = [k for k in RESOLVED if k in before and before[k] is None]   # recorded unresolved by an older version: whatever it chose
+    changed = [f"--{k.replace('_', '-')} {now!r} (the run has {then!r})"
+               for k, (then, now) in settings_diff(before, _run_settings(cfg), ignore=unresolved).items()]
     if changed:
         raise ValueError(f"--resume: {out} was started with other settings than these, after {epoch + 1} epoch(s): "
                          + '; '.join(changed) + ". Resume with the run's settings, or start a new run in another --out")
@@ -142,7 +148,7 @@ def cpu_has_bf16() -> bool:
 
 
 # --precision auto on a CPU with bfloat16 units: float32, since bf16, twice as fast, scored a little lower on validation
-# at the demo's budget (README, "bfloat16 on the CPU"); --precision bf16 asks for it
+# at the demo's budget (docs/results.md, "bfloat16 on the CPU"); --precision bf16 asks for it
 CPU_AUTO_BF16 = False
 
 

@@ -1,4 +1,4 @@
-"""python -m lesion_fastai.predict: run an exported detector (finetune's export.pkl) on new scans.
+"""python -m lesion_fastai.predict: run a trained detector (finetune's export.pkl or model.safetensors) on new scans.
 
 Inputs, files or folders (searched recursively): DeepLesion 16-bit PNG slices; DICOM files or folders
 holding a series (HU from RescaleSlope / RescaleIntercept, pixel spacing from the header, slices
@@ -37,27 +37,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import CTSlice, slice_transform
+from .config import PredictConfig, add_settings, from_args
+from .data import CTSlice
 from .deeplesion import SliceFileError, window
 from .scans import Series, find_inputs, read_dicom_series
 
-__all__ = ['find_inputs', 'read_dicom_series', 'predict', 'main', 'SKIPPED']
+__all__ = ['find_inputs', 'read_dicom_series', 'predict', 'parser', 'main', 'SKIPPED']
 
 SKIPPED = 3   # exit status when some inputs were skipped
 
 
-class _Slices(torch.utils.data.Dataset):
-    """(model input, width, height, error) of every slice of every series: the key slice and its
-    `context` neighbours on each side, prepared exactly as training prepares them (`CTSlice`)."""
-    def __init__(self, series: list[Series], ct):
-        self.series, self.ct = series, ct
-        self.index = [(si, i) for si, s in enumerate(series) for i in range(len(s))]
+class _SeriesSlice:
+    """`detect`'s reading of slice `i` of a series (module-level, so DataLoader workers can take it):
+    (model input, width, height, error), the key slice and its `context` neighbours on each side
+    prepared exactly as training prepares them (`CTSlice`); an unreadable slice gives zeros and its
+    error, a row of skipped.csv, while the rest go on."""
+    def __init__(self, ct): self.ct = ct
 
-    def __len__(self): return len(self.index)
-
-    def __getitem__(self, j):
-        si, i = self.index[j]
-        s, c = self.series[si], self.ct.spec.context
+    def __call__(self, item):
+        s, i = item
+        c = self.ct.spec.context
         try:
             if s.kind == 'png': x = self.ct.load(s.files[i])
             else:
@@ -68,7 +67,7 @@ class _Slices(torch.utils.data.Dataset):
                 x = self.ct.from_hu(hus, s.windows[i] if s.windows else None)
             w, h = x.orig_size
             return x.as_subclass(torch.Tensor), w, h, ''
-        except Exception as e:                   # whatever a reader raises for this slice: a row of skipped.csv, the rest go on
+        except Exception as e:                   # whatever a reader raises for this slice
             why = str(e) if isinstance(e, SliceFileError) else f"unreadable ({type(e).__name__}: {e})"
             return torch.zeros(self.ct.n_channels, self.ct.spec.size, self.ct.spec.size), 0, 0, why
 
@@ -92,17 +91,18 @@ def _overlay(path: Path, hu: np.ndarray, boxes, scores, lo_hi, threshold: float)
 EXTRA_COLUMNS = ('slice_index', 'source', 'x1_mm', 'y1_mm', 'x2_mm', 'y2_mm', 'std_x1', 'std_y1', 'std_x2', 'std_y2')
 
 
-@torch.no_grad()
 def predict(model_path, inputs, out, device: str = 'auto', bs: int = 16, workers: int = 0, overlays: bool = False,
             min_score: float | None = None, max_boxes: int = 5, strict: bool = False) -> dict:
-    """Predict every slice of `inputs` with the exported learner at `model_path` and write OUT's files
-    (see the module's help); overlays draw boxes scoring at least `min_score` (default: the model's
-    operating point) and each slice's top box whatever it scores. Returns {'predicted': slices,
-    'boxes': rows, 'skipped': [(file, reason)], 'drawn': boxes on overlays, 'threshold': theirs}."""
+    """Predict every slice of `inputs` with the trained detector at `model_path` (either export form)
+    and write OUT's files (see the module's help); overlays draw boxes scoring at least `min_score`
+    (default: the model's operating point) and each slice's top box whatever it scores. Returns
+    {'predicted': slices, 'boxes': rows, 'skipped': [(file, reason)], 'drawn': boxes on overlays,
+    'threshold': theirs}."""
     from .evaluation import PREDICTION_COLUMNS, prediction_row
-    from .export import detector_settings, is_safe, load_detector, load_export
+    from .export import load_model
     from .files import check_out_folder, output_folder, write_csv
-    from .log import log, progress
+    from .inference import detect
+    from .log import log
     model_path = Path(model_path)
     if not model_path.exists(): raise FileNotFoundError(f"{model_path}: no such exported model")
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -113,43 +113,30 @@ def predict(model_path, inputs, out, device: str = 'auto', bs: int = 16, workers
     if not series:
         raise ValueError("nothing to predict: " + (f"{len(skipped)} input(s) cannot be predicted, first {skipped[0][0]}: {skipped[0][1]}"
                                                    if skipped else f"no slices in {', '.join(map(str, inputs))}"))
-    if is_safe(model_path):                    # model.safetensors + model.json: nothing unpickled
-        model, spec, _ = load_detector(model_path, device)
-        decoding, ct = model.decoding, CTSlice(spec)
-    else:
-        learn = load_export(model_path, cpu=device == 'cpu')
-        spec, decoding = detector_settings(learn)
-        ct = slice_transform(learn.dls)
-        model = learn.model.to(device).eval()
+    model, spec, _ = load_model(model_path, device)
+    decoding = model.decoding
     threshold, why = decoding.shown_above(min_score)
-    data = _Slices(series, ct)
-    dl = torch.utils.data.DataLoader(data, batch_size=bs, num_workers=workers, pin_memory=device == 'cuda')
-    rows, drawn, n_ok, where = [], [], 0, iter(data.index)
+    items = [(s, i) for s in series for i in range(len(s))]
+    dets, extras = detect(model, spec, decoding, items, bs, device, workers, read=_SeriesSlice(CTSlice(spec)), bar='predicting')
+    rows, drawn, n_ok = [], [], 0
     mm = lambda b, s: [f'{v:.4f}' for v in b * np.array([s[1], s[0], s[1], s[0]])] if s else [''] * 4
-    for x, ws, hs, errs in progress(dl, 'predicting'):
-        boxes, scores, sd = decoding(model(x.to(device)))
-        boxes, scores = boxes.float().cpu().numpy(), scores.float().cpu().numpy()
-        sd = None if sd is None else sd.float().cpu().numpy()
-        for j, err in enumerate(errs):
-            si, i = next(where)
-            s = series[si]
-            src = s.files[i] if s.kind != 'nifti' else s.source
-            if err:
-                if strict: raise ValueError(f"--strict: {src}: {err}")
-                skipped.append((str(src), err)); continue
-            n_ok += 1
-            w, h = int(ws[j]), int(hs[j])
-            scale = np.array([w, h, w, h], np.float64)
-            order = np.argsort(-scores[j], kind='stable')
-            keep = [o for o in order if scores[j][o] > 0]
-            index = int(Path(src).stem) if s.kind == 'png' and Path(src).stem.isdigit() else i
-            for o in keep:
-                b = boxes[j][o] * scale
-                std = [f'{v:.4f}' for v in sd[j][o] * scale] if sd is not None else [''] * 4
-                rows.append([*prediction_row(s.names[i], b, scores[j][o]), str(index), str(src), *mm(b, s.spacing), *std])
-            if overlays:
-                shown = [o for n, o in enumerate(keep) if n == 0 or scores[j][o] >= threshold][:max_boxes]     # the top box always
-                drawn.append((s, i, [boxes[j][o] * scale for o in shown], [scores[j][o] for o in shown]))
+    for j, ((s, i), (w, h, err)) in enumerate(zip(items, extras)):
+        src = s.files[i] if s.kind != 'nifti' else s.source
+        if err:
+            if strict: raise ValueError(f"--strict: {src}: {err}")
+            skipped.append((str(src), err)); continue
+        n_ok += 1
+        scale = np.array([w, h, w, h], np.float64)
+        scores = dets.scores[j]
+        keep = [o for o in range(len(scores)) if scores[o] > 0]         # best first (`Detections`)
+        index = int(Path(src).stem) if s.kind == 'png' and Path(src).stem.isdigit() else i
+        for o in keep:
+            b = dets.boxes[j][o] * scale
+            std = [f'{v:.4f}' for v in dets.sd[j][o] * scale] if dets.sd is not None else [''] * 4
+            rows.append([*prediction_row(s.names[i], b, scores[o]), str(index), str(src), *mm(b, s.spacing), *std])
+        if overlays:
+            shown = [o for n, o in enumerate(keep) if n == 0 or scores[o] >= threshold][:max_boxes]     # the top box always
+            drawn.append((s, i, [dets.boxes[j][o] * scale for o in shown], [scores[o] for o in shown]))
     n_drawn = sum(len(b) for *_, b, _ in drawn)
     with output_folder(out):                          # written only now: a failed or --strict run leaves nothing
         for s, i, b, sc in drawn:                     # the key slice in the model's first window, its boxes in yellow
@@ -176,26 +163,22 @@ def _first_window(spec, dicom_window) -> tuple[float, float]:
     return resolve_windows(spec.windows, dicom_window if dicom_window is not None else (-150., 250.))[0]
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m lesion_fastai.predict', description=__doc__.split('\n\n')[0],
                                  epilog=__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('model', type=Path, help="an exported learner: finetune's OUT/export.pkl")
-    ap.add_argument('inputs', nargs='+', help='PNG, DICOM or NIfTI files, or folders holding them (searched recursively)')
-    ap.add_argument('--out', type=Path, required=True, help='output folder: predictions.csv, skipped.csv, overlays/')
-    ap.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto', help='auto: a CUDA GPU when there is one (default)')
-    ap.add_argument('--bs', type=int, default=16, help='slices per batch (default 16)')
-    ap.add_argument('--workers', type=int, default=0, help='DataLoader worker processes reading the slices (default 0: the main process)')
-    ap.add_argument('--overlays', action='store_true', help='write OUT/overlays/*.png: each slice with its boxes above --min-score '
-                    'and its top box always')
-    ap.add_argument('--min-score', type=float, default=None, help="lowest score of a box drawn on an overlay (default: the model's "
-                    "operating point, the score of 1 false positive per validation slice; the top box of a slice is drawn whatever it scores)")
-    ap.add_argument('--max-boxes', type=int, default=5, help='most boxes drawn on an overlay, best first (default 5)')
-    ap.add_argument('--strict', action='store_true', help='any input that cannot be predicted is an error (exit 1, nothing written)')
+    fields = PredictConfig.__dataclass_fields__
+    ap.add_argument('model', type=Path, help=fields['model'].metadata['help'])
+    ap.add_argument('inputs', nargs='+', help=fields['inputs'].metadata['help'])
+    add_settings(ap, PredictConfig, required=('out',))
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
-    if args.bs < 1: ap.error(f'--bs must be at least 1, got {args.bs}')
-    if args.workers < 0: ap.error(f'--workers must be 0 or more, got {args.workers}')
-    try: res = predict(args.model, args.inputs, args.out, args.device, args.bs, args.workers, args.overlays, args.min_score,
-                       args.max_boxes, args.strict)
+    cfg = from_args(PredictConfig, ap, args, inputs=tuple(args.inputs))
+    try: res = predict(cfg.model, cfg.inputs, cfg.out, cfg.device, cfg.bs, cfg.num_workers, cfg.overlays, cfg.min_score, cfg.max_boxes,
+                       cfg.strict)
     except (FileNotFoundError, ValueError) as e: sys.exit(f"error: {e}")
     if res['skipped']: sys.exit(SKIPPED)
 

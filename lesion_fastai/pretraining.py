@@ -9,8 +9,8 @@ config), `reconstructions.png`, `history.csv` (one row per epoch), `models/best.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from torch import nn
 from . import distributed
 from .cache import drop_near_duplicates, prepare_slices
 from .checkpoint import save_pretrained
-from .config import PRETEXTS, PretrainConfig, resolve_context
+from .config import PRETEXTS, PretrainConfig, recorded, resolve_context
 from .data import CTSlice, SliceSpec, autoencoder_dls
 from .deeplesion import context_paths, list_slices, load_data, patient_of
 from .files import check_out_folder, write_json
@@ -34,7 +34,7 @@ from .log import log
 from .models.autoencoder import create_autoencoder
 from .plots import plot_reconstructions
 
-__all__ = ['corrupt', 'key_channels', 'MaskedLoss', 'ChannelLoss', 'MaskedCorruption', 'pretrain']
+__all__ = ['corrupt', 'key_channels', 'MaskedLoss', 'ChannelLoss', 'MaskedCorruption', 'resolve', 'pretrain']
 
 
 def corrupt(x: torch.Tensor, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, generator=None,
@@ -96,6 +96,21 @@ class MaskedCorruption(Callback):
 
 
 
+def resolve(cfg: PretrainConfig, records) -> PretrainConfig:
+    """`cfg` with every setting the run decides filled in (`dataclasses.replace`): the context from the
+    data, the size half the native slice, and the pretext's mask ratio, patch and noise where not
+    given. `asdict` of the result is what the checkpoint records."""
+    ratio, patch_fraction, noise = PRETEXTS[cfg.pretext]
+    context = resolve_context(cfg.context, records, cfg.data)
+    if cfg.pretext == 'context' and context < 1:
+        raise ValueError("--pretext context reconstructs a slice from its neighbours: it needs --context 1 or more "
+                         "(neighbour slices on each side as input channels)")
+    size = cfg.size or native_size(records) // 2
+    return dataclasses.replace(cfg, context=context, size=size, patch=cfg.patch or max(2, round(size * patch_fraction)),
+                               mask_ratio=ratio if cfg.mask_ratio is None else cfg.mask_ratio,
+                               noise_std=noise if cfg.noise_std is None else cfg.noise_std)
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train the autoencoder on every slice of the chosen patients (labels unused), reconstructing clean
     slices from masked, noisy ones (`pretext` 'masked'), the key slice's masked patches from the
@@ -105,20 +120,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
     arguments + config), `reconstructions.png`, `history.csv`, `pretrain_metrics.json`."""
     t0 = time.time()
     out = check_out_folder(cfg.out)
-    check_resume(cfg, out)
     distributed.setup()
     check_precision(cfg.precision)
-    ratio, patch_fraction, noise = PRETEXTS[cfg.pretext]
-    mask_ratio = ratio if cfg.mask_ratio is None else cfg.mask_ratio
-    noise_std = noise if cfg.noise_std is None else cfg.noise_std
     df, records = load_data(cfg.data)
-    context = resolve_context(cfg.context, records, cfg.data)
-    if cfg.pretext == 'context' and context < 1:
-        raise ValueError("--pretext context reconstructs a slice from its neighbours: it needs --context 1 or more "
-                         "(neighbour slices on each side as input channels)")
-    size = cfg.size or native_size(records) // 2
-    spec = SliceSpec(cfg.windows, context, size)
-    patch = cfg.patch or max(2, round(size * patch_fraction))
+    cfg = resolve(cfg, records)
+    check_resume(cfg, out)
+    spec, context, size = SliceSpec.of(cfg), cfg.context, cfg.size
     # 'all' adds the test patients' slices (labels unused); validation patients stay held out for the loss
     train_p = set(df.patient[df.split == 'train']) if cfg.patients == 'train' else set(df.patient[df.split != 'val'])
     val_p = set(df.patient[df.split == 'val'])
@@ -153,7 +160,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         loss = MaskedLoss(cfg.loss) if masked_loss else {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
         keys = key_channels(n_in, context) if cfg.pretext == 'context' else None
         if keys: loss = ChannelLoss(loss, keys)
-        corruption = dict(mask_ratio=mask_ratio, patch=patch, noise_std=noise_std)
+        corruption = dict(mask_ratio=cfg.mask_ratio, patch=cfg.patch, noise_std=cfg.noise_std)
         learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
                         cbs=[MaskedCorruption(**corruption, channels=keys, masked_loss=masked_loss)])
         if distributed.is_main():
@@ -164,9 +171,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if not distributed.is_main(): return {}
         back_to_fp32(learn)             # the checkpoint and every figure and loss below: float32
         with distributed.alone(): trained = float(learn.validate()[0])
-        config = {**asdict(cfg), **corruption, 'size': size, 'context': context, 'data': str(cfg.data), 'out': str(out), 'in_chans': n_in, 'precision': precision,
-                  'train_slices': n_train,
-                  'code_channels': list(cfg.code_channels)}
+        config = {**recorded(cfg), 'out': str(out), 'in_chans': n_in, 'precision': precision, 'train_slices': n_train}
         ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)
         _reconstruction_figure(learn, corruption, out / 'reconstructions.png', keys)
         copy = _copy_baseline(learn, corruption, keys, masked_loss)

@@ -23,36 +23,38 @@ hush_third_party(__name__)       # run as a command: quiet known third-party war
 import argparse
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PSEUDO_FP, FinetuneConfig, add_settings, from_args
+from .config import PSEUDO_FP, FinetuneConfig, check_fields, add_settings, from_args, option
 
-__all__ = ['pseudo_labels_from', 'self_train', 'main']
+__all__ = ['SelftrainSettings', 'pseudo_labels_from', 'self_train', 'parser', 'main']
 
 
 def pseudo_labels_from(teacher: Path, cfg: FinetuneConfig, out_csv: Path, fp: float) -> dict:
-    """The pseudo-labels `teacher` (an export) gives the slices `cfg`'s run has no labels for, at the
-    score where it makes `fp` false positives per validation slice; written to `out_csv`. Returns the
-    threshold, the slices looked at and labelled, and the boxes."""
+    """The pseudo-labels `teacher` (either export form) gives the slices `cfg`'s run has no labels for,
+    at the score where it makes `fp` false positives per validation slice; written to `out_csv`. Both
+    passes go through the one inference path (`inference.detect`). Returns the threshold, the slices
+    looked at and labelled, and the boxes."""
     from .data import select_patients
     from .deeplesion import evaluation_records, load_data
     from .evaluation import predict_detections
-    from .export import detector_settings, load_export
-    from .froc import froc_curve
+    from .export import load_model
+    from .froc import froc_curve, score_at_fp
     from .log import log
     from .metrics import froc_inputs
-    from .froc import score_at_fp
     from .unlabelled import pseudo_label, unlabelled_slices, write_pseudo_labels
-    learn = load_export(teacher, flag='--teacher')
-    spec, decoding = detector_settings(learn)
+    if not Path(teacher).exists(): raise FileNotFoundError(f"--teacher {teacher}: no such exported model")
+    model, spec, _ = load_model(teacher, flag='--teacher')
+    decoding = model.decoding
     _, records = load_data(cfg.data)
     valid = evaluation_records(records, 'val')
-    dets, _ = predict_detections(learn, valid)
+    dets = predict_detections(model, spec, decoding, valid)
     fps, _, scores = froc_curve(*froc_inputs(dets, valid))
     threshold = score_at_fp(fps, scores, fp)
     used = select_patients(evaluation_records(records, 'train'), cfg.label_fraction, cfg.seed)
     paths = unlabelled_slices(cfg.data, records, used)
-    labelled = pseudo_label(learn.model, spec, decoding, paths, threshold, cfg.pseudo_weight, records)
+    labelled = pseudo_label(model, spec, decoding, paths, threshold, cfg.pseudo_weight, records)
     write_pseudo_labels(out_csv, labelled, str(teacher))
     boxes = sum(len(r.boxes) for r, _ in labelled)
     log.info(f"teacher {teacher}: score {threshold:.3f} makes {fp:g} false positive(s) per validation slice; {len(labelled)} of "
@@ -81,21 +83,35 @@ def self_train(cfg: FinetuneConfig, rounds: int = 1, fp: float = PSEUDO_FP, teac
     return {**metrics, 'self_training': summary}
 
 
-def main(argv=None):
+@dataclass(kw_only=True)
+class SelftrainSettings:
+    "Self-training's own settings; the student's (and those of a teacher trained here) are `FinetuneConfig`'s."
+    teacher: Path | None = option(None, "a trained detector's export.pkl as the first teacher", metavar='EXPORT',
+                                  default_help='trained into OUT/teacher with the same settings as the student', group='self-training')
+    rounds: int = option(1, 'rounds of pseudo-labelling, each student the next teacher', at_least=1, group='self-training')
+    pseudo_fp: float = option(PSEUDO_FP, "the threshold of the teacher's boxes: the score at which it makes FP false positives per "
+                              'validation slice', above=0, metavar='FP', group='self-training')
+
+    def __post_init__(self):
+        if self.teacher is not None: self.teacher = Path(self.teacher)
+        check_fields(self)
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m lesion_fastai.selftrain', description=__doc__.split('\n\n')[0],
                                  epilog=__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--teacher', type=Path, default=None, metavar='EXPORT', help="a trained detector's export.pkl as the first "
-                    'teacher (default: trained into OUT/teacher with the same settings as the student)')
-    ap.add_argument('--rounds', type=int, default=1, help='rounds of pseudo-labelling, each student the next teacher (default 1)')
-    ap.add_argument('--pseudo-fp', type=float, default=PSEUDO_FP, metavar='FP', help="the threshold of the teacher's boxes: the score at "
-                    f'which it makes FP false positives per validation slice (default {PSEUDO_FP:g})')
+    add_settings(ap, SelftrainSettings)
     add_settings(ap, FinetuneConfig, defaults={'out': Path('runs/selftrain')}, names=[
-        f.name for f in dataclasses.fields(FinetuneConfig) if f.name != 'pseudo_labels'])
+        f.name for f in dataclasses.fields(FinetuneConfig) if f.name != 'pseudo_labels'])     # the pseudo-labels are made here
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
-    if args.rounds < 1: ap.error(f'--rounds must be at least 1, got {args.rounds}')
-    if args.pseudo_fp <= 0: ap.error(f'--pseudo-fp must be positive, got {args.pseudo_fp:g}')
+    st = from_args(SelftrainSettings, ap, args)
     cfg = from_args(FinetuneConfig, ap, args)
-    try: self_train(cfg, args.rounds, args.pseudo_fp, args.teacher)
+    try: self_train(cfg, st.rounds, st.pseudo_fp, st.teacher)
     except (FileNotFoundError, ValueError, FloatingPointError) as e: sys.exit(f"error: {e}")
 
 

@@ -83,29 +83,23 @@ def _series_settings(records) -> dict:
 
 def pseudo_label(model, spec, decoding, paths, threshold: float, weight: float, records=(), bs: int = 16) -> list[tuple]:
     """The teacher's (`model`, with its `spec` and `decoding`) boxes scoring at least `threshold` on
-    each of `paths`, at most `MAX_PSEUDO_BOXES` a slice: (training record of `weight`, its boxes'
-    scores) per slice where a box reaches it. A slice's spacing and DICOM window come from its series'
-    rows in `records`."""
-    import torch
-    from .data import CTSlice
-    ct, settings = CTSlice(spec), _series_settings(records)
+    each of `paths`, at most `MAX_PSEUDO_BOXES` a slice, through the one inference path
+    (`inference.detect`): (training record of `weight`, its boxes' scores) per slice where a box
+    reaches it. A slice's spacing and DICOM window come from its series' rows in `records`."""
+    from .inference import detect
+    settings = _series_settings(records)
+    setting = lambda p: settings.get(Path(p).parent.name, ((0., 0.), (-150., 250.), 0.))
+    items = [SliceRecord(image_path=str(p), split='train', patient=patient_of(Path(p).parent.name), width=0, height=0,
+                         spacing_mm=setting(p)[0], dicom_window=setting(p)[1], boxes=np.zeros((0, 4), np.float32), lesion_types=(),
+                         file_name=f"{Path(p).parent.name}_{Path(p).name}", spacing_z_mm=setting(p)[2], weight=weight) for p in paths]
+    dets, _ = detect(model, spec, decoding, items, bs=bs)
     out = []
-    model = model.eval()
-    with torch.no_grad():
-        for i in range(0, len(paths), bs):
-            chunk = [str(p) for p in paths[i:i + bs]]
-            x = ct.batch(chunk)
-            boxes, scores, _ = decoding(model(x.as_subclass(torch.Tensor)))
-            for p, b, s in zip(chunk, boxes.float().numpy(), scores.float().numpy()):
-                keep = np.flatnonzero(s >= threshold)[:MAX_PSEUDO_BOXES]
-                if not len(keep): continue
-                with open_png(p) as im: w, h = im.size
-                spacing, window, spacing_z = settings.get(Path(p).parent.name, ((0., 0.), (-150., 250.), 0.))
-                px = (b[keep] * np.array([w, h, w, h], np.float32)).astype(np.float32)
-                out.append((SliceRecord(image_path=p, split='train', patient=patient_of(Path(p).parent.name), width=w, height=h,
-                                        spacing_mm=spacing, dicom_window=window, boxes=px, lesion_types=(-1,) * len(keep),
-                                        file_name=f"{Path(p).parent.name}_{Path(p).name}", spacing_z_mm=spacing_z, weight=weight),
-                            s[keep]))
+    for r, b, s in zip(items, dets.boxes, dets.scores):
+        keep = np.flatnonzero(s >= threshold)[:MAX_PSEUDO_BOXES]
+        if not len(keep): continue
+        with open_png(r.image_path) as im: w, h = im.size
+        px = (b[keep] * np.array([w, h, w, h], np.float32)).astype(np.float32)
+        out.append((dataclasses.replace(r, width=w, height=h, boxes=px, lesion_types=(-1,) * len(keep)), s[keep]))
     return out
 
 

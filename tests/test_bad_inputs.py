@@ -164,10 +164,14 @@ def test_a_run_whose_loss_is_not_finite_stops_naming_epoch_and_batch(data, tmp_p
     assert not out.exists()                  # it stopped in its first epoch: nothing worth keeping, nothing exported
 
 
-def test_eval_of_a_missing_or_foreign_model(data, tmp_path):
-    with pytest.raises(SystemExit, match=r'--eval .*missing.pkl: no such exported model'):
-        finetune_cli.main(['--eval', str(tmp_path / 'missing.pkl'), '--data', str(data)])
+@pytest.mark.parametrize('command', ['evaluate', 'finetune --eval'])
+def test_eval_of_a_missing_or_foreign_model(command, data, tmp_path):
+    from lesion_fastai import evaluate
+    run = (lambda model, *rest: evaluate.main([model, *rest])) if command == 'evaluate' else \
+          (lambda model, *rest: finetune_cli.main(['--eval', model, *rest]))
+    with pytest.raises(SystemExit, match=r'error: .*missing.pkl: no such exported model'):
+        run(str(tmp_path / 'missing.pkl'), '--data', str(data))
     (tmp_path / 'foreign.pkl').write_bytes(b'not a pickle')
-    with pytest.raises(SystemExit, match=r'--eval .*foreign.pkl: not a learner exported by finetune'):
-        finetune_cli.main(['--eval', str(tmp_path / 'foreign.pkl'), '--data', str(data), '--out', str(tmp_path / 'e')])
+    with pytest.raises(SystemExit, match=r'error: .*foreign.pkl: not a learner exported by finetune'):
+        run(str(tmp_path / 'foreign.pkl'), '--data', str(data), '--out', str(tmp_path / 'e'))
     assert not (tmp_path / 'e').exists()

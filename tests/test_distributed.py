@@ -67,6 +67,7 @@ def test_finetune_in_two_processes_evaluates_as_one_process_and_resumes_exactly(
     from fastai.learner import load_learner
     from lesion_fastai.deeplesion import evaluation_records, load_data
     from lesion_fastai.evaluation import predict_detections
+    from lesion_fastai.export import detector_settings
     tmp, pre = pretrained
     # float32, so that the validation FROC computed during training is the evaluation's exactly (bf16 autocast would round it)
     args = ['--data', tiny_data, '--pretrained', pre / 'pretrained.pth', '--freeze', 'sandwich', '--epochs', 3, '--bs', 2, '--precision', 'fp32']
@@ -85,7 +86,7 @@ def test_finetune_in_two_processes_evaluates_as_one_process_and_resumes_exactly(
     learn = load_learner(whole / 'export.pkl', cpu=True)
     _, records = load_data(tiny_data)
     valid = evaluation_records(records, 'val')
-    dets, _ = predict_detections(learn, valid)
+    dets = predict_detections(learn.model, *detector_settings(learn), valid)
     assert gathered['boxes'].shape == dets.boxes.shape and len(dets) == len(valid)
     assert np.allclose(gathered['scores'], dets.scores, atol=1e-5) and np.allclose(gathered['boxes'], dets.boxes, atol=1e-5)
 

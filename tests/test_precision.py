@@ -12,11 +12,14 @@ from lesion_fastai.models.detector import Detector
 from tiny import TINY
 
 
-@pytest.mark.parametrize('cuda,units,auto', [(False, False, 'fp32'), (False, True, 'bf16'), (True, False, 'bf16')])
-def test_auto_is_bf16_only_where_the_machine_has_it(monkeypatch, cuda, units, auto):
+# the policy: --precision auto is bfloat16 on a CUDA GPU and float32 on every CPU, bfloat16 units or not (bf16 there
+# scored a little lower on validation at the demo's budget, docs/results.md); --precision bf16 asks for it where the units are
+@pytest.mark.parametrize('cuda,units,auto', [(False, False, 'fp32'), (False, True, 'fp32'), (True, False, 'bf16'), (True, True, 'bf16')])
+def test_auto_is_bf16_on_a_gpu_and_float32_on_a_cpu(monkeypatch, cuda, units, auto):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
     monkeypatch.setattr(fit, 'cpu_has_bf16', lambda: units)
-    assert fit.resolved_precision('auto') == (auto if fit.CPU_AUTO_BF16 or cuda else 'fp32') and fit.resolved_precision('fp32') == 'fp32'
+    assert fit.resolved_precision('auto') == auto and fit.resolved_precision('fp32') == 'fp32'
+    assert fit.resolved_precision('bf16') == 'bf16'
     if cuda or units: fit.check_precision('bf16')
     else:
         with pytest.raises(ValueError, match='needs a CUDA GPU or a CPU with bfloat16 units'): fit.check_precision('bf16')

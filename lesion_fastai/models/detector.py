@@ -32,7 +32,7 @@ class TransferLayer(nn.Module):
     """A trainable residual 3x3 adapter placed between frozen stages (3FabRec's interleaved transfer
     layers). Its last convolution starts at zero, so an untrained sandwich computes exactly what the
     pretrained encoder computes and training starts from the pretrained features. `ratio` < 1 narrows
-    the hidden layer (1/4 trains about a quarter of the parameters; README says which width
+    the hidden layer (1/4 trains about a quarter of the parameters; docs/results.md says which width
     validation chose)."""
     def __init__(self, ch: int, ratio: float = 1.):
         super().__init__()
