@@ -15,7 +15,7 @@ example:
 from __future__ import annotations
 
 from .log import hush_third_party
-hush_third_party(__name__)       # run as a command: quiet known third-party warnings
+hush_third_party(__name__)       # run as a command: quiet known third-party warnings before fastai loads
 
 import argparse
 import dataclasses
@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .settings import SettingError, add_settings, check_fields, from_args, option, parse_ints
 from .deeplesion import COLUMNS, HU_OFFSET, LESION_TYPES, SPLITS, format_numbers as _fmt, save_hu
 from .files import NO_SPACE, check_out_folder, output_folder, write_csv, write_json
 from .log import log, progress
 
-__all__ = ['Options', 'Volume', 'Lesion', 'find_volumes', 'assign_splits', 'read_split', 'load_volume', 'axial',
-           'lesion_mask', 'find_lesions', 'recist', 'convert_volume', 'convert', 'main']
+__all__ = ['Options', 'ConvertSettings', 'Volume', 'Lesion', 'find_volumes', 'assign_splits', 'read_split', 'load_volume', 'axial',
+           'lesion_mask', 'find_lesions', 'recist', 'convert_volume', 'convert', 'parser', 'main']
 
 NIFTI = ('.nii.gz', '.nii')               # .nii.gz first: 'a.nii.gz' also ends with neither '.nii' alone
 AFFINE_ATOL_MM = 1e-2    # float32 headers written by two tools differ by far less; a real mismatch is a voxel (~0.5 mm) or more
@@ -387,65 +388,73 @@ def convert(images: Path | str, labels: Path | str, out: Path | str, opts: Optio
 
 # --- command line --------------------------------------------------------------------------------
 
-def _ints(text: str) -> tuple[int, ...]:
-    # config.parse_ints does this, but importing config loads torch and fastai, which a converter does without
-    try: return tuple(int(c) for c in text.split(',') if c.strip())
-    except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not integers joined by commas") from None
-
-
 def _window(text: str) -> tuple[float, float]:
     try: low, high = (float(c) for c in text.split(','))
     except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH in HU") from None
-    if not low < high: raise argparse.ArgumentTypeError(f"{text!r}: expected LOW < HIGH")
     return low, high
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    "Defaults shown (where there is one to show), and the description's example kept as written."
-    def _get_help_string(self, action):
-        return action.help if action.required or action.default in (None, '') else super()._get_help_string(action)
+def _low_high(v) -> str | None:
+    return None if len(v) == 2 and v[0] < v[1] else f"{','.join(f'{x:g}' for x in v)}: expected LOW < HIGH"
+
+
+def _lesion_values(v) -> str | None:
+    if not v: return 'names no value, expected integers such as 2 or 2,3'
+    return None if min(v) > 0 else 'must be above 0 (0 is background)'
+
+
+@dataclass(kw_only=True)
+class ConvertSettings:
+    """Settings of `python -m lesion_fastai.convert`: the folders, and the `Options` that decide what is
+    written (their defaults are `Options`'s)."""
+    images: Path = option(help='folder of CT volumes in HU, .nii or .nii.gz (MSD: imagesTr)', metavar='DIR', group='data')
+    labels: Path = option(help='folder of label volumes of the same names (MSD: labelsTr)', metavar='DIR', group='data')
+    out: Path = option(help='folder to write Images_png/, DL_info.csv and volumes.csv into; the same command run again resumes',
+                       metavar='DIR', group='data')
+    label_values: tuple[int, ...] | None = option(Options.label_values, 'mask values that are lesions, e.g. 2 or 2,3', parse=parse_ints,
+                                                  check=_lesion_values, metavar='VALUES',
+                                                  default_help='every value above 0 not in --organ-values', group='lesion')
+    organ_values: tuple[int, ...] = option(Options.organ_values, 'mask values that are organs, not lesions, e.g. 1 (MSD liver, pancreas)',
+                                           parse=parse_ints, metavar='VALUES', default_help='none', group='lesion')
+    lesion_type: int = option(Options.lesion_type, "Coarse_lesion_type of every row: -1 unlabelled, or one of DeepLesion's types 1-8",
+                              choices=LESION_TYPES, metavar='N', group='lesion')
+    pad_px: int = option(Options.pad_px, "pixels added on each side of a lesion's extent on its key slice to make its box, as DeepLesion "
+                         'pads its RECIST boxes (a one-pixel-wide lesion needs a box with area)', at_least=1, group='lesion')
+    min_diameter_mm: float = option(Options.min_diameter_mm, "lesions with a shorter long axis are skipped and counted (DeepLesion's "
+                                    'smallest are a few mm; smaller components are mostly label specks)', at_least=0, group='lesion')
+    neighbours_mm: float = option(Options.neighbours_mm, 'slices within this distance of a key slice are written (DeepLesion ships '
+                                  'about 30 mm each side)', at_least=0, group='slice')
+    all_slices: bool = option(Options.all_slices, 'write every slice of every volume, those without lesions too (unlabelled slices for '
+                              'pretraining)', group='slice')
+    window: tuple[float, float] = option(Options.window, 'DICOM_windows of every row in HU; give it with = (--window=-160,240), as a '
+                                         'leading minus reads as a flag otherwise', parse=_window, check=_low_high, metavar='LOW,HIGH',
+                                         default_help=','.join(f'{v:g}' for v in Options.window), group='slice')
+    seed: int = option(Options.seed, 'seed of the 70/15/15 split by volume', group='split')
+    split: Path | None = option(None, 'CSV of name,split lines (1/2/3 or train/val/test) for every volume (volumes of one patient must '
+                                'share a split)', metavar='FILE', default_help='the 70/15/15 split drawn with --seed', group='split')
+
+    def __post_init__(self):
+        self.images, self.labels, self.out = Path(self.images), Path(self.labels), Path(self.out)
+        if self.split is not None: self.split = Path(self.split)
+        check_fields(self)
+        if set(self.label_values or ()) & set(self.organ_values): raise SettingError('--label-values and --organ-values share a value')
+
+    def options(self) -> Options:
+        "The settings that decide what is written."
+        return Options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Options)})
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='python -m lesion_fastai.convert', description=__doc__, formatter_class=_Help)
-    ap.add_argument('--images', required=True, type=Path, metavar='DIR', help='folder of CT volumes in HU, .nii or .nii.gz (MSD: imagesTr)')
-    ap.add_argument('--labels', required=True, type=Path, metavar='DIR', help='folder of label volumes of the same names (MSD: labelsTr)')
-    ap.add_argument('--out', required=True, type=Path, metavar='DIR', help='folder to write Images_png/, DL_info.csv and volumes.csv into; '
-                    'the same command run again resumes')
-    ap.add_argument('--label-values', type=_ints, default=None, metavar='VALUES', help='mask values that are lesions, e.g. 2 or 2,3 '
-                    '(default: every value above 0 not in --organ-values)')
-    ap.add_argument('--organ-values', type=_ints, default='', metavar='VALUES', help='mask values that are organs, not lesions, e.g. 1 (MSD liver, pancreas; default: none)')
-    ap.add_argument('--lesion-type', type=int, default=-1, choices=LESION_TYPES, metavar='N',
-                    help="Coarse_lesion_type of every row: -1 unlabelled, or one of DeepLesion's types 1-8")
-    ap.add_argument('--pad-px', type=int, default=5, help="pixels added on each side of a lesion's extent on its key slice to "
-                    "make its box, as DeepLesion pads its RECIST boxes")
-    ap.add_argument('--min-diameter-mm', type=float, default=3., help='lesions with a shorter long axis are skipped and counted '
-                    "(DeepLesion's smallest are a few mm; smaller components are mostly label specks)")
-    ap.add_argument('--neighbours-mm', type=float, default=30., help='slices within this distance of a key slice are written '
-                    '(DeepLesion ships about 30 mm each side)')
-    ap.add_argument('--all-slices', action='store_true', help='write every slice of every volume, those without lesions too '
-                    '(unlabelled slices for pretraining)')
-    ap.add_argument('--window', type=_window, default='-175,275', metavar='LOW,HIGH', help='DICOM_windows of every row in HU; '
-                    'give it with = (--window=-160,240), as a leading minus reads as a flag otherwise')
-    ap.add_argument('--seed', type=int, default=0, help='seed of the 70/15/15 split by volume')
-    ap.add_argument('--split', type=Path, default=None, metavar='FILE', help='CSV of name,split lines (1/2/3 or train/val/test) '
-                    'for every volume, instead of the seeded split (volumes of one patient must share a split)')
+    ap = argparse.ArgumentParser(prog='python -m lesion_fastai.convert', description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings(ap, ConvertSettings, required=('images', 'labels', 'out'))
     return ap
 
 
 def main(argv=None):
     ap = parser()
-    args = ap.parse_args(argv)
-    if args.pad_px < 1: ap.error(f'--pad-px must be at least 1 (a one-pixel-wide lesion needs a box with area), got {args.pad_px}')
-    if args.min_diameter_mm < 0: ap.error(f'--min-diameter-mm must be 0 or more, got {args.min_diameter_mm:g}')
-    if args.neighbours_mm < 0: ap.error(f'--neighbours-mm must be 0 or more, got {args.neighbours_mm:g}')
-    lesion_values = args.label_values or ()
-    if args.label_values == (): ap.error('--label-values names no value, expected integers such as 2 or 2,3')
-    if not all(v > 0 for v in lesion_values): ap.error('--label-values must be above 0 (0 is background)')
-    if set(lesion_values) & set(args.organ_values): ap.error('--label-values and --organ-values share a value')
-    opts = Options(args.label_values, args.organ_values, args.pad_px, args.min_diameter_mm, args.neighbours_mm, args.all_slices,
-                   args.lesion_type, args.window, args.seed)
-    try: convert(args.images, args.labels, args.out, opts, args.split)
+    cfg = from_args(ConvertSettings, ap, ap.parse_args(argv))
+    try: convert(cfg.images, cfg.labels, cfg.out, cfg.options(), cfg.split)
     except (FileNotFoundError, ValueError) as e: sys.exit(f"error: {e}")
 
 

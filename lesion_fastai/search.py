@@ -21,13 +21,32 @@ hush_third_party(__name__)       # run as a command: quiet known third-party war
 import argparse
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastai.callback.core import Callback
 
-from .config import FinetuneConfig, add_settings
+from .config import FinetuneConfig, check_fields, add_settings, from_args, option
 
-__all__ = ['PruneOnValidFROC', 'space', 'search', 'main']
+__all__ = ['PruneOnValidFROC', 'SearchSettings', 'space', 'search', 'parser', 'main']
+
+# the fine-tuning settings a study holds fixed for every trial: FinetuneConfig's flags
+FIXED = ('data', 'pretrained', 'head', 'label_fraction', 'bs', 'size', 'seed')
+
+
+@dataclass(kw_only=True)
+class SearchSettings:
+    "The study's own settings; those of every trial's run it holds fixed are `FinetuneConfig`'s (`FIXED`)."
+    out: Path = option(Path('runs/search'), 'output folder: study.db, trials/, trials.csv, trials.png, best_command.txt', group='study')
+    trials: int = option(20, 'finished trials the study should hold (a resumed study runs the rest)', at_least=1, group='study')
+    timeout: float | None = option(None, 'stop starting trials after this many seconds', default_help='none', group='study')
+    storage: str | None = option(None, 'Optuna storage URL', default_help='sqlite:///OUT/study.db', group='study')
+    study_name: str = option('finetune', 'study name in the storage', group='study')
+    max_epochs: int = option(20, 'most epochs a trial may train (the search picks from a third of it up)', at_least=1, group='study')
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        check_fields(self)
 
 
 class PruneOnValidFROC(Callback):
@@ -95,7 +114,6 @@ def search(data, out, trials: int = 20, timeout: float | None = None, storage: s
     """Run (or resume) the study until it holds `trials` finished trials or `timeout` seconds pass; write
     trials.csv, trials.png and best_command.txt. Returns the best trial's number, value, params and command."""
     import optuna
-    from .config import FinetuneConfig
     from .files import atomic_write_text, check_out_folder
     from .finetuning import finetune
     from .log import log, quiet
@@ -131,24 +149,24 @@ def search(data, out, trials: int = 20, timeout: float | None = None, storage: s
     return {'number': best.number, 'value': best.value, 'params': best.params, 'command': cmd, 'complete': len(complete), 'pruned': pruned}
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m lesion_fastai.search', description=__doc__.split('\n\n')[0],
                                  epilog=__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--out', type=Path, default=Path('runs/search'), help='output folder: study.db, trials/, trials.csv, trials.png, best_command.txt')
-    ap.add_argument('--trials', type=int, default=20, help='finished trials the study should hold (a resumed study runs the rest; default 20)')
-    ap.add_argument('--timeout', type=float, default=None, help='stop starting trials after this many seconds (default: none)')
-    ap.add_argument('--storage', default=None, help='Optuna storage URL (default sqlite:///OUT/study.db)')
-    ap.add_argument('--study-name', default='finetune', help='study name in the storage (default finetune)')
-    ap.add_argument('--max-epochs', type=int, default=20, help='most epochs a trial may train (the search picks from a third of it up)')
-    add_settings(ap, FinetuneConfig, names=('data', 'pretrained', 'head', 'label_fraction', 'bs', 'size', 'seed'))
+    add_settings(ap, SearchSettings)
+    add_settings(ap, FinetuneConfig, names=FIXED)
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
-    if args.trials < 1: ap.error(f'--trials must be at least 1, got {args.trials}')
-    if args.max_epochs < 1: ap.error(f'--max-epochs must be at least 1, got {args.max_epochs}')
+    study = from_args(SearchSettings, ap, args)
+    fixed = from_args(FinetuneConfig, ap, args, out=study.out)     # checked as each trial's run checks them
     try: import optuna  # noqa: F401
     except ImportError: sys.exit("error: the search needs optuna: pip install -e '.[search]'")
     try:
-        search(args.data, args.out, args.trials, args.timeout, args.storage, args.study_name, args.pretrained, args.head, args.max_epochs,
-               args.label_fraction, args.bs, args.size, args.seed)
+        search(fixed.data, study.out, study.trials, study.timeout, study.storage, study.study_name, fixed.pretrained, fixed.head,
+               study.max_epochs, fixed.label_fraction, fixed.bs, fixed.size, fixed.seed)
     except (FileNotFoundError, ValueError, RuntimeError) as e: sys.exit(f"error: {e}")
 
 

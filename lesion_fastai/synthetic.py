@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .settings import add_settings, check_fields, from_args, option
 from .deeplesion import COLUMNS, format_numbers as _fmt, save_hu
 from .log import log, progress
 
-__all__ = ['generate', 'render_slice', 'main']
+__all__ = ['generate', 'render_slice', 'SyntheticSettings', 'parser', 'main']
 
 # Body regions a study covers, with the share of DeepLesion's labelled lesions found there and where they lie along
 # the body (normalized z, mean and spread, from the official test split's rows per coarse type: lung and mediastinum
@@ -348,29 +349,41 @@ def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0
     return out / 'DL_info.csv'
 
 
+@dataclass(kw_only=True)
+class SyntheticSettings:
+    "Settings of `python -m lesion_fastai.synthetic`: what `generate` is given, and a figure of the result."
+    out: Path = option(help='folder to write DL_info.csv and Images_png/ into', group='data')
+    patients: int = option(60, 'number of patients (split 70/15/15 by patient; at least one per split)', at_least=3, group='data')
+    size: int = option(512, 'slice size in pixels (DeepLesion: 512)', at_least=32, group='data')
+    seed: int = option(0, 'random seed; the same seed gives the same files', group='data')
+    neighbours: int = option(2, 'unlabeled slices written on each side of a key slice', at_least=0, group='data')
+    noisy: float = option(0., 'fraction of lesion rows marked Possibly_noisy = 1 (DeepLesion: about 0.003 of its test lesions); '
+                          'evaluation drops them as the official protocol does', at_least=0, at_most=1, group='data')
+    workers: int = option(1, 'processes writing patients in parallel (the files are the same for any number)', group='writing')
+    figure: Path | None = option(None, 'also save a figure of a few key slices with their boxes', default_help='none', group='writing')
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.figure is not None: self.figure = Path(self.figure)
+        check_fields(self)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog='python -m lesion_fastai.synthetic', description=__doc__.split('\n\n')[0])
+    add_settings(ap, SyntheticSettings, required=('out',))
+    return ap
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog='python -m lesion_fastai.synthetic', description=__doc__.split('\n\n')[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument('--out', required=True, type=Path, help='folder to write DL_info.csv and Images_png/ into')
-    ap.add_argument('--patients', type=int, default=60, help='number of patients (split 70/15/15 by patient)')
-    ap.add_argument('--size', type=int, default=512, help='slice size in pixels (DeepLesion: 512)')
-    ap.add_argument('--seed', type=int, default=0, help='random seed; the same seed gives the same files')
-    ap.add_argument('--neighbours', type=int, default=2, help='unlabeled slices written on each side of a key slice')
-    ap.add_argument('--noisy', type=float, default=0., help='fraction of lesion rows marked Possibly_noisy = 1 (DeepLesion: about '
-                    '0.003 of its test lesions); evaluation drops them as the official protocol does')
-    ap.add_argument('--workers', type=int, default=1, help='processes writing patients in parallel (the files are the same for any number)')
-    ap.add_argument('--figure', type=Path, default=None, help='also save a figure of a few key slices with their boxes')
-    args = ap.parse_args(argv)
-    if args.patients < 3: ap.error('--patients must be at least 3 (one per split)')
-    if args.size < 32: ap.error('--size must be at least 32')
-    if not 0 <= args.noisy <= 1: ap.error(f'--noisy must be a fraction in [0, 1], got {args.noisy}')
-    csv_path = generate(args.out, args.patients, args.size, args.seed, args.neighbours, noisy=args.noisy, workers=args.workers)
-    log.info(f"wrote {csv_path} and {args.out / 'Images_png'}")
-    if args.figure is not None:
+    ap = parser()
+    cfg = from_args(SyntheticSettings, ap, ap.parse_args(argv))
+    csv_path = generate(cfg.out, cfg.patients, cfg.size, cfg.seed, cfg.neighbours, noisy=cfg.noisy, workers=cfg.workers)
+    log.info(f"wrote {csv_path} and {cfg.out / 'Images_png'}")
+    if cfg.figure is not None:
         from .deeplesion import read_dl_info, slice_records
         from .plots import plot_slices
-        plot_slices(slice_records(read_dl_info(csv_path))[:8], args.figure)
-        log.info(f"wrote {args.figure}")
+        plot_slices(slice_records(read_dl_info(csv_path))[:8], cfg.figure)
+        log.info(f"wrote {cfg.figure}")
 
 
 if __name__ == '__main__':
