@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lesion_fastai.bench.efficiency import efficiency, efficiency_table, summarise, verdict_lines
-from lesion_fastai.bench.select import select
-from lesion_fastai.bench.study import study
+from lesion_fastai.bench.efficiency import EfficiencySettings, efficiency, efficiency_table, summarise, verdict_lines
+from lesion_fastai.bench.select import SelectSettings, select
+from lesion_fastai.bench.study import StudySettings, study
 from lesion_fastai.config import FinetuneConfig
 from lesion_fastai.finetuning import finetune
 
@@ -27,7 +27,7 @@ def test_same_epoch_length_repeats_the_label_subset(tiny_data, tiny_records, tmp
 def test_efficiency_smoke_writes_table_plot_and_resumes(tiny_data, tmp_path):
     args = dict(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[.5, 1.], modes=['scratch', 'decoder-sandwich'],
                 seeds=[0], epochs=1, pretrain_epochs=1, bs=2, pretexts=['masked', 'mae'])
-    res = efficiency(**args)                                             # the data ships neighbours: every run sees two a side
+    res = efficiency(EfficiencySettings(**args))                         # the data ships neighbours: every run sees two a side
     want = {(m, f) for m in ('scratch', 'decoder-sandwich [masked]', 'decoder-sandwich [mae]') for f in (.5, 1.)}
     assert {(r['mode'], r['fraction']) for r in res['rows']} == want
     assert (tmp_path / 'pretrain_context2' / 'pretrained.pth').exists() and (tmp_path / 'pretrain_context2_pretextmae' / 'pretrained.pth').exists()
@@ -36,18 +36,18 @@ def test_efficiency_smoke_writes_table_plot_and_resumes(tiny_data, tmp_path):
     assert table.count('| decoder-sandwich [mae] |') == 2 and 'mean box FROC / hit@0.5' in table and 'paired difference from scratch' in table
     assert 'best pretrained mode on validation' in table
     stamp = (tmp_path / 'runs' / 'scratch_1_seed0_context2' / 'metrics.json').stat().st_mtime
-    efficiency(**args)                                                   # finished runs are kept, not redone
+    efficiency(EfficiencySettings(**args))                               # finished runs are kept, not redone
     assert (tmp_path / 'runs' / 'scratch_1_seed0_context2' / 'metrics.json').stat().st_mtime == stamp
     assert json.loads((tmp_path / 'runs' / 'scratch_1_seed0_context2' / 'metrics.json').read_text())['config']['context'] == 2
     # report only: the finished runs, nothing trained (a cell that never ran is left out)
-    rep = efficiency(**{**args, 'fractions': [.5, 1., .2]}, report_only=True)
+    rep = efficiency(EfficiencySettings(**{**args, 'fractions': [.5, 1., .2]}, report_only=True))
     assert {(r['mode'], r['fraction']) for r in rep['rows']} == want and not (tmp_path / 'runs' / 'scratch_0.2_seed0_context2').exists()
 
 
 @pytest.mark.slow
 def test_efficiency_runs_in_parallel_processes(tiny_data, tmp_path):
-    res = efficiency(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[1.], modes=['scratch', 'sandwich'], seeds=[0],
-                     epochs=1, pretrain_epochs=1, bs=2, pretexts=['mae'], jobs=2, context=0)
+    res = efficiency(EfficiencySettings(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[1.], modes=['scratch', 'sandwich'],
+                                        seeds=[0], epochs=1, pretrain_epochs=1, bs=2, pretexts=['mae'], jobs=2, context=0))
     assert [r['mode'] for r in res['rows']] == ['scratch', 'sandwich [mae]']
     assert (tmp_path / 'runs' / 'sandwich_1_seed0_mae' / 'metrics.json').exists()
 
@@ -83,13 +83,13 @@ def test_study_runs_each_variant_and_refuses_a_finished_run_with_other_settings(
     args = dict(out=tmp_path, data=tiny_data, patients=10, native=64, epochs=1, pretrain_epochs=1, bs=2)
     variants = [('scratch', 'scratch', 1., {}), ('narrow sandwich', 'sandwich', .5, {'adapter_ratio': .25}),
                 ('sandwich', 'sandwich', .5, {})]
-    rows = study(**args, variants=variants)['rows']
+    rows = study(StudySettings(**args), variants)['rows']
     assert [r['variant'] for r in rows] == ['scratch', 'narrow sandwich', 'sandwich']
     assert rows[1]['trainable'] < rows[2]['trainable'] and rows[1]['train_slices'] < rows[0]['train_slices']
     assert '| narrow sandwich |' in (tmp_path / 'study.md').read_text()
-    study(**args, variants=[('scratch', 'scratch', 1., {'adapter_ratio': .25})])   # transfer layers do not concern scratch
+    study(StudySettings(**args), [('scratch', 'scratch', 1., {'adapter_ratio': .25})])   # transfer layers do not concern scratch
     with pytest.raises(ValueError, match=r'wd: 0.01 there, 0.1 now'):
-        study(**args, variants=[('scratch', 'scratch', 1., {'wd': .1})])
+        study(StudySettings(**args), [('scratch', 'scratch', 1., {'wd': .1})])
 
 
 def test_loading_measures_every_path_and_builds_one_disk_cache_of_those_slices(tiny_data, tmp_path):
@@ -106,7 +106,7 @@ def test_loading_measures_every_path_and_builds_one_disk_cache_of_those_slices(t
 
 @pytest.mark.slow
 def test_select_compares_values_on_validation_only_over_paired_seeds(tiny_data, tmp_path):
-    res = select(tmp_path, tiny_data, 10, 64, 'wd', [.01, .1], 'scratch', [1.], [0, 1], epochs=1, pretrain_epochs=1, bs=2)
+    res = select(_select_settings(tmp_path, tiny_data, 'wd', [.01, .1], 'scratch', [1.], [0, 1]))
     assert [(r['value'], r['seed']) for r in res['rows']] == [(.01, 0), (.1, 0), (.01, 1), (.1, 1)]
     assert not any('test' in k for r in res['rows'] for k in r)                 # test figures never reach a choice
     first, second = res['summary']
@@ -117,6 +117,11 @@ def test_select_compares_values_on_validation_only_over_paired_seeds(tiny_data, 
     assert (tmp_path / 'select_wd.md').read_text().startswith('| wd | labels |') and res['verdict'].startswith(f"wd = {res['best']:g}")
 
 
+def _select_settings(out, data, setting, values, mode, fractions, seeds, **more):
+    return SelectSettings(out=out, data=data, patients=10, native=64, setting=setting, values=values, mode=mode, fractions=fractions,
+                          seeds=seeds, epochs=1, pretrain_epochs=1, bs=2, **more)
+
+
 def _recording_finetune(cfgs):
     "A stand-in for run_finetune that records each config and returns the same validation figures."
     valid = {'froc': {'mean_0.5_4': .5}, 'top1': {'mean_iou': .5, 'hit@0.5': .5, 'calibration': None}}
@@ -125,38 +130,38 @@ def _recording_finetune(cfgs):
 
 @pytest.mark.parametrize('mode, pretrains', [('carry', False), ('sandwich-ft', True)])
 def test_select_pretrains_only_for_a_mode_that_starts_from_the_autoencoder(tiny_data, tmp_path, monkeypatch, mode, pretrains):
+    import lesion_fastai.bench.grid as grid
     import lesion_fastai.bench.select as sel
     calls, cfgs = [], []
-    monkeypatch.setattr(sel, 'prepare', lambda *a, **k: calls.append(a) or tmp_path / 'pretrained.pth')
-    monkeypatch.setattr(sel, 'run_finetune', _recording_finetune(cfgs))
+    monkeypatch.setattr(grid, 'pretrain_once', lambda cfg: calls.append(cfg))
+    monkeypatch.setattr(grid, 'run_finetune', _recording_finetune(cfgs))
     setting, values = ('carry_weight', [.5, 1.]) if mode == 'carry' else ('unfreeze_after', [5., 2.])
-    sel.select(tmp_path, tiny_data, 10, 64, setting, values, mode, [.1], [0], epochs=1, pretrain_epochs=1, bs=2)
-    assert bool(calls) == pretrains and [c.pretrained for c in cfgs] == [tmp_path / 'pretrained.pth' if pretrains else None] * 2
+    sel.select(_select_settings(tmp_path, tiny_data, setting, values, mode, [.1], [0]))
+    assert bool(calls) == pretrains and [c.pretrained for c in cfgs] == [tmp_path / 'pretrain_context2' / 'pretrained.pth' if pretrains else None] * 2
     assert [getattr(c, setting) for c in cfgs] == values
 
 
 def test_select_runs_a_mode_with_efficiencys_settings_for_it(tiny_data, tmp_path, monkeypatch):
+    import lesion_fastai.bench.grid as grid
     import lesion_fastai.bench.select as sel
     from lesion_fastai.bench.common import UNFREEZE_AFTER
     cfgs = []
-    monkeypatch.setattr(sel, 'prepare', lambda *a, **k: tmp_path / 'pretrained.pth')
-    monkeypatch.setattr(sel, 'run_finetune', _recording_finetune(cfgs))
-    sel.select(tmp_path, tiny_data, 10, 64, 'lr_mult', [100., 10.], 'sandwich-ft', [.1], [0], epochs=1, pretrain_epochs=1, bs=2)
+    monkeypatch.setattr(grid, 'pretrain_once', lambda cfg: None)
+    monkeypatch.setattr(grid, 'run_finetune', _recording_finetune(cfgs))
+    sel.select(_select_settings(tmp_path, tiny_data, 'lr_mult', [100., 10.], 'sandwich-ft', [.1], [0]))
     assert [(c.freeze, c.unfreeze_after, c.lr_mult) for c in cfgs] == [('sandwich', UNFREEZE_AFTER, 100.), ('sandwich', UNFREEZE_AFTER, 10.)]
 
 
 @pytest.mark.parametrize('setting, values', [('pseudo_fp', [.5, 2.]), ('pseudo_weight', [.5, 1.])])
 def test_select_self_trains_from_efficiencys_scratch_teacher_at_each_threshold(tiny_data, tmp_path, monkeypatch, setting, values):
-    import lesion_fastai.bench.common as common
+    import lesion_fastai.bench.grid as grid
     import lesion_fastai.bench.select as sel
     from lesion_fastai.bench.common import pseudo_csv, teacher_config
-    from lesion_fastai.config import DEFAULT_CONTEXT
+    from lesion_fastai.config import DEFAULT_CONTEXT, SettingError
     cfgs, made = [], []
-    fake = _recording_finetune(cfgs)
-    monkeypatch.setattr(sel, 'run_finetune', fake)
-    monkeypatch.setattr(common, 'run_finetune', fake)
-    monkeypatch.setattr(common, 'ensure_pseudo_labels', lambda teacher, cfg, fp: made.append((teacher.out, cfg.pseudo_labels, fp)) or cfg)
-    sel.select(tmp_path, tiny_data, 10, 64, setting, values, 'selftrain', [.5], [0, 1], epochs=1, pretrain_epochs=1, bs=2, pseudo_fp=4.)
+    monkeypatch.setattr(grid, 'run_finetune', _recording_finetune(cfgs))
+    monkeypatch.setattr(grid, 'ensure_pseudo_labels', lambda teacher, cfg, fp: made.append((teacher.out, cfg.pseudo_labels, fp)) or cfg)
+    sel.select(_select_settings(tmp_path, tiny_data, setting, values, 'selftrain', [.5], [0, 1], pseudo_fp=4.))
     teachers = [teacher_config(tmp_path, tiny_data, .5, s, 1, 2, DEFAULT_CONTEXT) for s in (0, 1)]    # the data ships neighbours
     assert [c for c in cfgs if c.pseudo_labels is None] == teachers and teachers[0].out == tmp_path / 'runs' / 'scratch_0.5_seed0_context2'
     students = [c for c in cfgs if c.pseudo_labels is not None]
@@ -164,21 +169,19 @@ def test_select_self_trains_from_efficiencys_scratch_teacher_at_each_threshold(t
     assert made == [(teachers[s].out, pseudo_csv(tmp_path, .5, s, DEFAULT_CONTEXT, fp), fp) for s in (0, 1) for fp in fps]
     assert [c.pseudo_weight for c in students] == (values * 2 if setting == 'pseudo_weight' else [.5] * 4)
     assert all(c.pretrained is None and c.freeze == 'scratch' and c.context == DEFAULT_CONTEXT for c in students)
-    with pytest.raises(ValueError, match='a setting of the selftrain modes'):
-        sel.select(tmp_path, tiny_data, 10, 64, 'pseudo_fp', [.5], 'carry', [.5], [0], epochs=1, pretrain_epochs=1, bs=2)
+    with pytest.raises(SettingError, match='a setting of the modes selftrain, selftrain-ae, not of carry'):
+        _select_settings(tmp_path, tiny_data, 'pseudo_fp', [.5], 'carry', [.5], [0])
 
 
 def test_select_of_rounds_makes_each_values_student_the_next_values_teacher(tiny_data, tmp_path, monkeypatch):
     import lesion_fastai.bench.common as common
+    import lesion_fastai.bench.grid as grid
     import lesion_fastai.bench.select as sel
     from lesion_fastai.config import DEFAULT_CONTEXT
     cfgs, made = [], []
-    fake = _recording_finetune(cfgs)
-    monkeypatch.setattr(sel, 'run_finetune', fake)
-    monkeypatch.setattr(common, 'run_finetune', fake)
-    monkeypatch.setattr(common, 'ensure_pseudo_labels', lambda teacher, cfg, fp: made.append((teacher.out, cfg.pseudo_labels)) or cfg)
-    res = sel.select(tmp_path, tiny_data, 10, 64, 'rounds', [1, 2], 'selftrain', [.5], [0], epochs=1, pretrain_epochs=1, bs=2,
-                     pseudo_fp=.5)
+    monkeypatch.setattr(grid, 'run_finetune', _recording_finetune(cfgs))
+    monkeypatch.setattr(grid, 'ensure_pseudo_labels', lambda teacher, cfg, fp: made.append((teacher.out, cfg.pseudo_labels)) or cfg)
+    res = sel.select(_select_settings(tmp_path, tiny_data, 'rounds', [1, 2], 'selftrain', [.5], [0], pseudo_fp=.5))
     teacher, one, again, two = cfgs
     assert one == again and one.out == tmp_path / 'select' / 'rounds' / 'selftrain_1_0.5_seed0'    # round 1's student, reused
     round1 = common.pseudo_csv(tmp_path, .5, 0, DEFAULT_CONTEXT, .5)
@@ -229,17 +232,17 @@ def test_runs_gathered_from_another_folder_and_precision_report_but_do_not_resum
                 pretrain_epochs=1, bs=2, pretexts=['masked'], context=0)
     here = resolved_precision('auto')
     other = 'fp32' if here == 'bf16' else 'bf16'
-    first = efficiency(out=tmp_path / 'a', **args)
+    first = efficiency(EfficiencySettings(out=tmp_path / 'a', **args))
     for part in ('runs', 'pretrain'): shutil.copytree(tmp_path / 'a' / part, tmp_path / 'b' / part)
     # the runs and checkpoint paths recorded under a/ compare relative to their folder: b/ reports them
-    gathered = efficiency(out=tmp_path / 'b', report_only=True, **args)
+    gathered = efficiency(EfficiencySettings(out=tmp_path / 'b', report_only=True, **args))
     assert [(r['mode'], r['froc'], r['precision']) for r in gathered['rows']] == [(r['mode'], r['froc'], here) for r in first['rows']]
     # a run that trained in the other precision (on a GPU, say): reported beside the others and labelled, never resumed as this machine's
     run = tmp_path / 'b' / 'runs' / 'scratch_1_seed0' / 'metrics.json'
     m = json.loads(run.read_text()); m['config']['precision'] = other; run.write_text(json.dumps(m))
-    efficiency(out=tmp_path / 'b', report_only=True, **args)
+    efficiency(EfficiencySettings(out=tmp_path / 'b', report_only=True, **args))
     assert f'| 1 {other} |' in (tmp_path / 'b' / 'efficiency.md').read_text() and f'| 1 {here} |' in (tmp_path / 'b' / 'efficiency.md').read_text()
-    with pytest.raises(ValueError, match=f'precision: {other} there, {here} now'): efficiency(out=tmp_path / 'b', **args)
+    with pytest.raises(ValueError, match=f'precision: {other} there, {here} now'): efficiency(EfficiencySettings(out=tmp_path / 'b', **args))
     assert tag({'code_channels': (64, 8, 4, 4), 'pretext': 'mae'}) == '_code64-8-4-4_pretextmae'
 
 
@@ -256,10 +259,10 @@ def test_imagenet_mode_needs_weights_and_then_transfers_them(tiny_data, tmp_path
     import torch
     args = dict(data=tiny_data, patients=10, native=64, fractions=[1.], modes=['scratch', 'imagenet'], seeds=[0], epochs=1,
                 pretrain_epochs=1, bs=2, backbone='resnet10t', context=0)
-    res = efficiency(out=tmp_path / 'none', **args)
+    res = efficiency(EfficiencySettings(out=tmp_path / 'none', **args))
     assert [r['mode'] for r in res['rows']] == ['scratch'] and 'mode imagenet skipped' in capsys.readouterr().out
     torch.save(timm.create_model('resnet10t', pretrained=False).state_dict(), tmp_path / 'w.pth')
-    res = efficiency(out=tmp_path / 'w', backbone_weights=tmp_path / 'w.pth', **args)
+    res = efficiency(EfficiencySettings(out=tmp_path / 'w', backbone_weights=tmp_path / 'w.pth', **args))
     assert [r['mode'] for r in res['rows']] == ['scratch', 'imagenet']
     import json
     m = json.loads((tmp_path / 'w' / 'runs' / 'imagenet_1_seed0_resnet10t' / 'metrics.json').read_text())
@@ -295,8 +298,8 @@ def test_precision_rates_train_both_precisions_in_one_fresh_process():
 @pytest.mark.slow
 def test_efficiency_runs_the_fine_tune_schedule_carried_labels_and_self_training_and_reports_each(tiny_data, tmp_path):
     modes = ['scratch', 'sandwich-ft', 'carry', 'selftrain', 'selftrain-ae']
-    res = efficiency(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[.5], modes=modes, seeds=[0], epochs=2,
-                     pretrain_epochs=1, bs=2, context=1, unfreeze_after=1, carry_weight=.5, pseudo_fp=8., rounds=2)
+    res = efficiency(EfficiencySettings(out=tmp_path, data=tiny_data, patients=10, native=64, fractions=[.5], modes=modes, seeds=[0],
+                                        epochs=2, pretrain_epochs=1, bs=2, context=1, unfreeze_after=1, carry_weight=.5, pseudo_fp=8., rounds=2))
     assert [r['mode'] for r in res['rows']] == ['scratch', 'sandwich-ft [masked]', 'carry', 'selftrain', 'selftrain-ae [masked]']
     run = lambda name: json.loads((tmp_path / 'runs' / f'{name}_0.5_seed0_context1' / 'metrics.json').read_text())
     assert run('sandwich-ft')['config']['unfreeze_after'] == 1 and run('carry')['config']['carry_weight'] == .5
@@ -311,7 +314,7 @@ def test_efficiency_runs_the_fine_tune_schedule_carried_labels_and_self_training
     for what in ('best pretrained mode on validation', 'labels carried to neighbour slices', 'self-training from scratch',
                  'self-training from the autoencoder'): assert what in verdict
     with pytest.raises(ValueError, match='add scratch to --modes'):
-        efficiency(out=tmp_path / 'x', data=tiny_data, modes=['selftrain'], seeds=[0], fractions=[.5], epochs=1, bs=2, context=1)
+        EfficiencySettings(out=tmp_path / 'x', data=tiny_data, modes=['selftrain'], seeds=[0], fractions=[.5], epochs=1, bs=2, context=1)
 
 
 def test_a_neighbour_view_keeps_the_labels_and_only_the_slices_near_key_slices(tiny_data, tmp_path):
@@ -326,8 +329,9 @@ def test_a_neighbour_view_keeps_the_labels_and_only_the_slices_near_key_slices(t
 
 @pytest.mark.slow
 def test_budget_curve_pretrains_each_cell_and_compares_with_scratch_on_the_same_seeds(tiny_data, tmp_path):
-    from lesion_fastai.bench.budget import budget
-    res = budget(tmp_path, tiny_data, neighbours=(0, 1), pretrain_epochs=(0, 1, 2), fraction=.5, seeds=(0, 1), epochs=1, bs=2)
+    from lesion_fastai.bench.budget import BudgetSettings, budget
+    res = budget(BudgetSettings(out=tmp_path, data=tiny_data, neighbours=(0, 1), pretrain_epochs=(0, 1, 2), fraction=.5, seeds=(0, 1),
+                                epochs=1, bs=2))
     cells = [(s['neighbours'], s['pretrain_epochs']) for s in res['summary']]
     assert cells == [(1, 0), (1, 1), (1, 2), (0, 2)] and all(s['seeds'] == 2 for s in res['summary'])   # fewer neighbours: the middle epochs
     assert (tmp_path / 'pretrain_0n_2e' / 'pretrained.pth').exists() and (tmp_path / 'pretraining_budget.png').stat().st_size > 0

@@ -11,6 +11,10 @@ module per kind of benchmark; `python -m lesion_fastai.bench NAME --help` lists 
     python -m lesion_fastai.bench stats                  # the built-in data's lesion statistics beside DeepLesion's
     python -m lesion_fastai.bench lesions --pretrained CKPT --data DATA   # does the autoencoder keep the lesions?
 
-The training benchmarks resume: finished runs are kept (their metrics.json) and skipped when the
-command is run again. Their figures go to README, with the command, the machine and the commit.
+The training benchmarks (efficiency, budget, study, select) each build a grid of runs from their
+settings (a dataclass whose fields are the subcommand's flags), hand it to `grid.run_grid`, which
+pretrains once per set of pretraining settings and trains a self-trained student after its teacher,
+and build their table from the metrics. They resume: finished runs are kept (their metrics.json) and
+skipped when the command is run again. Their figures go to docs/results.md, with the command, the machine
+and the commit.
 """

@@ -8,11 +8,17 @@ from . import __doc__ as DOC
 from . import budget, datastats, efficiency, lesions, scale, select, speed, study
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    "Every benchmark a subcommand, its flags from its settings dataclass."
     ap = argparse.ArgumentParser(prog='python -m lesion_fastai.bench', description=DOC.split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest='which', required=True)
     for module in (efficiency, budget, study, select, speed, scale, datastats, lesions): module.add_parser(sub)
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     return args.run(ap, args)
 

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..config import PRECISIONS, parse_ints
-from ..log import log
+from ..config import PRECISIONS, RunConfig, check_fields, from_args, option, parse_ints
 from ..plots import plt, save_fig
 from ..stats import mean_ci
-from .common import MODES, UNFREEZE_AFTER, data_context, ensure_data, finetune_config, machine, pm, pretrain_once, report, run_finetune
+from .common import (EPOCHS, GROUP, MODES, NATIVE, NO_CHECKPOINT, PATIENTS, SEEDS, SELF_TRAINED, UNFREEZE_AFTER, add_bench_settings,
+                     data_context, default_of, ensure_data, finetune_config, machine, mode_changes, pm, precision_change, pretrain_config,
+                     report)
+from .grid import Run, run_grid
 
-__all__ = ['budget', 'neighbour_view', 'add_parser']
+__all__ = ['BudgetSettings', 'budget', 'budget_grid', 'neighbour_view', 'add_parser']
 
 
 def neighbour_view(data: Path, folder: Path, neighbours: int) -> Path:
@@ -47,36 +50,73 @@ def neighbour_view(data: Path, folder: Path, neighbours: int) -> Path:
     return folder
 
 
-def budget(out: Path, data: Path, *, patients: int = 250, native: int = 256, neighbours=(2, 10), pretrain_epochs=(0, 3, 10, 30),
-           fraction: float = .1, seeds=(0, 1, 2), mode: str = 'full', epochs: int = 30, bs: int = 16, precision: str = 'auto',
-           unfreeze_after: int = UNFREEZE_AFTER) -> dict:
+@dataclass(kw_only=True)
+class BudgetSettings:
+    """Settings of `budget`: the data, the pretrainings' unlabelled slices a side and epochs, and the
+    fine-tune of every cell."""
+    out: Path = option(Path('runs/bench/budget'), 'output folder', group=GROUP)
+    data: Path | None = option(None, 'data folder, generated with the most --neighbours (default: under --out)', group=GROUP)
+    patients: int = option(PATIENTS, 'synthetic patients to generate', at_least=1, group=GROUP)
+    native: int = option(NATIVE, 'native slice size of the generated data (trained at half)', at_least=1, group=GROUP)
+    neighbours: tuple = option((2, 10), 'unlabelled slices a side the pretrainings see', parse=parse_ints, group=GROUP)
+    pretrain_epochs: tuple = option((0, 3, 10, 30), 'pretraining epochs (0: scratch)', parse=parse_ints, group=GROUP)
+    fraction: float = option(.1, 'label fraction of every fine-tune', above=0, at_most=1, group=GROUP)
+    seeds: tuple = option(SEEDS, 'seeds of every cell', parse=parse_ints, group=GROUP)
+    mode: str = option('full', 'the pretrained mode fine-tuned', choices=tuple(m for m in MODES if m not in NO_CHECKPOINT + SELF_TRAINED),
+                       group=GROUP)
+    unfreeze_after: int = option(UNFREEZE_AFTER, 'the -ft modes: frozen epochs before every layer trains', at_least=0, group=GROUP)
+    epochs: int = option(EPOCHS, 'fine-tuning epochs', at_least=1, group=GROUP)
+    bs: int = option(default_of(RunConfig, 'bs'), 'batch size', at_least=1, group=GROUP)
+    precision: str = option(default_of(RunConfig, 'precision'), 'of every run', choices=PRECISIONS, group=GROUP)
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.data is not None: self.data = Path(self.data)
+        check_fields(self)
+
+
+def budget(s: BudgetSettings) -> dict:
     """Every (pretraining epochs, neighbours) cell: the epochs against the most neighbours, the
     neighbours at the second-largest epoch count (10 of 0, 3, 10, 30); one pretraining per cell (`out`
-    /pretrain_<neighbours>n_<epochs>e), then `mode` fine-tuned at `fraction` for every seed (0 epochs:
-    scratch, the same seeds). Reports validation FROC (and test) per cell with 95% intervals and the
-    paired difference from scratch, and plots the curve."""
-    from .common import mode_changes
-    most = max(neighbours)
-    ensure_data(data, patients, native, most)
-    context = data_context(data)
-    speed = {} if precision == 'auto' else {'precision': precision}
-    epoch_axis = sorted(pretrain_epochs)
+    /pretrain_<neighbours>n_<epochs>e), then the mode fine-tuned at the label fraction for every seed
+    (0 epochs: scratch, the same seeds). Reports validation FROC (and test) per cell with 95% intervals
+    and the paired difference from scratch, and plots the curve."""
+    most = max(s.neighbours)
+    data = s.data or s.out / f'data_{s.patients}p_{s.native}px_{most}n'
+    ensure_data(data, s.patients, s.native, most)
+    cells = _cells(s)
+    views = {n: data if n == most else neighbour_view(data, s.out / f'view_{n}n', n) for n, e in cells if e}
+    runs = budget_grid(s, data, data_context(data), cells, views)
+    rows = [{**r.row, 'valid_froc': m['valid']['froc']['mean_0.5_4'], 'test_froc': m['test']['froc']['mean_0.5_4'],
+             'train_slices': m['train_slices']} for r, m in zip(runs, run_grid(runs))]
+    return _report(s, data, cells, rows)
+
+
+def _cells(s: BudgetSettings) -> list[tuple[int, int]]:
+    "(neighbours, pretraining epochs): each epoch count with the most neighbours, then fewer neighbours at the middle epochs."
+    most, epoch_axis = max(s.neighbours), sorted(s.pretrain_epochs)
     middle = [e for e in epoch_axis if e][len([e for e in epoch_axis if e]) // 2] if any(epoch_axis) else 0
-    cells = [(most, e) for e in epoch_axis] + [(n, middle) for n in sorted(neighbours) if n != most and middle]
-    rows = []
+    return [(most, e) for e in epoch_axis] + [(n, middle) for n in sorted(s.neighbours) if n != most and middle]
+
+
+def budget_grid(s: BudgetSettings, data: Path, context: int, cells, views: dict) -> list[Run]:
+    "Every seed's run of every cell, each cell's pretraining on the view of the data with its neighbours (0 epochs: scratch)."
+    speed = precision_change(s)
+    runs = []
     for n, e in cells:
-        ckpt = None
-        if e:
-            view = data if n == most else neighbour_view(data, out / f'view_{n}n', n)
-            ckpt = pretrain_once(view, out / f'pretrain_{n}n_{e}e', e, bs, {'context': context, **speed})
-        for seed in seeds:
-            m_ = 'scratch' if not e else mode
-            run = out / 'runs' / (f'scratch_{fraction:g}_seed{seed}' if not e else f'{mode}_{n}n_{e}e_{fraction:g}_seed{seed}')
-            if not (run / 'metrics.json').exists(): log.info(f"\n== {m_}, pretraining {e} epoch(s) with {n} neighbours a side, seed {seed}")
-            changes = {'context': context, **speed, **mode_changes(m_, unfreeze_after, 0.)}
-            m = run_finetune(finetune_config(data, run, m_, fraction, seed, epochs, bs, ckpt, changes))
-            rows.append({'neighbours': n, 'pretrain_epochs': e, 'seed': seed, 'valid_froc': m['valid']['froc']['mean_0.5_4'],
-                         'test_froc': m['test']['froc']['mean_0.5_4'], 'train_slices': m['train_slices']})
+        pre = pretrain_config(views[n], s.out / f'pretrain_{n}n_{e}e', e, s.bs, {'context': context, **speed}) if e else None
+        mode = s.mode if e else 'scratch'
+        for seed in s.seeds:
+            run = s.out / 'runs' / (f'{mode}_{n}n_{e}e_{s.fraction:g}_seed{seed}' if e else f'scratch_{s.fraction:g}_seed{seed}')
+            cfg = finetune_config(data, run, mode, s.fraction, seed, s.epochs, s.bs, pre and Path(pre.out) / 'pretrained.pth',
+                                  {'context': context, **speed, **mode_changes(mode, s.unfreeze_after, 0.)})
+            runs.append(Run(cfg, title=f"{mode}, pretraining {e} epoch(s) with {n} neighbours a side, seed {seed}",
+                            row=dict(neighbours=n, pretrain_epochs=e, seed=seed), pretrain=pre))
+    return runs
+
+
+def _report(s: BudgetSettings, data: Path, cells, rows: list) -> dict:
+    "Per cell: validation and test FROC over the seeds, the paired difference from scratch; the table and the plot."
     scratch = {r['seed']: r['valid_froc'] for r in rows if r['pretrain_epochs'] == 0}
     summary = []
     for n, e in cells:
@@ -85,17 +125,17 @@ def budget(out: Path, data: Path, *, patients: int = 250, native: int = 256, nei
         d = mean_ci([r['valid_froc'] - scratch[r['seed']] for r in sel if r['seed'] in scratch]) if e else (float('nan'), float('nan'))
         summary.append({'neighbours': n, 'pretrain_epochs': e, 'valid': v[0], 'valid_ci': v[1], 'test': t[0], 'test_ci': t[1],
                         'valid_diff': d[0], 'valid_diff_ci': d[1], 'seeds': len(sel)})
-    lines = [f'| unlabelled slices a side | pretraining epochs | {mode} at {fraction:g} of the labels: validation FROC | paired difference '
+    lines = [f'| unlabelled slices a side | pretraining epochs | {s.mode} at {s.fraction:g} of the labels: validation FROC | paired difference '
              'from scratch (validation) | test FROC | seeds |', '|---|---|---|---|---|---|']
-    lines += [f"| {s['neighbours']} | {s['pretrain_epochs']} (scratch) | {pm(s['valid'], s['valid_ci'])} |  | {pm(s['test'], s['test_ci'])} | {s['seeds']} |"
-              if not s['pretrain_epochs'] else
-              f"| {s['neighbours']} | {s['pretrain_epochs']} | {pm(s['valid'], s['valid_ci'])} | {pm(s['valid_diff'], s['valid_diff_ci'])} | "
-              f"{pm(s['test'], s['test_ci'])} | {s['seeds']} |" for s in summary]
+    lines += [f"| {x['neighbours']} | {x['pretrain_epochs']} (scratch) | {pm(x['valid'], x['valid_ci'])} |  | {pm(x['test'], x['test_ci'])} | {x['seeds']} |"
+              if not x['pretrain_epochs'] else
+              f"| {x['neighbours']} | {x['pretrain_epochs']} | {pm(x['valid'], x['valid_ci'])} | {pm(x['valid_diff'], x['valid_diff_ci'])} | "
+              f"{pm(x['test'], x['test_ci'])} | {x['seeds']} |" for x in summary]
     result = {'rows': rows, 'summary': summary, 'machine': machine(),
-              'settings': dict(data=str(data), neighbours=list(neighbours), pretrain_epochs=list(pretrain_epochs), fraction=fraction,
-                               seeds=list(seeds), mode=mode, epochs=epochs, bs=bs, precision=precision, unfreeze_after=unfreeze_after)}
-    plot = _plot(summary, most, mode, fraction, out / 'pretraining_budget.png')
-    report(out, 'budget', result, '\n'.join(lines), figures=[plot])
+              'settings': dict(data=str(data), neighbours=list(s.neighbours), pretrain_epochs=list(s.pretrain_epochs), fraction=s.fraction,
+                               seeds=list(s.seeds), mode=s.mode, epochs=s.epochs, bs=s.bs, precision=s.precision, unfreeze_after=s.unfreeze_after)}
+    plot = _plot(summary, max(s.neighbours), s.mode, s.fraction, s.out / 'pretraining_budget.png')
+    report(s.out, 'budget', result, '\n'.join(lines), figures=[plot])
     return result
 
 
@@ -114,23 +154,7 @@ def _plot(summary, most: int, mode: str, fraction: float, path):
 
 
 def add_parser(sub) -> None:
-    b = sub.add_parser('budget', help='how much pretraining buys: validation FROC against its epochs and its unlabelled slices',
+    p = sub.add_parser('budget', help='how much pretraining buys: validation FROC against its epochs and its unlabelled slices',
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument('--out', type=Path, default=Path('runs/bench/budget'), help='output folder')
-    b.add_argument('--data', type=Path, default=None, help='data folder, generated with the most --neighbours (default: under --out)')
-    b.add_argument('--patients', type=int, default=250, help='synthetic patients to generate')
-    b.add_argument('--native', type=int, default=256, help='native slice size of the generated data (trained at half)')
-    b.add_argument('--neighbours', type=parse_ints, default='2,10', help='unlabelled slices a side the pretrainings see')
-    b.add_argument('--pretrain-epochs', type=parse_ints, default='0,3,10,30', help='pretraining epochs (0: scratch)')
-    b.add_argument('--fraction', type=float, default=.1, help='label fraction of every fine-tune')
-    b.add_argument('--seeds', type=parse_ints, default='0,1,2', help='seeds of every cell')
-    b.add_argument('--mode', choices=[m for m in MODES if m not in ('scratch', 'imagenet', 'carry', 'selftrain', 'selftrain-ae')],
-                   default='full', help='the pretrained mode fine-tuned')
-    b.add_argument('--unfreeze-after', type=int, default=UNFREEZE_AFTER, help='the -ft modes: frozen epochs before every layer trains')
-    b.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs')
-    b.add_argument('--bs', type=int, default=16, help='batch size')
-    b.add_argument('--precision', choices=PRECISIONS, default='auto', help='of every run')
-    b.set_defaults(run=lambda ap, args: budget(
-        args.out, args.data or args.out / f'data_{args.patients}p_{args.native}px_{max(args.neighbours)}n', patients=args.patients,
-        native=args.native, neighbours=args.neighbours, pretrain_epochs=args.pretrain_epochs, fraction=args.fraction, seeds=args.seeds,
-        mode=args.mode, epochs=args.epochs, bs=args.bs, precision=args.precision, unfreeze_after=args.unfreeze_after))
+    add_bench_settings(p, BudgetSettings)
+    p.set_defaults(run=lambda ap, args: budget(from_args(BudgetSettings, ap, args)))

@@ -1,22 +1,26 @@
-"""What the benchmarks share: the machine they ran on, their generated data, their fine-tunes (resumed,
-or refused when a finished run had other settings), one pretraining per set of pretraining changes,
-and the ending every benchmark has: a table printed and written as Markdown beside its JSON."""
+"""What the benchmarks share: their modes, the machine they ran on, their generated data, the configs
+of their pretrainings and fine-tunes, the settings every benchmark of the efficiency folder has
+(`BenchSettings`, whose fields are each subcommand's flags), and the ending every benchmark has: a
+table printed and written as Markdown beside its JSON. `grid` runs what they build."""
 from __future__ import annotations
 
-import json
+import argparse
+import dataclasses
 import multiprocessing as mp
 import platform
-from dataclasses import asdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..config import PRECISIONS
+from ..config import PRECISIONS, PretrainConfig, RunConfig, add_settings, check_fields, option
 from ..files import atomic_write_text, write_json
 from ..log import log
 
-__all__ = ['MODES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED', 'UNFREEZE_AFTER', 'CARRY_WEIGHT', 'mode_changes', 'machine', 'ensure_data', 'data_context', 'tag', 'pretrain_folder', 'pretrain_once', 'prepare',
-           'run_finetune', 'finetune_config', 'run_name', 'teacher_config', 'pseudo_csv', 'ensure_pseudo_labels', 'self_trained', 'test_row', 'pm', 'report', 'in_process', 'add_data_args', 'data_args']
+__all__ = ['MODES', 'MODE_ALIASES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED', 'UNFREEZE_AFTER', 'CARRY_WEIGHT', 'EPOCHS', 'SEEDS',
+           'PATIENTS', 'NATIVE', 'EFFICIENCY_OUT', 'GROUP', 'mode_changes', 'machine', 'ensure_data', 'data_context', 'tag',
+           'pretrain_folder', 'precision_change', 'pretrain_config', 'pretraining', 'finetune_config', 'run_name', 'teacher_config',
+           'pseudo_csv', 'test_row', 'pm', 'report', 'default_of', 'unknown', 'BenchSettings', 'add_bench_settings', 'quick', 'data_folder']
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich); 'none' is the old name of 'full'. The -ft modes unfreeze after
 # the frozen epochs (fastai's fine_tune); carry: scratch with labels carried to the neighbour slices; selftrain: scratch with the
@@ -31,8 +35,13 @@ NO_CHECKPOINT = ('scratch', 'imagenet', 'carry', 'selftrain')   # modes that do 
 SELF_TRAINED = ('selftrain', 'selftrain-ae')                      # students of the scratch run of their label fraction and seed
 
 
-UNFREEZE_AFTER = 5   # the -ft modes' frozen epochs, chosen on validation of 5, 2 (README)
-CARRY_WEIGHT = .5    # the carry mode's weight, chosen on validation of 0.5, 1, 0.25, 0.1 (README)
+UNFREEZE_AFTER = 5   # the -ft modes' frozen epochs, chosen on validation of 5, 2 (docs/results.md)
+CARRY_WEIGHT = .5    # the carry mode's weight, chosen on validation of 0.5, 1, 0.25, 0.1 (docs/results.md)
+EPOCHS = 30          # every benchmark fine-tune's epochs, the same for every run
+SEEDS = (0, 1, 2)    # label subsets and initialisations, shared by every mode
+PATIENTS, NATIVE = 250, 256                      # the generated data: the demo's
+EFFICIENCY_OUT = Path('runs/bench/efficiency')   # efficiency's folder, shared by select and study
+GROUP = 'benchmark'                              # the flags' group in --help
 
 
 def mode_changes(mode: str, unfreeze_after: int = UNFREEZE_AFTER, carry_weight: float = CARRY_WEIGHT) -> dict:
@@ -67,14 +76,20 @@ def pretrain_folder(out: Path, changes: dict | None) -> Path:
     return out / ('pretrain' + tag(changes))
 
 
-def pretrain_once(data: Path, folder: Path, pretrain_epochs: int, bs: int, changes: dict | None = None) -> Path:
-    "The checkpoint of one pretraining with these changes, trained (or resumed) only if it is not there yet."
-    from ..config import PretrainConfig
-    from ..pretraining import pretrain
-    ckpt = folder / 'pretrained.pth'
-    if not ckpt.exists():
-        pretrain(PretrainConfig(**{**dict(data=data, out=folder, epochs=pretrain_epochs, bs=bs, resume=True), **(changes or {})}))
-    return ckpt
+def precision_change(s) -> dict:
+    "A benchmark's --precision as a config change: none for auto, so that auto's runs are configured as they always were."
+    return {} if s.precision == 'auto' else {'precision': s.precision}
+
+
+def pretrain_config(data: Path, folder: Path, epochs: int, bs: int, changes: dict | None = None) -> PretrainConfig:
+    "A benchmark's autoencoder pretraining into `folder` with these PretrainConfig changes, resumable."
+    return PretrainConfig(**{**dict(data=data, out=folder, epochs=epochs, bs=bs, resume=True), **(changes or {})})
+
+
+def pretraining(out: Path, data: Path, epochs: int, bs: int, changes: dict) -> PretrainConfig:
+    """The pretraining of `data` with these changes in `out/pretrain<changes>` (`tag`), named without its
+    precision: one checkpoint serves runs in any precision."""
+    return pretrain_config(data, pretrain_folder(out, {k: v for k, v in changes.items() if k != 'precision'}), epochs, bs, changes)
 
 
 def data_context(data: Path) -> int:
@@ -82,54 +97,6 @@ def data_context(data: Path) -> int:
     from ..config import resolve_context
     from ..deeplesion import load_data
     return resolve_context(None, load_data(data)[1], data)
-
-
-def prepare(out: Path, data: Path, patients: int, native: int, pretrain_epochs: int, bs: int,
-             pretrain_changes: dict | None = None) -> Path:
-    """The benchmark's data (generated once, unless `data` holds some) and its autoencoder pretraining
-    with the data's default context resolved (`out/pretrain_context2`, say, or with other settings
-    `out/pretrain_context2_<changes>`; the same folder `efficiency` makes); returns the checkpoint."""
-    ensure_data(data, patients, native)
-    changes = dict(pretrain_changes or {})
-    changes.setdefault('context', data_context(data))
-    speed = {k: changes.pop(k) for k in ('precision',) if k in changes}
-    return pretrain_once(data, pretrain_folder(out, changes), pretrain_epochs, bs, {**changes, **speed})
-
-
-def _inside(path, out) -> str:
-    "A path relative to the benchmark folder of the run in `out` (`<folder>/runs/<run>`): folders gathered from several machines compare."
-    try: return str(Path(path).relative_to(Path(out).parent.parent))
-    except ValueError: return str(path)
-
-
-def run_finetune(cfg, any_precision: bool = False) -> dict:
-    """Fine-tune with `cfg` (quietly: a benchmark runs many), or return the metrics of a finished run in
-    `cfg.out` made with the same settings; a finished run with other settings is an error rather than a
-    silently wrong row. With `any_precision` (reporting runs from several machines) a run may have
-    trained in another precision."""
-    from ..config import FinetuneConfig
-    from ..finetuning import finetune
-    from ..fit import resolved_precision
-    from ..log import quiet
-    done = Path(cfg.out) / 'metrics.json'
-    if not done.exists():
-        with quiet(): return finetune(cfg)
-    m = json.loads(done.read_text())
-    ignore = {'resume', 'quiet', 'out', 'num_workers'} | ({'adapter_ratio', 'adapter_stem', 'sandwich'} if cfg.freeze != 'sandwich' else set())
-    want = {k: v for k, v in asdict(cfg).items() if v is not None and k not in ignore}
-    want['precision'] = resolved_precision(cfg.precision)      # runs record what they trained in
-    if any_precision: want.pop('precision')
-    for k in ('data', 'pretrained', 'pseudo_labels'):
-        if k in want: want[k] = _inside(want[k], cfg.out)
-    fields = FinetuneConfig.__dataclass_fields__               # a setting added since the run: its default then
-    default = lambda k: 'fp32' if k == 'precision' else fields[k].default   # runs from before bf16 trained in fp32
-    old_name = {'full': 'none'}                                # the freeze mode's name when the run was made, maybe
-    have = lambda k: _inside(m['config'][k], m['config']['out']) if k in ('data', 'pretrained', 'pseudo_labels') and m['config'].get(k) else m['config'].get(k, default(k))
-    same = lambda k, v: str(have(k)) == str(v) or (k == 'freeze' and str(have(k)) == old_name.get(v))
-    diff = {k: (have(k), v) for k, v in want.items() if not same(k, v)}
-    if diff: raise ValueError(f"{done}: a finished run with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
-                              f"choose another --out or remove {cfg.out}")
-    return m
 
 
 def finetune_config(data: Path, run: Path, mode: str, fraction: float, seed: int, epochs: int, bs: int, ckpt: Path | None,
@@ -160,29 +127,6 @@ def pseudo_csv(out: Path, fraction: float, seed: int, context: int | None, fp: f
     return out / 'pseudo' / (f'{fraction:g}_seed{seed}' + (f'_context{context}' if context else '') + f'_fp{fp:g}.csv')
 
 
-def ensure_pseudo_labels(teacher, student, fp: float):
-    """`student` (a FinetuneConfig with `pseudo_labels`), its pseudo-labels made from the finished
-    `teacher` run's export at `fp` validation false positives per slice, once."""
-    if not Path(student.pseudo_labels).exists():
-        from ..log import quiet
-        from ..selftrain import pseudo_labels_from
-        with quiet(): pseudo_labels_from(Path(teacher.out) / 'export.pkl', student, student.pseudo_labels, fp)
-    return student
-
-
-def self_trained(teacher, student, fp: float, rounds: int, round_out):
-    """`student` (a FinetuneConfig whose `pseudo_labels` are round 1's) after `rounds` rounds of
-    self-training: round 1's teacher is the finished `teacher` run; the student of each earlier round
-    k (trained here into `round_out(k)` unless it finished there) teaches the next, its pseudo-labels
-    at `fp` written in its own folder. Returns the last round's student, its pseudo-labels made."""
-    from dataclasses import replace
-    for k in range(1, rounds):
-        taught = replace(student, out=Path(round_out(k)))
-        run_finetune(ensure_pseudo_labels(teacher, taught, fp))
-        teacher, student = taught, replace(student, pseudo_labels=Path(taught.out) / f'pseudo_labels_fp{fp:g}.csv')
-    return ensure_pseudo_labels(teacher, student, fp)
-
-
 def test_row(m: dict, **extra) -> dict:
     "A run's test figures (FROC and top box) beside the mean box's, and its validation FROC."
     t, b = m['test'], m['test']['mean_box_baseline']
@@ -209,29 +153,61 @@ def report(out: Path, stem: str, result: dict, table: str, notes=(), figures=())
     log.info(f"\n{result.get('machine', '')}\n\n{text}\n\nwrote {wrote}")
 
 
-def in_process(threads: int, fn, *args):
-    "Run `fn(*args)` in a pool worker with `threads` torch threads (several runs share the machine)."
-    import torch
-    torch.set_num_threads(threads)
-    return fn(*args)
+def default_of(cls, name: str):
+    "The default of a config class's field: a benchmark flag that means the same setting says it once."
+    return next(f for f in dataclasses.fields(cls) if f.name == name).default
 
 
-def add_data_args(p, out_help: str, quick_help: str) -> None:
-    "Flags shared by `efficiency`, `study` and `select`: the same data, pretraining and batch size."
-    p.add_argument('--out', type=Path, default=Path('runs/bench/efficiency'), help=out_help)
-    p.add_argument('--data', type=Path, default=None, help='data folder (default: generated under --out)')
-    p.add_argument('--patients', type=int, default=250, help='synthetic patients to generate')
-    p.add_argument('--native', type=int, default=256, help='native slice size of the generated data (trained at half)')
-    p.add_argument('--pretrain-epochs', type=int, default=10, help='autoencoder epochs (one pretraining per pretext serves every run)')
-    p.add_argument('--bs', type=int, default=16, help='batch size')
-    p.add_argument('--precision', choices=PRECISIONS, default='auto', help='of every pretraining and run: auto is bf16 on a GPU, fp32 on the CPU')
-    p.add_argument('--quick', action='store_true', help=quick_help)
+def unknown(names, allowed, empty_ok: bool = True) -> str | None:
+    "The check of a list flag's names: each one of `allowed` (and, unless `empty_ok`, at least one)."
+    bad = [n for n in names if n not in allowed]
+    return f"unknown {bad}, expected some of {', '.join(allowed)}" if bad or not (names or empty_ok) else None
 
 
-def data_args(args, neighbours: int = 2) -> Path:
-    """After parsing `add_data_args`' flags: --quick's small settings (40 patients at 128 px, 2 epochs, one
-    of pretraining, its own folder) and the data folder, default `OUT/data_<patients>p_<native>px[_<n>n]`."""
-    if args.quick:
-        args.out = args.out.with_name(args.out.name + '_quick') if args.out == Path('runs/bench/efficiency') else args.out
-        args.patients, args.epochs, args.pretrain_epochs, args.native = 40, 2, 1, 128
-    return args.data or args.out / (f'data_{args.patients}p_{args.native}px' + (f'_{neighbours}n' if neighbours != 2 else ''))
+@dataclass(kw_only=True)
+class BenchSettings:
+    """What `efficiency`, `select` and `study` share: the data, its pretraining and the batch size (with
+    the same --out they share them), and --quick's smoke run."""
+    out: Path = option(EFFICIENCY_OUT, 'output folder', group=GROUP)
+    data: Path | None = option(None, 'data folder (default: generated under --out)', group=GROUP)
+    patients: int = option(PATIENTS, 'synthetic patients to generate', at_least=1, group=GROUP)
+    native: int = option(NATIVE, 'native slice size of the generated data (trained at half)', at_least=1, group=GROUP)
+    pretrain_epochs: int = option(default_of(PretrainConfig, 'epochs'), 'autoencoder epochs (one pretraining per pretext serves every run)',
+                                  group=GROUP)
+    bs: int = option(default_of(RunConfig, 'bs'), 'batch size', at_least=1, group=GROUP)
+    precision: str = option(default_of(RunConfig, 'precision'), 'of every pretraining and run: auto is bf16 on a GPU, fp32 on the CPU',
+                            choices=PRECISIONS, group=GROUP)
+    quick: bool = option(False, 'a few-minute smoke run: 40 patients, 2 epochs', group=GROUP)
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.data is not None: self.data = Path(self.data)
+        check_fields(self)
+
+
+def quick(s, **more):
+    """`s` as --quick runs it: 40 patients at 128 px, 2 epochs, one of pretraining, and `more`, in a folder
+    of its own when --out is the default one."""
+    if not s.quick: return s
+    out = s.out.with_name(s.out.name + '_quick') if s.out == EFFICIENCY_OUT else s.out
+    return replace(s, out=out, patients=40, epochs=2, pretrain_epochs=1, native=128, **more)
+
+
+def data_folder(s, neighbours: int = 2) -> Path:
+    "The data of a benchmark's settings `s`: --data, or generated under --out (`data_<patients>p_<native>px[_<neighbours>n]`)."
+    return s.data or s.out / (f'data_{s.patients}p_{s.native}px' + (f'_{neighbours}n' if neighbours != 2 else ''))
+
+
+def _typed(v) -> str:
+    return ','.join(f'{x:g}' if isinstance(x, float) else str(x) for x in v)
+
+
+def add_bench_settings(p: argparse.ArgumentParser, cls, required=()) -> None:
+    """The flags of the settings class `cls` on the bench subcommand `p` (`config.add_settings`): a list
+    flag's default as it is typed ('0.02,0.1,1'), each help ending as ArgumentDefaultsHelpFormatter
+    ends it, '(default: X)', as every bench flag's does."""
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get('cli')]
+    add_settings(p, cls, defaults={f.name: _typed(f.default) for f in fields if isinstance(f.default, tuple)}, required=required)
+    helps = {f.name: f.metadata['help'] for f in fields}
+    for action in p._actions:
+        if action.dest in helps: action.help = helps[action.dest]

@@ -7,6 +7,7 @@ contrast, soft-tissue texture in HU) per lesion type beside what real key slices
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from scipy.stats import ks_2samp
 from ..deeplesion import load_hu, read_dl_info
 from ..log import log
 from ..metrics import LESION_TYPES
-from .common import ensure_data
+from ..settings import check_fields, from_args, option
+from .common import add_bench_settings, ensure_data
 
 __all__ = ['geometry', 'ks_table', 'lesion_contrast', 'tissue_texture', 'appearance', 'appearance_table', 'stats', 'add_parser',
            'KS_TARGET', 'REAL_LIVER']
@@ -147,13 +149,21 @@ def stats(data: Path, real: Path | None, patients: int, native: int, real_images
     return text
 
 
+@dataclass(kw_only=True)
+class StatsSettings:
+    "Settings of `bench stats`."
+    data: Path = option(Path('data/synthetic'), "built-in data folder (generated with the demo's settings if missing)", group='benchmark')
+    real: Path = option(Path('../shared/fixtures/DL_info_test_split.csv'), 'real DL_info.csv rows to compare with', group='benchmark')
+    real_images: Path = option(Path('../shared/realct'), 'a real DeepLesion-layout folder with PNGs whose appearance is measured the '
+                               'same way (skipped if missing)', group='benchmark')
+    patients: int = option(250, 'patients to generate if --data is missing (the demo: 250)', at_least=3, group='benchmark')
+    native: int = option(256, 'slice size to generate if --data is missing (the demo: 256)', at_least=32, group='benchmark')
+
+    def __post_init__(self): check_fields(self)
+
+
 def add_parser(sub) -> None:
     sa = sub.add_parser('stats', help="the built-in data's lesions against real DeepLesion rows: KS distances and appearance",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sa.add_argument('--data', type=Path, default=Path('data/synthetic'), help="built-in data folder (generated with the demo's settings if missing)")
-    sa.add_argument('--real', type=Path, default=Path('../shared/fixtures/DL_info_test_split.csv'), help='real DL_info.csv rows to compare with')
-    sa.add_argument('--real-images', type=Path, default=Path('../shared/realct'),
-                    help='a real DeepLesion-layout folder with PNGs whose appearance is measured the same way (skipped if missing)')
-    sa.add_argument('--patients', type=int, default=250, help='patients to generate if --data is missing (the demo: 250)')
-    sa.add_argument('--native', type=int, default=256, help='slice size to generate if --data is missing (the demo: 256)')
-    sa.set_defaults(run=lambda ap, args: stats(args.data, args.real, args.patients, args.native, args.real_images))
+    add_bench_settings(sa, StatsSettings)
+    sa.set_defaults(run=lambda ap, args: stats(**vars(from_args(StatsSettings, ap, args))))

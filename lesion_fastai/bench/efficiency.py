@@ -8,129 +8,169 @@ for the mode chosen on validation (never on test).
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULT_CONTEXT, PRETEXTS, PSEUDO_FP, FinetuneConfig, PretrainConfig, parse_floats, parse_ints
+from ..config import (DEFAULT_CONTEXT, PRETEXTS, PSEUDO_FP, FinetuneConfig, PretrainConfig, SettingError, from_args, option, parse_floats,
+                      parse_ints)
 from ..log import log
 from ..plots import plt, save_fig
 from ..report import markdown_table, summary_report
 from ..stats import mean_ci
-from .common import (CARRY_WEIGHT, GRID_MODES, MODE_ALIASES, MODES, NO_CHECKPOINT, SELF_TRAINED, UNFREEZE_AFTER, add_data_args,
-                     data_args, data_context, ensure_data, finetune_config, in_process, machine, mode_changes, pm, pretrain_folder, pretrain_once,
-                     pseudo_csv, report, run_finetune, run_name, self_trained, tag, test_row)
+from .common import (CARRY_WEIGHT, EPOCHS, GRID_MODES, GROUP, MODE_ALIASES, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, UNFREEZE_AFTER,
+                     BenchSettings, add_bench_settings, data_context, data_folder, default_of, ensure_data, finetune_config, machine,
+                     mode_changes, pm, precision_change, pretraining, pseudo_csv, quick, report, run_name, tag, test_row, unknown)
+from .grid import Run, read_grid, run_grid
 
-__all__ = ['efficiency', 'summarise', 'verdict_lines', 'efficiency_table', 'efficiency_plot', 'add_parser']
+__all__ = ['EfficiencySettings', 'efficiency', 'efficiency_grid', 'summarise', 'verdict_lines', 'efficiency_table', 'efficiency_plot',
+           'add_parser']
 
 
-def efficiency(out: Path, data: Path, *, patients: int = 250, native: int = 256, fractions=(.02, .1, 1.), modes=GRID_MODES,
-               seeds=(0, 1, 2), epochs: int = 30, pretrain_epochs: int = 10, bs: int = 16, pretexts=('masked',), context: int | None = None,
-               neighbours: int = 10, jobs: int = 1, report_only: bool = False, precision: str = 'auto',
-               code_channels: tuple | None = None, backbone: str = 'resnet', backbone_weights: Path | None = None,
-               unfreeze_after: int = UNFREEZE_AFTER, carry_weight: float = CARRY_WEIGHT, pseudo_fp: float = PSEUDO_FP, pseudo_weight: float = FinetuneConfig.pseudo_weight,
-               rounds: int = 1) -> dict:
+def _names(text: str) -> tuple[str, ...]:
+    "'scratch,full' -> ('scratch', 'full')."
+    return tuple(n for n in str(text).split(',') if n)
+
+
+@dataclass(kw_only=True)
+class EfficiencySettings(BenchSettings):
+    """Settings of `efficiency`: which label fractions, seeds, modes and pretexts, and what the modes
+    that use the unlabelled slices otherwise (the -ft modes, carry, self-training) are given."""
+    quick: bool = option(False, 'a few-minute smoke run: 40 patients, 2 fractions, 2 epochs, one seed', group=GROUP)
+    fractions: tuple = option((.02, .1, 1.), 'label fractions of training patients (runs go in this order)', parse=parse_floats, group=GROUP)
+    modes: tuple = option(GRID_MODES, f"scratch and pretrained modes to compare, of {', '.join(MODES)} (sandwich: transfer layers between "
+                          "the frozen encoder's stages; decoder-sandwich: 3FabRec's, between the frozen decoder's blocks; encoder: only the "
+                          "head trains; full: every layer trains from the pretrained encoder, old name none; the -ft modes unfreeze after "
+                          "--unfreeze-after epochs; carry: scratch with labels carried to the neighbour slices; selftrain, selftrain-ae: the "
+                          "scratch run's pseudo-labels, the student from scratch or from the autoencoder)", parse=_names,
+                          check=lambda v: unknown(v, tuple(MODES)), group=GROUP)
+    pretexts: tuple = option(('masked',), f"pretraining pretexts ({', '.join(PRETEXTS)}), one pretraining each", parse=_names,
+                             check=lambda v: unknown(v, tuple(PRETEXTS), empty_ok=False), group=GROUP)
+    context: int | None = option(None, 'neighbour slices on each side as input channels, for every run (context pretext: 1 or more; '
+                                 f'default {DEFAULT_CONTEXT} where the data ships neighbour slices, else 0)', at_least=0, group=GROUP)
+    neighbours: int = option(10, 'unlabelled slices the generator writes on each side of a key slice (10: 20 unlabelled slices per '
+                             'labelled one)', at_least=0, group=GROUP)
+    seeds: tuple = option(SEEDS, 'seeds, comma separated (label subset and initialisation)', parse=parse_ints, group=GROUP)
+    epochs: int = option(EPOCHS, 'fine-tuning epochs, the same for every run', at_least=1, group=GROUP)
+    jobs: int = option(1, 'runs in parallel processes (a GPU machine with many cores)', at_least=1, group=GROUP)
+    report_only: bool = option(False, 'train nothing: report the runs that finished', group=GROUP)
+    backbone: str = option(default_of(PretrainConfig, 'backbone'), 'the body of every pretraining and run: resnet or a timm model name',
+                           group=GROUP)
+    backbone_weights: Path | None = option(None, "a local state dict of the timm --backbone (ImageNet weights): the imagenet mode "
+                                           "fine-tunes from it, every layer training (skipped with a note without it)", group=GROUP)
+    code_channels: tuple | None = option(None, "the autoencoder's codes of every pretraining, as python -m pretrain --code-channels (e.g. "
+                                         "64,8,4,4 adds a stride-4 code; default: pretrain's)", parse=parse_ints,
+                                         check=PretrainConfig.__dataclass_fields__['code_channels'].metadata['check'], group=GROUP)
+    unfreeze_after: int = option(UNFREEZE_AFTER, 'the -ft modes: frozen epochs before every layer trains (fastai fine_tune)', at_least=0,
+                                 group=GROUP)
+    carry_weight: float = option(CARRY_WEIGHT, 'the carry mode: weight of the labels carried to neighbour slices', at_least=0, at_most=1,
+                                 group=GROUP)
+    pseudo_fp: float = option(PSEUDO_FP, "the selftrain modes: the teacher's boxes scoring at least its score at this many false "
+                              'positives per validation slice are pseudo-labels', above=0, group=GROUP)
+    pseudo_weight: float = option(default_of(FinetuneConfig, 'pseudo_weight'), 'the selftrain modes: weight of the pseudo-labels', above=0,
+                                  at_most=1, group=GROUP)
+    rounds: int = option(1, "the selftrain modes: rounds of self-training, each round's student the next round's teacher (the earlier "
+                         "rounds' students are runs of their own)", at_least=1, group=GROUP)
+
+    def __post_init__(self):
+        self.modes = tuple(MODE_ALIASES.get(m, m) for m in self.modes)
+        self.pretexts = tuple(self.pretexts)
+        if self.backbone_weights is not None: self.backbone_weights = Path(self.backbone_weights)
+        super().__post_init__()
+        if 'context' in self.pretexts and self.context is not None and self.context < 1:
+            raise SettingError('--pretexts context needs --context 1 or more')
+        if any(m in SELF_TRAINED for m in self.modes) and 'scratch' not in self.modes:
+            raise SettingError("the selftrain modes learn from the scratch run of their label fraction and seed: add scratch to --modes")
+
+
+def efficiency(s: EfficiencySettings) -> dict:
     """One pretraining per pretext, then every (label fraction, seed, mode, pretext) fine-tune with the
     same epoch budget (small label sets are repeated to the full training set's length per epoch, so
     every run takes the same number of steps); a seed fixes the label subset and the initialisation,
     shared by every mode. Reports test FROC (mean sensitivity over 0.5-4 FPs per slice) and the top
     box's hit@0.5 as mean and 95% interval over the seeds beside the mean-box baseline, validation
     FROC likewise, and each pretrained mode's paired difference from scratch. The pretrained mode
-    that the verdict names is chosen on validation. With `jobs` > 1 the runs go to that many processes
-    (a GPU machine with many cores); with `report_only` nothing trains and finished runs are reported.
-    `precision` goes to every pretraining and fine-tune (auto: bf16 on a GPU); `code_channels` to every
-    pretraining (its folder and runs named after them, e.g. `_code64-8-4-4`). `backbone` (a timm model)
-    is the body of every pretraining and run (named after it); the `imagenet` mode fine-tunes it from
-    `backbone_weights` with every layer training, the transfer-learning baseline, and is skipped with a
-    note without them. The modes that use the unlabelled slices otherwise: the `-ft` modes unfreeze
-    after `unfreeze_after` frozen epochs (fastai's fine_tune), `carry` carries the labels to the
-    neighbour slices at `carry_weight`, `selftrain` and `selftrain-ae` train on the labels and the
-    pseudo-labels (at `pseudo_weight`) the scratch run of their fraction and seed gives at `pseudo_fp`
-    validation false positives per slice (`OUT/pseudo/`), from scratch or from the autoencoder; with
-    `rounds` > 1 each round's student (`..._rounds<k>`, round 1 the plain name) teaches the next."""
-    from concurrent.futures import ProcessPoolExecutor
-    modes = [MODE_ALIASES.get(m, m) for m in modes]
-    if not report_only: ensure_data(data, patients, native, neighbours, workers=max(1, jobs))
-    if context is None:                        # every run sees the same input: the data's default, resolved once
-        context = data_context(data) if (Path(data) / 'DL_info.csv').exists() else 0
-    # each pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder)
-    if 'imagenet' in modes and not backbone_weights:
+    that the verdict names is chosen on validation. With --report-only nothing trains and the
+    finished runs are reported. `EfficiencySettings` says what each mode is given; the `imagenet`
+    mode, the transfer-learning baseline, is skipped with a note without --backbone-weights."""
+    s = quick(s, seeds=(0,), neighbours=2, fractions=(.1, 1.))
+    data = data_folder(s, s.neighbours)
+    if not s.report_only: ensure_data(data, s.patients, s.native, s.neighbours, workers=max(1, s.jobs))
+    if s.context is None:                      # every run sees the same input: the data's default, resolved once
+        s = replace(s, context=data_context(data) if (Path(data) / 'DL_info.csv').exists() else 0)
+    if 'imagenet' in s.modes and not s.backbone_weights:
         log.info("mode imagenet skipped: it needs --backbone NAME --backbone-weights PATH (a timm model's ImageNet weights)")
-        modes = [m for m in modes if m != 'imagenet']
-    if any(m in SELF_TRAINED for m in modes) and 'scratch' not in modes:
-        raise ValueError("the selftrain modes learn from the scratch run of their label fraction and seed: add scratch to --modes")
-    code = {'code_channels': tuple(code_channels)} if code_channels else {}
-    body = {'backbone': backbone} if backbone != 'resnet' else {}
-    pre = {p: {**({'pretext': p} if p != 'masked' else {}), 'context': context, **code, **body} for p in pretexts}
-    ckpts = {p: pretrain_folder(out, c) / 'pretrained.pth' for p, c in pre.items()}
-    speed = {} if precision == 'auto' else {'precision': precision}
-    pre = {p: {**c, **speed} for p, c in pre.items()}
-    todo = []                                  # in priority order: fraction, seed, then mode and pretext
-    for frac in fractions:
-        for seed in seeds:
-            for mode in modes:
-                for p in (['-'] if mode in NO_CHECKPOINT else pretexts):
-                    name = run_name(mode, frac, seed, context) + ('' if p in ('-', 'masked') else f'_{p}')
-                    name += (tag(code) if p != '-' else '') + (f'_{backbone}' if body else '')
-                    name += f'_rounds{rounds}' if mode in SELF_TRAINED and rounds > 1 else ''
-                    changes = {**({'context': context} if mode in NO_CHECKPOINT else {}), **speed, **body,
-                               **({'backbone_weights': Path(backbone_weights)} if mode == 'imagenet' else {}),
-                               **mode_changes(mode, unfreeze_after, carry_weight),
-                               **({'pseudo_labels': pseudo_csv(out, frac, seed, context, pseudo_fp),
-                                   'pseudo_weight': pseudo_weight} if mode in SELF_TRAINED else {})}
-                    cfg = finetune_config(data, out / 'runs' / name, mode, frac, seed, epochs, bs, ckpts.get(p), changes)
-                    todo.append((p, mode, frac, seed, cfg))
-    order = {k: i for i, k in enumerate(dict.fromkeys((t[2], t[3]) for t in todo))}
-    todo.sort(key=lambda t: (order[t[2], t[3]], t[1] in SELF_TRAINED))     # a student after its teacher
-    teachers = {(frac, seed): cfg for _, mode, frac, seed, cfg in todo if mode == 'scratch'}
-
-    def pseudo(cfg):                           # a student's pseudo-labels: from its scratch teacher (round 1's made once for both students)
-        base = Path(cfg.out).name.removesuffix(f'_rounds{rounds}')
-        return self_trained(teachers[cfg.label_fraction, cfg.seed], cfg, pseudo_fp, rounds,
-                            lambda k: out / 'runs' / (base + ('' if k == 1 else f'_rounds{k}')))
-
-    if report_only:
-        todo = [t for t in todo if (Path(t[4].out) / 'metrics.json').exists()]
-        results = [run_finetune(t[4], any_precision=True) for t in todo]
-    elif jobs > 1:
-        threads = max(1, mp.cpu_count() // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn')) as pool:
-            pretraining = {p: pool.submit(in_process, threads, pretrain_once, data, ckpts[p].parent, pretrain_epochs, bs, pre[p])
-                           for p in pretexts if any(m not in NO_CHECKPOINT for m in modes)}
-            first = {i: pool.submit(in_process, threads, run_finetune, t[4]) for i, t in enumerate(todo)
-                     if t[1] in NO_CHECKPOINT and t[1] not in SELF_TRAINED}
-            for f in pretraining.values(): f.result()
-            rest = {i: pool.submit(in_process, threads, run_finetune, t[4]) for i, t in enumerate(todo)
-                    if t[1] not in NO_CHECKPOINT and t[1] not in SELF_TRAINED}
-            for f in first.values(): f.result()           # the teachers of the self-trained students
-            students = {i: pool.submit(in_process, threads, run_finetune, pseudo(t[4])) for i, t in enumerate(todo) if t[1] in SELF_TRAINED}
-            results = [{**first, **rest, **students}[i].result() for i in range(len(todo))]
-    else:
-        for p in pretexts:
-            if any(m not in NO_CHECKPOINT for m in modes): pretrain_once(data, ckpts[p].parent, pretrain_epochs, bs, pre[p])
-        results = []
-        for p, mode, frac, seed, cfg in todo:
-            if not (Path(cfg.out) / 'metrics.json').exists(): log.info(f"\n== {mode}{'' if p == '-' else f' ({p} pretext)'}, label fraction {frac:g}, seed {seed}")
-            results.append(run_finetune(pseudo(cfg) if mode in SELF_TRAINED else cfg))
-    rows = [test_row(m, mode=mode if p == '-' else f'{mode} [{p}{tag(code)}]', fraction=frac, seed=seed)
-            for (p, mode, frac, seed, _), m in zip(todo, results)]
+        s = replace(s, modes=tuple(m for m in s.modes if m != 'imagenet'))
+    runs = efficiency_grid(s, data)
+    runs, results = read_grid(runs) if s.report_only else (runs, run_grid(runs, s.jobs))
+    rows = [test_row(m, **r.row) for r, m in zip(runs, results)]
     if not rows:
-        log.info(f"no finished runs in {out / 'runs'} for these settings: nothing to report")
+        log.info(f"no finished runs in {s.out / 'runs'} for these settings: nothing to report")
         return {'rows': [], 'summary': [], 'verdict': []}
+    return _report(s, data, rows)
+
+
+def efficiency_grid(s: EfficiencySettings, data: Path) -> list[Run]:
+    """Every (label fraction, seed, mode, pretext) fine-tune of `s` (its context resolved), in priority
+    order: fraction, seed, then mode and pretext, a self-trained student after the other runs of its
+    fraction and seed."""
+    runs = [_run(s, data, frac, seed, mode, p) for frac in s.fractions for seed in s.seeds for mode in s.modes
+            for p in (['-'] if mode in NO_CHECKPOINT else s.pretexts)]
+    cells = {k: i for i, k in enumerate(dict.fromkeys((r.cfg.label_fraction, r.cfg.seed) for r in runs))}
+    return sorted(runs, key=lambda r: (cells[r.cfg.label_fraction, r.cfg.seed], r.teacher is not None))
+
+
+def _pretraining_changes(s: EfficiencySettings, pretext: str) -> dict:
+    "A pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder)."
+    return {**({'pretext': pretext} if pretext != 'masked' else {}), 'context': s.context, **_code(s), **_body(s)}
+
+
+def _code(s) -> dict:
+    "--code-channels as a pretraining change (named in the folders), none for pretrain's."
+    return {'code_channels': tuple(s.code_channels)} if s.code_channels else {}
+
+
+def _body(s) -> dict:
+    "--backbone as a change of every pretraining and run (named in the folders), none for the project's resnet."
+    return {'backbone': s.backbone} if s.backbone != default_of(PretrainConfig, 'backbone') else {}
+
+
+def _run(s: EfficiencySettings, data: Path, frac: float, seed: int, mode: str, p: str) -> Run:
+    """The run of a mode at a label fraction and seed, from the pretraining of pretext `p` ('-': none); a
+    self-trained student's teacher is the scratch run of its fraction and seed."""
+    name = run_name(mode, frac, seed, s.context) + ('' if p in ('-', 'masked') else f'_{p}')
+    name += (tag(_code(s)) if p != '-' else '') + (f'_{s.backbone}' if _body(s) else '')
+    taught = mode in SELF_TRAINED
+    name += f'_rounds{s.rounds}' if taught and s.rounds > 1 else ''
+    pre = None if p == '-' else pretraining(s.out, data, s.pretrain_epochs, s.bs, {**_pretraining_changes(s, p), **precision_change(s)})
+    changes = {**({'context': s.context} if mode in NO_CHECKPOINT else {}), **precision_change(s), **_body(s),
+               **({'backbone_weights': Path(s.backbone_weights)} if mode == 'imagenet' else {}),
+               **mode_changes(mode, s.unfreeze_after, s.carry_weight),
+               **({'pseudo_labels': pseudo_csv(s.out, frac, seed, s.context, s.pseudo_fp), 'pseudo_weight': s.pseudo_weight} if taught else {})}
+    cfg = finetune_config(data, s.out / 'runs' / name, mode, frac, seed, s.epochs, s.bs, pre and Path(pre.out) / 'pretrained.pth', changes)
+    base = name.removesuffix(f'_rounds{s.rounds}')
+    earlier = tuple(s.out / 'runs' / (base + ('' if k == 1 else f'_rounds{k}')) for k in range(1, s.rounds)) if taught else ()
+    return Run(cfg, title=f"{mode}{'' if p == '-' else f' ({p} pretext)'}, label fraction {frac:g}, seed {seed}",
+               row=dict(mode=mode if p == '-' else f'{mode} [{p}{tag(_code(s))}]', fraction=frac, seed=seed), pretrain=pre,
+               teacher=_run(s, data, frac, seed, 'scratch', '-').cfg if taught else None, fp=s.pseudo_fp if taught else None, earlier=earlier)
+
+
+def _report(s: EfficiencySettings, data: Path, rows: list) -> dict:
+    "The summary, verdict, table, plot and HTML report of the rows."
     summary = summarise(rows)
     verdict = verdict_lines(summary)
     result = {'rows': rows, 'summary': summary, 'verdict': verdict, 'machine': machine(),
-              'settings': dict(data=str(data), patients=patients, native=native, fractions=list(fractions), modes=list(modes),
-                               pretexts=list(pretexts), context=context, neighbours=neighbours, seeds=list(seeds), epochs=epochs,
-                               pretrain_epochs=pretrain_epochs, bs=bs, backbone=backbone,
-                               backbone_weights=str(backbone_weights) if backbone_weights else None, unfreeze_after=unfreeze_after,
-                               carry_weight=carry_weight, pseudo_fp=pseudo_fp, pseudo_weight=pseudo_weight, rounds=rounds)}
-    plot = efficiency_plot(summary, out / 'data_efficiency.png')
+              'settings': dict(data=str(data), patients=s.patients, native=s.native, fractions=list(s.fractions), modes=list(s.modes),
+                               pretexts=list(s.pretexts), context=s.context, neighbours=s.neighbours, seeds=list(s.seeds), epochs=s.epochs,
+                               pretrain_epochs=s.pretrain_epochs, bs=s.bs, backbone=s.backbone,
+                               backbone_weights=str(s.backbone_weights) if s.backbone_weights else None, unfreeze_after=s.unfreeze_after,
+                               carry_weight=s.carry_weight, pseudo_fp=s.pseudo_fp, pseudo_weight=s.pseudo_weight, rounds=s.rounds)}
+    plot = efficiency_plot(summary, s.out / 'data_efficiency.png')
     table = efficiency_table(summary)
-    report(out, 'efficiency', result, table, verdict, [plot, out / 'report.html'])
+    report(s.out, 'efficiency', result, table, verdict, [plot, s.out / 'report.html'])
     header, table_rows = markdown_table(table)
-    summary_report(out / 'report.html', 'lesion_fastai: data efficiency', f"Test FROC over seeds {', '.join(map(str, seeds))} per label "
+    summary_report(s.out / 'report.html', 'lesion_fastai: data efficiency', f"Test FROC over seeds {', '.join(map(str, s.seeds))} per label "
                    f"fraction and mode, each mode's paired difference from scratch (95% intervals), the modes chosen on validation. "
                    f"{machine()}.", tables=[('Every cell', header, table_rows)], notes=verdict,
                    figures=[('Test FROC and the top box against the labels', plot, 'error bars: 95% interval over seeds')])
@@ -224,58 +264,6 @@ def efficiency_plot(summary, path):
 
 
 def add_parser(sub) -> None:
-    e = sub.add_parser('efficiency', help='data efficiency: label fractions x freeze modes', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_data_args(e, 'output folder', 'a few-minute smoke run: 40 patients, 2 fractions, 2 epochs, one seed')
-    e.add_argument('--fractions', type=parse_floats, default='0.02,0.1,1', help='label fractions of training patients (runs go in this order)')
-    e.add_argument('--modes', default=','.join(GRID_MODES), help=f"scratch and pretrained modes to compare, of {', '.join(MODES)} "
-                   "(sandwich: transfer layers between the frozen encoder's stages; decoder-sandwich: 3FabRec's, between the frozen "
-                   "decoder's blocks; encoder: only the head trains; full: every layer trains from the pretrained encoder, old name none; "
-                   "the -ft modes unfreeze after --unfreeze-after epochs; carry: scratch with labels carried to the neighbour slices; "
-                   "selftrain, selftrain-ae: the scratch run's pseudo-labels, the student from scratch or from the autoencoder)")
-    e.add_argument('--pretexts', default='masked', help=f"pretraining pretexts ({', '.join(PRETEXTS)}), one pretraining each")
-    e.add_argument('--context', type=int, default=None, help=f'neighbour slices on each side as input channels, for every run (context pretext: 1 or more; '
-                   f'default {DEFAULT_CONTEXT} where the data ships neighbour slices, else 0)')
-    e.add_argument('--neighbours', type=int, default=10, help='unlabelled slices the generator writes on each side of a key slice '
-                   '(10: 20 unlabelled slices per labelled one)')
-    e.add_argument('--seeds', type=parse_ints, default='0,1,2', help='seeds, comma separated (label subset and initialisation)')
-    e.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs, the same for every run')
-    e.add_argument('--jobs', type=int, default=1, help='runs in parallel processes (a GPU machine with many cores)')
-    e.add_argument('--report-only', action='store_true', help='train nothing: report the runs that finished')
-    e.add_argument('--backbone', default='resnet', help='the body of every pretraining and run: resnet or a timm model name')
-    e.add_argument('--backbone-weights', type=Path, default=None, help="a local state dict of the timm --backbone (ImageNet weights): "
-                   "the imagenet mode fine-tunes from it, every layer training (skipped with a note without it)")
-    e.add_argument('--code-channels', type=parse_ints, default=None, help="the autoencoder's codes of every pretraining, as python -m "
-                   "pretrain --code-channels (e.g. 64,8,4,4 adds a stride-4 code; default: pretrain's)")
-    e.add_argument('--unfreeze-after', type=int, default=UNFREEZE_AFTER, help='the -ft modes: frozen epochs before every layer trains (fastai fine_tune)')
-    e.add_argument('--carry-weight', type=float, default=CARRY_WEIGHT, help='the carry mode: weight of the labels carried to neighbour slices')
-    e.add_argument('--pseudo-fp', type=float, default=PSEUDO_FP, help="the selftrain modes: the teacher's boxes scoring at least its score at "
-                   'this many false positives per validation slice are pseudo-labels')
-    e.add_argument('--pseudo-weight', type=float, default=FinetuneConfig.pseudo_weight, help='the selftrain modes: weight of the pseudo-labels')
-    e.add_argument('--rounds', type=int, default=1, help="the selftrain modes: rounds of self-training, each round's student the next "
-                   "round's teacher (the earlier rounds' students are runs of their own)")
-    e.set_defaults(run=_run)
-
-
-def _run(ap, args) -> dict:
-    if args.quick: args.seeds, args.neighbours = (0,), 2
-    data = data_args(args, args.neighbours)
-    modes = [MODE_ALIASES.get(m, m) for m in args.modes.split(',') if m]
-    bad = [m for m in modes if m not in MODES]
-    if bad: ap.error(f"--modes: unknown {bad}, expected some of {', '.join(MODES)}")
-    pretexts = [p for p in args.pretexts.split(',') if p]
-    bad = [p for p in pretexts if p not in PRETEXTS]
-    if bad or not pretexts: ap.error(f"--pretexts: unknown {bad}, expected some of {', '.join(PRETEXTS)}")
-    if 'context' in pretexts and args.context is not None and args.context < 1: ap.error('--pretexts context needs --context 1 or more')
-    if args.jobs < 1: ap.error(f'--jobs must be at least 1, got {args.jobs}')
-    if args.rounds < 1: ap.error(f'--rounds must be at least 1, got {args.rounds}')
-    if args.pseudo_fp <= 0: ap.error(f'--pseudo-fp must be positive, got {args.pseudo_fp:g}')
-    if args.code_channels is not None:
-        try: PretrainConfig(data='.', out='.', code_channels=args.code_channels)
-        except ValueError as e: ap.error(str(e))
-    fractions = (.1, 1.) if args.quick else args.fractions
-    return efficiency(args.out, data, patients=args.patients, native=args.native, fractions=fractions, modes=modes, seeds=args.seeds,
-                      epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, bs=args.bs, pretexts=pretexts, context=args.context,
-                      neighbours=args.neighbours, jobs=args.jobs, report_only=args.report_only, precision=args.precision,
-                      code_channels=args.code_channels, backbone=args.backbone, backbone_weights=args.backbone_weights,
-                      unfreeze_after=args.unfreeze_after, carry_weight=args.carry_weight, pseudo_fp=args.pseudo_fp,
-                      pseudo_weight=args.pseudo_weight, rounds=args.rounds)
+    p = sub.add_parser('efficiency', help='data efficiency: label fractions x freeze modes', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_bench_settings(p, EfficiencySettings)
+    p.set_defaults(run=lambda ap, args: efficiency(from_args(EfficiencySettings, ap, args)))

@@ -7,6 +7,7 @@ measure here, never to train.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from ..deeplesion import evaluation_records, load_data
 from ..log import log
 from ..models.autoencoder import Autoencoder
 from ..pretraining import corrupt, key_channels
+from ..settings import check_fields, from_args, option
+from .common import add_bench_settings
 
 __all__ = ['lesion_reconstruction', 'lesion_reconstruction_of', 'lesions', 'add_parser']
 
@@ -96,9 +99,17 @@ def lesions(checkpoints, data: Path) -> str:
     return table
 
 
+@dataclass(kw_only=True)
+class LesionsSettings:
+    "Settings of `bench lesions`."
+    pretrained: list = option(help='pretrained.pth files of python -m pretrain', parse=Path, nargs='+', group='benchmark')
+    data: Path = option(help='the data they were pretrained on', group='benchmark')
+
+    def __post_init__(self): check_fields(self)
+
+
 def add_parser(sub) -> None:
     le = sub.add_parser('lesions', help="does a pretrained autoencoder keep the lesions? its validation reconstructions inside the boxes",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    le.add_argument('--pretrained', type=Path, nargs='+', required=True, help='pretrained.pth files of python -m pretrain')
-    le.add_argument('--data', type=Path, required=True, help='the data they were pretrained on')
-    le.set_defaults(run=lambda ap, args: lesions(args.pretrained, args.data))
+    add_bench_settings(le, LesionsSettings, required=('pretrained', 'data'))
+    le.set_defaults(run=lambda ap, args: (lambda s: lesions(s.pretrained, s.data))(from_args(LesionsSettings, ap, args)))

@@ -6,6 +6,7 @@ DeepLesion's ~930k slices.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import pickle
 import shutil
 import time
@@ -18,8 +19,8 @@ from ..data import SliceSpec
 from ..deeplesion import list_slices
 from ..log import quiet
 from ..synthetic import generate
-from ..config import parse_ints
-from .common import machine, report
+from ..settings import check_fields, from_args, option, parse_ints
+from .common import add_bench_settings, machine, report
 
 __all__ = ['DEEPLESION_SLICES', 'scale', 'add_parser']
 
@@ -70,12 +71,21 @@ def scale(out: Path, counts=(5000, 50000), native: int = 128, size: int = 64, wo
     return res
 
 
+@dataclass(kw_only=True)
+class ScaleSettings:
+    "Settings of `bench scale`."
+    out: Path = option(Path('runs/bench/scale'), 'output folder (generated data, scale.json, scale.md)', group='benchmark')
+    counts: tuple = option((5000, 50000), 'slice counts, comma separated (the data is generated for the largest)', parse=parse_ints,
+                           group='benchmark')
+    native: int = option(128, 'slice size of the generated PNGs', at_least=32, group='benchmark')
+    size: int = option(64, 'prepared size in the cache', at_least=32, group='benchmark')
+    workers: int = option(2, 'processes that generate the data and build the cache', at_least=1, group='benchmark')
+
+    def __post_init__(self): check_fields(self)
+
+
 def add_parser(sub) -> None:
     sc = sub.add_parser('scale', help='the disk slice cache from 5,000 to 50,000 slices: build and read rates, extrapolated to 930k',
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sc.add_argument('--out', type=Path, default=Path('runs/bench/scale'), help='output folder (generated data, scale.json, scale.md)')
-    sc.add_argument('--counts', type=parse_ints, default='5000,50000', help='slice counts, comma separated (the data is generated for the largest)')
-    sc.add_argument('--native', type=int, default=128, help='slice size of the generated PNGs')
-    sc.add_argument('--size', type=int, default=64, help='prepared size in the cache')
-    sc.add_argument('--workers', type=int, default=2, help='processes that generate the data and build the cache')
-    sc.set_defaults(run=lambda ap, args: scale(args.out, list(args.counts), args.native, args.size, args.workers))
+    add_bench_settings(sc, ScaleSettings)
+    sc.set_defaults(run=lambda ap, args: scale(**{**vars(from_args(ScaleSettings, ap, args)), 'counts': list(args.counts)}))

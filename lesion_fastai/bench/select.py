@@ -15,17 +15,20 @@ it is not there yet, then shared), and also take `pseudo_fp` (the teacher's thre
 from __future__ import annotations
 
 import argparse
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..config import PSEUDO_FP, FinetuneConfig, choices, parse_floats, parse_ints
-from ..log import log
+from ..config import PSEUDO_FP, FinetuneConfig, SettingError, choices, from_args, option, parse_floats, parse_ints
 from ..stats import mean_ci
-from .common import (MODES, NO_CHECKPOINT, SELF_TRAINED, add_data_args, data_args, data_context, ensure_data, finetune_config, machine, mode_changes, prepare,
-                     pseudo_csv, report, run_finetune, self_trained, teacher_config)
+from .common import (EFFICIENCY_OUT, EPOCHS, GROUP, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, BenchSettings, add_bench_settings,
+                     data_context, data_folder, default_of, ensure_data, finetune_config, machine, mode_changes, precision_change, pretraining,
+                     pseudo_csv, quick, report, teacher_config)
+from .grid import Run, run_grid
 
-__all__ = ['CRITERIA', 'TEACHER_SETTINGS', 'select', 'add_parser']
+__all__ = ['CRITERIA', 'TEACHER_SETTINGS', 'SelectSettings', 'select', 'select_grid', 'setting_values', 'add_parser']
 
 
 def _validation_row(m: dict, **extra) -> dict:
@@ -45,50 +48,98 @@ TEACHER_SETTINGS = {'pseudo_fp': float, 'rounds': int}
 CRITERIA = {'froc': ('valid_froc', max), 'iou': ('valid_mean_iou', max), 'calibration': ('calibration_error', min)}
 
 
-def select(out: Path, data: Path, patients: int, native: int, setting: str, values, mode: str, fractions, seeds,
-           epochs: int, pretrain_epochs: int, bs: int, changes: dict | None = None, criterion: str = 'froc',
-           precision: str = 'auto', pseudo_fp: float = PSEUDO_FP) -> dict:
-    """Choose the default of one fine-tuning `setting` on validation, never on test: every value x label
+@dataclass(kw_only=True)
+class SelectSettings(BenchSettings):
+    """Settings of `select`: the fine-tuning setting and its values, the mode and head of every run, the
+    label fractions and seeds, and the criterion chosen by."""
+    out: Path = option(EFFICIENCY_OUT, "output folder (efficiency's: shares its data and pretraining)", group=GROUP)
+    setting: str = option(help='a FinetuneConfig field, e.g. adapter_ratio, nll_weight, map_radius, lr, wd, pseudo_weight; or, with a '
+                          "selftrain mode, pseudo_fp (the teacher's threshold) or rounds (of self-training)", group=GROUP)
+    values: tuple = option(help='values to compare, comma separated; the first is the current default', parse=parse_floats, group=GROUP)
+    mode: str = option('sandwich', 'scratch or freeze mode of every run', choices=tuple(MODES), group=GROUP)
+    head: str = option(default_of(FinetuneConfig, 'head'), 'box head of every run', choices=choices(FinetuneConfig, 'head'), group=GROUP)
+    fractions: tuple = option((.1, 1.), 'label fractions of training patients', parse=parse_floats, group=GROUP)
+    seeds: tuple = option(SEEDS, 'seeds, comma separated (label subset and initialisation)', parse=parse_ints, group=GROUP)
+    epochs: int = option(EPOCHS, 'fine-tuning epochs, the same for every run', at_least=1, group=GROUP)
+    pseudo_fp: float = option(PSEUDO_FP, "the selftrain modes: the teacher's boxes scoring at least its score at this many false "
+                              'positives per validation slice are pseudo-labels (unless --setting is pseudo_fp)', above=0, group=GROUP)
+    criterion: str = option('froc', "froc: validation FROC (mean sensitivity 0.5-4 FPs per slice); iou: the top box's validation mean IoU; "
+                            "calibration: the Gaussian std's distance from 68%% / 95%% coverage", choices=tuple(sorted(CRITERIA)), group=GROUP)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.setting in TEACHER_SETTINGS:
+            if self.mode not in SELF_TRAINED:
+                raise SettingError(f"--setting {self.setting} is a setting of the modes {', '.join(SELF_TRAINED)}, not of {self.mode}")
+            if min(self.values) <= 0 or (self.setting == 'rounds' and min(self.values) < 1):
+                raise SettingError(f"--values: {self.setting} must be {'at least 1' if self.setting == 'rounds' else 'positive'}")
+        elif self.setting not in FinetuneConfig.__dataclass_fields__: raise SettingError(f'--setting {self.setting!r} is not a fine-tuning setting')
+        values = setting_values(self.setting, self.values)
+        if values is None: raise SettingError(f'--values {",".join(f"{v:g}" for v in self.values)}: --setting {self.setting} takes whole numbers')
+        self.values = tuple(values)
+
+
+def select(s: SelectSettings) -> dict:
+    """Choose the default of one fine-tuning setting on validation, never on test: every value x label
     fraction x seed is fine-tuned (same data, pretraining and steps as `efficiency`; a seed fixes the
     label subset and the initialisation, shared by all values), and only validation figures are
-    reported: per value the mean and 95% interval of `criterion` ('froc': validation FROC, mean
+    reported: per value the mean and 95% interval of the criterion ('froc': validation FROC, mean
     sensitivity over 0.5-4 FPs per slice; 'iou': the top box's validation mean IoU, both higher is
     better; 'calibration': the Gaussian std's distance from 68% / 95% coverage, lower is better),
     and its paired difference from the first value (the current default) over the same seeds. The
     selftrain modes' students learn from the pseudo-labels their teacher (`efficiency`'s scratch run,
-    `teacher_config`) gives at `pseudo_fp` validation false positives per slice, or at each value
-    when `setting` is 'pseudo_fp', in one round or, when `setting` is 'rounds', in each value's; the
+    `teacher_config`) gives at --pseudo-fp validation false positives per slice, or at each value
+    when the setting is 'pseudo_fp', in one round or, when it is 'rounds', in each value's; the
     teacher's threshold looks at validation only."""
-    key, best_of = CRITERIA[criterion]
-    taught = mode in SELF_TRAINED                # a student of efficiency's scratch run
-    if setting in TEACHER_SETTINGS and not taught: raise ValueError(f"{setting} is a setting of the selftrain modes, not of {mode}")
-    speed = {} if precision == 'auto' else {'precision': precision}
-    if mode in NO_CHECKPOINT:                    # scratch, carry, selftrain: no autoencoder to pretrain
-        ckpt = None
-        ensure_data(data, patients, native)
-    else: ckpt = prepare(out, data, patients, native, pretrain_epochs, bs, speed)
-    context = data_context(data) if taught else None    # the teacher's, as in efficiency
-    rows = []
-    for frac in fractions:
-        for seed in seeds:
-            teacher = teacher_config(out, data, frac, seed, epochs, bs, context, speed) if taught else None
-            if teacher is not None:
-                if not (Path(teacher.out) / 'metrics.json').exists(): log.info(f"\n== the teacher: scratch, label fraction {frac:g}, seed {seed}")
-                run_finetune(teacher)
-            for v in values:
-                run = out / 'select' / setting / f'{mode}_{v:g}_{frac:g}_seed{seed}'
-                if not (run / 'metrics.json').exists(): log.info(f"\n== {setting} {v:g}, {mode}, label fraction {frac:g}, seed {seed}")
-                cfg = {**mode_changes(mode), **(changes or {}), **speed, **({} if setting in TEACHER_SETTINGS else {setting: v})}
-                fp = v if setting == 'pseudo_fp' else pseudo_fp
-                if taught: cfg.update(pseudo_labels=pseudo_csv(out, frac, seed, context, fp), **({'context': context} if mode in NO_CHECKPOINT else {}))
-                cfg = finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, cfg)
-                if taught:                 # value k of rounds: value k - 1's run is the last teacher
-                    round_out = lambda k: out / 'select' / setting / f'{mode}_{k:g}_{frac:g}_seed{seed}'
-                    cfg = self_trained(teacher, cfg, fp, v if setting == 'rounds' else 1, round_out)
-                m = run_finetune(cfg)
-                rows.append(_validation_row(m, value=v, fraction=frac, seed=seed))
+    s = quick(s)
+    data = data_folder(s)
+    ensure_data(data, s.patients, s.native)
+    context = data_context(data) if s.mode in SELF_TRAINED or s.mode not in NO_CHECKPOINT else None
+    runs = select_grid(s, data, context)
+    rows = [_validation_row(m, **r.row) for r, m in zip(runs, run_grid(runs)) if r.row is not None]
+    return _report(s, rows)
+
+
+def _changes(s) -> dict:
+    "The settings of every run besides the mode's: --head, where it is not the default."
+    return {'head': s.head} if s.head != default_of(FinetuneConfig, 'head') else {}
+
+
+def select_grid(s: SelectSettings, data: Path, context: int | None) -> list[Run]:
+    """Every value x label fraction x seed run of `s` on `data` (whose context, where a pretraining or a
+    teacher needs it, is `context`), a selftrain student after its teacher, efficiency's scratch run of
+    its fraction and seed."""
+    taught = s.mode in SELF_TRAINED
+    pre = None if s.mode in NO_CHECKPOINT else pretraining(s.out, data, s.pretrain_epochs, s.bs, {**precision_change(s), 'context': context})
+    runs = []
+    for frac in s.fractions:
+        for seed in s.seeds:
+            teacher = teacher_config(s.out, data, frac, seed, s.epochs, s.bs, context, precision_change(s)) if taught else None
+            if teacher is not None: runs.append(Run(teacher, title=f'the teacher: scratch, label fraction {frac:g}, seed {seed}'))
+            runs += [_value_run(s, data, context, pre, teacher, frac, seed, v) for v in s.values]
+    return runs
+
+
+def _value_run(s: SelectSettings, data: Path, context: int | None, pre, teacher, frac: float, seed: int, v) -> Run:
+    "The run of one value at a label fraction and seed; a student of `teacher` in the selftrain modes (value k of rounds: k rounds)."
+    folder = lambda k: s.out / 'select' / s.setting / f'{s.mode}_{k:g}_{frac:g}_seed{seed}'
+    cfg = {**mode_changes(s.mode), **_changes(s), **precision_change(s), **({} if s.setting in TEACHER_SETTINGS else {s.setting: v})}
+    fp = v if s.setting == 'pseudo_fp' else s.pseudo_fp
+    if teacher is not None:
+        cfg.update(pseudo_labels=pseudo_csv(s.out, frac, seed, context, fp), **({'context': context} if s.mode in NO_CHECKPOINT else {}))
+    cfg = finetune_config(data, folder(v), s.mode, frac, seed, s.epochs, s.bs, pre and Path(pre.out) / 'pretrained.pth', cfg)
+    rounds = v if s.setting == 'rounds' else 1
+    return Run(cfg, title=f"{s.setting} {v:g}, {s.mode}, label fraction {frac:g}, seed {seed}", row=dict(value=v, fraction=frac, seed=seed),
+               pretrain=pre, teacher=teacher, fp=fp if teacher is not None else None,
+               earlier=tuple(folder(k) for k in range(1, rounds)) if teacher is not None else ())
+
+
+def _report(s: SelectSettings, rows: list) -> dict:
+    "Per label fraction and value: the criterion's mean and paired difference from the first value; the verdict and the table."
+    key, best_of = CRITERIA[s.criterion]
+    values = list(s.values)
     summary = []
-    for frac in fractions:
+    for frac in s.fractions:
         ref = {r['seed']: r[key] for r in rows if r['fraction'] == frac and r['value'] == values[0]}
         for v in values:
             sel = [r for r in rows if r['fraction'] == frac and r['value'] == v]
@@ -97,63 +148,41 @@ def select(out: Path, data: Path, patients: int, native: int, setting: str, valu
             summary.append({'value': v, 'fraction': frac, 'seeds': len(sel), 'mean': mean, 'ci': ci, 'diff': diff, 'diff_ci': diff_ci,
                             'valid_froc': float(np.mean([r['valid_froc'] for r in sel])),
                             'train_slices': sel[0]['train_slices']})
-    overall = {v: float(np.mean([s['mean'] for s in summary if s['value'] == v])) for v in values}
+    overall = {v: float(np.mean([x['mean'] for x in summary if x['value'] == v])) for v in values}
     best = best_of(values, key=lambda v: overall[v])
-    verdict = f"{setting} = {best:g} is best on validation {criterion}, averaged over the label fractions"
-    if best != values[0]:
-        clear = [f"{s['fraction']:g}" for s in summary if s['value'] == best and abs(s['diff']) > s['diff_ci']]
-        verdict += (f"; its paired difference from {values[0]:g} is outside the 95% interval at label fraction {', '.join(clear)}"
-                    if clear else f"; no difference from {values[0]:g} is resolved (every paired interval holds 0)")
-    lines = [f"| {setting} | labels | labeled slices | seeds | validation {criterion} (mean +- 95% CI) | difference from {values[0]:g} (paired) | validation FROC |",
+    verdict = _verdict(s, summary, best)
+    lines = [f"| {s.setting} | labels | labeled slices | seeds | validation {s.criterion} (mean +- 95% CI) | difference from {values[0]:g} (paired) | validation FROC |",
              '|---|---|---|---|---|---|---|']
-    lines += [f"| {s['value']:g} | {s['fraction']:g} | {s['train_slices']} | {s['seeds']} | {s['mean']:.3f} +- {s['ci']:.3f} | "
-              f"{s['diff']:+.3f} +- {s['diff_ci']:.3f} | {s['valid_froc']:.3f} |" for s in summary]
-    table = '\n'.join(lines)
+    lines += [f"| {x['value']:g} | {x['fraction']:g} | {x['train_slices']} | {x['seeds']} | {x['mean']:.3f} +- {x['ci']:.3f} | "
+              f"{x['diff']:+.3f} +- {x['diff_ci']:.3f} | {x['valid_froc']:.3f} |" for x in summary]
+    taught = s.mode in SELF_TRAINED
     result = {'rows': rows, 'summary': summary, 'verdict': verdict, 'best': best, 'machine': machine(),
-              'settings': dict(setting=setting, values=list(values), mode=mode, fractions=list(fractions), seeds=list(seeds),
-                               epochs=epochs, criterion=criterion, changes=changes or {},
-                               **({'pseudo_fp': pseudo_fp} if taught and setting != 'pseudo_fp' else {}))}
-    report(out, f'select_{setting}', result, table, [verdict])
+              'settings': dict(setting=s.setting, values=values, mode=s.mode, fractions=list(s.fractions), seeds=list(s.seeds),
+                               epochs=s.epochs, criterion=s.criterion, changes=_changes(s),
+                               **({'pseudo_fp': s.pseudo_fp} if taught and s.setting != 'pseudo_fp' else {}))}
+    report(s.out, f'select_{s.setting}', result, '\n'.join(lines), [verdict])
     return result
 
 
-def add_parser(sub) -> None:
-    se = sub.add_parser('select', help='choose the default of one fine-tuning setting on validation (never on test)',
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_data_args(se, "output folder (efficiency's: shares its data and pretraining)", 'a few-minute smoke run: 40 patients, 2 epochs')
-    se.add_argument('--setting', required=True, help='a FinetuneConfig field, e.g. adapter_ratio, nll_weight, map_radius, lr, wd, '
-                    "pseudo_weight; or, with a selftrain mode, pseudo_fp (the teacher's threshold) or rounds (of self-training)")
-    se.add_argument('--values', type=parse_floats, required=True, help='values to compare, comma separated; the first is the current default')
-    se.add_argument('--mode', choices=list(MODES), default='sandwich', help='scratch or freeze mode of every run')
-    se.add_argument('--head', choices=choices(FinetuneConfig, 'head'), default='direct', help='box head of every run')
-    se.add_argument('--fractions', type=parse_floats, default='0.1,1', help='label fractions of training patients')
-    se.add_argument('--seeds', type=parse_ints, default='0,1,2', help='seeds, comma separated (label subset and initialisation)')
-    se.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs, the same for every run')
-    se.add_argument('--pseudo-fp', type=float, default=PSEUDO_FP, help="the selftrain modes: the teacher's boxes scoring at least its "
-                    'score at this many false positives per validation slice are pseudo-labels (unless --setting is pseudo_fp)')
-    se.add_argument('--criterion', choices=sorted(CRITERIA), default='froc',
-                    help="froc: validation FROC (mean sensitivity 0.5-4 FPs per slice); iou: the top box's validation mean IoU; "
-                         "calibration: the Gaussian std's distance from 68%% / 95%% coverage")
-    se.set_defaults(run=_run)
+def _verdict(s: SelectSettings, summary: list, best) -> str:
+    "The best value, and where its paired difference from the first value is resolved."
+    first = s.values[0]
+    verdict = f"{s.setting} = {best:g} is best on validation {s.criterion}, averaged over the label fractions"
+    if best != first:
+        clear = [f"{x['fraction']:g}" for x in summary if x['value'] == best and abs(x['diff']) > x['diff_ci']]
+        verdict += (f"; its paired difference from {first:g} is outside the 95% interval at label fraction {', '.join(clear)}"
+                    if clear else f"; no difference from {first:g} is resolved (every paired interval holds 0)")
+    return verdict
 
 
 def setting_values(setting: str, values) -> list | None:
     "`values` (parsed as floats) as the type of the FinetuneConfig field `setting`: ints for an int field (None if one is not whole)."
-    import typing
     if (TEACHER_SETTINGS.get(setting) or typing.get_type_hints(FinetuneConfig)[setting]) is not int: return list(values)
     return [int(v) for v in values] if all(float(v).is_integer() for v in values) else None
 
 
-def _run(ap, args) -> dict:
-    data = data_args(args)
-    if args.setting in TEACHER_SETTINGS:
-        if args.mode not in SELF_TRAINED: ap.error(f"--setting {args.setting} is a setting of the modes {', '.join(SELF_TRAINED)}, not of {args.mode}")
-        if min(args.values) <= 0 or (args.setting == 'rounds' and min(args.values) < 1): ap.error(f'--values: {args.setting} must be '
-                                                                                                   + ('at least 1' if args.setting == 'rounds' else 'positive'))
-    elif args.setting not in FinetuneConfig.__dataclass_fields__: ap.error(f'--setting {args.setting!r} is not a fine-tuning setting')
-    if args.pseudo_fp <= 0: ap.error(f'--pseudo-fp must be positive, got {args.pseudo_fp:g}')
-    values = setting_values(args.setting, args.values)
-    if values is None: ap.error(f'--values {",".join(f"{v:g}" for v in args.values)}: --setting {args.setting} takes whole numbers')
-    return select(args.out, data, args.patients, args.native, args.setting, values, args.mode, list(args.fractions),
-                  list(args.seeds), args.epochs, args.pretrain_epochs, args.bs, {'head': args.head} if args.head != 'direct' else None,
-                  args.criterion, args.precision, args.pseudo_fp)
+def add_parser(sub) -> None:
+    p = sub.add_parser('select', help='choose the default of one fine-tuning setting on validation (never on test)',
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_bench_settings(p, SelectSettings, required=('setting', 'values'))
+    p.set_defaults(run=lambda ap, args: select(from_args(SelectSettings, ap, args)))

@@ -10,6 +10,7 @@ measure the models with the same `model_rates`.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import multiprocessing as mp
 import queue
 import resource
@@ -19,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data import SliceSpec
-from .common import ensure_data, machine, report
+from ..settings import check_fields, from_args, option
+from .common import add_bench_settings, ensure_data, machine, report
 
 __all__ = ['measure', 'model_rates', 'cache_rates', 'loading', 'loader_rate', 'throughput', 'gpu_check', 'add_parser']
 
@@ -325,18 +327,34 @@ def gpu_check(out: Path, device: str = 'cuda', size: int = 256, bs: int = 64, st
     return res
 
 
+@dataclass(kw_only=True)
+class ThroughputSettings:
+    "Settings of `bench throughput`."
+    out: Path = option(Path('runs/bench/throughput'), 'output folder', group='benchmark')
+    quick: bool = option(False, 'fewer slices and steps', group='benchmark')
+
+    def __post_init__(self): check_fields(self)
+
+
+@dataclass(kw_only=True)
+class GpuSettings:
+    "Settings of `bench gpu`."
+    out: Path = option(Path('runs/bench/gpu'), 'output folder (generated data, disk cache, gpu.json, gpu.md)', group='benchmark')
+    device: str = option('cuda', 'cpu runs the same steps in float32', choices=('cuda', 'cpu'), group='benchmark')
+    size: int = option(256, 'input size in pixels (the data is generated at twice this)', at_least=32, group='benchmark')
+    bs: int = option(64, 'batch size', at_least=1, group='benchmark')
+    steps: int = option(20, 'timed training steps per model', at_least=1, group='benchmark')
+    workers: int | None = option(None, 'DataLoader workers (None: CPU cores - 1)', at_least=0, group='benchmark')
+    patients: int = option(100, 'synthetic patients to generate for the loaders', at_least=3, group='benchmark')
+
+    def __post_init__(self): check_fields(self)
+
+
 def add_parser(sub) -> None:
     t = sub.add_parser('throughput', help='loading and training speed, peak memory', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument('--out', type=Path, default=Path('runs/bench/throughput'), help='output folder')
-    t.add_argument('--quick', action='store_true', help='fewer slices and steps')
-    t.set_defaults(run=lambda ap, args: throughput(args.out, args.quick))
+    add_bench_settings(t, ThroughputSettings)
+    t.set_defaults(run=lambda ap, args: throughput(**vars(from_args(ThroughputSettings, ap, args))))
     g = sub.add_parser('gpu', help='the GPU path: bf16 training, inference, loaders with workers, peak GPU memory (make gpu-check)',
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument('--out', type=Path, default=Path('runs/bench/gpu'), help='output folder (generated data, disk cache, gpu.json, gpu.md)')
-    g.add_argument('--device', choices=['cuda', 'cpu'], default='cuda', help='cpu runs the same steps in float32')
-    g.add_argument('--size', type=int, default=256, help='input size in pixels (the data is generated at twice this)')
-    g.add_argument('--bs', type=int, default=64, help='batch size')
-    g.add_argument('--steps', type=int, default=20, help='timed training steps per model')
-    g.add_argument('--workers', type=int, default=None, help='DataLoader workers (default: CPU cores - 1)')
-    g.add_argument('--patients', type=int, default=100, help='synthetic patients to generate for the loaders')
-    g.set_defaults(run=lambda ap, args: gpu_check(args.out, args.device, args.size, args.bs, args.steps, args.workers, args.patients))
+    add_bench_settings(g, GpuSettings)
+    g.set_defaults(run=lambda ap, args: gpu_check(**vars(from_args(GpuSettings, ap, args))))

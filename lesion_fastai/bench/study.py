@@ -6,12 +6,15 @@ single change (objective, transfer layers, learning rate, regularisation, epochs
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..log import log
-from .common import add_data_args, data_args, finetune_config, machine, prepare, report, run_finetune, test_row
+from ..config import from_args, option
+from .common import (EFFICIENCY_OUT, EPOCHS, GROUP, NO_CHECKPOINT, BenchSettings, add_bench_settings, data_context, data_folder, ensure_data,
+                     finetune_config, machine, precision_change, pretraining, quick, report, test_row)
+from .grid import Run, run_grid
 
-__all__ = ['STUDY', 'study', 'add_parser']
+__all__ = ['STUDY', 'StudySettings', 'study', 'study_grid', 'add_parser']
 
 
 # (name, mode, label fraction, FinetuneConfig changes[, PretrainConfig changes]): one change at a time
@@ -34,38 +37,50 @@ STUDY = [
 ]
 
 
-def study(out: Path, data: Path, patients: int, native: int, epochs: int, pretrain_epochs: int, bs: int, seed: int = 0,
-          variants=STUDY, precision: str = 'auto') -> dict:
+@dataclass(kw_only=True)
+class StudySettings(BenchSettings):
+    "Settings of `study`: efficiency's data and pretraining, one seed and the epochs of every variant."
+    out: Path = option(EFFICIENCY_OUT, "output folder (efficiency's: shares its data and pretraining)", group=GROUP)
+    quick: bool = option(False, 'a few-minute smoke run: 40 patients, 2 epochs, three variants', group=GROUP)
+    seed: int = option(0, 'seed of every run', group=GROUP)
+    epochs: int = option(EPOCHS, 'fine-tuning epochs (a variant may change them)', at_least=1, group=GROUP)
+
+
+def study(s: StudySettings, variants=None) -> dict:
     """Where the sandwich with 10% of the labels stands against scratch with all of them, and what
     each single change (objective, transfer layers, learning rate, regularisation, epochs) does to
-    it. Same data, pretraining and epoch length as `efficiency` (pass the same --out to share them)."""
-    rows = []
-    for i, (name, mode, frac, change, *pretrain_change) in enumerate(variants):
-        speed = {} if precision == 'auto' else {'precision': precision}
-        ckpt = prepare(out, data, patients, native, pretrain_epochs, bs, {**(pretrain_change[0] if pretrain_change else {}), **speed})
-        run = out / 'study' / f'{i:02d}_{mode}_{frac:g}_seed{seed}'
-        if not (run / 'metrics.json').exists(): log.info(f"\n== {name}")
-        rows.append(test_row(run_finetune(finetune_config(data, run, mode, frac, seed, epochs, bs, ckpt, {**change, **speed})), variant=name, mode=mode, fraction=frac,
-                         change=change, pretrain_change=pretrain_change[0] if pretrain_change else {}))
+    it: the `variants` (default `STUDY`, three of them with --quick). Same data, pretraining and epoch
+    length as `efficiency` (pass the same --out to share them)."""
+    if variants is None: variants = [STUDY[0], STUDY[4], STUDY[6]] if s.quick else STUDY
+    s = quick(s)
+    data = data_folder(s)
+    ensure_data(data, s.patients, s.native)
+    runs = study_grid(s, data, data_context(data), variants)
+    rows = [test_row(m, **r.row) for r, m in zip(runs, run_grid(runs))]
     lines = ['| variant | labeled slices | trainable parameters | test FROC | top box hit@0.5 / IoU | valid FROC | mean box FROC / hit@0.5 | time s |',
              '|---|---|---|---|---|---|---|---|']
     lines += [f"| {r['variant']} | {r['train_slices']} | {r['trainable']:,} | {r['froc']:.3f} | {r['hit@0.5']:.3f} / {r['mean_iou']:.3f} | "
               f"{r['valid_froc']:.3f} | {r['baseline_froc']:.3f} / {r['baseline_hit@0.5']:.3f} | {r['time_s']:.0f} |" for r in rows]
-    table = '\n'.join(lines)
-    report(out, 'study', {'rows': rows, 'machine': machine(), 'settings': dict(data=str(data), epochs=epochs, bs=bs, seed=seed)}, table)
+    result = {'rows': rows, 'machine': machine(), 'settings': dict(data=str(data), epochs=s.epochs, bs=s.bs, seed=s.seed)}
+    report(s.out, 'study', result, '\n'.join(lines))
     return {'rows': rows}
 
 
+def study_grid(s: StudySettings, data: Path, context: int, variants) -> list[Run]:
+    "One run per variant, in its order, each from the pretraining with the variant's pretraining changes (and the data's context)."
+    speed = precision_change(s)
+    runs = []
+    for i, (name, mode, frac, change, *pretrain_change) in enumerate(variants):
+        changes = pretrain_change[0] if pretrain_change else {}
+        pre = None if mode in NO_CHECKPOINT else pretraining(s.out, data, s.pretrain_epochs, s.bs, {'context': context, **changes, **speed})
+        cfg = finetune_config(data, s.out / 'study' / f'{i:02d}_{mode}_{frac:g}_seed{s.seed}', mode, frac, s.seed, s.epochs, s.bs,
+                              pre and Path(pre.out) / 'pretrained.pth', {**change, **speed})
+        runs.append(Run(cfg, title=name, row=dict(variant=name, mode=mode, fraction=frac, change=change, pretrain_change=changes), pretrain=pre))
+    return runs
+
+
 def add_parser(sub) -> None:
-    st = sub.add_parser('study', help='the sandwich at 10%% labels against scratch at 100%%, one change at a time',
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_data_args(st, "output folder (efficiency's: shares its data and pretraining)", 'a few-minute smoke run: 40 patients, 2 epochs, three variants')
-    st.add_argument('--seed', type=int, default=0, help='seed of every run')
-    st.add_argument('--epochs', type=int, default=30, help='fine-tuning epochs (a variant may change them)')
-    st.set_defaults(run=_run)
-
-
-def _run(ap, args) -> dict:
-    data = data_args(args)
-    return study(args.out, data, args.patients, args.native, args.epochs, args.pretrain_epochs, args.bs, args.seed,
-                 [STUDY[0], STUDY[4], STUDY[6]] if args.quick else STUDY, args.precision)
+    p = sub.add_parser('study', help='the sandwich at 10%% labels against scratch at 100%%, one change at a time',
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_bench_settings(p, StudySettings)
+    p.set_defaults(run=lambda ap, args: study(from_args(StudySettings, ap, args)))
