@@ -4,8 +4,8 @@ and train the same detector from scratch with the same budget, then print where 
 The budget is meant to fit `make demo` into 15 minutes on a 2-core CPU, install and data included:
 the built-in data at 256 px, trained at half that (128 px) with two neighbour slices on each side
 (`--context 2`, the data's default), the library's default precision, three epochs of pretraining
-and 60 of each fine-tune (chosen on validation: docs/results.md, "The demo's budget"). A run past its budget says so,
-with the time it took.
+and 60 of each fine-tune (chosen on validation: docs/results.md, "The demo's budget"). A run past
+its budget says so, with the time it took.
 
     python -m lesion_fastai.demo --data data/synthetic --out runs/demo
 """
@@ -110,7 +110,7 @@ def demo(cfg: DemoSettings) -> dict:
              + f". Results in {cfg.out}/:\n" + '\n'.join(f"  {cfg.out / p}" for p in wrote))
     if since > BUDGET_S:
         log.warning(f"warning: the demo took {since / 60:.1f} minutes, over its {BUDGET_S // 60}-minute budget "
-                    f"(docs/results.md, "Demo", says what it takes on a 2-core CPU)")
+                    f"(docs/results.md, section Demo, says what it takes on a 2-core CPU)")
     return summary
 
 
