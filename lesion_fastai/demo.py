@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import FinetuneConfig, PretrainConfig, RunConfig, check_fields, add_settings, from_args, option
+from .config import FinetuneConfig, PretrainConfig, RunConfig, add_settings, check_fields, from_args, option
 from .files import atomic_write_text, write_json
 from .finetuning import finetune
 from .log import log
