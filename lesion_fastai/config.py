@@ -97,7 +97,8 @@ class RunConfig:
 @dataclass(kw_only=True)
 class PretrainConfig(RunConfig):
     "Settings of `python -m pretrain`: the autoencoder and its pretext."
-    epochs: int = option(10, 'epochs of fit_one_cycle', at_least=1, group='training')
+    epochs: int = option(10, 'epochs of fit_one_cycle (0: the checkpoint of the untrained autoencoder, the control a pretrained start '
+                         'is read against: the same path with no pretraining)', at_least=0, group='training')
     windows: str = option('soft', 'CT windows as channels, e.g. soft,lung or -100:200', check=_windows, group='input')
     backbone: str = option('resnet', "the body: resnet (the project's own) or a timm model name, e.g. resnet18, convnext_atto "
                            '(features_only at strides 4-32, in_chans from windows x context)', group='model')

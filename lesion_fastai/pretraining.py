@@ -167,7 +167,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             with distributed.alone(): untrained = float(learn.validate()[0])
         seed_rank(cfg.seed)
         precision = speed_up(learn, cfg.precision)
-        fit_resumable(learn, out, cfg.epochs, cfg.lr, 'valid_loss', cfg.resume)
+        if cfg.epochs: fit_resumable(learn, out, cfg.epochs, cfg.lr, 'valid_loss', cfg.resume)
+        else: log.info("--epochs 0: the untrained autoencoder's checkpoint, the control of a pretrained start")
         if not distributed.is_main(): return {}
         back_to_fp32(learn)             # the checkpoint and every figure and loss below: float32
         with distributed.alone(): trained = float(learn.validate()[0])

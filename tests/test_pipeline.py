@@ -450,3 +450,18 @@ def test_the_safe_model_loads_without_unpickling_and_predicts_and_evaluates_as_t
     finetune_cli.main(['--eval', str(run / 'export.pkl'), '--data', str(tiny_data), '--out', str(tmp_path / 'e_pkl')])
     a, b = (json.loads((tmp_path / d / 'eval_metrics.json').read_text()) for d in ('e_safe', 'e_pkl'))
     assert a['test']['froc'] == b['test']['froc'] and a['mean_box_source'] == b['mean_box_source'] == 'stored with the model'
+
+
+def test_pretrain_with_no_epochs_writes_the_untrained_control_checkpoint(tiny_data, tmp_path):
+    "`--epochs 0`: the untrained autoencoder's checkpoint, the same path a pretrained start takes with nothing learned."
+    import torch
+    out = tmp_path / 'control'
+    pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--epochs', '0', '--bs', '4', '--size', '32', '--context', '0'])
+    m = json.loads((out / 'pretrain_metrics.json').read_text())
+    assert m['valid_loss'] == pytest.approx(m['valid_loss_untrained'], rel=1e-5) and m['config']['epochs'] == 0 and not (out / 'history.csv').exists()
+    ckpt = load_pretrained(out / 'pretrained.pth')
+    again = tmp_path / 'again'                     # the same seed, the same untrained weights: a control is reproducible
+    pretrain_cli.main(['--data', str(tiny_data), '--out', str(again), '--epochs', '0', '--bs', '4', '--size', '32', '--context', '0'])
+    other = load_pretrained(again / 'pretrained.pth')
+    assert all(torch.equal(v, other['encoder'][k]) for k, v in ckpt['encoder'].items())
+    with pytest.raises(SystemExit): pretrain_cli.main(['--data', str(tiny_data), '--out', str(tmp_path / 'x'), '--epochs', '-1'])
