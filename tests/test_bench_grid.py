@@ -104,3 +104,20 @@ def test_quick_is_a_small_run_in_a_folder_of_its_own():
     assert (s.out, s.patients, s.native, s.epochs, s.pretrain_epochs, s.seeds) == (Path('runs/bench/efficiency_quick'), 40, 128, 2, 1, (0,))
     assert data_folder(s, s.neighbours) == Path('runs/bench/efficiency_quick/data_40p_128px')
     assert quick(EfficiencySettings(out=Path('x'))).out == Path('x') and data_folder(EfficiencySettings(), 10).name == 'data_250p_256px_10n'
+
+
+def test_the_control_is_an_untrained_pretraining_of_its_own_and_reported_as_the_control(tmp_path):
+    "--pretexts untrained: `pretrain --epochs 0` in its own folder, its runs named and reported as the control, never the best pretrained mode."
+    from lesion_fastai.bench.efficiency import EfficiencySettings, efficiency_grid, verdict_lines
+    s = EfficiencySettings(out=tmp_path, fractions=(.1,), seeds=(0,), modes=('scratch', 'full'), pretexts=('masked', 'untrained'), context=0)
+    runs = efficiency_grid(s, tmp_path / 'data')
+    control = [r for r in runs if r.row['mode'] == 'full [untrained]']
+    assert len(control) == 1 and control[0].pretrain.epochs == 0 and Path(control[0].pretrain.out).name == 'pretrain_epochs0'
+    assert {r.pretrain.epochs for r in runs if r.pretrain and r not in control} == {s.pretrain_epochs}
+    assert Path(control[0].cfg.pretrained).parent == Path(control[0].pretrain.out) and control[0].cfg.out.name.endswith('_untrained')
+    cell = lambda mode, valid: dict(fraction=.1, mode=mode, valid_froc=valid, valid_ci=float('nan'), froc=.2, froc_ci=float('nan'),
+                                    diff=0., diff_ci=float('nan'), pairs=1)
+    lines = verdict_lines([cell('full [masked]', .1), cell('full [untrained]', .3)])
+    assert lines[0].startswith('labels 0.1: best pretrained mode on validation is full [masked]')     # not the better control
+    assert lines[1].startswith('labels 0.1: control (the untrained checkpoint, which should tie scratch): full [untrained]')
+    with pytest.raises(SettingError, match='untrained'): EfficiencySettings(out=tmp_path, pretexts=('untrainedd',))

@@ -28,6 +28,9 @@ __all__ = ['EfficiencySettings', 'efficiency', 'efficiency_grid', 'summarise', '
            'add_parser']
 
 
+CONTROL = 'untrained'   # --pretexts untrained: the pretraining with no epochs, the control of every pretrained start
+
+
 def _names(text: str) -> tuple[str, ...]:
     "'scratch,full' -> ('scratch', 'full')."
     return tuple(n for n in str(text).split(',') if n)
@@ -45,8 +48,9 @@ class EfficiencySettings(BenchSettings):
                           "--unfreeze-after epochs; carry: scratch with labels carried to the neighbour slices; selftrain, selftrain-ae: the "
                           "scratch run's pseudo-labels, the student from scratch or from the autoencoder)", parse=_names,
                           check=lambda v: unknown(v, tuple(MODES)), group=GROUP)
-    pretexts: tuple = option(('masked',), f"pretraining pretexts ({', '.join(PRETEXTS)}), one pretraining each", parse=_names,
-                             check=lambda v: unknown(v, tuple(PRETEXTS), empty_ok=False), group=GROUP)
+    pretexts: tuple = option(('masked',), f"pretraining pretexts ({', '.join(PRETEXTS)}), one pretraining each; {CONTROL}: the "
+                             "autoencoder's checkpoint with no epochs (python -m pretrain --epochs 0), the control every pretrained mode is "
+                             "read against", parse=_names, check=lambda v: unknown(v, (*PRETEXTS, CONTROL), empty_ok=False), group=GROUP)
     context: int | None = option(None, 'neighbour slices on each side as input channels, for every run (context pretext: 1 or more; '
                                  f'default {DEFAULT_CONTEXT} where the data ships neighbour slices, else 0)', at_least=0, group=GROUP)
     neighbours: int = option(10, 'unlabelled slices the generator writes on each side of a key slice (10: 20 unlabelled slices per '
@@ -122,8 +126,10 @@ def efficiency_grid(s: EfficiencySettings, data: Path) -> list[Run]:
 
 
 def _pretraining_changes(s: EfficiencySettings, pretext: str) -> dict:
-    "A pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder)."
-    return {**({'pretext': pretext} if pretext != 'masked' else {}), 'context': s.context, **_code(s), **_body(s)}
+    """A pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder); the
+    control's, no epochs (out/pretrain_epochs0)."""
+    what = {'epochs': 0} if pretext == CONTROL else {'pretext': pretext} if pretext != 'masked' else {}
+    return {**what, 'context': s.context, **_code(s), **_body(s)}
 
 
 def _code(s) -> dict:
@@ -187,8 +193,10 @@ def verdict_lines(summary) -> list[str]:
     lines = []
     for frac in sorted(dict.fromkeys(s['fraction'] for s in summary)):
         cells = [s for s in summary if s['fraction'] == frac and s['mode'] != 'scratch' and 'diff' in s]
-        pretrained = [s for s in cells if s['mode'].split(' [')[0] not in METHODS]
+        control = [s for s in cells if f'[{CONTROL}' in s['mode']]
+        pretrained = [s for s in cells if s['mode'].split(' [')[0] not in METHODS and s not in control]
         chosen = ([('best pretrained mode on validation is ', max(pretrained, key=lambda s: s['valid_froc']))] if pretrained else [])
+        chosen += [('control (the untrained checkpoint, which should tie scratch): ', s) for s in control]
         chosen += [(f'{METHODS[s["mode"].split(" [")[0]]}: ', s) for s in cells if s['mode'].split(' [')[0] in METHODS]
         for what, best in chosen:
             d, ci = best['diff'], best['diff_ci']
