@@ -44,7 +44,6 @@ def pseudo_labels_from(teacher: Path, cfg: FinetuneConfig, out_csv: Path, fp: fl
     from .log import log
     from .metrics import froc_inputs
     from .unlabelled import pseudo_label, unlabelled_slices, write_pseudo_labels
-    if not Path(teacher).exists(): raise FileNotFoundError(f"--teacher {teacher}: no such exported model")
     model, spec, _ = load_model(teacher, flag='--teacher')
     decoding = model.decoding
     _, records = load_data(cfg.data)

@@ -88,10 +88,13 @@ def pseudo_label(model, spec, decoding, paths, threshold: float, weight: float, 
     reaches it. A slice's spacing and DICOM window come from its series' rows in `records`."""
     from .inference import detect
     settings = _series_settings(records)
-    setting = lambda p: settings.get(Path(p).parent.name, ((0., 0.), (-150., 250.), 0.))
-    items = [SliceRecord(image_path=str(p), split='train', patient=patient_of(Path(p).parent.name), width=0, height=0,
-                         spacing_mm=setting(p)[0], dicom_window=setting(p)[1], boxes=np.zeros((0, 4), np.float32), lesion_types=(),
-                         file_name=f"{Path(p).parent.name}_{Path(p).name}", spacing_z_mm=setting(p)[2], weight=weight) for p in paths]
+
+    def unlabelled(p) -> SliceRecord:          # a slice with its series' spacing and DICOM window, its boxes to come
+        spacing, window, spacing_z = settings.get(Path(p).parent.name, ((0., 0.), (-150., 250.), 0.))
+        return SliceRecord(image_path=str(p), split='train', patient=patient_of(Path(p).parent.name), width=0, height=0, spacing_mm=spacing,
+                           dicom_window=window, boxes=np.zeros((0, 4), np.float32), lesion_types=(),
+                           file_name=f"{Path(p).parent.name}_{Path(p).name}", spacing_z_mm=spacing_z, weight=weight)
+    items = [unlabelled(p) for p in paths]
     dets, _ = detect(model, spec, decoding, items, bs=bs)
     out = []
     for r, b, s in zip(items, dets.boxes, dets.scores):
