@@ -180,7 +180,7 @@ class FinetuneConfig(RunConfig):
     pretrained: Path | None = option(None, 'pretrained.pth from python -m pretrain; its settings are used', metavar='CKPT',
                                      group='freeze')
     freeze: str | None = option(None, 'with --pretrained: sandwich (frozen encoder, trainable transfer layers between its stages), '
-                                'encoder (only the head trains), full (every layer trains, the encoder at lr/10; the old name '
+                                'encoder (only the head trains), full (every layer trains at one rate, the pretrained ones at lr/--lr-mult; the old name '
                                 '"none" still works); with --backbone-weights the same modes (default full: ImageNet transfer); '
                                 'scratch without either', choices=FREEZE_MODES, aliases=FREEZE_ALIASES,
                                 default_help='sandwich with --pretrained, full with --backbone-weights, else scratch', group='freeze')
@@ -190,8 +190,9 @@ class FinetuneConfig(RunConfig):
                                  'peaking at its end), then every layer trains for the rest of --epochs in a second one-cycle at '
                                  'discriminative rates (the pretrained layers at lr/2/--lr-mult, the rest at lr/2); 0: frozen throughout',
                                  at_least=0, metavar='K', group='freeze')
-    lr_mult: float = option(1., "with --unfreeze-after: how many times slower the pretrained layers train than the fresh ones once "
-                            "unfrozen (fastai's fine_tune lr_mult; 1, chosen on validation of 100, 10, 1, docs/results.md)", above=0,
+    lr_mult: float = option(1., "how many times slower the pretrained layers train than the fresh ones: with --freeze full, and with "
+                            "--unfreeze-after once unfrozen (fastai's fine_tune lr_mult; 1, one rate as from scratch, chosen on validation "
+                            "of 100, 10, 1, docs/results.md)", above=0,
                             group='freeze')
     kappa: float = option(KAPPA, 'gaussian head: std scale, std = kappa * softplus(output)', above=0, group='loss')
     nll_weight: float = option(.1, 'gaussian head: weight of the negative log-likelihood of the target under the predicted mean and '

@@ -4,8 +4,10 @@
   (`Detector(sandwich='encoder')`), or, as 3FabRec builds it, the pretrained encoder and decoder frozen and
   fresh `TransferLayer`s between the decoder's blocks (`sandwich='decoder'`).
 * `encoder`: the whole encoder frozen, only the head trains (a linear probe on pretrained features).
-* `full`: every layer trains from the pretrained weights, the encoder at a tenth of the head's rate (its old
-  name `none` is still accepted).
+* `full`: every layer trains from the pretrained weights at one rate, as from scratch (with `lr_mult` M, the
+  pretrained layers at lr/M; its old name `none` is still accepted). One rate is the default because the
+  fixed lr/10 of earlier versions cost an untrained checkpoint half of scratch's FROC (docs/results.md):
+  a pretrained start must take the path scratch takes, so that only its weights differ.
 * `scratch`: no pretrained weights, everything trains.
 
 BatchNorm policy: frozen layers keep their running statistics and affine weights (fastai's
@@ -44,9 +46,10 @@ def freeze_callbacks(mode: str, update_frozen_bn: bool = False) -> list:
     return [BnFreeze()] if mode in ('sandwich', 'encoder') and not update_frozen_bn else []
 
 
-def lr_for(mode: str, lr: float):
-    "Discriminative rates for full fine-tuning of pretrained weights; one rate otherwise."
-    return slice(lr / 10, lr) if FREEZE_ALIASES.get(mode, mode) == 'full' else lr
+def lr_for(mode: str, lr: float, lr_mult: float = 1.):
+    """The rate of a fit in freeze `mode`: with 'full' and `lr_mult` M other than 1, discriminative rates
+    (the pretrained layers at lr/M, the rest at lr); one rate otherwise (a frozen group has no rate)."""
+    return slice(lr / lr_mult, lr) if FREEZE_ALIASES.get(mode, mode) == 'full' and lr_mult != 1 else lr
 
 
 def parameter_counts(model) -> dict:

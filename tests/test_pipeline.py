@@ -465,3 +465,24 @@ def test_pretrain_with_no_epochs_writes_the_untrained_control_checkpoint(tiny_da
     other = load_pretrained(again / 'pretrained.pth')
     assert all(torch.equal(v, other['encoder'][k]) for k, v in ckpt['encoder'].items())
     with pytest.raises(SystemExit): pretrain_cli.main(['--data', str(tiny_data), '--out', str(tmp_path / 'x'), '--epochs', '-1'])
+
+
+@pytest.fixture(scope='module')
+def control(tiny_data, tmp_path_factory):
+    "The untrained autoencoder's checkpoint (`pretrain --epochs 0`), the control of a pretrained start."
+    out = tmp_path_factory.mktemp('control')
+    pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--epochs', '0', '--bs', '4', '--size', '32', '--context', '0'])
+    return out / 'pretrained.pth'
+
+
+def test_full_fine_tuning_trains_the_pretrained_layers_at_the_rate_scratch_trains_them(tiny_data, control, tmp_path):
+    """`--freeze full` takes scratch's path: every layer at one rate. A fixed lr/10 for the encoder (the old
+    default) cost the untrained control half of scratch's FROC; --lr-mult M asks for lr/M."""
+    cfg = dict(data=tiny_data, epochs=1, bs=2, pretrained=control, freeze='full', lr=1e-2)
+    one, split = _Record(), _Record()
+    finetune(FinetuneConfig(out=tmp_path / 'one', **cfg), cbs=[one])
+    lrs = np.array(one.lrs)
+    assert lrs.shape[1] == 2 and np.allclose(lrs[:, 0], lrs[:, 1]) and 1e-3 < lrs.max() <= 1e-2 * 1.001
+    finetune(FinetuneConfig(out=tmp_path / 'split', lr_mult=10, **cfg), cbs=[split])
+    lrs = np.array(split.lrs)
+    assert np.allclose(lrs[:, 0] * 10, lrs[:, 1])
