@@ -36,8 +36,9 @@ CACHES = ('memory', 'disk', 'none')
 # pretext: (mask ratio, patch as a fraction of the size, noise std), what each reconstructs:
 # masked: every channel masked and noisy, all of it reconstructed; context: the key slice's patches masked, its
 # neighbour slices whole, the key slice reconstructed; mae: a high ratio of small patches masked, no noise, the loss
-# on the masked pixels only (masked autoencoders: He et al. 2022; convolutional ones: SparK, ConvNeXt V2).
-PRETEXTS = {'masked': (.5, 1 / 16, .05), 'context': (.5, 1 / 16, .05), 'mae': (.75, 1 / 32, 0.)}
+# on the masked pixels only (masked autoencoders: He et al. 2022; convolutional ones: SparK, ConvNeXt V2); genesis:
+# Models Genesis's transformations (Zhou et al. 2019, `genesis.py`), which mask nothing: None, the three unused.
+PRETEXTS = {'masked': (.5, 1 / 16, .05), 'context': (.5, 1 / 16, .05), 'mae': (.75, 1 / 32, 0.), 'genesis': (None, None, None)}
 
 
 def _code_channels(v) -> str | None:
@@ -107,13 +108,15 @@ class PretrainConfig(RunConfig):
     pretext: str = option('masked', "masked: every channel masked and noisy, all reconstructed; context: only the key slice's patches "
                           'masked, its --context neighbours whole, the key slice reconstructed (needs --context 1 or more; fine-tune '
                           'with the same --context); mae: three quarters of small patches masked, no noise, the loss on the masked '
-                          'pixels only (masked autoencoders)', choices=tuple(PRETEXTS), group='pretext')
+                          'pixels only (masked autoencoders); genesis: Models Genesis (Zhou et al. 2019), each slice locally '
+                          'shuffled, mapped through a random intensity curve and in- or out-painted with noise, all of it '
+                          'reconstructed (--mask-ratio, --patch and --noise-std unused)', choices=tuple(PRETEXTS), group='pretext')
     mask_ratio: float | None = option(None, 'fraction of patches masked out of the input', at_least=0, below=1,
-                                      default_help="the pretext's: 0.5, mae 0.75", group='pretext')
-    patch: int | None = option(None, 'masked patch size in pixels', at_least=1, default_help="the pretext's: size/16, mae size/32",
-                               group='pretext')
+                                      default_help="the pretext's: 0.5, mae 0.75, genesis unused", group='pretext')
+    patch: int | None = option(None, 'masked patch size in pixels', at_least=1,
+                               default_help="the pretext's: size/16, mae size/32, genesis unused", group='pretext')
     noise_std: float | None = option(None, 'Gaussian noise added to the windowed input', at_least=0,
-                                     default_help="the pretext's: 0.05, mae 0", group='pretext')
+                                     default_help="the pretext's: 0.05, mae 0, genesis unused", group='pretext')
     loss: str = option('l1', 'reconstruction loss', choices=('l1', 'mse'), group='pretext')
     code_channels: tuple = option(CODE_CHANNELS, "the autoencoder's bottleneck: channels of its codes at strides 32, 16, 8, and 4 with "
                                   'a fourth number', parse=parse_ints, check=_code_channels, group='model')

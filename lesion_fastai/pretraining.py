@@ -1,7 +1,8 @@
 """Unsupervised pretraining: the autoencoder learns to reconstruct CT slices from corrupted ones, labels
-unused. The pretexts (`corrupt`, `MaskedCorruption`, the masked and channel losses), the run
-(`pretrain`, used by `python -m pretrain`, the demo and the benchmarks) and the baselines a trained
-autoencoder must beat (returning its corrupted input, the neighbour slices' mean).
+unused. The pretexts (`corrupt`, Models Genesis's transformations in `genesis`, `corruption_of` that
+picks a pretext's, `MaskedCorruption`, the masked and channel losses), the run (`pretrain`, used by
+`python -m pretrain`, the demo and the benchmarks) and the baselines a trained autoencoder must beat
+(returning its corrupted input, the neighbour slices' mean).
 
 The run writes into its `out` folder: `pretrained.pth` (encoder + decoder + construction arguments +
 config), `reconstructions.png`, `history.csv` (one row per epoch), `models/best.pth`, `last.pth`
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +32,12 @@ from .deeplesion import context_paths, list_slices, load_data, patient_of
 from .files import check_out_folder, write_json
 from .fit import (back_to_fp32, check_batches, check_precision, check_resume, fit_resumable, loader_kwargs, native_size, run_folder,
                   save_run_settings, seed_rank, speed_up)
+from .genesis import genesis
 from .log import log
 from .models.autoencoder import create_autoencoder
 from .plots import plot_reconstructions
 
-__all__ = ['corrupt', 'key_channels', 'MaskedLoss', 'ChannelLoss', 'MaskedCorruption', 'resolve', 'pretrain']
+__all__ = ['corrupt', 'corruption_of', 'key_channels', 'MaskedLoss', 'ChannelLoss', 'MaskedCorruption', 'resolve', 'pretrain']
 
 
 def corrupt(x: torch.Tensor, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, generator=None,
@@ -50,6 +53,14 @@ def corrupt(x: torch.Tensor, mask_ratio: float = .5, patch: int = 8, noise_std: 
     on[:, channels if channels is not None else slice(None)] = 1
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * noise_std
     return (x * (1 - m * on) + noise).clamp(0, 1), m
+
+
+def corruption_of(cfg: PretrainConfig, channels: list[int] | None = None):
+    """The resolved `cfg`'s pretext as one function (x, generator=None) -> (corrupted, mask [B, 1, H, W]),
+    so that training, the copy baseline and the figure corrupt alike: `genesis` for the genesis pretext,
+    else `corrupt` with its mask ratio, patch and noise, masking `channels` (default all)."""
+    if cfg.pretext == 'genesis': return genesis
+    return partial(corrupt, mask_ratio=cfg.mask_ratio, patch=cfg.patch, noise_std=cfg.noise_std, channels=channels)
 
 
 def key_channels(n_channels: int, context: int) -> list[int]:
@@ -80,17 +91,19 @@ class MaskedCorruption(Callback):
     sees them with masked patches (of `channels`, default all) and noise, so it must inpaint from
     context rather than copy. With only the key slice's channels masked, the context pretext: the
     masked regions must come from the neighbour slices. With `masked_loss` the mask joins the
-    targets, so that `MaskedLoss` scores the masked pixels only (the mae pretext)."""
+    targets, so that `MaskedLoss` scores the masked pixels only (the mae pretext). `fn`, a function of
+    `corruption_of`, replaces the mask ratio, patch, noise and channels (the genesis pretext's)."""
     order = 5  # after the batch is on its device, before the model runs
 
     def __init__(self, mask_ratio: float = .5, patch: int = 8, noise_std: float = .05, channels: list[int] | None = None,
-                 masked_loss: bool = False):
+                 masked_loss: bool = False, fn=None):
         self.mask_ratio, self.patch, self.noise_std, self.channels = mask_ratio, patch, noise_std, channels
         self.masked_loss = masked_loss          # the mask joins the targets, for `MaskedLoss`
+        self.fn = fn or partial(corrupt, mask_ratio=mask_ratio, patch=patch, noise_std=noise_std, channels=channels)
 
     def before_batch(self):
         x = self.xb[0]
-        xc, mask = corrupt(x, self.mask_ratio, self.patch, self.noise_std, channels=self.channels)
+        xc, mask = self.fn(x)
         self.learn.yb = (x.clone(), mask) if self.masked_loss else (x.clone(),)
         self.learn.xb = (xc,)
 
@@ -99,13 +112,18 @@ class MaskedCorruption(Callback):
 def resolve(cfg: PretrainConfig, records) -> PretrainConfig:
     """`cfg` with every setting the run decides filled in (`dataclasses.replace`): the context from the
     data, the size half the native slice, and the pretext's mask ratio, patch and noise where not
-    given. `asdict` of the result is what the checkpoint records."""
+    given; genesis masks nothing, so those stay as given. `asdict` of the result is what the checkpoint
+    records."""
     ratio, patch_fraction, noise = PRETEXTS[cfg.pretext]
     context = resolve_context(cfg.context, records, cfg.data)
     if cfg.pretext == 'context' and context < 1:
         raise ValueError("--pretext context reconstructs a slice from its neighbours: it needs --context 1 or more "
                          "(neighbour slices on each side as input channels)")
     size = cfg.size or native_size(records) // 2
+    if patch_fraction is None:
+        given = [f"--{k.replace('_', '-')}" for k in ('mask_ratio', 'patch', 'noise_std') if getattr(cfg, k) is not None]
+        if given: log.info(f"--pretext {cfg.pretext} masks nothing and adds no Gaussian noise: {', '.join(given)} unused")
+        return dataclasses.replace(cfg, context=context, size=size)
     return dataclasses.replace(cfg, context=context, size=size, patch=cfg.patch or max(2, round(size * patch_fraction)),
                                mask_ratio=ratio if cfg.mask_ratio is None else cfg.mask_ratio,
                                noise_std=noise if cfg.noise_std is None else cfg.noise_std)
@@ -115,9 +133,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Train the autoencoder on every slice of the chosen patients (labels unused), reconstructing clean
     slices from masked, noisy ones (`pretext` 'masked'), the key slice's masked patches from the
     slice's visible rest and its whole neighbour slices ('context': lesions change between
-    neighbouring slices, most anatomy barely does), or three quarters of small patches masked with
-    the loss on them only ('mae'). Writes `pretrained.pth` (encoder + decoder + construction
-    arguments + config), `reconstructions.png`, `history.csv`, `pretrain_metrics.json`."""
+    neighbouring slices, most anatomy barely does), three quarters of small patches masked with
+    the loss on them only ('mae'), or whole slices from Models Genesis's shuffled, intensity-mapped,
+    in- or out-painted ones, scored on every pixel ('genesis'). Writes `pretrained.pth` (encoder +
+    decoder + construction arguments + config), `reconstructions.png`, `history.csv`,
+    `pretrain_metrics.json`."""
     t0 = time.time()
     out = check_out_folder(cfg.out)
     distributed.setup()
@@ -160,9 +180,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         loss = MaskedLoss(cfg.loss) if masked_loss else {'l1': nn.L1Loss(), 'mse': nn.MSELoss()}[cfg.loss]
         keys = key_channels(n_in, context) if cfg.pretext == 'context' else None
         if keys: loss = ChannelLoss(loss, keys)
-        corruption = dict(mask_ratio=cfg.mask_ratio, patch=cfg.patch, noise_std=cfg.noise_std)
+        corruption = corruption_of(cfg, keys)
         learn = Learner(dls, model, loss_func=loss, path=out, model_dir='models',
-                        cbs=[MaskedCorruption(**corruption, channels=keys, masked_loss=masked_loss)])
+                        cbs=[MaskedCorruption(masked_loss=masked_loss, fn=corruption)])
         if distributed.is_main():
             with distributed.alone(): untrained = float(learn.validate()[0])
         seed_rank(cfg.seed)
@@ -174,8 +194,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         with distributed.alone(): trained = float(learn.validate()[0])
         config = {**recorded(cfg), 'out': str(out), 'in_chans': n_in, 'precision': precision, 'train_slices': n_train}
         ckpt = save_pretrained(out / 'pretrained.pth', model, config, valid_loss=trained)
-        _reconstruction_figure(learn, corruption, out / 'reconstructions.png', keys)
-        copy = _copy_baseline(learn, corruption, keys, masked_loss)
+        _reconstruction_figure(learn, corruption, out / 'reconstructions.png')
+        copy = _copy_baseline(learn, corruption, masked_loss)
         metrics = {'valid_loss_untrained': untrained, 'valid_loss': trained, 'valid_loss_copy_input': copy,
                    'train_slices': n_train, 'config': config, 'time_s': round(time.time() - t0, 1)}
         if keys: metrics['valid_loss_neighbour_mean'] = _neighbour_baseline(learn, keys)
@@ -185,12 +205,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 @torch.no_grad()
-def _copy_baseline(learn, corruption: dict, channels=None, masked_loss=False) -> float:
+def _copy_baseline(learn, corruption, masked_loss=False) -> float:
     "The loss of returning the corrupted input unchanged: a model must beat it to have learned anything."
     g, losses = None, []
     for (x,) in learn.dls.valid:
         g = g or torch.Generator(device=x.device).manual_seed(0)
-        xc, mask = corrupt(x, **corruption, generator=g, channels=channels)
+        xc, mask = corruption(x, generator=g)
         losses.append(float(learn.loss_func(xc, x, mask) if masked_loss else learn.loss_func(xc, x)))
     return float(np.mean(losses))
 
@@ -208,10 +228,10 @@ def _neighbour_baseline(learn, keys) -> float:
 
 
 @torch.no_grad()
-def _reconstruction_figure(learn, corruption: dict, path, channels=None, n=4):
+def _reconstruction_figure(learn, corruption, path, n=4):
     (x,) = learn.dls.valid.one_batch()
     x = x[:n]
-    xc, _ = corrupt(x, **corruption, generator=torch.Generator(device=x.device).manual_seed(0), channels=channels)
+    xc, _ = corruption(x, generator=torch.Generator(device=x.device).manual_seed(0))
     learn.model.eval()
     y = learn.model(xc)
     return plot_reconstructions(x[:, 0].cpu().numpy(), xc[:, 0].cpu().numpy(), y[:, 0].cpu().numpy(), path)

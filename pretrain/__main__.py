@@ -2,13 +2,15 @@
 
 Labels are not used: the autoencoder reconstructs clean slices from masked, noisy ones (or, with
 --pretext context, a slice's masked patches from its neighbour slices; with --pretext mae, three
-quarters of small patches, scored on the masked pixels only). Writes
+quarters of small patches, scored on the masked pixels only; with --pretext genesis, the whole slice
+from Models Genesis's shuffled, intensity-mapped, in- or out-painted one). Writes
 OUT/pretrained.pth (encoder, decoder, construction arguments, config) for python -m finetune --pretrained.
 
 Example:
     python -m pretrain --data data/synthetic --out runs/pretrain --epochs 10
     python -m pretrain --data data/synthetic --out runs/pretrain_context --pretext context --context 2
     python -m pretrain --data data/synthetic --out runs/pretrain_mae --pretext mae
+    python -m pretrain --data data/synthetic --out runs/pretrain_genesis --pretext genesis
     torchrun --nproc_per_node 4 -m pretrain --data data/synthetic --out runs/pretrain --cache disk
         (data parallel, one process per GPU, or gloo on CPUs; --bs is per process; rank 0 writes)
 """

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from lesion_fastai.losses import DetectionLoss
 from lesion_fastai.models.detector import Detector
 from lesion_fastai.config import FinetuneConfig
 from lesion_fastai.finetuning import finetune
+from lesion_fastai.pretraining import corrupt
 
 import finetune.__main__ as finetune_cli
 import pretrain.__main__ as pretrain_cli
@@ -290,7 +292,7 @@ def test_decoder_sandwich_step_keeps_frozen_encoder_decoder_and_bn_statistics(ti
 def test_lesion_probe_tells_a_model_that_keeps_lesions_from_one_that_blurs_them(tiny_records, pretrained, tiny_data):
     from lesion_fastai.bench.lesions import lesion_reconstruction, lesion_reconstruction_of
     recs = [r for r in tiny_records if r.split == 'val']
-    clean = dict(mask_ratio=0., patch=4, noise_std=0.)
+    clean = partial(corrupt, mask_ratio=0., patch=4, noise_std=0.)
     keep = lesion_reconstruction(torch.nn.Identity(), recs, SliceSpec('soft', 0, 64), clean)['clean']
     assert keep['l1_slice'] == keep['l1_lesion'] == keep['l1_ring'] == 0 and keep['contrast_kept_median'] == pytest.approx(1)
     assert keep['lesions_with_contrast'] > 0

@@ -1,17 +1,18 @@
 """The pretexts: context (only the key slice is masked, its neighbours stay whole, only the key slice is
-scored) and mae (a high ratio of small patches, scored on the masked pixels only), and the decoder
-sandwich fine-tuned from them."""
+scored), mae (a high ratio of small patches, scored on the masked pixels only) and genesis (Models
+Genesis's transformations, every pixel scored), and the decoder sandwich fine-tuned from them."""
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from lesion_fastai.pretraining import ChannelLoss, MaskedCorruption, MaskedLoss, corrupt, key_channels
+from lesion_fastai.pretraining import ChannelLoss, MaskedCorruption, MaskedLoss, corrupt, corruption_of, key_channels
 from lesion_fastai.checkpoint import load_pretrained
 from lesion_fastai.data import n_channels
 from lesion_fastai.deeplesion import read_dl_info
-from lesion_fastai.config import FinetuneConfig
+from lesion_fastai.config import FinetuneConfig, PretrainConfig
+from lesion_fastai.genesis import genesis
 from lesion_fastai.finetuning import finetune
 
 import pretrain.__main__ as pretrain_cli
@@ -132,3 +133,83 @@ def test_pretrain_dedup_drops_repeated_training_slices_only(tiny_data, tmp_path,
     dedup = pretrain(PretrainConfig(data=data, out=tmp_path / 'b', epochs=1, bs=2, size=32, dedup=1e-6, context=0))
     assert dedup['train_slices'] == plain['train_slices'] - 1 and dedup['config']['dedup'] == 1e-6
     assert '--dedup 1e-06: dropped 1 training slice(s)' in capsys.readouterr().out
+
+
+def _genesis(x, seed=0, **rates):
+    "Only the named transformations, each always applied."
+    rates = {'nonlinear': 0, 'local': 0, 'paint': 0, 'outpaint': 0, **rates}
+    return genesis(x, torch.Generator().manual_seed(seed), **rates)
+
+
+def test_genesis_keeps_shape_and_range_scores_every_pixel_and_repeats_per_seed():
+    x = torch.rand(4, 3, 32, 32)
+    xc, mask = genesis(x, torch.Generator().manual_seed(0))
+    assert xc.shape == x.shape and 0 <= float(xc.min()) and float(xc.max()) <= 1
+    assert mask.shape == (4, 1, 32, 32) and bool((mask == 1).all())
+    assert torch.equal(xc, genesis(x, torch.Generator().manual_seed(0))[0])
+    assert not torch.equal(xc, genesis(x, torch.Generator().manual_seed(1))[0])
+
+
+def test_genesis_intensity_curve_maps_each_image_by_one_curve():
+    x = torch.rand(8, 2, 16, 16)
+    xc, _ = _genesis(x, nonlinear=1)
+    kinds = []
+    for i in range(len(x)):
+        v, order = x[i].reshape(-1).sort()
+        y = xc[i].reshape(-1)[order]
+        assert float((y - v).abs().max()) > .01                              # not the identity
+        if bool((y.diff() >= -1e-6).all()): kinds.append('increasing')
+        else:                                                                  # x values sorted only: black and white swap
+            assert float(y[:8].mean()) > float(y[-8:].mean()); kinds.append('inverted')
+    assert set(kinds) == {'increasing', 'inverted'}
+
+
+def test_genesis_local_shuffling_moves_pixels_only_within_small_tiles():
+    H = W = 40                                                              # tiles of 2 to 4 pixels a side
+    code = (torch.arange(H * W, dtype=torch.float32) / (H * W)).reshape(H, W)
+    x = code.expand(4, 2, H, W).clone()
+    xc, _ = _genesis(x, local=1)
+    assert torch.equal(xc[:, 0], xc[:, 1])
+    for i in range(len(x)):
+        assert torch.equal(xc[i, 0].reshape(-1).sort().values, code.reshape(-1))     # the same pixels
+        origin = (xc[i, 0] * H * W).round().long()
+        dy, dx = origin // W - torch.arange(H)[:, None], origin % W - torch.arange(W)
+        assert (dy.abs() < 4).all() and (dx.abs() < 4).all()
+        assert float((origin != torch.arange(H * W).reshape(H, W)).float().mean()) > .2
+    assert not torch.equal(xc[0], xc[1])                                    # each image its own tiles
+
+
+@pytest.mark.parametrize('outpaint', [1, 0])
+def test_genesis_painting_keeps_part_of_the_slice_and_fills_the_rest_with_noise(outpaint):
+    x = torch.full((4, 2, 32, 32), .5)
+    xc, _ = _genesis(x, paint=1, outpaint=outpaint)
+    kept = (xc == x).float().mean((1, 2, 3))
+    assert torch.equal(xc[:, 0], xc[:, 1])
+    if outpaint: assert (kept > (3 / 7) ** 2 * .9).all() and (kept < 1).all()   # at least one box of 3/7 of a side copied back
+    else: assert (kept > .5).all() and (kept < 1).any()                       # boxes of at most 1/3 of a side filled
+
+
+def test_genesis_transforms_every_channel_of_an_image_alike():
+    x = torch.rand(8, 1, 32, 32).expand(8, 3, 32, 32)
+    xc, _ = genesis(x, torch.Generator().manual_seed(0), nonlinear=1, local=1, paint=1, outpaint=.5)
+    assert not torch.equal(xc, x)
+    assert torch.equal(xc[:, 0], xc[:, 1]) and torch.equal(xc[:, 0], xc[:, 2])
+
+
+def test_corruption_of_is_the_pretexts_corruption_with_the_same_draws(tmp_path):
+    x = torch.rand(2, 6, 32, 32)
+    mae = PretrainConfig(data=tmp_path, out=tmp_path, pretext='mae', mask_ratio=.75, patch=4, noise_std=0.)
+    got = corruption_of(mae, [0, 3])(x, generator=torch.Generator().manual_seed(0))
+    want = corrupt(x, .75, 4, 0., torch.Generator().manual_seed(0), channels=[0, 3])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert corruption_of(PretrainConfig(data=tmp_path, out=tmp_path, pretext='genesis')) is genesis
+
+
+def test_genesis_pretext_pretrains_and_records_its_pretext(tiny_data, tmp_path):
+    out = tmp_path / 'pretrain'
+    pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--pretext', 'genesis', '--epochs', '1', '--bs', '4',
+                       '--size', '32', '--context', '0'])
+    c = load_pretrained(out / 'pretrained.pth')['config']
+    assert c['pretext'] == 'genesis' and (c['mask_ratio'], c['patch'], c['noise_std']) == (None, None, None)
+    m = json.loads((out / 'pretrain_metrics.json').read_text())
+    assert 0 < m['valid_loss_copy_input'] < 1 and (out / 'reconstructions.png').stat().st_size > 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from ..data import CTSlice, SliceSpec
 from ..deeplesion import evaluation_records, load_data
 from ..log import log
 from ..models.autoencoder import Autoencoder
-from ..pretraining import corrupt, key_channels
+from ..pretraining import corruption_of, key_channels
 from ..settings import check_fields, from_args, option
 from .common import add_bench_settings
 
@@ -37,20 +38,20 @@ def _masks(box_px, scale: float, size: int):
 
 
 @torch.no_grad()
-def lesion_reconstruction(model, records, spec: SliceSpec, corruption: dict, channels=None, seed: int = 0) -> dict:
+def lesion_reconstruction(model, records, spec: SliceSpec, corruption, seed: int = 0) -> dict:
     """For the clean and the corrupted (pretext) input of each record's key slice: the reconstruction's
     L1 error over the slice, inside the lesion boxes and in the ring around them (the same neighbourhood
     without the lesion), and the share of each lesion's contrast
     against its surrounding ring (box mean minus ring mean) that the reconstruction keeps (1: kept,
-    0: erased; lesions under 0.02 of contrast in the input are left out). The corruption masks
-    `channels` (default all), as the pretext did. Returns means and the median share kept."""
+    0: erased; lesions under 0.02 of contrast in the input are left out). `corruption` is the
+    pretext's (`pretraining.corruption_of`). Returns means and the median share kept."""
     load, size = CTSlice(spec), spec.size
     g = torch.Generator().manual_seed(seed)
     found = {k: {'l1_slice': [], 'l1_lesion': [], 'l1_ring': [], 'contrast_kept': []} for k in ('clean', 'corrupted')}
     model.eval()
     for r in records:
         x = load.channels(r.image_path)[None]                                   # [1, C, size, size] in [0, 1]
-        inputs = {'clean': x, 'corrupted': corrupt(x, **corruption, generator=g, channels=channels)[0]}
+        inputs = {'clean': x, 'corrupted': corruption(x, generator=g)[0]}
         for kind, inp in inputs.items():
             y = model(inp)[0, 0].numpy()                                        # the key slice, first window
             x0 = x[0, 0].numpy()
@@ -79,9 +80,10 @@ def lesion_reconstruction_of(pretrained: Path | str, data: Path | str, split: st
     model = Autoencoder(**ckpt['model_args'])                   # the autoencoder's own construction arguments
     load_encoder(model.encoder, ckpt, str(pretrained)); load_decoder(model.decoder, ckpt, str(pretrained))
     _, records = load_data(Path(data))
-    corruption = {k: cfg[k] for k in ('mask_ratio', 'patch', 'noise_std')}
     keys = key_channels(cfg['in_chans'], cfg['context']) if cfg.get('pretext') == 'context' else None
-    return lesion_reconstruction(model, evaluation_records(records, split), SliceSpec(cfg['windows'], cfg['context'], cfg['size']), corruption, keys)
+    pretext = SimpleNamespace(pretext=cfg.get('pretext', 'masked'), **{k: cfg[k] for k in ('mask_ratio', 'patch', 'noise_std')})
+    return lesion_reconstruction(model, evaluation_records(records, split), SliceSpec(cfg['windows'], cfg['context'], cfg['size']),
+                                 corruption_of(pretext, keys))
 
 
 def lesions(checkpoints, data: Path) -> str:
