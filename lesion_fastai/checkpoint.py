@@ -8,9 +8,11 @@ import torch
 
 from .files import atomic_path
 
-__all__ = ['atomic_save', 'save_pretrained', 'load_pretrained', 'load_encoder', 'load_decoder', 'decoder_args', 'PRETRAINED_FORMAT']
+__all__ = ['atomic_save', 'save_pretrained', 'load_pretrained', 'load_encoder', 'load_decoder', 'decoder_args', 'scale_only',
+           'PRETRAINED_FORMAT', 'INITS']
 
 PRETRAINED_FORMAT = 'lesion_fastai.autoencoder/1'
+INITS = ('weights', 'scale')   # what a pretrained start takes from its checkpoint: the weights, or only their scale
 
 
 def atomic_save(obj, path: Path | str, **kwargs) -> Path:
@@ -37,16 +39,45 @@ def load_pretrained(path: Path | str) -> dict:
     return ckpt
 
 
-def load_encoder(encoder: torch.nn.Module, ckpt: dict, source='checkpoint') -> None:
+def load_encoder(encoder: torch.nn.Module, ckpt: dict, source='checkpoint', stages: int | None = None, init: str = 'weights',
+                 seed: int = 0) -> None:
     """Load the checkpoint's encoder weights into `encoder` with strict=True, after checking that the
-    architectures agree; a mismatch raises naming the differing arguments, keys or shapes."""
+    architectures agree; a mismatch raises naming the differing arguments, keys or shapes. With
+    `stages` K, only the stem and the first K stages come from the checkpoint, the later stages keep
+    their fresh initialisation (what transfers is mostly in the lowest layers: Raghu et al. 2019).
+    With `init` 'scale', what would be loaded is drawn fresh with each pretrained tensor's mean and
+    std instead (`scale_only`)."""
     want = ckpt['model_args']['encoder_args']
     have = getattr(encoder, 'encoder_args', None) or {}
     diff = {k: (want.get(k), have.get(k)) for k in set(want) | set(have) if _norm(want.get(k)) != _norm(have.get(k))}
     if have and diff:
         raise ValueError(f"{source}: encoder architecture differs from the model's: "
                          + ', '.join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in sorted(diff.items())))
-    _load_strict(encoder, ckpt['encoder'], f"{source}: encoder")
+    sd = ckpt['encoder']
+    n = len(getattr(encoder, 'stages', ()))
+    if stages is not None and not 0 <= stages <= n:
+        raise ValueError(f"--transfer-stages {stages}: the encoder has {n} stages after its stem (0 to {n}: how many come from {source})")
+    if init == 'scale': sd = scale_only(encoder, sd, seed)
+    if stages is not None:
+        fresh = encoder.state_dict()
+        later = lambda k: k.startswith('stages.') and int(k.split('.')[1]) >= stages
+        sd = {k: fresh[k] if later(k) and k in fresh else v for k, v in sd.items()}
+    _load_strict(encoder, sd, f"{source}: encoder")
+
+
+def scale_only(module: torch.nn.Module, sd: dict, seed: int = 0) -> dict:
+    """`sd` with every parameter of `module` drawn fresh from a normal distribution with the mean and std
+    of the pretrained tensor (Raghu et al. 2019's "Mean Var" init: the control that tells the weights'
+    scale from what they learned), and the buffers (BatchNorm's running statistics) the module's own
+    fresh ones: the statistics are learned too."""
+    g = torch.Generator().manual_seed(seed)
+    params, own = dict(module.named_parameters()), module.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k not in params: out[k] = own.get(k, v); continue
+        w = v.float()
+        out[k] = (torch.randn(v.shape, generator=g) * w.std(unbiased=False) + w.mean()).to(v.dtype)
+    return out
 
 
 def decoder_args(ckpt: dict) -> dict:
@@ -54,10 +85,11 @@ def decoder_args(ckpt: dict) -> dict:
     return {k: v for k, v in ckpt['model_args'].items() if k != 'encoder_args'}
 
 
-def load_decoder(decoder: torch.nn.Module, ckpt: dict, source='checkpoint') -> None:
+def load_decoder(decoder: torch.nn.Module, ckpt: dict, source='checkpoint', init: str = 'weights', seed: int = 0) -> None:
     """Load the checkpoint's decoder weights into `decoder` (built from `decoder_args(ckpt)`) with
-    strict=True; a mismatch raises naming the keys or shapes."""
-    _load_strict(decoder, ckpt['decoder'], f"{source}: decoder")
+    strict=True; a mismatch raises naming the keys or shapes. `init` 'scale': `scale_only` draws."""
+    sd = ckpt['decoder']
+    _load_strict(decoder, scale_only(decoder, sd, seed + 1) if init == 'scale' else sd, f"{source}: decoder")
 
 
 def _load_strict(module: torch.nn.Module, sd: dict, what: str) -> None:

@@ -63,6 +63,11 @@ def resolve(cfg: FinetuneConfig, records, ckpt: dict | None) -> FinetuneConfig:
         raise ValueError(f"--unfreeze-after unfreezes what --freeze sandwich or encoder froze: with --freeze {freeze} nothing is frozen")
     if cfg.unfreeze_after >= cfg.epochs:
         raise ValueError(f"--unfreeze-after {cfg.unfreeze_after} leaves no epoch of --epochs {cfg.epochs} to train unfrozen")
+    if cfg.transfer_stages is not None and (ckpt is None or freeze != 'full'):
+        raise ValueError(f"--transfer-stages loads the first stages of --pretrained and starts the rest fresh: it needs --pretrained "
+                         f"CHECKPOINT and --freeze full{'' if ckpt is None else f', not {freeze} (a frozen fresh stage would never learn)'}")
+    if cfg.pretrained_init != 'weights' and ckpt is None:
+        raise ValueError(f"--pretrained-init {cfg.pretrained_init} draws from the scale of --pretrained's weights: it needs --pretrained CHECKPOINT")
     if cfg.sandwich == 'decoder' and ckpt is None:
         raise ValueError("--sandwich decoder reads the pretrained autoencoder's decoder: it needs --pretrained CHECKPOINT")
     defaults = {'windows': lambda: RunConfig.windows, 'context': lambda: resolve_context(None, records, cfg.data),
@@ -153,8 +158,8 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         model = Detector(enc_args, head=cfg.head, sandwich=cfg.freeze == 'sandwich' and cfg.sandwich, out_bn=cfg.out_bn, kappa=cfg.kappa,
                          adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, stride=cfg.stride,
                          decoder_args=decoder_args(ckpt) if ckpt else None, backbone_weights=cfg.backbone_weights, decoding=decoding)
-        if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained))
-        if model.decoder is not None: load_decoder(model.decoder, ckpt, str(cfg.pretrained))
+        if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained), cfg.transfer_stages, cfg.pretrained_init, cfg.seed)
+        if model.decoder is not None: load_decoder(model.decoder, ckpt, str(cfg.pretrained), cfg.pretrained_init, cfg.seed)
         learn = Learner(dls, model, loss_func=loss_func, metrics=[ValidFROC()], train_bn=False, wd=cfg.wd, path=out,
                         model_dir='models', splitter=detector_splitter)
         apply_freeze(learn, cfg.freeze)

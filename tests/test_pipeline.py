@@ -488,3 +488,64 @@ def test_full_fine_tuning_trains_the_pretrained_layers_at_the_rate_scratch_train
     finetune(FinetuneConfig(out=tmp_path / 'split', lr_mult=10, **cfg), cbs=[split])
     lrs = np.array(split.lrs)
     assert np.allclose(lrs[:, 0] * 10, lrs[:, 1])
+
+
+def _encoder_checkpoint(seed=1):
+    "An encoder of ENC with weights that are not a fresh model's, as a checkpoint dict `load_encoder` reads."
+    torch.manual_seed(seed)
+    src = Detector(dict(ENC)).encoder
+    with torch.no_grad():
+        for v in src.state_dict().values():
+            if v.is_floating_point(): v.add_(torch.randn_like(v) * .3 + .1)
+    return {'model_args': {'encoder_args': src.encoder_args}, 'encoder': src.state_dict()}
+
+
+def test_transfer_stages_loads_the_stem_and_first_stages_and_leaves_the_later_ones_fresh():
+    from lesion_fastai.checkpoint import load_encoder
+    ckpt = _encoder_checkpoint()
+    enc = Detector(dict(ENC)).encoder
+    fresh = {k: v.clone() for k, v in enc.state_dict().items()}
+    load_encoder(enc, ckpt, stages=1)
+    for k, v in enc.state_dict().items():
+        loaded = k.startswith(('stem', 'stages.0.'))
+        assert torch.equal(v, ckpt['encoder'][k] if loaded else fresh[k]), k
+    assert any(k.startswith('stages.3.') for k in fresh)
+    with pytest.raises(ValueError, match='--transfer-stages 5: the encoder has 4 stages'):
+        load_encoder(Detector(dict(ENC)).encoder, ckpt, stages=5)
+
+
+def test_scale_init_draws_each_tensor_afresh_with_the_pretrained_mean_and_std():
+    from lesion_fastai.checkpoint import load_encoder
+    ckpt = _encoder_checkpoint()
+    enc, again = Detector(dict(ENC)).encoder, Detector(dict(ENC)).encoder
+    fresh_buffers = {k: v.clone() for k, v in enc.named_buffers()}
+    load_encoder(enc, ckpt, init='scale', seed=4); load_encoder(again, ckpt, init='scale', seed=4)
+    for k, v in enc.named_parameters():
+        w = ckpt['encoder'][k]
+        assert not torch.equal(v, w) and torch.equal(v, dict(again.named_parameters())[k]), k
+        if w.numel() >= 500:                                    # within 5 standard errors of the pretrained mean and std
+            se = w.std().item() / w.numel() ** .5
+            assert abs(v.mean().item() - w.mean().item()) < 5 * se and abs(v.std().item() / w.std().item() - 1) < 5 / (2 * w.numel()) ** .5, k
+    assert all(torch.equal(v, fresh_buffers[k]) for k, v in enc.named_buffers())    # BatchNorm statistics are learned too: fresh
+
+
+class _Start(__import__('fastai.callback.core', fromlist=['Callback']).Callback):
+    "The encoder's weights as the fit begins."
+    def before_fit(self): self.encoder = {k: v.clone() for k, v in self.learn.model.encoder.state_dict().items()}
+
+
+def test_finetune_reads_transfer_stages_and_pretrained_init_and_refuses_them_without_a_full_pretrained_start(tiny_data, control, tmp_path):
+    cfg = dict(data=tiny_data, epochs=1, bs=2, freeze='full')
+    start = _Start()
+    finetune(FinetuneConfig(out=tmp_path / 'k0', pretrained=control, transfer_stages=0, **cfg), cbs=[start])
+    sd = load_pretrained(control)['encoder']
+    assert all(torch.equal(start.encoder[k], sd[k]) for k in sd if k.startswith('stem'))
+    assert not all(torch.equal(start.encoder[k], sd[k]) for k in sd if k.startswith('stages.0.') and k.endswith('weight'))
+    finetune(FinetuneConfig(out=tmp_path / 'scale', pretrained=control, pretrained_init='scale', **cfg), cbs=[start])
+    assert not torch.equal(start.encoder['stem.0.0.weight'], sd['stem.0.0.weight'])
+    with pytest.raises(ValueError, match='--transfer-stages .* needs --pretrained CHECKPOINT and --freeze full$'):
+        finetune(FinetuneConfig(out=tmp_path / 'a', transfer_stages=1, **dict(cfg, freeze='scratch')))
+    with pytest.raises(ValueError, match='not sandwich'):
+        finetune(FinetuneConfig(out=tmp_path / 'b', **dict(cfg, freeze='sandwich'), pretrained=control, transfer_stages=1))
+    with pytest.raises(ValueError, match='--pretrained-init scale .* needs --pretrained'):
+        finetune(FinetuneConfig(out=tmp_path / 'c', pretrained_init='scale', **dict(cfg, freeze='scratch')))
