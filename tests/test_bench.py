@@ -63,7 +63,7 @@ def test_summary_averages_seeds_with_intervals_and_pairs_with_scratch():
     (s,) = summarise(rows)
     assert s['hit@0.5'] == pytest.approx(.3) and s['froc'] == pytest.approx(.5) and s['seeds'] == 3
     assert s['froc_ci'] == pytest.approx(4.303 * .1 / np.sqrt(3), rel=1e-3) and s['hit_ci'] == pytest.approx(4.303 * .1 / np.sqrt(3), rel=1e-3)
-    assert '| 0.1 | 5 | scratch | 0.500 +- 0.248 |  | 0.500 | 0.300 +- 0.248 |' in efficiency_table([s])
+    assert '| 0.1 | 5 | scratch | 0.500 +- 0.248 |  |  | 0.500 | 0.300 +- 0.248 |' in efficiency_table([s])
     # a pretrained mode a steady 0.1 above scratch seed by seed: resolved, though its own interval overlaps scratch's
     rows += _fake_rows('sandwich [mae]', (.5, .7, .6), valid=.6) + _fake_rows('none [mae]', (.1, .9, .5), valid=.4)
     summary = summarise(rows)
@@ -76,6 +76,20 @@ def test_summary_averages_seeds_with_intervals_and_pairs_with_scratch():
     two = [r for r in rows if r['seed'] < 2]                           # two equal differences: an interval of 0, yet not resolved
     (line,) = verdict_lines(summarise(two))
     assert 'fewer than the 3' in line and 'better than scratch' not in line
+
+
+def test_a_pretrained_mode_is_paired_with_its_own_control_seed_by_seed():
+    "`full [masked]` read against `full [untrained]` as well as against scratch; the control has no control."
+    rows = (_fake_rows('scratch', (.4, .6, .5)) + _fake_rows('full [untrained]', (.2, .4, .3))
+            + _fake_rows('full [masked]', (.3, .5, .4), valid=.6) + _fake_rows('sandwich [masked]', (.1, .2, .3)))
+    summary = {s['mode']: s for s in summarise(rows)}
+    full = summary['full [masked]']
+    assert full['diff'] == pytest.approx(-.1) and full['diff_control'] == pytest.approx(.1) and full['diff_control_ci'] == pytest.approx(0, abs=1e-9)
+    assert 'diff_control' not in summary['full [untrained]'] and 'diff_control' not in summary['sandwich [masked]']   # no sandwich control ran
+    best = verdict_lines(list(summary.values()))[0]
+    assert 'full [masked]' in best and 'worse than scratch' in best and 'from its control full [untrained] 0.100' in best
+    assert best.endswith('better than the control')
+    assert '| full [masked] | 0.400 +- ' in efficiency_table(list(summary.values())) and '| 0.100 +- 0.000 |' in efficiency_table([full])
 
 
 @pytest.mark.slow

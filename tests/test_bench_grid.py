@@ -121,3 +121,13 @@ def test_the_control_is_an_untrained_pretraining_of_its_own_and_reported_as_the_
     assert lines[0].startswith('labels 0.1: best pretrained mode on validation is full [masked]')     # not the better control
     assert lines[1].startswith('labels 0.1: control (the untrained checkpoint, which should tie scratch): full [untrained]')
     with pytest.raises(SettingError, match='untrained'): EfficiencySettings(out=tmp_path, pretexts=('untrainedd',))
+
+
+def test_the_transfer_modes_start_full_from_the_scale_or_the_first_stages_of_the_checkpoint(tmp_path):
+    from lesion_fastai.bench.efficiency import EfficiencySettings, efficiency_grid
+    s = EfficiencySettings(out=tmp_path, fractions=(.1,), seeds=(0,), modes=('full', 'full-scale', 'full-k0', 'full-k2'), context=0)
+    runs = {r.row['mode']: r.cfg for r in efficiency_grid(s, tmp_path / 'data')}
+    assert {m: (c.freeze, c.pretrained_init, c.transfer_stages) for m, c in runs.items()} == {
+        'full [masked]': ('full', 'weights', None), 'full-scale [masked]': ('full', 'scale', None),
+        'full-k0 [masked]': ('full', 'weights', 0), 'full-k2 [masked]': ('full', 'weights', 2)}
+    assert len({c.pretrained for c in runs.values()}) == 1 and len({c.out for c in runs.values()}) == 4

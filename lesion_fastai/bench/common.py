@@ -24,11 +24,13 @@ __all__ = ['MODES', 'MODE_ALIASES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich); 'none' is the old name of 'full'. The -ft modes unfreeze after
 # the frozen epochs (fastai's fine_tune); carry: scratch with labels carried to the neighbour slices; selftrain: scratch with the
-# scratch run's pseudo-labels (the same label fraction and seed as teacher); selftrain-ae: the same, the student from the autoencoder
+# scratch run's pseudo-labels (the same label fraction and seed as teacher); selftrain-ae: the same, the student from the autoencoder;
+# full-scale: full from fresh draws with the scale of the pretrained weights; full-kK: full with only the stem and first K stages loaded
 MODES = {'scratch': ('scratch', 'encoder'), 'full': ('full', 'encoder'), 'encoder': ('encoder', 'encoder'),
          'sandwich': ('sandwich', 'encoder'), 'decoder-sandwich': ('sandwich', 'decoder'), 'imagenet': ('full', 'encoder'),
          'sandwich-ft': ('sandwich', 'encoder'), 'encoder-ft': ('encoder', 'encoder'), 'decoder-sandwich-ft': ('sandwich', 'decoder'),
-         'carry': ('scratch', 'encoder'), 'selftrain': ('scratch', 'encoder'), 'selftrain-ae': ('full', 'encoder')}
+         'carry': ('scratch', 'encoder'), 'selftrain': ('scratch', 'encoder'), 'selftrain-ae': ('full', 'encoder'),
+         'full-scale': ('full', 'encoder'), **{f'full-k{k}': ('full', 'encoder') for k in range(4)}}
 MODE_ALIASES = {'none': 'full'}
 GRID_MODES = ('scratch', 'full', 'sandwich', 'decoder-sandwich', 'imagenet')
 NO_CHECKPOINT = ('scratch', 'imagenet', 'carry', 'selftrain')   # modes that do not start from the autoencoder
@@ -48,6 +50,8 @@ def mode_changes(mode: str, unfreeze_after: int = UNFREEZE_AFTER, carry_weight: 
     "The FinetuneConfig settings a bench mode adds to its freeze mode."
     if mode.endswith('-ft'): return {'unfreeze_after': unfreeze_after}
     if mode == 'carry': return {'carry_weight': carry_weight}
+    if mode == 'full-scale': return {'pretrained_init': 'scale'}
+    if mode.startswith('full-k'): return {'transfer_stages': int(mode.removeprefix('full-k'))}
     return {}
 
 

@@ -46,7 +46,9 @@ class EfficiencySettings(BenchSettings):
                           "the frozen encoder's stages; decoder-sandwich: 3FabRec's, between the frozen decoder's blocks; encoder: only the "
                           "head trains; full: every layer trains from the pretrained encoder, old name none; the -ft modes unfreeze after "
                           "--unfreeze-after epochs; carry: scratch with labels carried to the neighbour slices; selftrain, selftrain-ae: the "
-                          "scratch run's pseudo-labels, the student from scratch or from the autoencoder)", parse=_names,
+                          "scratch run's pseudo-labels, the student from scratch or from the autoencoder; full-scale: full from fresh weights "
+                          "with each pretrained tensor's mean and std; full-k0 to full-k3: full with the stem and the first K stages "
+                          "loaded, the later ones fresh)", parse=_names,
                           check=lambda v: unknown(v, tuple(MODES)), group=GROUP)
     pretexts: tuple = option(('masked',), f"pretraining pretexts ({', '.join(PRETEXTS)}), one pretraining each; {CONTROL}: the "
                              "autoencoder's checkpoint with no epochs (python -m pretrain --epochs 0), the control every pretrained mode is "
@@ -202,9 +204,22 @@ def verdict_lines(summary) -> list[str]:
             d, ci = best['diff'], best['diff_ci']
             if best['pairs'] < MIN_SEEDS: word = f"{best['pairs']} paired seed(s), fewer than the {MIN_SEEDS} an interval needs here: not resolved"
             else: word = 'no difference resolved' if abs(d) <= ci else 'better than scratch' if d > 0 else 'worse than scratch'
-            lines.append(f"labels {frac:g}: {what}{best['mode']} (validation FROC {pm(best['valid_froc'], best['valid_ci'])}); "
-                         f"test FROC {pm(best['froc'], best['froc_ci'])}, paired difference from scratch {pm(d, ci)}: {word}")
+            line = (f"labels {frac:g}: {what}{best['mode']} (validation FROC {pm(best['valid_froc'], best['valid_ci'])}); "
+                    f"test FROC {pm(best['froc'], best['froc_ci'])}, paired difference from scratch {pm(d, ci)}: {word}")
+            if 'diff_control' in best:
+                d, ci = best['diff_control'], best['diff_control_ci']
+                line += (f"; from its control {_control_of(best['mode'])} {pm(d, ci)}: "
+                         + ('not resolved' if best['control_pairs'] < MIN_SEEDS else 'no difference resolved' if abs(d) <= ci
+                            else 'better than the control' if d > 0 else 'worse than the control'))
+            lines.append(line)
     return lines
+
+
+def _control_of(mode: str) -> str | None:
+    "The row of a pretrained mode's control: the same mode from the untrained checkpoint (`full [masked]` -> `full [untrained]`)."
+    if ' [' not in mode or f'[{CONTROL}' in mode: return None
+    base, pretext = mode.split(' [', 1)
+    return f"{base} [{CONTROL}{pretext[len(pretext.split('_')[0].rstrip(']')):]}"
 
 
 # the ways of using the unlabelled slices other than pretraining, each reported against scratch on its own
@@ -231,6 +246,9 @@ def summarise(rows):
             scratch = {r['seed']: r['froc'] for r in rows if r['mode'] == 'scratch' and r['fraction'] == frac}
             paired = [r['froc'] - scratch[r['seed']] for r in sel if r['seed'] in scratch]
             if mode != 'scratch' and paired: agg['diff'], agg['diff_ci'], agg['pairs'] = *mean_ci(paired), len(paired)
+            control = {r['seed']: r['froc'] for r in rows if r['fraction'] == frac and _control_of(mode) == r['mode']}
+            paired = [r['froc'] - control[r['seed']] for r in sel if r['seed'] in control]
+            if paired: agg['diff_control'], agg['diff_control_ci'], agg['control_pairs'] = *mean_ci(paired), len(paired)
             out.append(agg)
     return out
 
@@ -242,11 +260,12 @@ def _mode_order(mode: str):
 
 def efficiency_table(summary) -> str:
     lines = ['| labels (fraction of training patients) | labeled slices | mode [pretext] | test FROC, mean 0.5-4 FPs | paired difference from scratch | '
-             'sensitivity at 4 FPs | top box hit@0.5 | validation FROC | mean box FROC / hit@0.5 | seeds (trained in) |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             'paired difference from the control | sensitivity at 4 FPs | top box hit@0.5 | validation FROC | mean box FROC / hit@0.5 | seeds (trained in) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
     for s in sorted(summary, key=lambda s: (s['fraction'], _mode_order(s['mode']))):
         diff = pm(s['diff'], s['diff_ci']) if 'diff' in s else ''
-        lines.append(f"| {s['fraction']:g} | {s['train_slices']} | {s['mode']} | {pm(s['froc'], s['froc_ci'])} | {diff} | {s['sens@4']:.3f} | "
+        diff_control = pm(s['diff_control'], s['diff_control_ci']) if 'diff_control' in s else ''
+        lines.append(f"| {s['fraction']:g} | {s['train_slices']} | {s['mode']} | {pm(s['froc'], s['froc_ci'])} | {diff} | {diff_control} | {s['sens@4']:.3f} | "
                      f"{pm(s['hit@0.5'], s['hit_ci'])} | {pm(s['valid_froc'], s['valid_ci'])} | {s['baseline_froc']:.3f} / {s['baseline_hit@0.5']:.3f} | {s.get('precision', s['seeds'])} |")
     return '\n'.join(lines)
 
