@@ -549,3 +549,18 @@ def test_finetune_reads_transfer_stages_and_pretrained_init_and_refuses_them_wit
         finetune(FinetuneConfig(out=tmp_path / 'b', **dict(cfg, freeze='sandwich'), pretrained=control, transfer_stages=1))
     with pytest.raises(ValueError, match='--pretrained-init scale .* needs --pretrained'):
         finetune(FinetuneConfig(out=tmp_path / 'c', pretrained_init='scale', **dict(cfg, freeze='scratch')))
+
+
+@pytest.mark.slow
+def test_bench_probe_tables_each_stage_of_an_autoencoder_checkpoint_and_of_a_detector(tiny_data, control, tmp_path):
+    from lesion_fastai.bench.__main__ import main as bench
+    finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'run', epochs=1, bs=2, pretrained=control, freeze='full'))
+    table = bench(['probe', '--models', str(control), str(tmp_path / 'run'), '--data', str(tiny_data), '--train-slices', '8',
+                   '--out', str(tmp_path / 'probe.md')])
+    rows = [r.split(' | ') for r in table.splitlines()[2:]]
+    assert (tmp_path / 'probe.md').read_text().strip() == table and len(rows) == 10
+    assert [r[1] for r in rows[:5]] == ['stem', 'stage 1', 'stage 2', 'stage 3', 'stage 4']
+    aucs = [float(r[2].split()[0]) for r in rows]          # nan where a 32 px slice's coarsest cell holds every lesion: no negatives
+    assert all(0 <= a <= 1 for a in aucs[:3] + aucs[5:8]) and all(np.isnan(a) or 0 <= a <= 1 for a in aucs)
+    assert all(r[5] == '0.000' and r[6] == '1.000 |' for r in rows[:5])          # the untrained control: BatchNorm never saw a slice
+    assert any(r[5] != '0.000' for r in rows[5:])                                # the detector's statistics are the data's

@@ -10,6 +10,7 @@ module per kind of benchmark; `python -m lesion_fastai.bench NAME --help` lists 
     python -m lesion_fastai.bench scale                  # the disk slice cache from 5,000 to 50,000 slices, extrapolated to 930k
     python -m lesion_fastai.bench stats                  # the built-in data's lesion statistics beside DeepLesion's
     python -m lesion_fastai.bench lesions --pretrained CKPT --data DATA   # does the autoencoder keep the lesions?
+    python -m lesion_fastai.bench probe --models CKPT RUN --data DATA     # what each encoder stage knows about lesions
 
 The training benchmarks (efficiency, budget, study, select) each build a grid of runs from their
 settings (a dataclass whose fields are the subcommand's flags), hand it to `grid.run_grid`, which

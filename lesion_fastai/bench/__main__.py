@@ -5,7 +5,7 @@ hush_third_party(__name__)       # run as a command: quiet known third-party war
 import argparse
 
 from . import __doc__ as DOC
-from . import budget, datastats, efficiency, lesions, scale, select, speed, study
+from . import budget, datastats, efficiency, lesions, probe, scale, select, speed, study
 
 
 def parser() -> argparse.ArgumentParser:
@@ -13,7 +13,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m lesion_fastai.bench', description=DOC.split('\n\n')[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest='which', required=True)
-    for module in (efficiency, budget, study, select, speed, scale, datastats, lesions): module.add_parser(sub)
+    for module in (efficiency, budget, study, select, speed, scale, datastats, lesions, probe): module.add_parser(sub)
     return ap
 
 
