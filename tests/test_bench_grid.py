@@ -117,8 +117,9 @@ def test_the_control_is_an_untrained_pretraining_of_its_own_and_reported_as_the_
     assert Path(control[0].cfg.pretrained).parent == Path(control[0].pretrain.out) and control[0].cfg.out.name.endswith('_untrained')
     cell = lambda mode, valid: dict(fraction=.1, mode=mode, valid_froc=valid, valid_ci=float('nan'), froc=.2, froc_ci=float('nan'),
                                     diff=0., diff_ci=float('nan'), pairs=1)
-    lines = verdict_lines([cell('full [masked]', .1), cell('full [untrained]', .3)])
-    assert lines[0].startswith('labels 0.1: best pretrained mode on validation is full [masked]')     # not the better control
+    lines = verdict_lines([cell('full [masked]', .1), cell('full [untrained]', .3), cell('full-scale [masked]', .4)])
+    assert lines[0].startswith('labels 0.1: best pretrained mode on validation is full [masked]')     # not the better controls
+    assert lines[2].startswith("labels 0.1: scale-only control (fresh weights with the pretrained weights' scale): full-scale [masked]")
     assert lines[1].startswith('labels 0.1: control (the untrained checkpoint, which should tie scratch): full [untrained]')
     with pytest.raises(SettingError, match='untrained'): EfficiencySettings(out=tmp_path, pretexts=('untrainedd',))
 

@@ -195,10 +195,11 @@ def verdict_lines(summary) -> list[str]:
     lines = []
     for frac in sorted(dict.fromkeys(s['fraction'] for s in summary)):
         cells = [s for s in summary if s['fraction'] == frac and s['mode'] != 'scratch' and 'diff' in s]
-        control = [s for s in cells if f'[{CONTROL}' in s['mode']]
+        control = [s for s in cells if f'[{CONTROL}' in s['mode'] or s['mode'].startswith('full-scale ')]   # the scale-only start too
         pretrained = [s for s in cells if s['mode'].split(' [')[0] not in METHODS and s not in control]
         chosen = ([('best pretrained mode on validation is ', max(pretrained, key=lambda s: s['valid_froc']))] if pretrained else [])
-        chosen += [('control (the untrained checkpoint, which should tie scratch): ', s) for s in control]
+        chosen += [('control (the untrained checkpoint, which should tie scratch): ' if f'[{CONTROL}' in s['mode'] else
+                    "scale-only control (fresh weights with the pretrained weights' scale): ", s) for s in control]
         chosen += [(f'{METHODS[s["mode"].split(" [")[0]]}: ', s) for s in cells if s['mode'].split(' [')[0] in METHODS]
         for what, best in chosen:
             d, ci = best['diff'], best['diff_ci']
