@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import INITS
 from .freeze import FREEZE_ALIASES, FREEZE_MODES
 from .heatmap import KEEP, NMS_IOU
 from .losses import BoxLoss
@@ -202,7 +203,7 @@ class FinetuneConfig(RunConfig):
                                          default_help='every stage', group='freeze')
     pretrained_init: str = option('weights', "what a pretrained start takes from --pretrained: its weights, or only their scale (each "
                                   "pretrained tensor's mean and std, fresh draws: the scale-only control of Raghu et al. 2019; "
-                                  'BatchNorm statistics fresh)', choices=('weights', 'scale'), group='freeze')
+                                  'BatchNorm statistics fresh)', choices=INITS, group='freeze')
     kappa: float = option(KAPPA, 'gaussian head: std scale, std = kappa * softplus(output)', above=0, group='loss')
     nll_weight: float = option(.1, 'gaussian head: weight of the negative log-likelihood of the target under the predicted mean and '
                                'std, the term that makes the std an uncertainty (0.1 was chosen on validation by bench select; 0: the '
