@@ -192,8 +192,10 @@ class FinetuneConfig(RunConfig):
                                     group='freeze')
     unfreeze_after: int = option(0, "with --freeze sandwich or encoder, fastai's fine_tune recipe: that many epochs frozen (a one-cycle "
                                  'peaking at its end), then every layer trains for the rest of --epochs in a second one-cycle at '
-                                 'discriminative rates (the pretrained layers at lr/2/--lr-mult, the rest at lr/2); 0: frozen throughout',
-                                 at_least=0, metavar='K', group='freeze')
+                                 'discriminative rates (the pretrained layers at lr/D/--lr-mult, the rest at lr/D, D --unfrozen-lr-div); '
+                                 '0: frozen throughout', at_least=0, metavar='K', group='freeze')
+    unfrozen_lr_div: float = option(2., "with --unfreeze-after: the rate of the unfrozen epochs is lr divided by this (fastai's "
+                                    'fine_tune halves it: 2; 1: the rate scratch trains at)', above=0, metavar='D', group='freeze')
     lr_mult: float = option(1., "how many times slower the pretrained layers train than the fresh ones: with --freeze full, and with "
                             "--unfreeze-after once unfrozen (fastai's fine_tune lr_mult; 1, one rate as from scratch, chosen on validation "
                             "of 100, 10, 1, docs/results.md)", above=0,

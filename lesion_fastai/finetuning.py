@@ -175,7 +175,8 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         cbs = freeze_callbacks(cfg.freeze, cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else []) + list(cbs)
         seed_rank(cfg.seed)
         precision = speed_up(learn, cfg.precision)
-        fit_resumable(learn, out, cfg.epochs, lr_for(cfg.freeze, lr, cfg.lr_mult), 'froc', cfg.resume, cbs, cfg.unfreeze_after, cfg.lr_mult, learn.unfreeze)
+        fit_resumable(learn, out, cfg.epochs, lr_for(cfg.freeze, lr, cfg.lr_mult), 'froc', cfg.resume, cbs, cfg.unfreeze_after, cfg.lr_mult,
+                      learn.unfreeze, cfg.unfrozen_lr_div)
         if not distributed.is_main(): return {}     # rank 0 evaluates the model in one process, as a single-process run would
         back_to_fp32(learn)             # evaluation and the export in float32, as a CPU evaluation of it
         baseline = mean_box(train)

@@ -166,6 +166,19 @@ def test_select_runs_a_mode_with_efficiencys_settings_for_it(tiny_data, tmp_path
     assert [(c.freeze, c.unfreeze_after, c.lr_mult) for c in cfgs] == [('sandwich', UNFREEZE_AFTER, 100.), ('sandwich', UNFREEZE_AFTER, 10.)]
 
 
+@pytest.mark.parametrize('pretext, folder', [('untrained', 'pretrain_context2_epochs0'), ('genesis', 'pretrain_context2_pretextgenesis')])
+def test_select_fine_tunes_from_the_pretext_it_names_the_control_from_no_epochs(tiny_data, tmp_path, monkeypatch, pretext, folder):
+    "--pretext untrained selects a mode's setting on the control: the checkpoint of no epochs, never the trained one of pretrain_context2."
+    import lesion_fastai.bench.grid as grid
+    import lesion_fastai.bench.select as sel
+    made, cfgs = [], []
+    monkeypatch.setattr(grid, 'pretrain_once', lambda cfg: made.append(cfg))
+    monkeypatch.setattr(grid, 'run_finetune', _recording_finetune(cfgs))
+    sel.select(_select_settings(tmp_path, tiny_data, 'unfrozen_lr_div', [2., 1.], 'sandwich-ft', [.1], [0], pretext=pretext))
+    assert [c.pretrained for c in cfgs] == [tmp_path / folder / 'pretrained.pth'] * 2 and [c.unfrozen_lr_div for c in cfgs] == [2., 1.]
+    assert (made[0].epochs == 0) == (pretext == 'untrained') and all(c.out.name.endswith(f'_{pretext}') for c in cfgs)
+
+
 @pytest.mark.parametrize('setting, values', [('pseudo_fp', [.5, 2.]), ('pseudo_weight', [.5, 1.])])
 def test_select_self_trains_from_efficiencys_scratch_teacher_at_each_threshold(tiny_data, tmp_path, monkeypatch, setting, values):
     import lesion_fastai.bench.grid as grid

@@ -20,7 +20,8 @@ from ..log import log
 __all__ = ['MODES', 'MODE_ALIASES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED', 'UNFREEZE_AFTER', 'CARRY_WEIGHT', 'EPOCHS', 'SEEDS',
            'PATIENTS', 'NATIVE', 'EFFICIENCY_OUT', 'GROUP', 'mode_changes', 'machine', 'ensure_data', 'data_context', 'tag',
            'pretrain_folder', 'precision_change', 'pretrain_config', 'pretraining', 'finetune_config', 'run_name', 'teacher_config',
-           'pseudo_csv', 'test_row', 'pm', 'report', 'default_of', 'unknown', 'BenchSettings', 'add_bench_settings', 'quick', 'data_folder']
+           'pseudo_csv', 'test_row', 'pm', 'report', 'default_of', 'unknown', 'BenchSettings', 'add_bench_settings', 'quick', 'data_folder',
+           'CONTROL', 'pretext_changes']
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich); 'none' is the old name of 'full'. The -ft modes unfreeze after
 # the frozen epochs (fastai's fine_tune); carry: scratch with labels carried to the neighbour slices; selftrain: scratch with the
@@ -94,6 +95,15 @@ def pretraining(out: Path, data: Path, epochs: int, bs: int, changes: dict) -> P
     """The pretraining of `data` with these changes in `out/pretrain<changes>` (`tag`), named without its
     precision: one checkpoint serves runs in any precision."""
     return pretrain_config(data, pretrain_folder(out, {k: v for k, v in changes.items() if k != 'precision'}), epochs, bs, changes)
+
+
+CONTROL = 'untrained'   # the pretext of the control: the pretraining with no epochs, which every pretrained start is read against
+
+
+def pretext_changes(pretext: str) -> dict:
+    """A pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder); the
+    control's, no epochs (out/pretrain_epochs0)."""
+    return {'epochs': 0} if pretext == CONTROL else {'pretext': pretext} if pretext != 'masked' else {}
 
 
 def data_context(data: Path) -> int:

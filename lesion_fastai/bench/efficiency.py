@@ -19,16 +19,13 @@ from ..log import log
 from ..plots import plt, save_fig
 from ..report import markdown_table, summary_report
 from ..stats import mean_ci
-from .common import (CARRY_WEIGHT, EPOCHS, GRID_MODES, GROUP, MODE_ALIASES, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, UNFREEZE_AFTER,
+from .common import (CARRY_WEIGHT, CONTROL, EPOCHS, GRID_MODES, GROUP, MODE_ALIASES, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, UNFREEZE_AFTER,
                      BenchSettings, add_bench_settings, data_context, data_folder, default_of, ensure_data, finetune_config, machine,
-                     mode_changes, pm, precision_change, pretraining, pseudo_csv, quick, report, run_name, tag, test_row, unknown)
+                     mode_changes, pm, precision_change, pretext_changes, pretraining, pseudo_csv, quick, report, run_name, tag, test_row, unknown)
 from .grid import Run, read_grid, run_grid
 
 __all__ = ['EfficiencySettings', 'efficiency', 'efficiency_grid', 'summarise', 'verdict_lines', 'efficiency_table', 'efficiency_plot',
            'add_parser']
-
-
-CONTROL = 'untrained'   # --pretexts untrained: the pretraining with no epochs, the control of every pretrained start
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -128,10 +125,8 @@ def efficiency_grid(s: EfficiencySettings, data: Path) -> list[Run]:
 
 
 def _pretraining_changes(s: EfficiencySettings, pretext: str) -> dict:
-    """A pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder); the
-    control's, no epochs (out/pretrain_epochs0)."""
-    what = {'epochs': 0} if pretext == CONTROL else {'pretext': pretext} if pretext != 'masked' else {}
-    return {**what, 'context': s.context, **_code(s), **_body(s)}
+    "A pretext's PretrainConfig changes (`pretext_changes`), with --context, --code-channels and --backbone."
+    return {**pretext_changes(pretext), 'context': s.context, **_code(s), **_body(s)}
 
 
 def _code(s) -> dict:

@@ -5,6 +5,7 @@ fraction x seed fine-tuned, validation figures only, paired differences from the
     python -m lesion_fastai.bench select --setting pseudo_fp --values 0.5,0.25,1 --mode selftrain --fractions 0.1
     python -m lesion_fastai.bench select --setting rounds --values 1,2 --mode selftrain --fractions 0.1
     python -m lesion_fastai.bench select --setting lr_mult --values 100,10,1 --mode sandwich-ft --fractions 0.1
+    python -m lesion_fastai.bench select --setting unfrozen_lr_div --values 2,1 --mode sandwich-ft --pretext untrained --fractions 0.1
 
 A mode means what it means in `efficiency` (the -ft modes unfreeze after `UNFREEZE_AFTER` epochs,
 carry weighs the carried labels at `CARRY_WEIGHT`) unless the setting is that one. The selftrain
@@ -21,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import PSEUDO_FP, FinetuneConfig, SettingError, choices, from_args, option, parse_floats, parse_ints
+from ..config import PRETEXTS, PSEUDO_FP, FinetuneConfig, SettingError, choices, from_args, option, parse_floats, parse_ints
 from ..stats import mean_ci
-from .common import (EFFICIENCY_OUT, EPOCHS, GROUP, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, BenchSettings, add_bench_settings,
-                     data_context, data_folder, default_of, ensure_data, finetune_config, machine, mode_changes, precision_change, pretraining,
-                     pseudo_csv, quick, report, teacher_config)
+from .common import (CONTROL, EFFICIENCY_OUT, EPOCHS, GROUP, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, BenchSettings, add_bench_settings,
+                     data_context, data_folder, default_of, ensure_data, finetune_config, machine, mode_changes, precision_change, pretext_changes,
+                     pretraining, pseudo_csv, quick, report, teacher_config)
 from .grid import Run, run_grid
 
 __all__ = ['CRITERIA', 'TEACHER_SETTINGS', 'SelectSettings', 'select', 'select_grid', 'setting_values', 'add_parser']
@@ -58,6 +59,8 @@ class SelectSettings(BenchSettings):
     values: tuple = option(help='values to compare, comma separated; the first is the current default', parse=parse_floats, group=GROUP)
     mode: str = option('sandwich', 'scratch or freeze mode of every run', choices=tuple(MODES), group=GROUP)
     head: str = option(default_of(FinetuneConfig, 'head'), 'box head of every run', choices=choices(FinetuneConfig, 'head'), group=GROUP)
+    pretext: str = option('masked', f"the pretraining of a pretrained mode's runs, as efficiency's --pretexts ({CONTROL}: the control, "
+                          'the checkpoint with no epochs)', choices=(*PRETEXTS, CONTROL), group=GROUP)
     fractions: tuple = option((.1, 1.), 'label fractions of training patients', parse=parse_floats, group=GROUP)
     seeds: tuple = option(SEEDS, 'seeds, comma separated (label subset and initialisation)', parse=parse_ints, group=GROUP)
     epochs: int = option(EPOCHS, 'fine-tuning epochs, the same for every run', at_least=1, group=GROUP)
@@ -110,7 +113,8 @@ def select_grid(s: SelectSettings, data: Path, context: int | None) -> list[Run]
     teacher needs it, is `context`), a selftrain student after its teacher, efficiency's scratch run of
     its fraction and seed."""
     taught = s.mode in SELF_TRAINED
-    pre = None if s.mode in NO_CHECKPOINT else pretraining(s.out, data, s.pretrain_epochs, s.bs, {**precision_change(s), 'context': context})
+    pre = None if s.mode in NO_CHECKPOINT else pretraining(s.out, data, s.pretrain_epochs, s.bs,
+                                                           {**pretext_changes(s.pretext), **precision_change(s), 'context': context})
     runs = []
     for frac in s.fractions:
         for seed in s.seeds:
@@ -122,7 +126,8 @@ def select_grid(s: SelectSettings, data: Path, context: int | None) -> list[Run]
 
 def _value_run(s: SelectSettings, data: Path, context: int | None, pre, teacher, frac: float, seed: int, v) -> Run:
     "The run of one value at a label fraction and seed; a student of `teacher` in the selftrain modes (value k of rounds: k rounds)."
-    folder = lambda k: s.out / 'select' / s.setting / f'{s.mode}_{k:g}_{frac:g}_seed{seed}'
+    pretext = '' if s.mode in NO_CHECKPOINT or s.pretext == 'masked' else f'_{s.pretext}'
+    folder = lambda k: s.out / 'select' / s.setting / f'{s.mode}_{k:g}_{frac:g}_seed{seed}{pretext}'
     cfg = {**mode_changes(s.mode), **_changes(s), **precision_change(s), **({} if s.setting in TEACHER_SETTINGS else {s.setting: v})}
     fp = v if s.setting == 'pseudo_fp' else s.pseudo_fp
     if teacher is not None:
@@ -157,7 +162,7 @@ def _report(s: SelectSettings, rows: list) -> dict:
               f"{x['diff']:+.3f} +- {x['diff_ci']:.3f} | {x['valid_froc']:.3f} |" for x in summary]
     taught = s.mode in SELF_TRAINED
     result = {'rows': rows, 'summary': summary, 'verdict': verdict, 'best': best, 'machine': machine(),
-              'settings': dict(setting=s.setting, values=values, mode=s.mode, fractions=list(s.fractions), seeds=list(s.seeds),
+              'settings': dict(setting=s.setting, values=values, mode=s.mode, pretext=s.pretext, fractions=list(s.fractions), seeds=list(s.seeds),
                                epochs=s.epochs, criterion=s.criterion, changes=_changes(s),
                                **({'pseudo_fp': s.pseudo_fp} if taught and s.setting != 'pseudo_fp' else {}))}
     report(s.out, f'select_{s.setting}', result, '\n'.join(lines), [verdict])
