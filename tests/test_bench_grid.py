@@ -65,6 +65,16 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     assert grid.run_finetune(cfg, any_precision=True)['config']['precision'] == 'bf16'
 
 
+def test_a_select_run_is_an_efficiency_run_of_the_same_folder_and_settings(tmp_path):
+    "select's <folder>/select/<setting>/<run> compares its paths relative to <folder>, as efficiency's <folder>/runs/<run> does."
+    cfg = finetune_config(tmp_path / 'data', tmp_path / 'b' / 'select' / 'lr' / 'full_1', 'full', .1, 0, 1, 2, tmp_path / 'b' / 'pretrain' / 'p.pth',
+                          {'precision': 'fp32'})
+    _finished(cfg, out=str(tmp_path / 'b' / 'runs' / 'full'))         # efficiency's finished run, linked into select's folder
+    assert grid.run_finetune(cfg)['config']['pretrained'] == str(tmp_path / 'b' / 'pretrain' / 'p.pth')
+    _finished(cfg, out=str(tmp_path / 'b' / 'runs' / 'full'), pretrained=str(tmp_path / 'b' / 'pretrain0' / 'p.pth'))
+    with pytest.raises(ValueError, match=r'pretrained: pretrain0/p.pth there, pretrain/p.pth now'): grid.run_finetune(cfg)
+
+
 def test_every_bench_flag_defaults_to_its_settings_field():
     import argparse
     import dataclasses

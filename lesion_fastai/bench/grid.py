@@ -141,9 +141,12 @@ ADAPTER = ('adapter_ratio', 'adapter_stem', 'sandwich')   # settings of the sand
 
 
 def _inside(path, out) -> str:
-    "A path relative to the benchmark folder of the run in `out` (`<folder>/runs/<run>`): folders gathered from several machines compare."
-    try: return str(Path(path).relative_to(Path(out).parent.parent))
-    except ValueError: return str(path)
+    """A path relative to the benchmark folder of the run in `out` (`<folder>/runs/<run>`, or select's
+    `<folder>/select/<setting>/<run>`): folders gathered from several machines compare, and a select
+    run and an efficiency run of the same settings compare."""
+    run = Path(out)
+    folder = run.parents[2] if run.parent.parent.name == 'select' else run.parent.parent
+    return str(Path(path).relative_to(folder)) if Path(path).is_relative_to(folder) else str(path)
 
 
 def _settings_now(cfg, any_precision: bool) -> dict:
