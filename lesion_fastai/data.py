@@ -78,7 +78,9 @@ class SliceSpec:
 
     @classmethod
     def of(cls, cfg) -> 'SliceSpec':
-        "The spec of a resolved run config (`finetuning.resolve`, `pretraining.resolve`): its windows, context and size."
+        """The spec of a resolved run config (`finetuning.resolve`, `pretraining.resolve`) or of the config a
+        checkpoint records (a dict): its windows, context and size."""
+        if isinstance(cfg, dict): return cls(cfg['windows'], cfg['context'], cfg['size'])
         return cls(cfg.windows, cfg.context, cfg.size)
 
 

@@ -82,7 +82,7 @@ def lesion_reconstruction_of(pretrained: Path | str, data: Path | str, split: st
     _, records = load_data(Path(data))
     keys = key_channels(cfg['in_chans'], cfg['context']) if cfg.get('pretext') == 'context' else None
     pretext = SimpleNamespace(pretext=cfg.get('pretext', 'masked'), **{k: cfg[k] for k in ('mask_ratio', 'patch', 'noise_std')})
-    return lesion_reconstruction(model, evaluation_records(records, split), SliceSpec(cfg['windows'], cfg['context'], cfg['size']),
+    return lesion_reconstruction(model, evaluation_records(records, split), SliceSpec.of(cfg),
                                  corruption_of(pretext, keys))
 
 

@@ -37,8 +37,7 @@ def encoder_of(path: Path | str):
         ckpt = load_pretrained(path)
         encoder = create_encoder(ckpt['model_args']['encoder_args'])
         load_encoder(encoder, ckpt, str(path))
-        cfg = ckpt['config']
-        return encoder.eval(), SliceSpec(cfg['windows'], cfg['context'], cfg['size'])
+        return encoder.eval(), SliceSpec.of(ckpt['config'])
     from ..export import load_model
     model, spec, _ = load_model(path / 'model.safetensors' if path.is_dir() else path)
     return model.encoder.eval(), spec
@@ -77,8 +76,8 @@ def probe_cells(encoder: nn.Module, records, spec: SliceSpec, negatives: int = 4
             cell = lambda p: (min(int(p[1] // stride), f.shape[-2] - 1), min(int(p[0] // stride), f.shape[-1] - 1))
             positive = {cell(c) for c in centres}
             for c in positive: xs.append(f[0, :, c[0], c[1]].numpy()); ys.append(1)
-            for p in points:
-                if cell(p) not in positive: xs.append(f[0, :, cell(p)[0], cell(p)[1]].numpy()); ys.append(0)
+            for i, j in map(cell, points):
+                if (i, j) not in positive: xs.append(f[0, :, i, j].numpy()); ys.append(0)
     return [(np.stack(xs), np.asarray(ys)) for xs, ys in found]
 
 
