@@ -194,8 +194,10 @@ class FinetuneConfig(RunConfig):
                                  'peaking at its end), then every layer trains for the rest of --epochs in a second one-cycle at '
                                  'discriminative rates (the pretrained layers at lr/D/--lr-mult, the rest at lr/D, D --unfrozen-lr-div); '
                                  '0: frozen throughout', at_least=0, metavar='K', group='freeze')
-    unfrozen_lr_div: float = option(2., "with --unfreeze-after: the rate of the unfrozen epochs is lr divided by this (fastai's "
-                                    'fine_tune halves it: 2; 1: the rate scratch trains at)', above=0, metavar='D', group='freeze')
+    unfrozen_lr_div: float = option(1., "with --unfreeze-after: the rate of the unfrozen epochs is lr divided by this (1: the rate "
+                                    "scratch trains at, chosen on validation of 2, 1 with the untrained control, docs/results.md; fastai's "
+                                    'fine_tune halves it: 2, as every run that unfroze did before this setting)', above=0, metavar='D',
+                                    unrecorded=lambda run: 2. if run.get('unfreeze_after') else 1., group='freeze')
     lr_mult: float = option(1., "how many times slower the pretrained layers train than the fresh ones: with --freeze full, and with "
                             "--unfreeze-after once unfrozen (fastai's fine_tune lr_mult; 1, one rate as from scratch, chosen on validation "
                             "of 100, 10, 1, docs/results.md)", above=0,

@@ -61,6 +61,8 @@ def resolve(cfg: FinetuneConfig, records, ckpt: dict | None) -> FinetuneConfig:
         raise ValueError(f"--sandwich decoder interleaves transfer layers in the frozen decoder: it needs --freeze sandwich, not {freeze}")
     if cfg.unfreeze_after and freeze not in ('sandwich', 'encoder'):
         raise ValueError(f"--unfreeze-after unfreezes what --freeze sandwich or encoder froze: with --freeze {freeze} nothing is frozen")
+    if cfg.unfrozen_lr_div != 1 and not cfg.unfreeze_after:
+        raise ValueError(f"--unfrozen-lr-div {cfg.unfrozen_lr_div:g} is the rate once --unfreeze-after K unfreezes: without it nothing unfreezes")
     if cfg.unfreeze_after >= cfg.epochs:
         raise ValueError(f"--unfreeze-after {cfg.unfreeze_after} leaves no epoch of --epochs {cfg.epochs} to train unfrozen")
     if cfg.transfer_stages is not None and (ckpt is None or freeze != 'full'):

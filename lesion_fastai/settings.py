@@ -24,15 +24,18 @@ class SettingError(ValueError):
 
 def option(default=MISSING, help: str = '', *, flag: str | None = None, choices=None, aliases: dict | None = None,
            at_least=None, above=None, at_most=None, below=None, parse=None, check=None, metavar: str | None = None,
-           default_help: str | None = None, cli: bool = True, group: str = 'run', mutex: str | None = None, nargs=None):
+           default_help: str | None = None, cli: bool = True, group: str = 'run', mutex: str | None = None, nargs=None,
+           unrecorded=MISSING):
     """A config field with what its command-line flag needs: `help` (the default is appended unless
     `default_help` says it in words), `flag` (default --name-with-dashes), allowed `choices` (with
     `aliases`: old names accepted for new ones), bounds (`at_least`, `above`, `at_most`, `below`),
     `parse` (text -> value, for tuples), `check` (value -> message or None, for what bounds cannot
     say), `nargs` (argparse's, for a flag taking several values). `cli=False` keeps a field out of the
-    parsers (set from Python only)."""
+    parsers (set from Python only). `unrecorded`: what a run recorded before the field existed was made
+    with, where that is not the default, or a function of that run's record saying it (`settings_diff`)."""
     meta = dict(help=help, flag=flag, choices=choices, aliases=aliases or {}, at_least=at_least, above=above, at_most=at_most,
-                below=below, parse=parse, check=check, metavar=metavar, default_help=default_help, cli=cli, group=group, mutex=mutex, nargs=nargs)
+                below=below, parse=parse, check=check, metavar=metavar, default_help=default_help, cli=cli, group=group, mutex=mutex, nargs=nargs,
+                unrecorded=unrecorded)
     return field(default=default, metadata=meta)
 
 
@@ -98,13 +101,18 @@ def settings_diff(before: dict, now: dict, ignore=(), cls=None) -> dict:
     """The settings in which two runs differ, {name: (before's, now's)}: how `--resume` and the
     benchmarks tell a run that may be continued or reused from one made otherwise. `before` is a
     run's record (`recorded`); names in `ignore` are not compared. With the config class `cls`, a
-    setting the record lacks (added since the run) counts as its default then, and an old name of a
-    value (`--freeze none`) as the name it stands for."""
+    setting the record lacks (added since the run) counts as what runs were made with before it (its
+    `unrecorded` value, else its default), and an old name of a value (`--freeze none`) as the name it
+    stands for."""
     fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
 
     def then(k):
         f = fields.get(k)
-        if k not in before: return None if f is None or f.default is MISSING else f.default
+        if k not in before:
+            if f is None: return None
+            was = f.metadata.get('unrecorded', MISSING)
+            if callable(was): was = was(before)
+            return was if was is not MISSING else None if f.default is MISSING else f.default
         v = before[k]
         return f.metadata.get('aliases', {}).get(v, v) if f is not None and isinstance(v, str) else v
     return {k: (then(k), now.get(k)) for k in sorted(set(before) | set(now)) if k not in ignore and _as_text(then(k)) != _as_text(now.get(k))}

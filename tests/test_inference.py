@@ -67,5 +67,10 @@ def test_settings_diff_names_what_differs_and_reads_old_records(tmp_path):
     assert settings_diff({**now, 'bs': 8}, now, ignore=('bs',)) == {}
     old = {k: v for k, v in now.items() if k != 'kappa'} | {'freeze': 'none'}       # a record before kappa, with freeze's old name
     assert settings_diff(old, now, cls=FinetuneConfig) == {} and 'freeze' in settings_diff(old, now)
+    before = {k: v for k, v in now.items() if k != 'unfrozen_lr_div'}          # a record before the setting: its runs unfroze at lr/2
+    assert settings_diff(before, now, cls=FinetuneConfig) == {}                     # ... and it did not unfreeze
+    unfroze = {**now, 'freeze': 'sandwich', 'unfreeze_after': 5}
+    assert settings_diff({k: v for k, v in unfroze.items() if k != 'unfrozen_lr_div'}, unfroze, cls=FinetuneConfig) == {'unfrozen_lr_div': (2., 1.)}
+    assert settings_diff({k: v for k, v in unfroze.items() if k != 'unfrozen_lr_div'}, {**unfroze, 'unfrozen_lr_div': 2.}, cls=FinetuneConfig) == {}
     assert settings_diff({'code_channels': [64, 8, 4]}, {'code_channels': (64, 8, 4)}) == {}        # JSON's list is the tuple
     assert dataclasses.asdict(FinetuneConfig(data=tmp_path, out=tmp_path)).keys() == recorded(FinetuneConfig(data=tmp_path, out=tmp_path)).keys()

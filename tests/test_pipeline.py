@@ -384,11 +384,14 @@ class _Record(__import__('fastai.callback.core', fromlist=['Callback']).Callback
 
 
 @pytest.mark.slow
-def test_unfreeze_after_trains_frozen_then_every_layer_at_discriminative_rates_in_one_history(tiny_data, pretrained, tmp_path):
-    "fastai's fine_tune recipe: K frozen epochs, then the pretrained layers at lr/2/lr_mult and the rest at lr/2."
+@pytest.mark.parametrize('div', [None, 2.])     # the default: the unfrozen epochs at lr, the rate scratch trains at; fastai's lr/2
+def test_unfreeze_after_trains_frozen_then_every_layer_at_discriminative_rates_in_one_history(tiny_data, pretrained, tmp_path, div):
+    "fastai's fine_tune recipe: K frozen epochs, then the pretrained layers at lr/D/lr_mult and the rest at lr/D (D 1 unless asked)."
     rec = _Record()
-    cfg = dict(data=tiny_data, epochs=3, bs=2, pretrained=pretrained / 'pretrained.pth', freeze='sandwich', unfreeze_after=1, lr=1e-2, lr_mult=20)
+    cfg = dict(data=tiny_data, epochs=3, bs=2, pretrained=pretrained / 'pretrained.pth', freeze='sandwich', unfreeze_after=1, lr=1e-2, lr_mult=20,
+               **({'unfrozen_lr_div': div} if div else {}))
     m = finetune(FinetuneConfig(out=tmp_path / 'run', **cfg), cbs=[rec])
+    rate = 1e-2 / (div or 1)
     ckpt = load_pretrained(pretrained / 'pretrained.pth')
     first, *later = rec.encoders
     assert all(torch.equal(first[k], v) for k, v in ckpt['encoder'].items())          # epoch 0: frozen, running statistics too
@@ -396,12 +399,14 @@ def test_unfreeze_after_trains_frozen_then_every_layer_at_discriminative_rates_i
     steps = len(rec.lrs) // 3
     frozen, unfrozen = np.array(rec.lrs[:steps]), np.array(rec.lrs[steps:])
     assert .8e-2 < frozen.max() <= 1e-2 * 1.001 and frozen[0, 1] < frozen[-1, 1]       # the first cycle rises to lr at its end...
-    assert unfrozen[:, 1].max() == pytest.approx(5e-3, rel=.05) and unfrozen[:, 0].max() == pytest.approx(5e-3 / 20, rel=.05)
+    assert unfrozen[:, 1].max() == pytest.approx(rate, rel=.05) and unfrozen[:, 0].max() == pytest.approx(rate / 20, rel=.05)
     assert [int(r.split(',')[0]) for r in (tmp_path / 'run' / 'history.csv').read_text().splitlines()[1:]] == [0, 1, 2]
     assert m['parameters']['frozen'] > 0 and m['config']['unfreeze_after'] == 1
     with pytest.raises(ValueError, match='--unfreeze-after unfreezes what'):
         finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'x', epochs=3, unfreeze_after=1))
     with pytest.raises(ValueError, match='leaves no epoch'): finetune(FinetuneConfig(out=tmp_path / 'y', **{**cfg, 'unfreeze_after': 3}))
+    with pytest.raises(ValueError, match='--unfrozen-lr-div 3 is the rate once --unfreeze-after K unfreezes'):
+        finetune(FinetuneConfig(out=tmp_path / 'z', **{**cfg, 'unfreeze_after': 0, 'unfrozen_lr_div': 3.}))
 
 
 @pytest.mark.slow
