@@ -21,7 +21,7 @@ __all__ = ['MODES', 'MODE_ALIASES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED
            'PATIENTS', 'NATIVE', 'EFFICIENCY_OUT', 'GROUP', 'mode_changes', 'machine', 'ensure_data', 'data_context', 'tag',
            'pretrain_folder', 'precision_change', 'pretrain_config', 'pretraining', 'finetune_config', 'run_name', 'teacher_config',
            'pseudo_csv', 'test_row', 'pm', 'report', 'default_of', 'unknown', 'BenchSettings', 'add_bench_settings', 'quick', 'data_folder',
-           'CONTROL', 'pretext_changes']
+           'CONTROL', 'pretext_changes', 'pretext_tag']
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich); 'none' is the old name of 'full'. The -ft modes unfreeze after
 # the frozen epochs (fastai's fine_tune); carry: scratch with labels carried to the neighbour slices; selftrain: scratch with the
@@ -104,6 +104,11 @@ def pretext_changes(pretext: str) -> dict:
     """A pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder); the
     control's, no epochs (out/pretrain_epochs0)."""
     return {'epochs': 0} if pretext == CONTROL else {'pretext': pretext} if pretext != 'masked' else {}
+
+
+def pretext_tag(pretext: str | None) -> str:
+    "A run folder's pretext part: none for a run without a pretraining (None, '-') or from the default 'masked', else '_<pretext>'."
+    return '' if pretext in (None, '-', 'masked') else f'_{pretext}'
 
 
 def data_context(data: Path) -> int:

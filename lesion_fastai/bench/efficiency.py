@@ -21,7 +21,7 @@ from ..report import markdown_table, summary_report
 from ..stats import mean_ci
 from .common import (CARRY_WEIGHT, CONTROL, EPOCHS, GRID_MODES, GROUP, MODE_ALIASES, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, UNFREEZE_AFTER,
                      BenchSettings, add_bench_settings, data_context, data_folder, default_of, ensure_data, finetune_config, machine,
-                     mode_changes, pm, precision_change, pretext_changes, pretraining, pseudo_csv, quick, report, run_name, tag, test_row, unknown)
+                     mode_changes, pm, precision_change, pretext_changes, pretext_tag, pretraining, pseudo_csv, quick, report, run_name, tag, test_row, unknown)
 from .grid import Run, read_grid, run_grid
 
 __all__ = ['EfficiencySettings', 'efficiency', 'efficiency_grid', 'summarise', 'verdict_lines', 'efficiency_table', 'efficiency_plot',
@@ -142,7 +142,7 @@ def _body(s) -> dict:
 def _run(s: EfficiencySettings, data: Path, frac: float, seed: int, mode: str, p: str) -> Run:
     """The run of a mode at a label fraction and seed, from the pretraining of pretext `p` ('-': none); a
     self-trained student's teacher is the scratch run of its fraction and seed."""
-    name = run_name(mode, frac, seed, s.context) + ('' if p in ('-', 'masked') else f'_{p}')
+    name = run_name(mode, frac, seed, s.context) + pretext_tag(p)
     name += (tag(_code(s)) if p != '-' else '') + (f'_{s.backbone}' if _body(s) else '')
     taught = mode in SELF_TRAINED
     name += f'_rounds{s.rounds}' if taught and s.rounds > 1 else ''

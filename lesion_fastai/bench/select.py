@@ -26,7 +26,7 @@ from ..config import PRETEXTS, PSEUDO_FP, FinetuneConfig, SettingError, choices,
 from ..stats import mean_ci
 from .common import (CONTROL, EFFICIENCY_OUT, EPOCHS, GROUP, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, BenchSettings, add_bench_settings,
                      data_context, data_folder, default_of, ensure_data, finetune_config, machine, mode_changes, precision_change, pretext_changes,
-                     pretraining, pseudo_csv, quick, report, teacher_config)
+                     pretext_tag, pretraining, pseudo_csv, quick, report, teacher_config)
 from .grid import Run, run_grid
 
 __all__ = ['CRITERIA', 'TEACHER_SETTINGS', 'SelectSettings', 'select', 'select_grid', 'setting_values', 'add_parser']
@@ -126,7 +126,7 @@ def select_grid(s: SelectSettings, data: Path, context: int | None) -> list[Run]
 
 def _value_run(s: SelectSettings, data: Path, context: int | None, pre, teacher, frac: float, seed: int, v) -> Run:
     "The run of one value at a label fraction and seed; a student of `teacher` in the selftrain modes (value k of rounds: k rounds)."
-    pretext = '' if s.mode in NO_CHECKPOINT or s.pretext == 'masked' else f'_{s.pretext}'
+    pretext = pretext_tag(None if s.mode in NO_CHECKPOINT else s.pretext)
     folder = lambda k: s.out / 'select' / s.setting / f'{s.mode}_{k:g}_{frac:g}_seed{seed}{pretext}'
     cfg = {**mode_changes(s.mode), **_changes(s), **precision_change(s), **({} if s.setting in TEACHER_SETTINGS else {s.setting: v})}
     fp = v if s.setting == 'pseudo_fp' else s.pseudo_fp
