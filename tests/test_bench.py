@@ -370,3 +370,10 @@ def test_select_gives_an_int_setting_whole_numbers():
     values = setting_values('unfreeze_after', [5., 2.])
     assert values == [5, 2] and all(type(v) is int for v in values)        # fit_one_cycle counts epochs in ints
     assert setting_values('unfreeze_after', [2.5]) is None and setting_values('wd', [.01, .1]) == [.01, .1]
+
+
+def test_select_gives_a_switch_false_and_true():
+    from lesion_fastai.bench.select import setting_values
+    values = setting_values('update_frozen_bn', [0., 1.])
+    assert values == [False, True] and all(type(v) is bool for v in values)  # a run records the switch as the config's type
+    assert setting_values('update_frozen_bn', [2.]) is None

@@ -98,6 +98,7 @@ def test_every_bench_flag_defaults_to_its_settings_field():
     ('EfficiencySettings', {'modes': ('scratch', 'nope')}, "--modes unknown ['nope']"),
     ('EfficiencySettings', {'pretexts': ('context',), 'context': 0}, '--pretexts context needs --context 1 or more'),
     ('SelectSettings', {'setting': 'unfreeze_after', 'values': (2.5,)}, '--setting unfreeze_after takes whole numbers'),
+    ('SelectSettings', {'setting': 'update_frozen_bn', 'values': (0., 2.)}, '--setting update_frozen_bn takes 0 or 1, off or on'),
     ('BudgetSettings', {'mode': 'scratch'}, "--mode 'scratch': expected one of full, encoder"),
 ])
 def test_bench_settings_are_checked_where_they_are_made(cls, bad, message):

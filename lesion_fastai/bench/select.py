@@ -78,7 +78,9 @@ class SelectSettings(BenchSettings):
                 raise SettingError(f"--values: {self.setting} must be {'at least 1' if self.setting == 'rounds' else 'positive'}")
         elif self.setting not in FinetuneConfig.__dataclass_fields__: raise SettingError(f'--setting {self.setting!r} is not a fine-tuning setting')
         values = setting_values(self.setting, self.values)
-        if values is None: raise SettingError(f'--values {",".join(f"{v:g}" for v in self.values)}: --setting {self.setting} takes whole numbers')
+        if values is None:
+            takes = '0 or 1, off or on' if _kind(self.setting) is bool else 'whole numbers'
+            raise SettingError(f'--values {",".join(f"{v:g}" for v in self.values)}: --setting {self.setting} takes {takes}')
         self.values = tuple(values)
 
 
@@ -180,9 +182,17 @@ def _verdict(s: SelectSettings, summary: list, best) -> str:
     return verdict
 
 
+def _kind(setting: str) -> type:
+    "The type of a setting's values: a teacher setting's, or the FinetuneConfig field's."
+    return TEACHER_SETTINGS.get(setting) or typing.get_type_hints(FinetuneConfig)[setting]
+
+
 def setting_values(setting: str, values) -> list | None:
-    "`values` (parsed as floats) as the type of the FinetuneConfig field `setting`: ints for an int field (None if one is not whole)."
-    if (TEACHER_SETTINGS.get(setting) or typing.get_type_hints(FinetuneConfig)[setting]) is not int: return list(values)
+    """`values` (parsed as floats) as the type of the FinetuneConfig field `setting`: ints for an int field (None if one is
+    not whole), False / True for a switch (0 / 1; None for any other number)."""
+    kind = _kind(setting)
+    if kind is bool: return [bool(v) for v in values] if all(v in (0, 1) for v in values) else None
+    if kind is not int: return list(values)
     return [int(v) for v in values] if all(float(v).is_integer() for v in values) else None
 
 
