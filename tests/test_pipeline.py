@@ -357,8 +357,9 @@ def test_cli_errors_are_clear(tmp_path, tiny_data, capsys):
 
 @pytest.mark.slow
 def test_autoencoder_inpaints_masked_regions_from_context(pretrained, tiny_data):
-    """Masked patches are zeros in the input: a model that copies its input would return ~0 there.
-    The trained autoencoder fills them with something far closer to the clean slice."""
+    """Masked patches are zeros in the input: a model that copies its input would return ~0 there, and
+    filling them with the slice's mean is the other fill that needs no context. The trained autoencoder
+    fills them closer to the clean slice than either, by a margin (an untrained one is 5x further off)."""
     from lesion_fastai.pretraining import corrupt
     from lesion_fastai.data import CTSlice, SliceSpec
     from lesion_fastai.deeplesion import list_slices
@@ -370,8 +371,9 @@ def test_autoencoder_inpaints_masked_regions_from_context(pretrained, tiny_data)
     xc, mask = corrupt(x, .5, 4, .05, torch.Generator().manual_seed(0))
     with torch.no_grad(): y = ae.eval()(xc)
     m = mask.expand_as(x).bool()
-    err_out, err_copy = (y - x).abs()[m].mean(), (xc - x).abs()[m].mean()
-    assert err_out < .6 * err_copy
+    mean_fill = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    err_out, err_copy, err_mean = (y - x).abs()[m].mean(), (xc - x).abs()[m].mean(), (mean_fill - x).abs()[m].mean()
+    assert err_out < .8 * err_copy and err_out < .8 * err_mean
 
 
 class _Record(__import__('fastai.callback.core', fromlist=['Callback']).Callback):
