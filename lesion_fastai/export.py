@@ -104,7 +104,8 @@ def load_detector(path: Path | str, device: str = 'cpu'):
     if not isinstance(settings, dict) or settings.get('format') != SAFE_FORMAT:
         raise ValueError(f"{settings_file}: not the settings of a lesion_fastai detector (expected format {SAFE_FORMAT!r})")
     try:
-        model = Detector(**settings['detector'], decoding=Decoding(**settings['decoding']))
+        # a model written before the transfer layers' gate has no adapter_gate: its layers are ungated
+        model = Detector(**{'adapter_gate': False, **settings['detector']}, decoding=Decoding(**settings['decoding']))
         state = load_file(str(weights), device='cpu')
         model.load_state_dict(state)
     except (SafetensorError, OSError) as e: raise ValueError(f"{weights}: not a safetensors file ({e})") from None

@@ -158,7 +158,8 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         dls = detection_dls(epoch_items + valid, spec, cfg.target, cfg.bs, cfg.augment, cfg.num_workers, cfg.seed, cache=cache,
                             **loader_kwargs())
         model = Detector(enc_args, head=cfg.head, sandwich=cfg.freeze == 'sandwich' and cfg.sandwich, out_bn=cfg.out_bn, kappa=cfg.kappa,
-                         adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, stride=cfg.stride,
+                         adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, adapter_gate=cfg.adapter_gate,
+                         stride=cfg.stride,
                          decoder_args=decoder_args(ckpt) if ckpt else None, backbone_weights=cfg.backbone_weights, decoding=decoding)
         if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained), cfg.transfer_stages, cfg.pretrained_init, cfg.seed)
         if model.decoder is not None: load_decoder(model.decoder, ckpt, str(cfg.pretrained), cfg.pretrained_init, cfg.seed)

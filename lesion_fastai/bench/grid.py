@@ -137,7 +137,7 @@ def pretrain_once(cfg) -> Path:
 
 PATHS = ('data', 'pretrained', 'pseudo_labels')      # compared relative to the benchmark folder
 IGNORED = ('resume', 'quiet', 'out', 'num_workers')  # how a run is made, not what it is
-ADAPTER = ('adapter_ratio', 'adapter_stem', 'sandwich')   # settings of the sandwich only
+ADAPTER = ('adapter_ratio', 'adapter_stem', 'adapter_gate', 'sandwich')   # settings of the sandwich only
 
 
 def _inside(path, out) -> str:
@@ -159,9 +159,10 @@ def _settings_now(cfg, any_precision: bool) -> dict:
 
 
 def _settings_then(record: dict, names) -> dict:
-    "A finished run's recorded settings of these `names`; a run from before bf16 trained in fp32."
+    "A finished run's recorded settings of these `names`; a run from before bf16 trained in fp32, one from before the gate ungated."
     then = {k: _inside(record[k], record['out']) if k in PATHS and record[k] else record[k] for k in names if k in record}
     if 'precision' in names: then.setdefault('precision', 'fp32')
+    if 'adapter_gate' in names: then.setdefault('adapter_gate', False)
     return then
 
 

@@ -30,19 +30,28 @@ KAPPA = .05   # the Gaussian head's std scale: std = KAPPA * softplus(output), s
 
 class TransferLayer(nn.Module):
     """A trainable residual 3x3 adapter placed between frozen stages (3FabRec's interleaved transfer
-    layers). Its last convolution starts at zero, so an untrained sandwich computes exactly what the
-    pretrained encoder computes and training starts from the pretrained features. `ratio` < 1 narrows
-    the hidden layer (1/4 trains about a quarter of the parameters; docs/results.md says which width
-    validation chose)."""
-    def __init__(self, ch: int, ratio: float = 1.):
+    layers). Its residual starts at zero, so an untrained sandwich computes exactly what the pretrained
+    encoder computes and training starts from the pretrained features. `ratio` < 1 narrows the hidden
+    layer (1/4 trains about a quarter of the parameters; docs/results.md says which width validation
+    chose).
+
+    Without `gate` the branch's last convolution starts at zero, and Adam moves each of its weights by
+    about the rate per step, so the first steps change the output in proportion to the fan-in (9 x 256
+    at the deepest stage). With `gate` the residual is a learned scalar times a normally initialised
+    branch, the scalar starting at zero (ReZero, Bachlechner et al. 2020): Adam moves the scalar by about
+    the rate per step whatever the layer's width."""
+    def __init__(self, ch: int, ratio: float = 1., gate: bool = False):
         super().__init__()
         hidden = max(8, round(ch * ratio))
         self.conv1 = conv_bn(ch, hidden)
         self.conv2 = nn.Conv2d(hidden, ch, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight); nn.init.zeros_(self.conv2.bias)
+        if gate: self.gate = nn.Parameter(torch.zeros(1))
+        else: nn.init.zeros_(self.conv2.weight); nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x):
-        return x + self.conv2(self.conv1(x))
+        d = self.conv2(self.conv1(x))
+        gate = getattr(self, 'gate', None)        # None in a pickled export of a model written before the gate
+        return x + (d if gate is None else gate * d)
 
 
 class FeaturePyramid(nn.Module):
@@ -130,14 +139,15 @@ class Detector(nn.Module):
     `head`, returning the head's dense maps (module docstring). Two sandwiches of frozen pretrained
     layers and fresh `TransferLayer`s:
     * `sandwich='encoder'` (or True): one transfer layer after each encoder stage (with `adapter_stem`
-      one after the stem too, with `adapter_ratio` < 1 narrower ones); the neck reads the stages.
+      one after the stem too, with `adapter_ratio` < 1 narrower ones, with `adapter_gate` ones whose
+      residual is a learned scalar starting at zero); the neck reads the stages.
     * `sandwich='decoder'`: 3FabRec's: the autoencoder's `decoder` (built from `decoder_args`, its
       `model_args` without the encoder's) decodes the encoder's codes down to `stride`, a transfer
       layer after each of its blocks; the neck reads those blocks, so the head sits on the features
       the decoder draws the slice from."""
     def __init__(self, encoder_args: dict | None = None, head: str = 'direct', sandwich: bool | str = False,
                  hidden: int = 32, out_bn: bool = False, kappa: float = KAPPA, adapter_ratio: float = 1.,
-                 adapter_stem: bool = False, stride: int = 4, decoder_args: dict | None = None, backbone_weights=None,
+                 adapter_stem: bool = False, adapter_gate: bool = False, stride: int = 4, decoder_args: dict | None = None, backbone_weights=None,
                  decoding: Decoding | None = None):
         super().__init__()
         if head not in HEADS: raise ValueError(f"head {head!r}: expected one of {sorted(HEADS)}")
@@ -145,10 +155,10 @@ class Detector(nn.Module):
         if kind not in (None, *SANDWICHES): raise ValueError(f"sandwich {sandwich!r}: expected one of {SANDWICHES}")
         self.encoder = create_encoder(encoder_args, backbone_weights)
         self.encoder_args = self.encoder.encoder_args
-        self.adapters = nn.ModuleList([TransferLayer(w, adapter_ratio) for w in self.encoder.widths]) if kind == 'encoder' else None
+        self.adapters = nn.ModuleList([TransferLayer(w, adapter_ratio, adapter_gate) for w in self.encoder.widths]) if kind == 'encoder' else None
         if kind == 'encoder' and adapter_stem and 'stem_width' not in self.encoder_args:
             raise ValueError("--adapter-stem needs the resnet backbone's stem (a timm body's first stage holds its stem)")
-        self.stem_adapter = TransferLayer(self.encoder_args['stem_width'], adapter_ratio) if kind == 'encoder' and adapter_stem else None
+        self.stem_adapter = TransferLayer(self.encoder_args['stem_width'], adapter_ratio, adapter_gate) if kind == 'encoder' and adapter_stem else None
         self.decoder = self.decoder_adapters = None
         if kind == 'decoder':
             from .autoencoder import CODE_CHANNELS, Decoder
@@ -157,7 +167,7 @@ class Detector(nn.Module):
                                    tuple(self.decoder_args.get('code_channels', CODE_CHANNELS)), self.decoder_args.get('decoder_widths'))
             self.n_decoder_blocks = self.decoder.blocks_to(stride)
             widths = self.decoder.widths[:self.n_decoder_blocks]
-            self.decoder_adapters = nn.ModuleList([TransferLayer(w, adapter_ratio) for w in widths])
+            self.decoder_adapters = nn.ModuleList([TransferLayer(w, adapter_ratio, adapter_gate) for w in widths])
             self.neck = FeaturePyramid(widths[::-1], 4)          # the blocks, finest first; the finest is at `stride`
         else: self.neck = FeaturePyramid(self.encoder.widths, stride)
         kw = dict(kappa=kappa) if head == 'gaussian' else {}
@@ -166,7 +176,7 @@ class Detector(nn.Module):
         self.decoding = decoding or Decoding()   # how its maps become scored boxes: travels with the model into its export
         # what rebuilds it around a state dict (export.save_safe): the weights come from there, not from backbone_weights
         self.init_args = dict(encoder_args=dict(self.encoder_args), head=head, sandwich=kind, hidden=hidden, out_bn=out_bn, kappa=kappa,
-                              adapter_ratio=adapter_ratio, adapter_stem=adapter_stem, stride=stride,
+                              adapter_ratio=adapter_ratio, adapter_stem=adapter_stem, adapter_gate=adapter_gate, stride=stride,
                               decoder_args=dict(self.decoder_args) if kind == 'decoder' else None)
 
     def features(self, x) -> list:  # [B, C, H, W] -> what the neck reads, finest first
