@@ -168,8 +168,9 @@ class FinetuneConfig(RunConfig):
                                   'on validation by bench select; 0.25 trains a quarter of the parameters)', above=0, at_most=4,
                                   group='freeze')
     adapter_stem: bool = option(False, 'sandwich: a transfer layer after the stem too (default: after each stage only)', group='freeze')
-    adapter_gate: bool = option(False, "sandwich: each transfer layer's residual is a learned scalar (starting at zero) times its "
-                                'branch, instead of a branch whose last convolution starts at zero', group='freeze')
+    adapter_gate: bool = option(True, "sandwich: transfer layers whose branch's last convolution starts at zero, as before the gate "
+                                "(default: each layer's residual is a learned scalar starting at zero times its branch, chosen on "
+                                'validation by bench select)', flag='--no-adapter-gate', group='freeze')
     sandwich: str = option('encoder', "with --freeze sandwich: encoder (transfer layers between the frozen encoder's stages, the head "
                            'on the encoder) or decoder (3FabRec: the pretrained encoder and decoder frozen, transfer layers between '
                            "the decoder's blocks, the head on the decoder's stride-4 features)", choices=SANDWICHES, group='freeze')

@@ -126,7 +126,7 @@ def choices(cls, name: str) -> tuple:
 def _help(f: dataclasses.Field) -> str:
     m = f.metadata
     if m['default_help'] is not None: return f"{m['help']} (default {m['default_help']})"
-    if f.default is MISSING or f.default is False or m['flag'] == '--no-augment': return m['help']
+    if f.default is MISSING or f.default is False or (m['flag'] or '').startswith('--no-'): return m['help']
     shown = ','.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
     return f"{m['help']} (default {shown})"
 

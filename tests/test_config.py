@@ -54,6 +54,15 @@ def test_the_command_lines_defaults_are_the_dataclasses(cli, cls, out, tmp_path)
     assert all('--' + n.replace('_', '-') not in help_text for n in hidden)
 
 
+def test_a_flag_that_turns_a_default_off_says_so(tmp_path):
+    "--no-adapter-gate and --no-augment turn their settings off; the bare names are not flags."
+    ap = finetune_cli.parser()
+    cfg = from_args(FinetuneConfig, ap, ap.parse_args(['--data', str(tmp_path), '--no-adapter-gate', '--no-augment']), out=tmp_path)
+    assert cfg.adapter_gate is False and cfg.augment is False
+    assert FinetuneConfig(data=tmp_path, out=tmp_path).adapter_gate is True
+    with pytest.raises(SystemExit): ap.parse_args(['--data', str(tmp_path), '--adapter-gate'])
+
+
 def test_the_old_name_of_a_freeze_mode_is_accepted_and_recorded_as_the_new_one(tmp_path):
     assert FinetuneConfig(data=tmp_path, out=tmp_path, freeze='none').freeze == 'full'
     assert 'none' not in choices(FinetuneConfig, 'freeze')

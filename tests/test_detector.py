@@ -7,7 +7,7 @@ from lesion_fastai.boxes import MIN_SIZE, params_to_boxes
 from lesion_fastai.heatmap import detections
 from lesion_fastai.losses import DetectionLoss
 from lesion_fastai.models.autoencoder import create_autoencoder
-from lesion_fastai.models.detector import Detector, create_detector
+from lesion_fastai.models.detector import Detector, TransferLayer, create_detector
 
 from tiny import F_, TINY, Y, targets, valid_boxes
 
@@ -124,11 +124,47 @@ def test_transfer_layer_options_change_what_trains():
     assert full.stem_adapter is None
     stem = create_detector(1, sandwich=True, adapter_ratio=1., adapter_stem=True, **enc)
     assert stem.stem_adapter.conv2.out_channels == 16 and n(stem) == n(full) + n(stem.stem_adapter)
-    with torch.no_grad(): stem.stem_adapter.conv2.weight.fill_(.01)   # once trained, it changes the features
+    with torch.no_grad(): stem.stem_adapter.gate.fill_(.5)   # once trained, it changes the features
     x = torch.rand(2, 1, 64, 64)
     full.encoder.load_state_dict(stem.encoder.state_dict())
     full.eval(); stem.eval()
     assert not torch.allclose(stem.features(x)[0], full.features(x)[0])
+
+def _first_step_change(ch: int, **kw) -> float:
+    "RMS of what a transfer layer adds to its input after one Adam step (lr 1e-3) on a random linear loss."
+    torch.manual_seed(0)
+    layer, x, t = TransferLayer(ch, **kw), torch.randn(4, ch, 8, 8), torch.randn(4, ch, 8, 8)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    (layer(x) * t).mean().backward(); opt.step()
+    with torch.no_grad(): return (layer(x) - x).pow(2).mean().sqrt().item()
+
+def test_a_transfer_layers_first_step_does_not_grow_with_its_width():
+    """The default transfer layer (gated) moves its output alike at 8 and 256 channels; the ungated
+    layer's zero-initialised last convolution moves it in proportion to the fan-in (about 26 times more
+    at 256 channels than at 8), which let a sandwich's deepest adapters outgrow the frozen features."""
+    assert _first_step_change(256) < 2 * _first_step_change(8)
+    assert _first_step_change(256, gate=False) > 10 * _first_step_change(8, gate=False)
+    assert create_detector(1, sandwich=True, **TINY).adapters[0].gate.requires_grad    # the detector's default too
+
+def test_a_safe_model_written_before_the_gate_loads_ungated(tmp_path):
+    "A model.json without `adapter_gate` (written before it) rebuilds ungated transfer layers, and computes what was saved."
+    import json
+    from dataclasses import asdict
+    from safetensors.torch import save_file
+    from lesion_fastai.data import SliceSpec
+    from lesion_fastai.export import SAFE_FORMAT, load_detector
+    from lesion_fastai.heatmap import Decoding
+    torch.manual_seed(0)
+    old = create_detector(1, sandwich=True, adapter_gate=False, **TINY).eval()
+    with torch.no_grad(): old.adapters[0].conv2.weight.normal_()       # trained: the layer changes the features
+    settings = {k: v for k, v in old.init_args.items() if k != 'adapter_gate'}
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / 'model.safetensors'))
+    (tmp_path / 'model.json').write_text(json.dumps({'format': SAFE_FORMAT, 'detector': settings, 'spec': asdict(SliceSpec(size=64)),
+                                                     'decoding': asdict(Decoding())}))
+    model, _, _ = load_detector(tmp_path / 'model.safetensors')
+    assert not hasattr(model.adapters[0], 'gate')
+    x = torch.rand(1, 1, 64, 64)
+    assert torch.equal(model(x)[0], old(x)[0])
 
 @pytest.mark.parametrize('size', [32, 64])
 def test_autoencoder_shapes_and_encoder_moves_strictly(size):

@@ -35,12 +35,14 @@ class TransferLayer(nn.Module):
     layer (1/4 trains about a quarter of the parameters; docs/results.md says which width validation
     chose).
 
-    Without `gate` the branch's last convolution starts at zero, and Adam moves each of its weights by
-    about the rate per step, so the first steps change the output in proportion to the fan-in (9 x 256
-    at the deepest stage). With `gate` the residual is a learned scalar times a normally initialised
-    branch, the scalar starting at zero (ReZero, Bachlechner et al. 2020): Adam moves the scalar by about
-    the rate per step whatever the layer's width."""
-    def __init__(self, ch: int, ratio: float = 1., gate: bool = False):
+    With `gate` (the default) the residual is a learned scalar times a normally initialised branch, the
+    scalar starting at zero (ReZero, Bachlechner et al. 2020): Adam moves the scalar by about the rate per
+    step whatever the layer's width. Without it (models written before the gate) the branch's last
+    convolution starts at zero instead, and Adam moves each of its weights by about the rate, so the
+    first steps change the output in proportion to the fan-in (9 x 256 at the deepest stage): in the
+    sandwich's untrained control the deepest layers outgrew the frozen features, and the gate, chosen on
+    validation, doubled the control's FROC (docs/results.md, "The transfer layers' gate")."""
+    def __init__(self, ch: int, ratio: float = 1., gate: bool = True):
         super().__init__()
         hidden = max(8, round(ch * ratio))
         self.conv1 = conv_bn(ch, hidden)
@@ -139,15 +141,15 @@ class Detector(nn.Module):
     `head`, returning the head's dense maps (module docstring). Two sandwiches of frozen pretrained
     layers and fresh `TransferLayer`s:
     * `sandwich='encoder'` (or True): one transfer layer after each encoder stage (with `adapter_stem`
-      one after the stem too, with `adapter_ratio` < 1 narrower ones, with `adapter_gate` ones whose
-      residual is a learned scalar starting at zero); the neck reads the stages.
+      one after the stem too, with `adapter_ratio` < 1 narrower ones, gated by `adapter_gate`, the
+      default); the neck reads the stages.
     * `sandwich='decoder'`: 3FabRec's: the autoencoder's `decoder` (built from `decoder_args`, its
       `model_args` without the encoder's) decodes the encoder's codes down to `stride`, a transfer
       layer after each of its blocks; the neck reads those blocks, so the head sits on the features
       the decoder draws the slice from."""
     def __init__(self, encoder_args: dict | None = None, head: str = 'direct', sandwich: bool | str = False,
                  hidden: int = 32, out_bn: bool = False, kappa: float = KAPPA, adapter_ratio: float = 1.,
-                 adapter_stem: bool = False, adapter_gate: bool = False, stride: int = 4, decoder_args: dict | None = None, backbone_weights=None,
+                 adapter_stem: bool = False, adapter_gate: bool = True, stride: int = 4, decoder_args: dict | None = None, backbone_weights=None,
                  decoding: Decoding | None = None):
         super().__init__()
         if head not in HEADS: raise ValueError(f"head {head!r}: expected one of {sorted(HEADS)}")
