@@ -1,6 +1,7 @@
 """The benchmarks' runner, their finished-run check and their settings, without training: the runner's
 pretraining and fine-tuning are stand-ins that record what they were asked."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,20 @@ def test_the_transfer_modes_start_full_from_the_scale_or_the_first_stages_of_the
         'full [masked]': ('full', 'weights', None), 'full-scale [masked]': ('full', 'scale', None),
         'full-k0 [masked]': ('full', 'weights', 0), 'full-k2 [masked]': ('full', 'weights', 2)}
     assert len({c.pretrained for c in runs.values()}) == 1 and len({c.out for c in runs.values()}) == 4
+
+
+def test_a_finished_pretraining_is_reused_only_with_the_same_settings(tmp_path, monkeypatch):
+    "A sandwich run from before the gate is an ungated run; a pretraining of other epochs is an error, not a checkpoint reused."
+    cfg = finetune_config(tmp_path / 'data', tmp_path / 'runs' / 'sandwich', 'sandwich', .1, 0, 1, 2, tmp_path / 'p.pth', {'precision': 'fp32'})
+    _finished(cfg, adapter_gate=None)
+    with pytest.raises(ValueError, match='adapter_gate: False there, True now'): grid.run_finetune(cfg)
+    assert grid.run_finetune(replace(cfg, adapter_gate=False))
+    pre = pretraining(tmp_path, tmp_path / 'data', 3, 2, {'context': 0, 'precision': 'fp32'})
+    monkeypatch.setattr('lesion_fastai.pretraining.pretrain', lambda c: pytest.fail('a finished pretraining trained again'))
+    Path(pre.out).mkdir(parents=True)
+    (Path(pre.out) / 'pretrained.pth').write_bytes(b'')
+    (Path(pre.out) / 'pretrain_metrics.json').write_text(json.dumps({'config': {**recorded(pre), 'in_chans': 1, 'train_slices': 4}}))
+    assert grid.pretrain_once(pre) == Path(pre.out) / 'pretrained.pth'
+    with pytest.raises(ValueError, match=r'pretrain_metrics.json: a finished pretraining with other settings \(epochs: 3 there, 10 now\); '
+                                         r'ask for its settings \(--pretrain-epochs 3'):
+        grid.pretrain_once(replace(pre, epochs=10))

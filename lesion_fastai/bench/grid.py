@@ -128,10 +128,17 @@ def in_process(threads: int, fn, *args):
 
 
 def pretrain_once(cfg) -> Path:
-    "The checkpoint of the pretraining `cfg` (a PretrainConfig), trained (or resumed) only if it is not there yet."
+    """The checkpoint of the pretraining `cfg` (a PretrainConfig), trained (or resumed) only if it is not
+    there yet; a finished pretraining made with other settings (`bench select`'s default 10 epochs in
+    a folder an `efficiency --pretrain-epochs 3` filled, say) is an error, not a checkpoint reused."""
     from ..pretraining import pretrain
-    ckpt = Path(cfg.out) / 'pretrained.pth'
+    ckpt, done = Path(cfg.out) / 'pretrained.pth', Path(cfg.out) / 'pretrain_metrics.json'
     if not ckpt.exists(): pretrain(cfg)
+    elif done.exists() and 'out' in (then := json.loads(done.read_text()).get('config', {})):
+        now = _settings_now(cfg, any_precision=False)
+        diff = settings_diff(_settings_then(then, now), now, ignore=IGNORED + ('cache', 'cache_dir'), cls=PretrainConfig)
+        if diff: raise ValueError(f"{done}: a finished pretraining with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
+                                  f"ask for its settings (--pretrain-epochs {then.get('epochs')} if only the epochs differ) or choose another --out")
     return ckpt
 
 
