@@ -170,7 +170,7 @@ class FinetuneConfig(RunConfig):
     adapter_stem: bool = option(False, 'sandwich: a transfer layer after the stem too (default: after each stage only)', group='freeze')
     adapter_gate: bool = option(True, "sandwich: transfer layers whose branch's last convolution starts at zero, as before the gate "
                                 "(default: each layer's residual is a learned scalar starting at zero times its branch, chosen on "
-                                'validation by bench select)', flag='--no-adapter-gate', group='freeze')
+                                'validation by bench select)', flag='--no-adapter-gate', unrecorded=False, group='freeze')
     sandwich: str = option('encoder', "with --freeze sandwich: encoder (transfer layers between the frozen encoder's stages, the head "
                            'on the encoder) or decoder (3FabRec: the pretrained encoder and decoder frozen, transfer layers between '
                            "the decoder's blocks, the head on the decoder's stride-4 features)", choices=SANDWICHES, group='freeze')

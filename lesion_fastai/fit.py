@@ -64,7 +64,7 @@ def check_resume(cfg, out: Path) -> None:
     before = json.loads(saved.read_text())
     unresolved = [k for k in RESOLVED if k in before and before[k] is None]   # recorded unresolved by an older version: whatever it chose
     changed = [f"--{k.replace('_', '-')} {now!r} (the run has {then!r})"
-               for k, (then, now) in settings_diff(before, _run_settings(cfg), ignore=unresolved).items()]
+               for k, (then, now) in settings_diff(before, _run_settings(cfg), ignore=unresolved, cls=type(cfg)).items()]
     if changed:
         raise ValueError(f"--resume: {out} was started with other settings than these, after {epoch + 1} epoch(s): "
                          + '; '.join(changed) + ". Resume with the run's settings, or start a new run in another --out")

@@ -239,3 +239,17 @@ def test_a_full_disk_mid_run_is_a_named_error_and_the_last_epochs_checkpoints_st
     assert torch.load(out / 'models' / 'best.pth', map_location='cpu', weights_only=False)
     assert not [p for p in out.rglob('*.tmp')]
     assert json.loads((out / 'run_config.json').read_text())['epochs'] == 3
+
+
+def test_a_run_started_before_a_setting_existed_resumes_with_what_it_was_made_with(tiny_data, tmp_path):
+    "A run_config.json without adapter_gate was a run with ungated transfer layers: --no-adapter-gate resumes it, the default is named."
+    from lesion_fastai.fit import check_resume
+    out = tmp_path / 'run'
+    _started(tiny_data, out, ['--epochs', '3', '--bs', '2', '--size', '32', '--no-adapter-gate'])
+    saved = json.loads((out / 'run_config.json').read_text())
+    (out / 'run_config.json').write_text(json.dumps({k: v for k, v in saved.items() if k != 'adapter_gate'}))
+    ap = finetune_cli.parser()
+    args = lambda *extra: from_args(FinetuneConfig, ap, ap.parse_args(['--data', str(tiny_data), '--out', str(out), '--resume', '--epochs', '3',
+                                                                        '--bs', '2', '--size', '32', *extra]), out=out)
+    check_resume(args('--no-adapter-gate'), out)
+    with pytest.raises(ValueError, match=r'--adapter-gate True \(the run has False\)'): check_resume(args(), out)

@@ -166,10 +166,9 @@ def _settings_now(cfg, any_precision: bool) -> dict:
 
 
 def _settings_then(record: dict, names) -> dict:
-    "A finished run's recorded settings of these `names`; a run from before bf16 trained in fp32, one from before the gate ungated."
+    "A finished run's recorded settings of these `names`; a run from before bf16 trained in fp32."
     then = {k: _inside(record[k], record['out']) if k in PATHS and record[k] else record[k] for k in names if k in record}
     if 'precision' in names: then.setdefault('precision', 'fp32')
-    if 'adapter_gate' in names: then.setdefault('adapter_gate', False)
     return then
 
 
