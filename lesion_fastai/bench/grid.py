@@ -137,7 +137,7 @@ def pretrain_once(cfg) -> Path:
     elif done.exists() and 'out' in (then := json.loads(done.read_text()).get('config', {})):
         now = _settings_now(cfg, any_precision=False)
         diff = settings_diff(_settings_then(then, now), now, ignore=IGNORED + ('cache', 'cache_dir'), cls=PretrainConfig)
-        if diff: raise ValueError(f"{done}: a finished pretraining with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
+        if diff: raise ValueError(f"{done}: a finished pretraining with other settings ({_differences(diff)}); "
                                   f"ask for its settings (--pretrain-epochs {then.get('epochs')} if only the epochs differ) or choose another --out")
     return ckpt
 
@@ -165,6 +165,11 @@ def _settings_now(cfg, any_precision: bool) -> dict:
     return {k: _inside(v, cfg.out) if k in PATHS else v for k, v in now.items()}
 
 
+def _differences(diff: dict) -> str:
+    "`settings_diff`'s answer as the errors say it: `epochs: 3 there, 10 now, ...`."
+    return ', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())
+
+
 def _settings_then(record: dict, names) -> dict:
     "A finished run's recorded settings of these `names`; a run from before bf16 trained in fp32."
     then = {k: _inside(record[k], record['out']) if k in PATHS and record[k] else record[k] for k in names if k in record}
@@ -187,7 +192,7 @@ def run_finetune(cfg, any_precision: bool = False) -> dict:
     now = _settings_now(cfg, any_precision)
     ignore = IGNORED + (ADAPTER if cfg.freeze != 'sandwich' else ())
     diff = settings_diff(_settings_then(m['config'], now), now, ignore=ignore, cls=FinetuneConfig)
-    if diff: raise ValueError(f"{done}: a finished run with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
+    if diff: raise ValueError(f"{done}: a finished run with other settings ({_differences(diff)}); "
                               f"choose another --out or remove {cfg.out}")
     return m
 
