@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .checkpoint import INITS
 from .freeze import FREEZE_ALIASES, FREEZE_MODES
+from .genesis import RATES as GENESIS_RATES
 from .heatmap import KEEP, NMS_IOU
 from .losses import BoxLoss
 from .models.autoencoder import CODE_CHANNELS
@@ -118,6 +119,16 @@ class PretrainConfig(RunConfig):
                                default_help="the pretext's: size/16, mae size/32, genesis unused", group='pretext')
     noise_std: float | None = option(None, 'Gaussian noise added to the windowed input', at_least=0,
                                      default_help="the pretext's: 0.05, mae 0, genesis unused", group='pretext')
+    genesis_local: float | None = option(None, 'genesis: probability that a slice is locally shuffled', at_least=0, at_most=1,
+                                         default_help=f"Models Genesis's {GENESIS_RATES['local']:g}", group='pretext')
+    genesis_nonlinear: float | None = option(None, 'genesis: probability that a slice is mapped through a random intensity curve',
+                                             at_least=0, at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['nonlinear']:g}",
+                                             group='pretext')
+    genesis_paint: float | None = option(None, 'genesis: probability that a slice is in- or out-painted with noise', at_least=0,
+                                         at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['paint']:g}", group='pretext')
+    genesis_outpaint: float | None = option(None, 'genesis: share of the painted slices that are out-painted (the rest in-painted)',
+                                            at_least=0, at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['outpaint']:g}",
+                                            group='pretext')
     loss: str = option('l1', 'reconstruction loss', choices=('l1', 'mse'), group='pretext')
     code_channels: tuple = option(CODE_CHANNELS, "the autoencoder's bottleneck: channels of its codes at strides 32, 16, 8, and 4 with "
                                   'a fourth number', parse=parse_ints, check=_code_channels, group='model')

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ['genesis']
+__all__ = ['RATES', 'genesis']
 
+RATES = dict(local=.5, nonlinear=.9, paint=.9, outpaint=.8)     # the official rates, `genesis`'s defaults
 _DRAWS = 40          # scalar draws per image, more than the transformations can take (at most 36)
 
 
-def genesis(x: torch.Tensor, generator=None, nonlinear: float = .9, local: float = .5, paint: float = .9, outpaint: float = .8):
+def genesis(x: torch.Tensor, generator=None, nonlinear: float = RATES['nonlinear'], local: float = RATES['local'],
+            paint: float = RATES['paint'], outpaint: float = RATES['outpaint']):
     """Each image of `x` [B, C, H, W] in [0, 1] transformed as Models Genesis does, each step with its own
     probability, in the official order: local pixel shuffling (`local`), a non-linear intensity curve
     (`nonlinear`), then painting (`paint`): out-painting with probability `outpaint`, else in-painting.

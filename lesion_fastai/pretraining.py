@@ -32,7 +32,7 @@ from .deeplesion import context_paths, list_slices, load_data, patient_of
 from .files import check_out_folder, write_json
 from .fit import (back_to_fp32, check_batches, check_precision, check_resume, fit_resumable, loader_kwargs, native_size, run_folder,
                   save_run_settings, seed_rank, speed_up)
-from .genesis import genesis
+from .genesis import RATES as GENESIS_RATES, genesis
 from .log import log
 from .models.autoencoder import create_autoencoder
 from .plots import plot_reconstructions
@@ -57,9 +57,12 @@ def corrupt(x: torch.Tensor, mask_ratio: float = .5, patch: int = 8, noise_std: 
 
 def corruption_of(cfg: PretrainConfig, channels: list[int] | None = None):
     """The resolved `cfg`'s pretext as one function (x, generator=None) -> (corrupted, mask [B, 1, H, W]),
-    so that training, the copy baseline and the figure corrupt alike: `genesis` for the genesis pretext,
-    else `corrupt` with its mask ratio, patch and noise, masking `channels` (default all)."""
-    if cfg.pretext == 'genesis': return genesis
+    so that training, the copy baseline and the figure corrupt alike: `genesis` at the --genesis-* rates
+    given (Models Genesis's where not) for the genesis pretext, else `corrupt` with its mask ratio,
+    patch and noise, masking `channels` (default all)."""
+    if cfg.pretext == 'genesis':
+        rates = {k: v for k in GENESIS_RATES if (v := getattr(cfg, f'genesis_{k}')) is not None}
+        return partial(genesis, **rates) if rates else genesis
     return partial(corrupt, mask_ratio=cfg.mask_ratio, patch=cfg.patch, noise_std=cfg.noise_std, channels=channels)
 
 
@@ -120,6 +123,8 @@ def resolve(cfg: PretrainConfig, records) -> PretrainConfig:
         raise ValueError("--pretext context reconstructs a slice from its neighbours: it needs --context 1 or more "
                          "(neighbour slices on each side as input channels)")
     size = cfg.size or native_size(records) // 2
+    rates = [f"--genesis-{k}" for k in GENESIS_RATES if getattr(cfg, f'genesis_{k}') is not None]
+    if rates and cfg.pretext != 'genesis': log.info(f"--pretext {cfg.pretext} is not Models Genesis: {', '.join(rates)} unused")
     if patch_fraction is None:
         given = [f"--{k.replace('_', '-')}" for k in ('mask_ratio', 'patch', 'noise_std') if getattr(cfg, k) is not None]
         if given: log.info(f"--pretext {cfg.pretext} masks nothing and adds no Gaussian noise: {', '.join(given)} unused")

@@ -205,6 +205,19 @@ def test_corruption_of_is_the_pretexts_corruption_with_the_same_draws(tmp_path):
     assert corruption_of(PretrainConfig(data=tmp_path, out=tmp_path, pretext='genesis')) is genesis
 
 
+def test_genesis_rates_reach_the_pretexts_corruption(tmp_path, capsys):
+    "--genesis-* set the pretext's rates: all four at 0 leave a slice as it was; unset, the official ones transform it."
+    x, g = torch.rand(4, 3, 32, 32), lambda: torch.Generator().manual_seed(0)
+    off = PretrainConfig(data=tmp_path, out=tmp_path, pretext='genesis', genesis_local=0, genesis_nonlinear=0, genesis_paint=0)
+    assert torch.equal(corruption_of(off)(x, generator=g())[0], x)
+    paint = PretrainConfig(data=tmp_path, out=tmp_path, pretext='genesis', genesis_local=0, genesis_nonlinear=0, genesis_paint=1)
+    assert not torch.equal(corruption_of(paint)(x, generator=g())[0], x)
+    assert not torch.equal(corruption_of(PretrainConfig(data=tmp_path, out=tmp_path, pretext='genesis'))(x, generator=g())[0], x)
+    with pytest.raises(SystemExit):
+        pretrain_cli.main(['--data', str(tmp_path), '--out', str(tmp_path), '--pretext', 'genesis', '--genesis-paint', '1.5'])
+    assert '--genesis-paint must be in [0, 1], got 1.5' in capsys.readouterr().err
+
+
 def test_genesis_pretext_pretrains_and_records_its_pretext(tiny_data, tmp_path):
     out = tmp_path / 'pretrain'
     pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--pretext', 'genesis', '--epochs', '1', '--bs', '4',
