@@ -1,4 +1,4 @@
-"""Choose the default of one fine-tuning setting on validation, never on test: every value x label
+"""Choose the default of one fine-tuning (or pretext) setting on validation, never on test: every value x label
 fraction x seed fine-tuned, validation figures only, paired differences from the current default.
 
     python -m lesion_fastai.bench select --setting adapter_ratio --values 1,0.25 --mode sandwich
@@ -6,12 +6,15 @@ fraction x seed fine-tuned, validation figures only, paired differences from the
     python -m lesion_fastai.bench select --setting rounds --values 1,2 --mode selftrain --fractions 0.1
     python -m lesion_fastai.bench select --setting lr_mult --values 100,10,1 --mode sandwich-ft --fractions 0.1
     python -m lesion_fastai.bench select --setting unfrozen_lr_div --values 2,1 --mode sandwich-ft --pretext untrained --fractions 0.1
+    python -m lesion_fastai.bench select --setting genesis_paint --values 0.9,0 --mode full --pretext genesis --fractions 0.1
 
 A mode means what it means in `efficiency` (the -ft modes unfreeze after `UNFREEZE_AFTER` epochs,
 carry weighs the carried labels at `CARRY_WEIGHT`) unless the setting is that one. The selftrain
 modes learn from `efficiency`'s scratch run of their label fraction and seed (trained here once if
 it is not there yet, then shared), and also take `pseudo_fp` (the teacher's threshold) and `rounds`
-(of self-training; value k's run is the teacher of value k + 1's) as settings.
+(of self-training; value k's run is the teacher of value k + 1's) as settings. A setting of the
+pretext (`PRETRAIN_SETTINGS`: Models Genesis's rates, the masked pretexts' mask) is chosen the same
+way, each value fine-tuning from a pretraining of its own.
 """
 from __future__ import annotations
 
@@ -22,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import PRETEXTS, PSEUDO_FP, FinetuneConfig, SettingError, choices, from_args, option, parse_floats, parse_ints
+from ..config import PRETEXTS, PSEUDO_FP, FinetuneConfig, PretrainConfig, SettingError, choices, from_args, option, parse_floats, parse_ints
 from ..stats import mean_ci
 from .common import (CONTROL, EFFICIENCY_OUT, EPOCHS, GROUP, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, BenchSettings, add_bench_settings,
                      data_context, data_folder, default_of, ensure_data, finetune_config, machine, mode_changes, precision_change, pretext_changes,
                      pretext_tag, pretraining, pseudo_csv, quick, report, teacher_config)
 from .grid import Run, run_grid
 
-__all__ = ['CRITERIA', 'TEACHER_SETTINGS', 'SelectSettings', 'select', 'select_grid', 'setting_values', 'add_parser']
+__all__ = ['CRITERIA', 'TEACHER_SETTINGS', 'PRETRAIN_SETTINGS', 'SelectSettings', 'select', 'select_grid', 'setting_values', 'add_parser']
 
 
 def _validation_row(m: dict, **extra) -> dict:
@@ -45,6 +48,10 @@ def _validation_row(m: dict, **extra) -> dict:
 # settings of the selftrain modes that are not FinetuneConfig fields: how the pseudo-labels are made (their types)
 TEACHER_SETTINGS = {'pseudo_fp': float, 'rounds': int}
 
+# settings of the pretext, PretrainConfig fields: each value pretrains an autoencoder of its own
+GENESIS_SETTINGS = ('genesis_local', 'genesis_nonlinear', 'genesis_paint', 'genesis_outpaint')
+PRETRAIN_SETTINGS = ('mask_ratio', 'patch', 'noise_std') + GENESIS_SETTINGS
+
 
 CRITERIA = {'froc': ('valid_froc', max), 'iou': ('valid_mean_iou', max), 'calibration': ('calibration_error', min)}
 
@@ -55,7 +62,8 @@ class SelectSettings(BenchSettings):
     label fractions and seeds, and the criterion chosen by."""
     out: Path = option(EFFICIENCY_OUT, "output folder (efficiency's: shares its data and pretraining)", group=GROUP)
     setting: str = option(help='a FinetuneConfig field, e.g. adapter_ratio, nll_weight, map_radius, lr, wd, pseudo_weight; or, with a '
-                          "selftrain mode, pseudo_fp (the teacher's threshold) or rounds (of self-training)", group=GROUP)
+                          "selftrain mode, pseudo_fp (the teacher's threshold) or rounds (of self-training); or a setting of the "
+                          f"--pretext, {', '.join(PRETRAIN_SETTINGS)}, each value pretrained once", group=GROUP)
     values: tuple = option(help='values to compare, comma separated; the first is the current default', parse=parse_floats, group=GROUP)
     mode: str = option('sandwich', 'scratch or freeze mode of every run', choices=tuple(MODES), group=GROUP)
     head: str = option(default_of(FinetuneConfig, 'head'), 'box head of every run', choices=choices(FinetuneConfig, 'head'), group=GROUP)
@@ -76,12 +84,22 @@ class SelectSettings(BenchSettings):
                 raise SettingError(f"--setting {self.setting} is a setting of the modes {', '.join(SELF_TRAINED)}, not of {self.mode}")
             if min(self.values) <= 0 or (self.setting == 'rounds' and min(self.values) < 1):
                 raise SettingError(f"--values: {self.setting} must be {'at least 1' if self.setting == 'rounds' else 'positive'}")
+        elif self.setting in PRETRAIN_SETTINGS: _check_pretrain_setting(self)
         elif self.setting not in FinetuneConfig.__dataclass_fields__: raise SettingError(f'--setting {self.setting!r} is not a fine-tuning setting')
         values = setting_values(self.setting, self.values)
         if values is None:
             takes = '0 or 1, off or on' if _kind(self.setting) is bool else 'whole numbers'
             raise SettingError(f'--values {",".join(f"{v:g}" for v in self.values)}: --setting {self.setting} takes {takes}')
         self.values = tuple(values)
+
+
+def _check_pretrain_setting(s: SelectSettings) -> None:
+    "A setting of the pretext needs a mode that starts from a pretraining, and a pretraining of the pretext it belongs to."
+    if s.mode in NO_CHECKPOINT: raise SettingError(f'--setting {s.setting} is a pretraining setting; --mode {s.mode} starts from no pretraining')
+    genesis = s.setting in GENESIS_SETTINGS
+    if (s.pretext == 'genesis') != genesis or s.pretext == CONTROL:
+        wants = '--pretext genesis' if genesis else f"a masking --pretext ({', '.join(p for p in PRETEXTS if p != 'genesis')})"
+        raise SettingError(f'--setting {s.setting} is a setting of {wants}, not of --pretext {s.pretext}')
 
 
 def select(s: SelectSettings) -> dict:
@@ -115,14 +133,15 @@ def select_grid(s: SelectSettings, data: Path, context: int | None) -> list[Run]
     teacher needs it, is `context`), a selftrain student after its teacher, efficiency's scratch run of
     its fraction and seed."""
     taught = s.mode in SELF_TRAINED
-    pre = None if s.mode in NO_CHECKPOINT else pretraining(s.out, data, s.pretrain_epochs, s.bs,
-                                                           {**pretext_changes(s.pretext), **precision_change(s), 'context': context})
+    changes = {**pretext_changes(s.pretext), **precision_change(s), 'context': context}
+    pre = lambda v: None if s.mode in NO_CHECKPOINT else pretraining(
+        s.out, data, s.pretrain_epochs, s.bs, {**changes, **({s.setting: v} if s.setting in PRETRAIN_SETTINGS else {})})
     runs = []
     for frac in s.fractions:
         for seed in s.seeds:
             teacher = teacher_config(s.out, data, frac, seed, s.epochs, s.bs, context, precision_change(s)) if taught else None
             if teacher is not None: runs.append(Run(teacher, title=f'the teacher: scratch, label fraction {frac:g}, seed {seed}'))
-            runs += [_value_run(s, data, context, pre, teacher, frac, seed, v) for v in s.values]
+            runs += [_value_run(s, data, context, pre(v), teacher, frac, seed, v) for v in s.values]
     return runs
 
 
@@ -130,7 +149,8 @@ def _value_run(s: SelectSettings, data: Path, context: int | None, pre, teacher,
     "The run of one value at a label fraction and seed; a student of `teacher` in the selftrain modes (value k of rounds: k rounds)."
     pretext = pretext_tag(None if s.mode in NO_CHECKPOINT else s.pretext)
     folder = lambda k: s.out / 'select' / s.setting / f'{s.mode}_{k:g}_{frac:g}_seed{seed}{pretext}'
-    cfg = {**mode_changes(s.mode), **_changes(s), **precision_change(s), **({} if s.setting in TEACHER_SETTINGS else {s.setting: v})}
+    fine_tuned = s.setting not in TEACHER_SETTINGS and s.setting not in PRETRAIN_SETTINGS
+    cfg = {**mode_changes(s.mode), **_changes(s), **precision_change(s), **({s.setting: v} if fine_tuned else {})}
     fp = v if s.setting == 'pseudo_fp' else s.pseudo_fp
     if teacher is not None:
         cfg.update(pseudo_labels=pseudo_csv(s.out, frac, seed, context, fp), **({'context': context} if s.mode in NO_CHECKPOINT else {}))
@@ -183,12 +203,14 @@ def _verdict(s: SelectSettings, summary: list, best) -> str:
 
 
 def _kind(setting: str) -> type:
-    "The type of a setting's values: a teacher setting's, or the FinetuneConfig field's."
-    return TEACHER_SETTINGS.get(setting) or typing.get_type_hints(FinetuneConfig)[setting]
+    "The type of a setting's values: a teacher setting's, or the PretrainConfig or FinetuneConfig field's (int of `int | None`)."
+    if setting in TEACHER_SETTINGS: return TEACHER_SETTINGS[setting]
+    hint = typing.get_type_hints(PretrainConfig if setting in PRETRAIN_SETTINGS else FinetuneConfig)[setting]
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
 
 
 def setting_values(setting: str, values) -> list | None:
-    """`values` (parsed as floats) as the type of the FinetuneConfig field `setting`: ints for an int field (None if one is
+    """`values` (parsed as floats) as the type of the config field `setting`: ints for an int field (None if one is
     not whole), False / True for a switch (0 / 1; None for any other number)."""
     kind = _kind(setting)
     if kind is bool: return [bool(v) for v in values] if all(v in (0, 1) for v in values) else None
@@ -197,7 +219,7 @@ def setting_values(setting: str, values) -> list | None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser('select', help='choose the default of one fine-tuning setting on validation (never on test)',
+    p = sub.add_parser('select', help='choose the default of one fine-tuning or pretext setting on validation (never on test)',
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_bench_settings(p, SelectSettings, required=('setting', 'values'))
     p.set_defaults(run=lambda ap, args: select(from_args(SelectSettings, ap, args)))
