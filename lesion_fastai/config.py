@@ -30,6 +30,7 @@ __all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneCon
            'add_settings', 'from_args', 'choices', 'parse_ints', 'parse_floats', 'flag_of', 'check_fields']
 
 PRECISIONS = ('auto', 'fp32', 'bf16')
+SANDWICH_SETTINGS = ('adapter_ratio', 'adapter_stem', 'adapter_gate', 'sandwich')   # change nothing in a run without transfer layers
 DEFAULT_CONTEXT = 2   # neighbour slices on each side, where the data ships them: the strongest lever measured (docs/results.md)
 PSEUDO_FP = .1        # self-training's threshold: the teacher's score at this many false positives per validation slice, chosen on
                       # validation of 0.1, 0.25, 0.5, 1 (docs/results.md)

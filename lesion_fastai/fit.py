@@ -16,7 +16,7 @@ from fastai.torch_core import set_seed, to_float
 
 from . import distributed
 from .callbacks import AtomicSaveModelCallback, ResumableCSVLogger, ResumeState, StopOnNonFinite
-from .config import PRECISIONS
+from .config import PRECISIONS, SANDWICH_SETTINGS
 from .files import output_folder
 from .log import log, speaking
 
@@ -50,7 +50,8 @@ def _run_settings(cfg) -> dict:
 def check_resume(cfg, out: Path) -> None:
     """Before a `--resume` run touches anything: its resume state must load, and its resolved settings
     must be those the run it continues started with (`OUT/run_config.json`, compared by
-    `config.settings_diff`); each disagreeing flag is named."""
+    `config.settings_diff`); each disagreeing flag is named. The transfer layers' settings count only
+    where the run or the resume is a sandwich (a scratch run is the same run whatever they say)."""
     from .config import settings_diff
     state, saved = Path(out) / 'last.pth', Path(out) / RUN_CONFIG
     if not cfg.resume or not state.exists(): return
@@ -63,8 +64,10 @@ def check_resume(cfg, out: Path) -> None:
     import json
     before = json.loads(saved.read_text())
     unresolved = [k for k in RESOLVED if k in before and before[k] is None]   # recorded unresolved by an older version: whatever it chose
+    sandwich = 'sandwich' in (before.get('freeze'), getattr(cfg, 'freeze', None))
+    ignore = unresolved + ([] if sandwich else list(SANDWICH_SETTINGS))
     changed = [f"--{k.replace('_', '-')} {now!r} (the run has {then!r})"
-               for k, (then, now) in settings_diff(before, _run_settings(cfg), ignore=unresolved, cls=type(cfg)).items()]
+               for k, (then, now) in settings_diff(before, _run_settings(cfg), ignore=ignore, cls=type(cfg)).items()]
     if changed:
         raise ValueError(f"--resume: {out} was started with other settings than these, after {epoch + 1} epoch(s): "
                          + '; '.join(changed) + ". Resume with the run's settings, or start a new run in another --out")

@@ -245,11 +245,24 @@ def test_a_run_started_before_a_setting_existed_resumes_with_what_it_was_made_wi
     "A run_config.json without adapter_gate was a run with ungated transfer layers: --no-adapter-gate resumes it, the default is named."
     from lesion_fastai.fit import check_resume
     out = tmp_path / 'run'
-    _started(tiny_data, out, ['--epochs', '3', '--bs', '2', '--size', '32', '--no-adapter-gate'])
+    _started(tiny_data, out, ['--epochs', '3', '--bs', '2', '--size', '32', '--freeze', 'sandwich', '--no-adapter-gate'])
     saved = json.loads((out / 'run_config.json').read_text())
     (out / 'run_config.json').write_text(json.dumps({k: v for k, v in saved.items() if k != 'adapter_gate'}))
     ap = finetune_cli.parser()
     args = lambda *extra: from_args(FinetuneConfig, ap, ap.parse_args(['--data', str(tiny_data), '--out', str(out), '--resume', '--epochs', '3',
-                                                                        '--bs', '2', '--size', '32', *extra]), out=out)
+                                                                        '--bs', '2', '--size', '32', '--freeze', 'sandwich', *extra]), out=out)
     check_resume(args('--no-adapter-gate'), out)
     with pytest.raises(ValueError, match=r'--adapter-gate True \(the run has False\)'): check_resume(args(), out)
+
+
+def test_a_run_without_transfer_layers_resumes_whatever_their_settings_say(tiny_data, tmp_path):
+    "A scratch run started with --no-adapter-gate and another --adapter-ratio resumes with the defaults: it has no transfer layer to differ."
+    from lesion_fastai.fit import check_resume
+    out = tmp_path / 'run'
+    _started(tiny_data, out, ['--epochs', '3', '--bs', '2', '--size', '32', '--freeze', 'scratch', '--no-adapter-gate', '--adapter-ratio', '.5'])
+    ap = finetune_cli.parser()
+    args = lambda *extra: from_args(FinetuneConfig, ap, ap.parse_args(['--data', str(tiny_data), '--out', str(out), '--resume', '--epochs', '3',
+                                                                        '--bs', '2', '--size', '32', *extra]), out=out)
+    check_resume(args('--freeze', 'scratch'), out)
+    with pytest.raises(ValueError) as e: check_resume(args('--freeze', 'sandwich'), out)     # as a sandwich, they are what differs
+    assert "--adapter-gate True (the run has False)" in str(e.value) and "--adapter-ratio 1.0 (the run has 0.5)" in str(e.value)

@@ -14,7 +14,7 @@ import multiprocessing as mp
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import FinetuneConfig, PretrainConfig, recorded, settings_diff
+from ..config import SANDWICH_SETTINGS, FinetuneConfig, PretrainConfig, recorded, settings_diff
 from ..log import log
 
 __all__ = ['Run', 'run_grid', 'read_grid', 'finished', 'run_finetune', 'pretrain_once', 'ensure_pseudo_labels', 'self_trained',
@@ -144,7 +144,6 @@ def pretrain_once(cfg) -> Path:
 
 PATHS = ('data', 'pretrained', 'pseudo_labels')      # compared relative to the benchmark folder
 IGNORED = ('resume', 'quiet', 'out', 'num_workers')  # how a run is made, not what it is
-ADAPTER = ('adapter_ratio', 'adapter_stem', 'adapter_gate', 'sandwich')   # settings of the sandwich only
 
 
 def _inside(path, out) -> str:
@@ -190,7 +189,7 @@ def run_finetune(cfg, any_precision: bool = False) -> dict:
         with quiet(): return finetune(cfg)
     m = json.loads(done.read_text())
     now = _settings_now(cfg, any_precision)
-    ignore = IGNORED + (ADAPTER if cfg.freeze != 'sandwich' else ())
+    ignore = IGNORED + (SANDWICH_SETTINGS if cfg.freeze != 'sandwich' else ())
     diff = settings_diff(_settings_then(m['config'], now), now, ignore=ignore, cls=FinetuneConfig)
     if diff: raise ValueError(f"{done}: a finished run with other settings ({_differences(diff)}); "
                               f"choose another --out or remove {cfg.out}")
