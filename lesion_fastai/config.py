@@ -98,6 +98,11 @@ class RunConfig:
         check_fields(self)
 
 
+def _genesis_then(rate: str):
+    "What a pretraining recorded before the --genesis-* flags used: the official rate for the genesis pretext, none for another."
+    return lambda record: GENESIS_RATES[rate] if record.get('pretext') == 'genesis' else None
+
+
 @dataclass(kw_only=True)
 class PretrainConfig(RunConfig):
     "Settings of `python -m pretrain`: the autoencoder and its pretext."
@@ -121,14 +126,14 @@ class PretrainConfig(RunConfig):
     noise_std: float | None = option(None, 'Gaussian noise added to the windowed input', at_least=0,
                                      default_help="the pretext's: 0.05, mae 0, genesis unused", group='pretext')
     genesis_local: float | None = option(None, 'genesis: probability that a slice is locally shuffled', at_least=0, at_most=1,
-                                         default_help=f"Models Genesis's {GENESIS_RATES['local']:g}", group='pretext')
+                                         default_help=f"Models Genesis's {GENESIS_RATES['local']:g}", unrecorded=_genesis_then('local'), group='pretext')
     genesis_nonlinear: float | None = option(None, 'genesis: probability that a slice is mapped through a random intensity curve',
-                                             at_least=0, at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['nonlinear']:g}",
+                                             at_least=0, at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['nonlinear']:g}", unrecorded=_genesis_then('nonlinear'),
                                              group='pretext')
     genesis_paint: float | None = option(None, 'genesis: probability that a slice is in- or out-painted with noise', at_least=0,
-                                         at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['paint']:g}", group='pretext')
+                                         at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['paint']:g}", unrecorded=_genesis_then('paint'), group='pretext')
     genesis_outpaint: float | None = option(None, 'genesis: share of the painted slices that are out-painted (the rest in-painted)',
-                                            at_least=0, at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['outpaint']:g}",
+                                            at_least=0, at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['outpaint']:g}", unrecorded=_genesis_then('outpaint'),
                                             group='pretext')
     loss: str = option('l1', 'reconstruction loss', choices=('l1', 'mse'), group='pretext')
     code_channels: tuple = option(CODE_CHANNELS, "the autoencoder's bottleneck: channels of its codes at strides 32, 16, 8, and 4 with "

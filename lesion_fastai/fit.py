@@ -36,7 +36,8 @@ def check_batches(n_items: int, bs: int, what: str, hint: str) -> None:
 RESUME_FREE = ('resume', 'out', 'num_workers', 'cache', 'cache_dir')
 RUN_CONFIG = 'run_config.json'
 # settings a run resolves from its data or checkpoint (`finetuning.resolve`, `pretraining.resolve`)
-RESOLVED = ('windows', 'context', 'size', 'freeze', 'backbone', 'mask_ratio', 'patch', 'noise_std')
+RESOLVED = ('windows', 'context', 'size', 'freeze', 'backbone', 'mask_ratio', 'patch', 'noise_std', 'genesis_local', 'genesis_nonlinear',
+            'genesis_paint', 'genesis_outpaint')
 
 
 def _run_settings(cfg) -> dict:

@@ -61,7 +61,7 @@ def corruption_of(cfg: PretrainConfig, channels: list[int] | None = None):
     given (Models Genesis's where not) for the genesis pretext, else `corrupt` with its mask ratio,
     patch and noise, masking `channels` (default all)."""
     if cfg.pretext == 'genesis':
-        rates = {k: v for k in GENESIS_RATES if (v := getattr(cfg, f'genesis_{k}')) is not None}
+        rates = {k: v for k in GENESIS_RATES if (v := getattr(cfg, f'genesis_{k}', None)) is not None}
         return partial(genesis, **rates) if rates else genesis
     return partial(corrupt, mask_ratio=cfg.mask_ratio, patch=cfg.patch, noise_std=cfg.noise_std, channels=channels)
 
@@ -115,8 +115,8 @@ class MaskedCorruption(Callback):
 def resolve(cfg: PretrainConfig, records) -> PretrainConfig:
     """`cfg` with every setting the run decides filled in (`dataclasses.replace`): the context from the
     data, the size half the native slice, and the pretext's mask ratio, patch and noise where not
-    given; genesis masks nothing, so those stay as given. `asdict` of the result is what the checkpoint
-    records."""
+    given; genesis masks nothing, so those stay as given, and its rates are Models Genesis's where not
+    given. `asdict` of the result is what the checkpoint records."""
     ratio, patch_fraction, noise = PRETEXTS[cfg.pretext]
     context = resolve_context(cfg.context, records, cfg.data)
     if cfg.pretext == 'context' and context < 1:
@@ -128,7 +128,8 @@ def resolve(cfg: PretrainConfig, records) -> PretrainConfig:
     if patch_fraction is None:
         given = [f"--{k.replace('_', '-')}" for k in ('mask_ratio', 'patch', 'noise_std') if getattr(cfg, k) is not None]
         if given: log.info(f"--pretext {cfg.pretext} masks nothing and adds no Gaussian noise: {', '.join(given)} unused")
-        return dataclasses.replace(cfg, context=context, size=size)
+        rates = {f'genesis_{k}': v if (v := getattr(cfg, f'genesis_{k}')) is not None else official for k, official in GENESIS_RATES.items()}
+        return dataclasses.replace(cfg, context=context, size=size, **rates)
     return dataclasses.replace(cfg, context=context, size=size, patch=cfg.patch or max(2, round(size * patch_fraction)),
                                mask_ratio=ratio if cfg.mask_ratio is None else cfg.mask_ratio,
                                noise_std=noise if cfg.noise_std is None else cfg.noise_std)

@@ -188,14 +188,16 @@ def test_select_of_a_pretext_setting_fine_tunes_each_value_from_its_own_pretrain
     monkeypatch.setattr(grid, 'pretrain_once', lambda cfg: made.append(cfg))
     monkeypatch.setattr(grid, 'run_finetune', _recording_finetune(cfgs))
     sel.select(_select_settings(tmp_path, tiny_data, 'genesis_paint', [.9, 0.], 'full', [.1], [0, 1], pretext='genesis'))
-    assert [(c.pretext, c.genesis_paint, c.genesis_outpaint) for c in made] == [('genesis', .9, None), ('genesis', 0., None)]
+    assert [(c.pretext, c.genesis_paint, c.genesis_outpaint) for c in made] == [('genesis', None, None), ('genesis', 0., None)]
+    assert made[0].out == tmp_path / 'pretrain_context2_pretextgenesis'           # the official rate: efficiency's pretraining
     assert [c.pretrained.parent for c in cfgs] == [Path(c.out) for c in made] * 2 and made[0].out != made[1].out
     assert [c.out.name for c in cfgs[:2]] == ['full_0.9_0.1_seed0_genesis', 'full_0_0.1_seed0_genesis']
     for setting, mode, pretext, why in [('genesis_paint', 'full', 'masked', 'a setting of --pretext genesis, not of --pretext masked'),
                                         ('mask_ratio', 'full', 'genesis', 'not of --pretext genesis'),
-                                        ('genesis_paint', 'scratch', 'genesis', 'starts from no pretraining')]:
+                                        ('genesis_paint', 'scratch', 'genesis', 'starts from no pretraining'),
+                                        ('genesis_paint', 'full', 'genesis', r'--genesis-paint must be in \[0, 1\], got 1.5')]:
         with pytest.raises(SettingError, match=why):
-            _select_settings(tmp_path, tiny_data, setting, [.5], mode, [.1], [0], pretext=pretext)
+            _select_settings(tmp_path, tiny_data, setting, [.5, 1.5] if '1.5' in why else [.5], mode, [.1], [0], pretext=pretext)
 
 
 @pytest.mark.parametrize('setting, values', [('pseudo_fp', [.5, 2.]), ('pseudo_weight', [.5, 1.])])

@@ -206,13 +206,14 @@ def test_corruption_of_is_the_pretexts_corruption_with_the_same_draws(tmp_path):
 
 
 def test_genesis_rates_reach_the_pretexts_corruption(tmp_path, capsys):
-    "--genesis-* set the pretext's rates: all four at 0 leave a slice as it was; unset, the official ones transform it."
+    "--genesis-* set the pretext's rates, each its own: the corruption is genesis's at those rates; none of them on, the slice as it was."
     x, g = torch.rand(4, 3, 32, 32), lambda: torch.Generator().manual_seed(0)
+    rates = dict(local=.3, nonlinear=.6, paint=1., outpaint=.2)
+    cfg = PretrainConfig(data=tmp_path, out=tmp_path, pretext='genesis', **{f'genesis_{k}': v for k, v in rates.items()})
+    assert torch.equal(corruption_of(cfg)(x, generator=g())[0], genesis(x, g(), **rates)[0])
+    assert not torch.equal(genesis(x, g(), **rates)[0], genesis(x, g(), **{**rates, 'outpaint': .8})[0])   # each rate tells
     off = PretrainConfig(data=tmp_path, out=tmp_path, pretext='genesis', genesis_local=0, genesis_nonlinear=0, genesis_paint=0)
     assert torch.equal(corruption_of(off)(x, generator=g())[0], x)
-    paint = PretrainConfig(data=tmp_path, out=tmp_path, pretext='genesis', genesis_local=0, genesis_nonlinear=0, genesis_paint=1)
-    assert not torch.equal(corruption_of(paint)(x, generator=g())[0], x)
-    assert not torch.equal(corruption_of(PretrainConfig(data=tmp_path, out=tmp_path, pretext='genesis'))(x, generator=g())[0], x)
     with pytest.raises(SystemExit):
         pretrain_cli.main(['--data', str(tmp_path), '--out', str(tmp_path), '--pretext', 'genesis', '--genesis-paint', '1.5'])
     assert '--genesis-paint must be in [0, 1], got 1.5' in capsys.readouterr().err
@@ -221,8 +222,20 @@ def test_genesis_rates_reach_the_pretexts_corruption(tmp_path, capsys):
 def test_genesis_pretext_pretrains_and_records_its_pretext(tiny_data, tmp_path):
     out = tmp_path / 'pretrain'
     pretrain_cli.main(['--data', str(tiny_data), '--out', str(out), '--pretext', 'genesis', '--epochs', '1', '--bs', '4',
-                       '--size', '32', '--context', '0'])
+                       '--size', '32', '--context', '0', '--genesis-paint', '0.5'])
     c = load_pretrained(out / 'pretrained.pth')['config']
     assert c['pretext'] == 'genesis' and (c['mask_ratio'], c['patch'], c['noise_std']) == (None, None, None)
+    assert [c[f'genesis_{k}'] for k in ('local', 'nonlinear', 'paint', 'outpaint')] == [.5, .9, .5, .8]     # the rates it used
+    from lesion_fastai.bench.lesions import lesion_reconstruction_of
+    assert lesion_reconstruction_of(out / 'pretrained.pth', tiny_data)['corrupted']['lesions'] > 0          # the probe reads its pretext
     m = json.loads((out / 'pretrain_metrics.json').read_text())
     assert 0 < m['valid_loss_copy_input'] < 1 and (out / 'reconstructions.png').stat().st_size > 0
+
+
+def test_a_pretraining_recorded_before_the_genesis_rates_counts_as_the_official_ones():
+    "A genesis record without the rates was made at Models Genesis's; a masked one with none: neither is named as changed."
+    from lesion_fastai.config import settings_diff
+    official = {f'genesis_{k}': v for k, v in [('local', .5), ('nonlinear', .9), ('paint', .9), ('outpaint', .8)]}
+    assert settings_diff({'pretext': 'genesis'}, {'pretext': 'genesis', **official}, cls=PretrainConfig) == {}
+    assert settings_diff({'pretext': 'masked'}, {'pretext': 'masked', 'genesis_paint': None}, cls=PretrainConfig) == {}
+    assert settings_diff({'pretext': 'genesis'}, {'pretext': 'genesis', 'genesis_paint': 0.}, cls=PretrainConfig) == {'genesis_paint': (.9, 0.)}

@@ -5,6 +5,7 @@ module per kind of benchmark; `python -m lesion_fastai.bench NAME --help` lists 
     python -m lesion_fastai.bench budget                 # what pretraining buys: against its epochs and its unlabelled slices
     python -m lesion_fastai.bench study [--quick]        # why the sandwich does (not) match: one change at a time
     python -m lesion_fastai.bench select --setting adapter_ratio --values 0.25,1   # a default, chosen on validation
+    python -m lesion_fastai.bench select --setting genesis_paint --values 0.9,0 --mode full --pretext genesis   # a pretext's
     python -m lesion_fastai.bench throughput [--quick]   # slice loading and training images/s, peak memory (this machine)
     python -m lesion_fastai.bench gpu                    # the GPU path: bf16 training, inference, loaders (make gpu-check)
     python -m lesion_fastai.bench scale                  # the disk slice cache from 5,000 to 50,000 slices, extrapolated to 930k

@@ -17,6 +17,7 @@ import torch
 from ..checkpoint import load_decoder, load_encoder, load_pretrained
 from ..data import CTSlice, SliceSpec
 from ..deeplesion import evaluation_records, load_data
+from ..genesis import RATES as GENESIS_RATES
 from ..log import log
 from ..models.autoencoder import Autoencoder
 from ..pretraining import corruption_of, key_channels
@@ -81,7 +82,8 @@ def lesion_reconstruction_of(pretrained: Path | str, data: Path | str, split: st
     load_encoder(model.encoder, ckpt, str(pretrained)); load_decoder(model.decoder, ckpt, str(pretrained))
     _, records = load_data(Path(data))
     keys = key_channels(cfg['in_chans'], cfg['context']) if cfg.get('pretext') == 'context' else None
-    pretext = SimpleNamespace(pretext=cfg.get('pretext', 'masked'), **{k: cfg[k] for k in ('mask_ratio', 'patch', 'noise_std')})
+    rates = {f'genesis_{k}': cfg.get(f'genesis_{k}') for k in GENESIS_RATES}      # a checkpoint from before them: the official ones
+    pretext = SimpleNamespace(pretext=cfg.get('pretext', 'masked'), **{k: cfg[k] for k in ('mask_ratio', 'patch', 'noise_std')}, **rates)
     return lesion_reconstruction(model, evaluation_records(records, split), SliceSpec.of(cfg),
                                  corruption_of(pretext, keys))
 

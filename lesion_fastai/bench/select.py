@@ -30,6 +30,7 @@ from ..stats import mean_ci
 from .common import (CONTROL, EFFICIENCY_OUT, EPOCHS, GROUP, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, BenchSettings, add_bench_settings,
                      data_context, data_folder, default_of, ensure_data, finetune_config, machine, mode_changes, precision_change, pretext_changes,
                      pretext_tag, pretraining, pseudo_csv, quick, report, teacher_config)
+from ..genesis import RATES as GENESIS_RATES
 from .grid import Run, run_grid
 
 __all__ = ['CRITERIA', 'TEACHER_SETTINGS', 'PRETRAIN_SETTINGS', 'SelectSettings', 'select', 'select_grid', 'setting_values', 'add_parser']
@@ -100,11 +101,21 @@ def _check_pretrain_setting(s: SelectSettings) -> None:
     if (s.pretext == 'genesis') != genesis or s.pretext == CONTROL:
         wants = '--pretext genesis' if genesis else f"a masking --pretext ({', '.join(p for p in PRETEXTS if p != 'genesis')})"
         raise SettingError(f'--setting {s.setting} is a setting of {wants}, not of --pretext {s.pretext}')
+    for v in setting_values(s.setting, s.values) or ():         # out of the setting's range: refused before any data is made
+        PretrainConfig(data=s.out, out=s.out, pretext=s.pretext, **{s.setting: v})
+
+
+def _pretext_default(setting: str, pretext: str):
+    "What a pretraining of `pretext` uses for `setting` when not given (None where it depends on the slice size: the patch)."
+    if setting in GENESIS_SETTINGS: return GENESIS_RATES[setting.removeprefix('genesis_')]
+    ratio, _, noise = PRETEXTS[pretext]
+    return {'mask_ratio': ratio, 'noise_std': noise}.get(setting)
 
 
 def select(s: SelectSettings) -> dict:
     """Choose the default of one fine-tuning setting on validation, never on test: every value x label
-    fraction x seed is fine-tuned (same data, pretraining and steps as `efficiency`; a seed fixes the
+    fraction x seed is fine-tuned (same data, pretraining and steps as `efficiency`, or, for a setting of
+    the pretext, a pretraining of each value other than the pretext's default; a seed fixes the
     label subset and the initialisation, shared by all values), and only validation figures are
     reported: per value the mean and 95% interval of the criterion ('froc': validation FROC, mean
     sensitivity over 0.5-4 FPs per slice; 'iou': the top box's validation mean IoU, both higher is
@@ -134,8 +145,9 @@ def select_grid(s: SelectSettings, data: Path, context: int | None) -> list[Run]
     its fraction and seed."""
     taught = s.mode in SELF_TRAINED
     changes = {**pretext_changes(s.pretext), **precision_change(s), 'context': context}
-    pre = lambda v: None if s.mode in NO_CHECKPOINT else pretraining(
-        s.out, data, s.pretrain_epochs, s.bs, {**changes, **({s.setting: v} if s.setting in PRETRAIN_SETTINGS else {})})
+    own = lambda v: s.setting in PRETRAIN_SETTINGS and v != _pretext_default(s.setting, s.pretext)   # the default's: efficiency's pretraining
+    pre = lambda v: None if s.mode in NO_CHECKPOINT else pretraining(s.out, data, s.pretrain_epochs, s.bs,
+                                                                     {**changes, **({s.setting: v} if own(v) else {})})
     runs = []
     for frac in s.fractions:
         for seed in s.seeds:
@@ -203,9 +215,10 @@ def _verdict(s: SelectSettings, summary: list, best) -> str:
 
 
 def _kind(setting: str) -> type:
-    "The type of a setting's values: a teacher setting's, or the PretrainConfig or FinetuneConfig field's (int of `int | None`)."
+    "The type of a setting's values: a teacher setting's, the FinetuneConfig field's, or the PretrainConfig field's (int of `int | None`)."
     if setting in TEACHER_SETTINGS: return TEACHER_SETTINGS[setting]
-    hint = typing.get_type_hints(PretrainConfig if setting in PRETRAIN_SETTINGS else FinetuneConfig)[setting]
+    if setting not in PRETRAIN_SETTINGS: return typing.get_type_hints(FinetuneConfig)[setting]
+    hint = typing.get_type_hints(PretrainConfig)[setting]
     return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
 
 
