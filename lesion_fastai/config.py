@@ -98,9 +98,12 @@ class RunConfig:
         check_fields(self)
 
 
-def _genesis_then(rate: str):
-    "What a pretraining recorded before the --genesis-* flags used: the official rate for the genesis pretext, none for another."
-    return lambda record: GENESIS_RATES[rate] if record.get('pretext') == 'genesis' else None
+def _genesis_rate(rate: str, help: str):
+    """The field of one of Models Genesis's rates (`genesis.RATES`): unset, the official one; a pretraining
+    recorded before the field was made at the official rate if it was a genesis one, at none otherwise."""
+    then = lambda record: GENESIS_RATES[rate] if record.get('pretext') == 'genesis' else None
+    return option(None, f'genesis: {help}', at_least=0, at_most=1, default_help=f"Models Genesis's {GENESIS_RATES[rate]:g}",
+                  unrecorded=then, group='pretext')
 
 
 @dataclass(kw_only=True)
@@ -125,16 +128,10 @@ class PretrainConfig(RunConfig):
                                default_help="the pretext's: size/16, mae size/32, genesis unused", group='pretext')
     noise_std: float | None = option(None, 'Gaussian noise added to the windowed input', at_least=0,
                                      default_help="the pretext's: 0.05, mae 0, genesis unused", group='pretext')
-    genesis_local: float | None = option(None, 'genesis: probability that a slice is locally shuffled', at_least=0, at_most=1,
-                                         default_help=f"Models Genesis's {GENESIS_RATES['local']:g}", unrecorded=_genesis_then('local'), group='pretext')
-    genesis_nonlinear: float | None = option(None, 'genesis: probability that a slice is mapped through a random intensity curve',
-                                             at_least=0, at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['nonlinear']:g}", unrecorded=_genesis_then('nonlinear'),
-                                             group='pretext')
-    genesis_paint: float | None = option(None, 'genesis: probability that a slice is in- or out-painted with noise', at_least=0,
-                                         at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['paint']:g}", unrecorded=_genesis_then('paint'), group='pretext')
-    genesis_outpaint: float | None = option(None, 'genesis: share of the painted slices that are out-painted (the rest in-painted)',
-                                            at_least=0, at_most=1, default_help=f"Models Genesis's {GENESIS_RATES['outpaint']:g}", unrecorded=_genesis_then('outpaint'),
-                                            group='pretext')
+    genesis_local: float | None = _genesis_rate('local', 'probability that a slice is locally shuffled')
+    genesis_nonlinear: float | None = _genesis_rate('nonlinear', 'probability that a slice is mapped through a random intensity curve')
+    genesis_paint: float | None = _genesis_rate('paint', 'probability that a slice is in- or out-painted with noise')
+    genesis_outpaint: float | None = _genesis_rate('outpaint', 'share of the painted slices that are out-painted (the rest in-painted)')
     loss: str = option('l1', 'reconstruction loss', choices=('l1', 'mse'), group='pretext')
     code_channels: tuple = option(CODE_CHANNELS, "the autoencoder's bottleneck: channels of its codes at strides 32, 16, 8, and 4 with "
                                   'a fourth number', parse=parse_ints, check=_code_channels, group='model')

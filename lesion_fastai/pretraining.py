@@ -123,13 +123,14 @@ def resolve(cfg: PretrainConfig, records) -> PretrainConfig:
         raise ValueError("--pretext context reconstructs a slice from its neighbours: it needs --context 1 or more "
                          "(neighbour slices on each side as input channels)")
     size = cfg.size or native_size(records) // 2
-    rates = [f"--genesis-{k}" for k in GENESIS_RATES if getattr(cfg, f'genesis_{k}') is not None]
-    if rates and cfg.pretext != 'genesis': log.info(f"--pretext {cfg.pretext} is not Models Genesis: {', '.join(rates)} unused")
+    rates = {k: getattr(cfg, f'genesis_{k}') for k in GENESIS_RATES}
+    given = [f"--genesis-{k}" for k, v in rates.items() if v is not None]
+    if given and cfg.pretext != 'genesis': log.info(f"--pretext {cfg.pretext} is not Models Genesis: {', '.join(given)} unused")
     if patch_fraction is None:
         given = [f"--{k.replace('_', '-')}" for k in ('mask_ratio', 'patch', 'noise_std') if getattr(cfg, k) is not None]
         if given: log.info(f"--pretext {cfg.pretext} masks nothing and adds no Gaussian noise: {', '.join(given)} unused")
-        rates = {f'genesis_{k}': v if (v := getattr(cfg, f'genesis_{k}')) is not None else official for k, official in GENESIS_RATES.items()}
-        return dataclasses.replace(cfg, context=context, size=size, **rates)
+        return dataclasses.replace(cfg, context=context, size=size,
+                                   **{f'genesis_{k}': GENESIS_RATES[k] if v is None else v for k, v in rates.items()})
     return dataclasses.replace(cfg, context=context, size=size, patch=cfg.patch or max(2, round(size * patch_fraction)),
                                mask_ratio=ratio if cfg.mask_ratio is None else cfg.mask_ratio,
                                noise_std=noise if cfg.noise_std is None else cfg.noise_std)

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from ..config import PRETEXTS, PSEUDO_FP, FinetuneConfig, PretrainConfig, SettingError, choices, from_args, option, parse_floats, parse_ints
+from ..genesis import RATES as GENESIS_RATES
 from ..stats import mean_ci
 from .common import (CONTROL, EFFICIENCY_OUT, EPOCHS, GROUP, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, BenchSettings, add_bench_settings,
                      data_context, data_folder, default_of, ensure_data, finetune_config, machine, mode_changes, precision_change, pretext_changes,
                      pretext_tag, pretraining, pseudo_csv, quick, report, teacher_config)
-from ..genesis import RATES as GENESIS_RATES
 from .grid import Run, run_grid
 
 __all__ = ['CRITERIA', 'TEACHER_SETTINGS', 'PRETRAIN_SETTINGS', 'SelectSettings', 'select', 'select_grid', 'setting_values', 'add_parser']
@@ -92,6 +92,8 @@ class SelectSettings(BenchSettings):
             takes = '0 or 1, off or on' if _kind(self.setting) is bool else 'whole numbers'
             raise SettingError(f'--values {",".join(f"{v:g}" for v in self.values)}: --setting {self.setting} takes {takes}')
         self.values = tuple(values)
+        for v in self.values if self.setting in PRETRAIN_SETTINGS else ():    # out of the setting's range: refused before any data is made
+            PretrainConfig(data=self.out, out=self.out, pretext=self.pretext, **{self.setting: v})
 
 
 def _check_pretrain_setting(s: SelectSettings) -> None:
@@ -101,8 +103,6 @@ def _check_pretrain_setting(s: SelectSettings) -> None:
     if (s.pretext == 'genesis') != genesis or s.pretext == CONTROL:
         wants = '--pretext genesis' if genesis else f"a masking --pretext ({', '.join(p for p in PRETEXTS if p != 'genesis')})"
         raise SettingError(f'--setting {s.setting} is a setting of {wants}, not of --pretext {s.pretext}')
-    for v in setting_values(s.setting, s.values) or ():         # out of the setting's range: refused before any data is made
-        PretrainConfig(data=s.out, out=s.out, pretext=s.pretext, **{s.setting: v})
 
 
 def _pretext_default(setting: str, pretext: str):
