@@ -127,6 +127,12 @@ def test_the_control_is_an_untrained_pretraining_of_its_own_and_reported_as_the_
     assert len(control) == 1 and control[0].pretrain.epochs == 0 and Path(control[0].pretrain.out).name == 'pretrain_epochs0'
     assert {r.pretrain.epochs for r in runs if r.pretrain and r not in control} == {s.pretrain_epochs}
     assert Path(control[0].cfg.pretrained).parent == Path(control[0].pretrain.out) and control[0].cfg.out.name.endswith('_untrained')
+    # scratch draws its weights anew per seed, and so does the control: seed 1's is a checkpoint of its own, the masked one is shared
+    runs = efficiency_grid(replace(s, seeds=(0, 1)), tmp_path / 'data')
+    drawn = {r.cfg.seed: r.pretrain for r in runs if r.row['mode'] == 'full [untrained]'}
+    assert [(d.seed, d.epochs, Path(d.out).name) for d in drawn.values()] == [(0, 0, 'pretrain_epochs0'), (1, 0, 'pretrain_epochs0_seed1')]
+    assert {Path(r.cfg.pretrained) for r in runs if r.row['mode'] == 'full [untrained]'} == {Path(d.out) / 'pretrained.pth' for d in drawn.values()}
+    assert len({Path(r.pretrain.out) for r in runs if r.row['mode'] == 'full [masked]'}) == 1
     cell = lambda mode, valid: dict(fraction=.1, mode=mode, valid_froc=valid, valid_ci=float('nan'), froc=.2, froc_ci=float('nan'),
                                     diff=0., diff_ci=float('nan'), pairs=1)
     lines = verdict_lines([cell('full [masked]', .1), cell('full [untrained]', .3), cell('full-scale [masked]', .4)])

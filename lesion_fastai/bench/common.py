@@ -100,10 +100,13 @@ def pretraining(out: Path, data: Path, epochs: int, bs: int, changes: dict) -> P
 CONTROL = 'untrained'   # the pretext of the control: the pretraining with no epochs, which every pretrained start is read against
 
 
-def pretext_changes(pretext: str) -> dict:
+def pretext_changes(pretext: str, seed: int = 0) -> dict:
     """A pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder); the
-    control's, no epochs (out/pretrain_epochs0)."""
-    return {'epochs': 0} if pretext == CONTROL else {'pretext': pretext} if pretext != 'masked' else {}
+    control's, no epochs, drawn with the fine-tune's `seed` (out/pretrain_epochs0, out/pretrain_epochs0_seed1,
+    ...): scratch draws its weights anew for every seed, so a control whose seeds all shared one draw would
+    leave that draw's luck out of its paired interval and carry it into every pair as a bias."""
+    if pretext == CONTROL: return {'epochs': 0, **({'seed': seed} if seed else {})}
+    return {'pretext': pretext} if pretext != 'masked' else {}
 
 
 def pretext_tag(pretext: str | None) -> str:

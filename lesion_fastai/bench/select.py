@@ -69,7 +69,7 @@ class SelectSettings(BenchSettings):
     mode: str = option('sandwich', 'scratch or freeze mode of every run', choices=tuple(MODES), group=GROUP)
     head: str = option(default_of(FinetuneConfig, 'head'), 'box head of every run', choices=choices(FinetuneConfig, 'head'), group=GROUP)
     pretext: str = option('masked', f"the pretraining of a pretrained mode's runs, as efficiency's --pretexts ({CONTROL}: the control, "
-                          'the checkpoint with no epochs)', choices=(*PRETEXTS, CONTROL), group=GROUP)
+                          "the checkpoint with no epochs, drawn with each run's seed)", choices=(*PRETEXTS, CONTROL), group=GROUP)
     fractions: tuple = option((.1, 1.), 'label fractions of training patients', parse=parse_floats, group=GROUP)
     seeds: tuple = option(SEEDS, 'seeds, comma separated (label subset and initialisation)', parse=parse_ints, group=GROUP)
     epochs: int = option(EPOCHS, 'fine-tuning epochs, the same for every run', at_least=1, group=GROUP)
@@ -144,16 +144,16 @@ def select_grid(s: SelectSettings, data: Path, context: int | None) -> list[Run]
     teacher needs it, is `context`), a selftrain student after its teacher, efficiency's scratch run of
     its fraction and seed."""
     taught = s.mode in SELF_TRAINED
-    changes = {**pretext_changes(s.pretext), **precision_change(s), 'context': context}
+    changes = lambda seed: {**pretext_changes(s.pretext, seed), **precision_change(s), 'context': context}
     own = lambda v: s.setting in PRETRAIN_SETTINGS and v != _pretext_default(s.setting, s.pretext)   # the default's: efficiency's pretraining
-    pre = lambda v: None if s.mode in NO_CHECKPOINT else pretraining(s.out, data, s.pretrain_epochs, s.bs,
-                                                                     {**changes, **({s.setting: v} if own(v) else {})})
+    pre = lambda v, seed: None if s.mode in NO_CHECKPOINT else pretraining(s.out, data, s.pretrain_epochs, s.bs,
+                                                                           {**changes(seed), **({s.setting: v} if own(v) else {})})
     runs = []
     for frac in s.fractions:
         for seed in s.seeds:
             teacher = teacher_config(s.out, data, frac, seed, s.epochs, s.bs, context, precision_change(s)) if taught else None
             if teacher is not None: runs.append(Run(teacher, title=f'the teacher: scratch, label fraction {frac:g}, seed {seed}'))
-            runs += [_value_run(s, data, context, pre(v), teacher, frac, seed, v) for v in s.values]
+            runs += [_value_run(s, data, context, pre(v, seed), teacher, frac, seed, v) for v in s.values]
     return runs
 
 
