@@ -25,7 +25,7 @@ from .settings import (SettingError, add_settings, check_fields, choices, flag_o
                        settings_diff)
 
 __all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneConfig', 'InferenceConfig', 'EvaluateConfig', 'PredictConfig',
-           'DEVICES', 'PRECISIONS', 'PRETEXTS', 'CACHES', 'DEFAULT_CONTEXT', 'PSEUDO_FP',
+           'DEVICES', 'PRECISIONS', 'PRETEXTS', 'pretext_defaults', 'CACHES', 'DEFAULT_CONTEXT', 'PSEUDO_FP',
            'resolve_context', 'recorded', 'settings_diff',
            'add_settings', 'from_args', 'choices', 'parse_ints', 'parse_floats', 'flag_of', 'check_fields']
 
@@ -42,6 +42,15 @@ CACHES = ('memory', 'disk', 'none')
 # on the masked pixels only (masked autoencoders: He et al. 2022; convolutional ones: SparK, ConvNeXt V2); genesis:
 # Models Genesis's transformations (Zhou et al. 2019, `genesis.py`), which mask nothing: None, the three unused.
 PRETEXTS = {'masked': (.5, 1 / 16, .05), 'context': (.5, 1 / 16, .05), 'mae': (.75, 1 / 32, 0.), 'genesis': (None, None, None)}
+
+
+def pretext_defaults(pretext: str) -> dict:
+    """The settings a pretraining of `pretext` takes where they are not given: its mask ratio and noise
+    (its patch depends on the slice size: `pretraining.resolve` fills it), or, for genesis, which masks nothing,
+    Models Genesis's rates."""
+    if pretext == 'genesis': return {f'genesis_{k}': v for k, v in GENESIS_RATES.items()}
+    ratio, _, noise = PRETEXTS[pretext]
+    return {'mask_ratio': ratio, 'noise_std': noise}
 
 
 def _code_channels(v) -> str | None:

@@ -26,7 +26,7 @@ from torch import nn
 from . import distributed
 from .cache import drop_near_duplicates, prepare_slices
 from .checkpoint import save_pretrained
-from .config import PRETEXTS, PretrainConfig, recorded, resolve_context
+from .config import PRETEXTS, PretrainConfig, pretext_defaults, recorded, resolve_context
 from .data import CTSlice, SliceSpec, autoencoder_dls
 from .deeplesion import context_paths, list_slices, load_data, patient_of
 from .files import check_out_folder, write_json
@@ -117,7 +117,8 @@ def resolve(cfg: PretrainConfig, records) -> PretrainConfig:
     data, the size half the native slice, and the pretext's mask ratio, patch and noise where not
     given; genesis masks nothing, so those stay as given, and its rates are Models Genesis's where not
     given. `asdict` of the result is what the checkpoint records."""
-    ratio, patch_fraction, noise = PRETEXTS[cfg.pretext]
+    patch_fraction, default = PRETEXTS[cfg.pretext][1], pretext_defaults(cfg.pretext)
+    unless_given = lambda k: default[k] if getattr(cfg, k) is None else getattr(cfg, k)
     context = resolve_context(cfg.context, records, cfg.data)
     if cfg.pretext == 'context' and context < 1:
         raise ValueError("--pretext context reconstructs a slice from its neighbours: it needs --context 1 or more "
@@ -129,11 +130,8 @@ def resolve(cfg: PretrainConfig, records) -> PretrainConfig:
     if patch_fraction is None:
         given = [f"--{k.replace('_', '-')}" for k in ('mask_ratio', 'patch', 'noise_std') if getattr(cfg, k) is not None]
         if given: log.info(f"--pretext {cfg.pretext} masks nothing and adds no Gaussian noise: {', '.join(given)} unused")
-        return dataclasses.replace(cfg, context=context, size=size,
-                                   **{f'genesis_{k}': GENESIS_RATES[k] if v is None else v for k, v in rates.items()})
-    return dataclasses.replace(cfg, context=context, size=size, patch=cfg.patch or max(2, round(size * patch_fraction)),
-                               mask_ratio=ratio if cfg.mask_ratio is None else cfg.mask_ratio,
-                               noise_std=noise if cfg.noise_std is None else cfg.noise_std)
+    else: default['patch'] = max(2, round(size * patch_fraction))
+    return dataclasses.replace(cfg, context=context, size=size, **{k: unless_given(k) for k in default})
 
 
 def pretrain(cfg: PretrainConfig) -> dict:

@@ -239,3 +239,16 @@ def test_a_pretraining_recorded_before_the_genesis_rates_counts_as_the_official_
     assert settings_diff({'pretext': 'genesis'}, {'pretext': 'genesis', **official}, cls=PretrainConfig) == {}
     assert settings_diff({'pretext': 'masked'}, {'pretext': 'masked', 'genesis_paint': None}, cls=PretrainConfig) == {}
     assert settings_diff({'pretext': 'genesis'}, {'pretext': 'genesis', 'genesis_paint': 0.}, cls=PretrainConfig) == {'genesis_paint': (.9, 0.)}
+
+
+def test_resolve_fills_each_pretexts_defaults_and_keeps_what_is_given(tiny_data, tiny_records, tmp_path):
+    "What a pretraining records for a setting left unset is its pretext's default, the one `bench select` reads as the default value."
+    from lesion_fastai.config import pretext_defaults
+    from lesion_fastai.pretraining import resolve
+    cfg = lambda **kw: resolve(PretrainConfig(data=tiny_data, out=tmp_path, **kw), tiny_records)
+    mae, masked = cfg(pretext='mae'), cfg(pretext='masked', noise_std=.2)
+    assert (mae.mask_ratio, mae.noise_std, mae.patch) == (.75, 0., max(2, round(mae.size / 32)))
+    assert (masked.mask_ratio, masked.noise_std, masked.patch) == (.5, .2, max(2, round(masked.size / 16)))
+    rates = cfg(pretext='genesis', genesis_paint=.3)
+    assert (rates.genesis_local, rates.genesis_paint, rates.mask_ratio, rates.patch) == (.5, .3, None, None)
+    assert pretext_defaults('genesis')['genesis_outpaint'] == rates.genesis_outpaint == .8 and pretext_defaults('mae')['mask_ratio'] == .75

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import PRETEXTS, PSEUDO_FP, FinetuneConfig, PretrainConfig, SettingError, choices, from_args, option, parse_floats, parse_ints
-from ..genesis import RATES as GENESIS_RATES
+from ..config import (PRETEXTS, PSEUDO_FP, FinetuneConfig, PretrainConfig, SettingError, choices, from_args, option, parse_floats, parse_ints,
+                      pretext_defaults)
 from ..stats import mean_ci
 from .common import (CONTROL, EFFICIENCY_OUT, EPOCHS, GROUP, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, BenchSettings, add_bench_settings,
                      data_context, data_folder, default_of, ensure_data, finetune_config, machine, mode_changes, precision_change, pretext_changes,
@@ -107,9 +107,7 @@ def _check_pretrain_setting(s: SelectSettings) -> None:
 
 def _pretext_default(setting: str, pretext: str):
     "What a pretraining of `pretext` uses for `setting` when not given (None where it depends on the slice size: the patch)."
-    if setting in GENESIS_SETTINGS: return GENESIS_RATES[setting.removeprefix('genesis_')]
-    ratio, _, noise = PRETEXTS[pretext]
-    return {'mask_ratio': ratio, 'noise_std': noise}.get(setting)
+    return pretext_defaults(pretext).get(setting)
 
 
 def select(s: SelectSettings) -> dict:
