@@ -66,6 +66,17 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     assert grid.run_finetune(cfg, any_precision=True)['config']['precision'] == 'bf16'
 
 
+def test_a_control_run_from_the_shared_draw_is_refused_saying_so(tmp_path):
+    "A seed-1 control run made when every seed shared seed 0's untrained checkpoint: refused, and the error says why."
+    cfg = finetune_config(tmp_path / 'data', tmp_path / 'runs' / 'full_untrained', 'full', .1, 1, 1, 2,
+                          tmp_path / 'pretrain_epochs0_seed1' / 'pretrained.pth', {'precision': 'fp32'})
+    _finished(cfg, pretrained=str(tmp_path / 'pretrain_epochs0' / 'pretrained.pth'))
+    with pytest.raises(ValueError, match="pretrained.pth now: a control run from before the control was drawn with each run's seed"):
+        grid.run_finetune(cfg)
+    _finished(cfg, pretrained=str(tmp_path / 'pretrain_epochs0' / 'pretrained.pth'), wd=.1)    # another difference too: no such guess
+    with pytest.raises(ValueError, match=r'wd: 0.1 there, 0.01 now\); choose'): grid.run_finetune(cfg)
+
+
 def test_a_select_run_is_an_efficiency_run_of_the_same_folder_and_settings(tmp_path):
     "select's <folder>/select/<setting>/<run> compares its paths relative to <folder>, as efficiency's <folder>/runs/<run> does."
     cfg = finetune_config(tmp_path / 'data', tmp_path / 'b' / 'select' / 'lr' / 'full_1', 'full', .1, 0, 1, 2, tmp_path / 'b' / 'pretrain' / 'p.pth',

@@ -252,3 +252,5 @@ def test_resolve_fills_each_pretexts_defaults_and_keeps_what_is_given(tiny_data,
     rates = cfg(pretext='genesis', genesis_paint=.3)
     assert (rates.genesis_local, rates.genesis_paint, rates.mask_ratio, rates.patch) == (.5, .3, None, None)
     assert pretext_defaults('genesis')['genesis_outpaint'] == rates.genesis_outpaint == .8 and pretext_defaults('mae')['mask_ratio'] == .75
+    given = cfg(pretext='masked', mask_ratio=.3, patch=5, genesis_paint=.3)      # what is given stays, a rate of another pretext unused
+    assert (given.mask_ratio, given.patch, given.noise_std, given.genesis_paint, given.genesis_local) == (.3, 5, .05, .3, None)
