@@ -61,7 +61,7 @@ def corruption_of(cfg: PretrainConfig, channels: list[int] | None = None):
     given (Models Genesis's where not) for the genesis pretext, else `corrupt` with its mask ratio,
     patch and noise, masking `channels` (default all)."""
     if cfg.pretext == 'genesis':
-        rates = {k: v for k in GENESIS_RATES if (v := getattr(cfg, f'genesis_{k}', None)) is not None}
+        rates = {k: v for k in GENESIS_RATES if (v := getattr(cfg, f'genesis_{k}')) is not None}
         return partial(genesis, **rates) if rates else genesis
     return partial(corrupt, mask_ratio=cfg.mask_ratio, patch=cfg.patch, noise_std=cfg.noise_std, channels=channels)
 
@@ -124,8 +124,7 @@ def resolve(cfg: PretrainConfig, records) -> PretrainConfig:
         raise ValueError("--pretext context reconstructs a slice from its neighbours: it needs --context 1 or more "
                          "(neighbour slices on each side as input channels)")
     size = cfg.size or native_size(records) // 2
-    rates = {k: getattr(cfg, f'genesis_{k}') for k in GENESIS_RATES}
-    given = [f"--genesis-{k}" for k, v in rates.items() if v is not None]
+    given = [f"--genesis-{k}" for k in GENESIS_RATES if getattr(cfg, f'genesis_{k}') is not None]
     if given and cfg.pretext != 'genesis': log.info(f"--pretext {cfg.pretext} is not Models Genesis: {', '.join(given)} unused")
     if patch_fraction is None:
         given = [f"--{k.replace('_', '-')}" for k in ('mask_ratio', 'patch', 'noise_std') if getattr(cfg, k) is not None]

@@ -105,11 +105,6 @@ def _check_pretrain_setting(s: SelectSettings) -> None:
         raise SettingError(f'--setting {s.setting} is a setting of {wants}, not of --pretext {s.pretext}')
 
 
-def _pretext_default(setting: str, pretext: str):
-    "What a pretraining of `pretext` uses for `setting` when not given (None where it depends on the slice size: the patch)."
-    return pretext_defaults(pretext).get(setting)
-
-
 def select(s: SelectSettings) -> dict:
     """Choose the default of one fine-tuning setting on validation, never on test: every value x label
     fraction x seed is fine-tuned (same data, pretraining and steps as `efficiency`, or, for a setting of
@@ -143,7 +138,7 @@ def select_grid(s: SelectSettings, data: Path, context: int | None) -> list[Run]
     its fraction and seed."""
     taught = s.mode in SELF_TRAINED
     changes = lambda seed: {**pretext_changes(s.pretext, seed), **precision_change(s), 'context': context}
-    own = lambda v: s.setting in PRETRAIN_SETTINGS and v != _pretext_default(s.setting, s.pretext)   # the default's: efficiency's pretraining
+    own = lambda v: s.setting in PRETRAIN_SETTINGS and v != pretext_defaults(s.pretext).get(s.setting)   # the default's: efficiency's pretraining
     pre = lambda v, seed: None if s.mode in NO_CHECKPOINT else pretraining(s.out, data, s.pretrain_epochs, s.bs,
                                                                            {**changes(seed), **({s.setting: v} if own(v) else {})})
     runs = []
