@@ -12,7 +12,9 @@ __all__ = ['atomic_save', 'save_pretrained', 'load_pretrained', 'load_encoder', 
            'PRETRAINED_FORMAT', 'INITS']
 
 PRETRAINED_FORMAT = 'lesion_fastai.autoencoder/1'
-INITS = ('weights', 'scale')   # what a pretrained start takes from its checkpoint: the weights, or only their scale
+# what a pretrained start takes from its checkpoint: the weights, only their scale, or only the architecture (the weights
+# scratch draws with the run's seed: the control whose only difference from scratch is the mode's path)
+INITS = ('weights', 'scale', 'scratch')
 
 
 def atomic_save(obj, path: Path | str, **kwargs) -> Path:
@@ -46,7 +48,8 @@ def load_encoder(encoder: torch.nn.Module, ckpt: dict, source='checkpoint', stag
     `stages` K, only the stem and the first K stages come from the checkpoint, the later stages keep
     their fresh initialisation (what transfers is mostly in the lowest layers: Raghu et al. 2019).
     With `init` 'scale', what would be loaded is drawn fresh with each pretrained tensor's mean and
-    std instead (`scale_only`)."""
+    std instead (`scale_only`); with 'scratch' nothing loads once the architectures agree: the encoder keeps
+    the draw it was built with."""
     want = ckpt['model_args']['encoder_args']
     have = getattr(encoder, 'encoder_args', None) or {}
     diff = {k: (want.get(k), have.get(k)) for k in set(want) | set(have) if _norm(want.get(k)) != _norm(have.get(k))}
@@ -57,6 +60,7 @@ def load_encoder(encoder: torch.nn.Module, ckpt: dict, source='checkpoint', stag
     n = len(getattr(encoder, 'stages', ()))
     if stages is not None and not 0 <= stages <= n:
         raise ValueError(f"--transfer-stages {stages}: the encoder has {n} stages after its stem (0 to {n}: how many come from {source})")
+    if init == 'scratch': return
     if init == 'scale': sd = scale_only(encoder, sd, seed)
     if stages is not None:
         fresh = encoder.state_dict()
@@ -87,8 +91,10 @@ def decoder_args(ckpt: dict) -> dict:
 
 def load_decoder(decoder: torch.nn.Module, ckpt: dict, source='checkpoint', init: str = 'weights', seed: int = 0) -> None:
     """Load the checkpoint's decoder weights into `decoder` (built from `decoder_args(ckpt)`) with
-    strict=True; a mismatch raises naming the keys or shapes. `init` 'scale': `scale_only` draws."""
+    strict=True; a mismatch raises naming the keys or shapes. `init` 'scale': `scale_only` draws; 'scratch':
+    the decoder keeps the draw it was built with."""
     sd = ckpt['decoder']
+    if init == 'scratch': return
     _load_strict(decoder, scale_only(decoder, sd, seed + 1) if init == 'scale' else sd, f"{source}: decoder")
 
 

@@ -231,9 +231,11 @@ class FinetuneConfig(RunConfig):
     transfer_stages: int | None = option(None, "with --pretrained and --freeze full: the checkpoint's stem and first K stages load, the "
                                          'later stages start fresh (0: the stem only)', at_least=0, metavar='K',
                                          default_help='every stage', group='freeze')
-    pretrained_init: str = option('weights', "what a pretrained start takes from --pretrained: its weights, or only their scale (each "
+    pretrained_init: str = option('weights', "what a pretrained start takes from --pretrained: its weights; only their scale (each "
                                   "pretrained tensor's mean and std, fresh draws: the scale-only control of Raghu et al. 2019; "
-                                  'BatchNorm statistics fresh)', choices=INITS, group='freeze')
+                                  "BatchNorm statistics fresh); or only its architecture (scratch: the weights a scratch run draws "
+                                  "with --seed, so that the run differs from scratch in the --freeze path alone: the control)",
+                                  choices=INITS, group='freeze')
     kappa: float = option(KAPPA, 'gaussian head: std scale, std = kappa * softplus(output)', above=0, group='loss')
     nll_weight: float = option(.1, 'gaussian head: weight of the negative log-likelihood of the target under the predicted mean and '
                                'std, the term that makes the std an uncertainty (0.1 was chosen on validation by bench select; 0: the '

@@ -69,7 +69,8 @@ def resolve(cfg: FinetuneConfig, records, ckpt: dict | None) -> FinetuneConfig:
         raise ValueError(f"--transfer-stages loads the first stages of --pretrained and starts the rest fresh: it needs --pretrained "
                          f"CHECKPOINT and --freeze full{'' if ckpt is None else f', not {freeze} (a frozen fresh stage would never learn)'}")
     if cfg.pretrained_init != 'weights' and ckpt is None:
-        raise ValueError(f"--pretrained-init {cfg.pretrained_init} draws from the scale of --pretrained's weights: it needs --pretrained CHECKPOINT")
+        what = "the scale of --pretrained's weights" if cfg.pretrained_init == 'scale' else "--pretrained's architecture"
+        raise ValueError(f"--pretrained-init {cfg.pretrained_init} takes {what}: it needs --pretrained CHECKPOINT")
     if cfg.sandwich == 'decoder' and ckpt is None:
         raise ValueError("--sandwich decoder reads the pretrained autoencoder's decoder: it needs --pretrained CHECKPOINT")
     defaults = {'windows': lambda: RunConfig.windows, 'context': lambda: resolve_context(None, records, cfg.data),

@@ -66,14 +66,17 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     assert grid.run_finetune(cfg, any_precision=True)['config']['precision'] == 'bf16'
 
 
-def test_a_control_run_from_the_shared_draw_is_refused_saying_so(tmp_path):
-    "A seed-1 control run made when every seed shared seed 0's untrained checkpoint: refused, and the error says why."
+def test_a_control_run_from_the_checkpoints_own_weights_is_refused_saying_so(tmp_path):
+    """A control run made when it took the untrained checkpoint's weights (seed 0's for every seed, or its
+    seed's own checkpoint): refused, and the error says why."""
     cfg = finetune_config(tmp_path / 'data', tmp_path / 'runs' / 'full_untrained', 'full', .1, 1, 1, 2,
-                          tmp_path / 'pretrain_epochs0_seed1' / 'pretrained.pth', {'precision': 'fp32'})
-    _finished(cfg, pretrained=str(tmp_path / 'pretrain_epochs0' / 'pretrained.pth'))
-    with pytest.raises(ValueError, match="pretrained.pth now: a control run from before the control was drawn with each run's seed"):
-        grid.run_finetune(cfg)
-    _finished(cfg, pretrained=str(tmp_path / 'pretrain_epochs0' / 'pretrained.pth'), wd=.1)    # another difference too: no such guess
+                          tmp_path / 'pretrain_epochs0' / 'pretrained.pth', {'precision': 'fp32', 'pretrained_init': 'scratch'})
+    why = "scratch now: a control run from before the control took the weights scratch draws with its seed"
+    _finished(cfg, pretrained_init=None)                       # recorded before the setting: the checkpoint's weights
+    with pytest.raises(ValueError, match=why): grid.run_finetune(cfg)
+    _finished(cfg, pretrained_init='weights', pretrained=str(tmp_path / 'pretrain_epochs0_seed1' / 'pretrained.pth'))
+    with pytest.raises(ValueError, match=why): grid.run_finetune(cfg)
+    _finished(cfg, pretrained_init='weights', wd=.1)           # another difference too: no such guess
     with pytest.raises(ValueError, match=r'wd: 0.1 there, 0.01 now\); choose'): grid.run_finetune(cfg)
 
 
@@ -138,12 +141,11 @@ def test_the_control_is_an_untrained_pretraining_of_its_own_and_reported_as_the_
     assert len(control) == 1 and control[0].pretrain.epochs == 0 and Path(control[0].pretrain.out).name == 'pretrain_epochs0'
     assert {r.pretrain.epochs for r in runs if r.pretrain and r not in control} == {s.pretrain_epochs}
     assert Path(control[0].cfg.pretrained).parent == Path(control[0].pretrain.out) and control[0].cfg.out.name.endswith('_untrained')
-    # scratch draws its weights anew per seed, and so does the control: seed 1's is a checkpoint of its own, the masked one is shared
+    # the control's weights are the ones scratch draws with its seed: the checkpoint gives the architecture, one for every seed
     runs = efficiency_grid(replace(s, seeds=(0, 1)), tmp_path / 'data')
-    drawn = {r.cfg.seed: r.pretrain for r in runs if r.row['mode'] == 'full [untrained]'}
-    assert [(d.seed, d.epochs, Path(d.out).name) for d in drawn.values()] == [(0, 0, 'pretrain_epochs0'), (1, 0, 'pretrain_epochs0_seed1')]
-    assert {Path(r.cfg.pretrained) for r in runs if r.row['mode'] == 'full [untrained]'} == {Path(d.out) / 'pretrained.pth' for d in drawn.values()}
-    assert len({Path(r.pretrain.out) for r in runs if r.row['mode'] == 'full [masked]'}) == 1
+    inits = {(r.row['mode'], r.cfg.seed): r.cfg.pretrained_init for r in runs if r.row['mode'] != 'scratch'}
+    assert inits == {('full [untrained]', 0): 'scratch', ('full [untrained]', 1): 'scratch', ('full [masked]', 0): 'weights', ('full [masked]', 1): 'weights'}
+    assert len({Path(r.pretrain.out) for r in runs if r.row['mode'] == 'full [untrained]'}) == 1
     cell = lambda mode, valid: dict(fraction=.1, mode=mode, valid_froc=valid, valid_ci=float('nan'), froc=.2, froc_ci=float('nan'),
                                     diff=0., diff_ci=float('nan'), pairs=1)
     lines = verdict_lines([cell('full [masked]', .1), cell('full [untrained]', .3), cell('full-scale [masked]', .4)])

@@ -558,6 +558,28 @@ def test_finetune_reads_transfer_stages_and_pretrained_init_and_refuses_them_wit
         finetune(FinetuneConfig(out=tmp_path / 'c', pretrained_init='scale', **dict(cfg, freeze='scratch')))
 
 
+class _End(__import__('fastai.callback.core', fromlist=['Callback']).Callback):
+    "Every weight and statistic of the model as the fit ends."
+    def after_fit(self): self.state = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+
+
+def test_the_control_with_scratchs_draw_is_scratch_itself_through_the_full_path(tiny_data, control, tmp_path):
+    """`--pretrained-init scratch` keeps the draw a scratch run makes with the same seed, so `--freeze full`
+    from it trains exactly the model scratch trains: the path adds nothing (rate, BatchNorm, weight decay),
+    and a frozen mode's control differs from scratch in its path alone. From the checkpoint's own draw
+    (`weights`, the control before) the run is another model."""
+    cfg = dict(data=tiny_data, epochs=1, bs=2, context=0, size=32)
+    scratch, same, other = _End(), _End(), _End()
+    finetune(FinetuneConfig(out=tmp_path / 'scratch', freeze='scratch', **cfg), cbs=[scratch])
+    finetune(FinetuneConfig(out=tmp_path / 'same', freeze='full', pretrained=control, pretrained_init='scratch', **cfg), cbs=[same])
+    finetune(FinetuneConfig(out=tmp_path / 'other', freeze='full', pretrained=control, **cfg), cbs=[other])
+    assert scratch.state.keys() == same.state.keys()
+    assert all(torch.equal(v, same.state[k]) for k, v in scratch.state.items())
+    assert not torch.equal(scratch.state['encoder.stem.0.0.weight'], other.state['encoder.stem.0.0.weight'])
+    with pytest.raises(ValueError, match="--pretrained-init scratch takes --pretrained's architecture: it needs --pretrained"):
+        finetune(FinetuneConfig(out=tmp_path / 'c', pretrained_init='scratch', freeze='scratch', **cfg))
+
+
 @pytest.mark.slow
 def test_bench_probe_tables_each_stage_of_an_autoencoder_checkpoint_and_of_a_detector(tiny_data, control, tmp_path):
     from lesion_fastai.bench.__main__ import main as bench

@@ -21,7 +21,7 @@ __all__ = ['MODES', 'MODE_ALIASES', 'GRID_MODES', 'NO_CHECKPOINT', 'SELF_TRAINED
            'PATIENTS', 'NATIVE', 'EFFICIENCY_OUT', 'GROUP', 'mode_changes', 'machine', 'ensure_data', 'data_context', 'tag',
            'pretrain_folder', 'precision_change', 'pretrain_config', 'pretraining', 'finetune_config', 'run_name', 'teacher_config',
            'pseudo_csv', 'test_row', 'pm', 'report', 'default_of', 'unknown', 'BenchSettings', 'add_bench_settings', 'quick', 'data_folder',
-           'CONTROL', 'pretext_changes', 'pretext_tag']
+           'CONTROL', 'pretext_changes', 'control_changes', 'pretext_tag']
 
 # bench mode -> (FinetuneConfig.freeze, FinetuneConfig.sandwich); 'none' is the old name of 'full'. The -ft modes unfreeze after
 # the frozen epochs (fastai's fine_tune); carry: scratch with labels carried to the neighbour slices; selftrain: scratch with the
@@ -100,13 +100,19 @@ def pretraining(out: Path, data: Path, epochs: int, bs: int, changes: dict) -> P
 CONTROL = 'untrained'   # the pretext of the control: the pretraining with no epochs, which every pretrained start is read against
 
 
-def pretext_changes(pretext: str, seed: int = 0) -> dict:
+def pretext_changes(pretext: str) -> dict:
     """A pretext's PretrainConfig changes (the default 'masked' keeps the plain out/pretrain folder); the
-    control's, no epochs, drawn with the fine-tune's `seed` (out/pretrain_epochs0, out/pretrain_epochs0_seed1,
-    ...): scratch draws its weights anew for every seed, so a control whose seeds all shared one draw would
-    leave that draw's luck out of its paired interval and carry it into every pair as a bias."""
-    if pretext == CONTROL: return {'epochs': 0, **({'seed': seed} if seed else {})}
+    control's, no epochs (out/pretrain_epochs0: its runs take only its architecture, `control_changes`)."""
+    if pretext == CONTROL: return {'epochs': 0}
     return {'pretext': pretext} if pretext != 'masked' else {}
+
+
+def control_changes(pretext: str | None, mode: str) -> dict:
+    """The FinetuneConfig settings of a control run: the weights scratch draws with the run's seed
+    (`--pretrained-init scratch`), so that the control differs from the scratch run of its seed in the
+    mode's path alone. A control with weights of its own (the untrained checkpoint's, one draw shared by
+    every seed, then one per seed) paired a draw's luck with the path's effect in every pair."""
+    return {'pretrained_init': 'scratch'} if pretext == CONTROL and mode not in NO_CHECKPOINT else {}
 
 
 def pretext_tag(pretext: str | None) -> str:

@@ -21,7 +21,8 @@ from ..report import markdown_table, summary_report
 from ..stats import mean_ci
 from .common import (CARRY_WEIGHT, CONTROL, EPOCHS, GRID_MODES, GROUP, MODE_ALIASES, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, UNFREEZE_AFTER,
                      BenchSettings, add_bench_settings, data_context, data_folder, default_of, ensure_data, finetune_config, machine,
-                     mode_changes, pm, precision_change, pretext_changes, pretext_tag, pretraining, pseudo_csv, quick, report, run_name, tag, test_row, unknown)
+                     control_changes, mode_changes, pm, precision_change, pretext_changes, pretext_tag, pretraining, pseudo_csv, quick, report,
+                     run_name, tag, test_row, unknown)
 from .grid import Run, read_grid, run_grid
 
 __all__ = ['EfficiencySettings', 'efficiency', 'efficiency_grid', 'summarise', 'verdict_lines', 'efficiency_table', 'efficiency_plot',
@@ -48,8 +49,8 @@ class EfficiencySettings(BenchSettings):
                           "loaded, the later ones fresh)", parse=_names,
                           check=lambda v: unknown(v, tuple(MODES)), group=GROUP)
     pretexts: tuple = option(('masked',), f"pretraining pretexts ({', '.join(PRETEXTS)}), one pretraining each; {CONTROL}: the "
-                             "autoencoder's checkpoint with no epochs (python -m pretrain --epochs 0), drawn with each run's seed, the control every "
-                             "pretrained mode is read against", parse=_names, check=lambda v: unknown(v, (*PRETEXTS, CONTROL), empty_ok=False), group=GROUP)
+                             "autoencoder's checkpoint with no epochs (python -m pretrain --epochs 0), its runs from the weights scratch draws with "
+                             "their seed (--pretrained-init scratch): the control every pretrained mode is read against", parse=_names, check=lambda v: unknown(v, (*PRETEXTS, CONTROL), empty_ok=False), group=GROUP)
     context: int | None = option(None, 'neighbour slices on each side as input channels, for every run (context pretext: 1 or more; '
                                  f'default {DEFAULT_CONTEXT} where the data ships neighbour slices, else 0)', at_least=0, group=GROUP)
     neighbours: int = option(10, 'unlabelled slices the generator writes on each side of a key slice (10: 20 unlabelled slices per '
@@ -124,9 +125,9 @@ def efficiency_grid(s: EfficiencySettings, data: Path) -> list[Run]:
     return sorted(runs, key=lambda r: (cells[r.cfg.label_fraction, r.cfg.seed], r.teacher is not None))
 
 
-def _pretraining_changes(s: EfficiencySettings, pretext: str, seed: int) -> dict:
-    "A pretext's PretrainConfig changes for the runs of `seed` (`pretext_changes`), with --context, --code-channels and --backbone."
-    return {**pretext_changes(pretext, seed), 'context': s.context, **_code(s), **_body(s)}
+def _pretraining_changes(s: EfficiencySettings, pretext: str) -> dict:
+    "A pretext's PretrainConfig changes (`pretext_changes`), with --context, --code-channels and --backbone."
+    return {**pretext_changes(pretext), 'context': s.context, **_code(s), **_body(s)}
 
 
 def _code(s) -> dict:
@@ -146,10 +147,10 @@ def _run(s: EfficiencySettings, data: Path, frac: float, seed: int, mode: str, p
     name += (tag(_code(s)) if p != '-' else '') + (f'_{s.backbone}' if _body(s) else '')
     taught = mode in SELF_TRAINED
     name += f'_rounds{s.rounds}' if taught and s.rounds > 1 else ''
-    pre = None if p == '-' else pretraining(s.out, data, s.pretrain_epochs, s.bs, {**_pretraining_changes(s, p, seed), **precision_change(s)})
+    pre = None if p == '-' else pretraining(s.out, data, s.pretrain_epochs, s.bs, {**_pretraining_changes(s, p), **precision_change(s)})
     changes = {**({'context': s.context} if mode in NO_CHECKPOINT else {}), **precision_change(s), **_body(s),
                **({'backbone_weights': Path(s.backbone_weights)} if mode == 'imagenet' else {}),
-               **mode_changes(mode, s.unfreeze_after, s.carry_weight),
+               **control_changes(p, mode), **mode_changes(mode, s.unfreeze_after, s.carry_weight),
                **({'pseudo_labels': pseudo_csv(s.out, frac, seed, s.context, s.pseudo_fp), 'pseudo_weight': s.pseudo_weight} if taught else {})}
     cfg = finetune_config(data, s.out / 'runs' / name, mode, frac, seed, s.epochs, s.bs, pre and Path(pre.out) / 'pretrained.pth', changes)
     base = name.removesuffix(f'_rounds{s.rounds}')

@@ -191,18 +191,18 @@ def run_finetune(cfg, any_precision: bool = False) -> dict:
     now = _settings_now(cfg, any_precision)
     ignore = IGNORED + (SANDWICH_SETTINGS if cfg.freeze != 'sandwich' else ())
     diff = settings_diff(_settings_then(m['config'], now), now, ignore=ignore, cls=FinetuneConfig)
-    if diff: raise ValueError(f"{done}: a finished run with other settings ({_differences(diff)}{_SHARED_CONTROL if _shared_control(diff) else ''}); "
+    if diff: raise ValueError(f"{done}: a finished run with other settings ({_differences(diff)}{_OLD_CONTROL if _old_control(diff) else ''}); "
                               f"choose another --out or remove {cfg.out}")
     return m
 
 
-_SHARED_CONTROL = ": a control run from before the control was drawn with each run's seed, when every seed shared seed 0's"
+_OLD_CONTROL = (": a control run from before the control took the weights scratch draws with its seed (--pretrained-init scratch), "
+                "when it took the untrained checkpoint's")
 
 
-def _shared_control(diff: dict) -> bool:
-    "Whether a finished run differs only in being a control of seed 0's untrained checkpoint where its seed now has its own."
-    then, now = diff.get('pretrained', ('', ''))
-    return set(diff) == {'pretrained'} and '_epochs0_seed' in str(now) and '_epochs0_seed' not in str(then)
+def _old_control(diff: dict) -> bool:
+    "Whether a finished run differs only in being a control from the untrained checkpoint's weights where it now takes scratch's draw."
+    return diff.get('pretrained_init', (None, None))[1] == 'scratch' and set(diff) <= {'pretrained_init', 'pretrained'}
 
 
 def ensure_pseudo_labels(teacher, student, fp: float):

@@ -29,7 +29,7 @@ from ..config import (PRETEXTS, PSEUDO_FP, FinetuneConfig, PretrainConfig, Setti
                       pretext_defaults)
 from ..stats import mean_ci
 from .common import (CONTROL, EFFICIENCY_OUT, EPOCHS, GROUP, MODES, NO_CHECKPOINT, SEEDS, SELF_TRAINED, BenchSettings, add_bench_settings,
-                     data_context, data_folder, default_of, ensure_data, finetune_config, machine, mode_changes, precision_change, pretext_changes,
+                     data_context, data_folder, default_of, ensure_data, finetune_config, machine, control_changes, mode_changes, precision_change, pretext_changes,
                      pretext_tag, pretraining, pseudo_csv, quick, report, teacher_config)
 from .grid import Run, run_grid
 
@@ -69,7 +69,7 @@ class SelectSettings(BenchSettings):
     mode: str = option('sandwich', 'scratch or freeze mode of every run', choices=tuple(MODES), group=GROUP)
     head: str = option(default_of(FinetuneConfig, 'head'), 'box head of every run', choices=choices(FinetuneConfig, 'head'), group=GROUP)
     pretext: str = option('masked', f"the pretraining of a pretrained mode's runs, as efficiency's --pretexts ({CONTROL}: the control, "
-                          "the checkpoint with no epochs, drawn with each run's seed)", choices=(*PRETEXTS, CONTROL), group=GROUP)
+                          "the checkpoint with no epochs, its runs from scratch's draw)", choices=(*PRETEXTS, CONTROL), group=GROUP)
     fractions: tuple = option((.1, 1.), 'label fractions of training patients', parse=parse_floats, group=GROUP)
     seeds: tuple = option(SEEDS, 'seeds, comma separated (label subset and initialisation)', parse=parse_ints, group=GROUP)
     epochs: int = option(EPOCHS, 'fine-tuning epochs, the same for every run', at_least=1, group=GROUP)
@@ -137,16 +137,16 @@ def select_grid(s: SelectSettings, data: Path, context: int | None) -> list[Run]
     teacher needs it, is `context`), a selftrain student after its teacher, efficiency's scratch run of
     its fraction and seed."""
     taught = s.mode in SELF_TRAINED
-    changes = lambda seed: {**pretext_changes(s.pretext, seed), **precision_change(s), 'context': context}
+    changes = {**pretext_changes(s.pretext), **precision_change(s), 'context': context}
     own = lambda v: s.setting in PRETRAIN_SETTINGS and v != pretext_defaults(s.pretext).get(s.setting)   # the default's: efficiency's pretraining
-    pre = lambda v, seed: None if s.mode in NO_CHECKPOINT else pretraining(s.out, data, s.pretrain_epochs, s.bs,
-                                                                           {**changes(seed), **({s.setting: v} if own(v) else {})})
+    pre = lambda v: None if s.mode in NO_CHECKPOINT else pretraining(s.out, data, s.pretrain_epochs, s.bs,
+                                                                           {**changes, **({s.setting: v} if own(v) else {})})
     runs = []
     for frac in s.fractions:
         for seed in s.seeds:
             teacher = teacher_config(s.out, data, frac, seed, s.epochs, s.bs, context, precision_change(s)) if taught else None
             if teacher is not None: runs.append(Run(teacher, title=f'the teacher: scratch, label fraction {frac:g}, seed {seed}'))
-            runs += [_value_run(s, data, context, pre(v, seed), teacher, frac, seed, v) for v in s.values]
+            runs += [_value_run(s, data, context, pre(v), teacher, frac, seed, v) for v in s.values]
     return runs
 
 
@@ -155,7 +155,7 @@ def _value_run(s: SelectSettings, data: Path, context: int | None, pre, teacher,
     pretext = pretext_tag(None if s.mode in NO_CHECKPOINT else s.pretext)
     folder = lambda k: s.out / 'select' / s.setting / f'{s.mode}_{k:g}_{frac:g}_seed{seed}{pretext}'
     fine_tuned = s.setting not in TEACHER_SETTINGS and s.setting not in PRETRAIN_SETTINGS
-    cfg = {**mode_changes(s.mode), **_changes(s), **precision_change(s), **({s.setting: v} if fine_tuned else {})}
+    cfg = {**control_changes(s.pretext, s.mode), **mode_changes(s.mode), **_changes(s), **precision_change(s), **({s.setting: v} if fine_tuned else {})}
     fp = v if s.setting == 'pseudo_fp' else s.pseudo_fp
     if teacher is not None:
         cfg.update(pseudo_labels=pseudo_csv(s.out, frac, seed, context, fp), **({'context': context} if s.mode in NO_CHECKPOINT else {}))
