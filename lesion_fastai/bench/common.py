@@ -201,7 +201,7 @@ class BenchSettings:
     patients: int = option(PATIENTS, 'synthetic patients to generate', at_least=1, group=GROUP)
     native: int = option(NATIVE, 'native slice size of the generated data (trained at half)', at_least=1, group=GROUP)
     pretrain_epochs: int = option(default_of(PretrainConfig, 'epochs'), "autoencoder epochs (one pretraining per pretext, or per value "
-                                  "of select's pretext setting, serves every run; the control, no epochs, is drawn per seed)", group=GROUP)
+                                  "of select's pretext setting, serves every run; the control's, no epochs, gives its runs only the architecture)", group=GROUP)
     bs: int = option(default_of(RunConfig, 'bs'), 'batch size', at_least=1, group=GROUP)
     precision: str = option(default_of(RunConfig, 'precision'), 'of every pretraining and run: auto is bf16 on a GPU, fp32 on the CPU',
                             choices=PRECISIONS, group=GROUP)
