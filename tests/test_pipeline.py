@@ -248,20 +248,22 @@ def test_sandwich_step_keeps_frozen_weights_and_bn_statistics(tiny_records):
     assert trainable and all(n.startswith(('adapters.', 'neck.', 'head.')) for n in trainable)
 
 
-def _decoder_sandwich(**kw):
+def _decoder_sandwich(skips=False, **kw):
     from lesion_fastai.models.autoencoder import create_autoencoder
     ae = create_autoencoder(1, **ENC, **kw)
-    model = Detector(ae.encoder_args, sandwich='decoder', decoder_args={k: v for k, v in ae.model_args.items() if k != 'encoder_args'})
+    model = Detector(ae.encoder_args, sandwich='decoder', decoder_args={k: v for k, v in ae.model_args.items() if k != 'encoder_args'},
+                     decoder_skips=skips)
     model.encoder.load_state_dict(ae.encoder.state_dict(), strict=True)
     model.decoder.load_state_dict(ae.decoder.state_dict(), strict=True)
     return ae, model
 
 
-@pytest.mark.parametrize('codes', [(64, 8, 4), (64, 8, 4, 4)])
-def test_untrained_decoder_sandwich_computes_the_pretrained_decoder_path(codes):
-    "Transfer layers start as the identity: the neck reads exactly the autoencoder's decoder blocks, down to stride 4."
+@pytest.mark.parametrize('codes,skips', [((64, 8, 4), False), ((64, 8, 4, 4), False), ((64, 8, 4), True)])
+def test_untrained_decoder_sandwich_computes_the_pretrained_decoder_path(codes, skips):
+    """Transfer layers start as the identity and the skips around the codes at zero: the neck reads exactly the
+    autoencoder's decoder blocks, down to stride 4."""
     torch.manual_seed(0)
-    ae, model = _decoder_sandwich(code_channels=codes)
+    ae, model = _decoder_sandwich(skips, code_channels=codes)
     ae.eval(); model.eval()
     x = torch.rand(2, 1, 64, 64)
     h = ae.encoder.stem(x)
@@ -286,6 +288,43 @@ def test_decoder_sandwich_step_keeps_frozen_encoder_decoder_and_bn_statistics(ti
     assert any(not torch.equal(v, ad0[k]) for k, v in model.decoder_adapters.state_dict().items() if 'conv2' in k)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(('decoder_adapters.', 'neck.', 'head.')) for n in trainable)
+
+
+def test_decoder_skips_give_the_head_what_the_codes_drop():
+    """With the codes silenced (their projections zero) the decoder blocks see nothing of the slice: without
+    skips every slice gives the neck the same features, with open skips (gate 1) they follow the slice, through
+    the encoder stage at each block's stride."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 64, 64)
+    for skips in (False, True):
+        _, model = _decoder_sandwich(skips)
+        for code in model.decoder.codes: torch.nn.init.zeros_(code[0].weight)
+        if skips:
+            for skip in model.decoder_skips: torch.nn.init.ones_(skip.gate)
+        feats = model.eval().features(x)
+        same = all(torch.allclose(f[0], f[1]) for f in feats)
+        assert same != skips, f"skips {skips}: the two slices give {'the same' if same else 'different'} features"
+
+
+def test_decoder_skips_train_with_the_transfer_layers_and_need_the_decoder_sandwich(tiny_records, tiny_data, control, tmp_path):
+    torch.manual_seed(0)
+    _, model = _decoder_sandwich(True)
+    learn = _learner(tiny_records, model, 'sandwich')
+    learn.fit(2, 1e-2)
+    assert all(skip.gate.item() != 0 for skip in model.decoder_skips)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.startswith('decoder_skips.')} and all(
+        n.startswith(('decoder_adapters.', 'decoder_skips.', 'neck.', 'head.')) for n in trainable)
+    with pytest.raises(ValueError, match='--decoder-skips joins .* it needs --freeze sandwich --sandwich decoder, not --freeze sandwich --sandwich encoder'):
+        finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'run', pretrained=control, freeze='sandwich', decoder_skips=True, epochs=1, bs=2))
+    with pytest.raises(ValueError, match="decoder skips join the decoder sandwich's blocks"):
+        Detector(model.encoder_args, sandwich='encoder', decoder_skips=True)
+    from lesion_fastai.export import load_detector
+    run = tmp_path / 'skips'
+    finetune(FinetuneConfig(data=tiny_data, out=run, pretrained=control, freeze='sandwich', sandwich='decoder', decoder_skips=True,
+                            epochs=1, bs=2))
+    saved, _, _ = load_detector(run / 'model.safetensors')             # the shared form rebuilds the skips around its weights
+    assert saved.decoder_skips is not None and json.loads((run / 'run_config.json').read_text())['decoder_skips'] is True
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from ..boxes import MIN_SIZE
 from ..heatmap import Decoding
 from .resnet import ENCODER_KEYS, conv_bn, create_encoder
 
-__all__ = ['SANDWICHES', 'HEADS', 'KAPPA', 'TransferLayer', 'FeaturePyramid', 'DirectHead', 'GaussianHead', 'Detector', 'create_detector']
+__all__ = ['SANDWICHES', 'HEADS', 'KAPPA', 'TransferLayer', 'Skip', 'FeaturePyramid', 'DirectHead', 'GaussianHead', 'Detector', 'create_detector']
 
 KAPPA = .05   # the Gaussian head's std scale: std = KAPPA * softplus(output), small by design
 
@@ -54,6 +54,18 @@ class TransferLayer(nn.Module):
         d = self.conv2(self.conv1(x))
         gate = getattr(self, 'gate', None)        # None in a pickled export of a model written before the gate
         return x + (d if gate is None else gate * d)
+
+
+class Skip(nn.Module):
+    """A gated 1x1 projection of a frozen encoder stage into a decoder block of the same stride (the decoder
+    sandwich's path around the codes, `Detector(decoder_skips=True)`). The gate, a learned scalar, starts at
+    zero, so the untrained skip adds nothing and the sandwich starts as the decoder computes."""
+    def __init__(self, ch_in: int, ch_out: int):
+        super().__init__()
+        self.proj = nn.Conv2d(ch_in, ch_out, 1)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x): return self.gate * self.proj(x)
 
 
 class FeaturePyramid(nn.Module):
@@ -146,11 +158,13 @@ class Detector(nn.Module):
     * `sandwich='decoder'`: 3FabRec's: the autoencoder's `decoder` (built from `decoder_args`, its
       `model_args` without the encoder's) decodes the encoder's codes down to `stride`, a transfer
       layer after each of its blocks; the neck reads those blocks, so the head sits on the features
-      the decoder draws the slice from."""
+      the decoder draws the slice from. The decoder reads only the codes (3% of a slice's values at
+      128 px); with `decoder_skips` each block also gains a gated projection of the encoder stage at
+      its stride (`Skip`), a path around them."""
     def __init__(self, encoder_args: dict | None = None, head: str = 'direct', sandwich: bool | str = False,
                  hidden: int = 32, out_bn: bool = False, kappa: float = KAPPA, adapter_ratio: float = 1.,
                  adapter_stem: bool = False, adapter_gate: bool = True, stride: int = 4, decoder_args: dict | None = None, backbone_weights=None,
-                 decoding: Decoding | None = None):
+                 decoding: Decoding | None = None, decoder_skips: bool = False):
         super().__init__()
         if head not in HEADS: raise ValueError(f"head {head!r}: expected one of {sorted(HEADS)}")
         kind = 'encoder' if sandwich is True else (sandwich or None)
@@ -161,7 +175,8 @@ class Detector(nn.Module):
         if kind == 'encoder' and adapter_stem and 'stem_width' not in self.encoder_args:
             raise ValueError("--adapter-stem needs the resnet backbone's stem (a timm body's first stage holds its stem)")
         self.stem_adapter = TransferLayer(self.encoder_args['stem_width'], adapter_ratio, adapter_gate) if kind == 'encoder' and adapter_stem else None
-        self.decoder = self.decoder_adapters = None
+        self.decoder = self.decoder_adapters = self.decoder_skips = None
+        if decoder_skips and kind != 'decoder': raise ValueError("decoder skips join the decoder sandwich's blocks: they need sandwich='decoder'")
         if kind == 'decoder':
             from .autoencoder import CODE_CHANNELS, Decoder
             self.decoder_args = dict(decoder_args or {})
@@ -170,6 +185,8 @@ class Detector(nn.Module):
             self.n_decoder_blocks = self.decoder.blocks_to(stride)
             widths = self.decoder.widths[:self.n_decoder_blocks]
             self.decoder_adapters = nn.ModuleList([TransferLayer(w, adapter_ratio, adapter_gate) for w in widths])
+            if decoder_skips:   # block i is at the stride of the encoder's stage -2 - i
+                self.decoder_skips = nn.ModuleList([Skip(self.encoder.widths[-2 - i], w) for i, w in enumerate(widths)])
             self.neck = FeaturePyramid(widths[::-1], 4)          # the blocks, finest first; the finest is at `stride`
         else: self.neck = FeaturePyramid(self.encoder.widths, stride)
         kw = dict(kappa=kappa) if head == 'gaussian' else {}
@@ -179,7 +196,7 @@ class Detector(nn.Module):
         # what rebuilds it around a state dict (export.save_safe): the weights come from there, not from backbone_weights
         self.init_args = dict(encoder_args=dict(self.encoder_args), head=head, sandwich=kind, hidden=hidden, out_bn=out_bn, kappa=kappa,
                               adapter_ratio=adapter_ratio, adapter_stem=adapter_stem, adapter_gate=adapter_gate, stride=stride,
-                              decoder_args=dict(self.decoder_args) if kind == 'decoder' else None)
+                              decoder_args=dict(self.decoder_args) if kind == 'decoder' else None, decoder_skips=decoder_skips)
 
     def features(self, x) -> list:  # [B, C, H, W] -> what the neck reads, finest first
         x, out = self.encoder.stem(x), []
@@ -189,7 +206,8 @@ class Detector(nn.Module):
             if self.adapters is not None: x = self.adapters[i](x)
             out.append(x)                                    # strides 4, 8, 16, 32
         if getattr(self, 'decoder', None) is None: return out
-        return self.decoder.features(out, self.n_decoder_blocks, self.decoder_adapters)[::-1]   # down to `stride`
+        return self.decoder.features(out, self.n_decoder_blocks, self.decoder_adapters,
+                                     getattr(self, 'decoder_skips', None))[::-1]                  # down to `stride`
 
     def forward(self, x):
         return self.head(self.neck(self.features(x)))
