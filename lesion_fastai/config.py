@@ -197,9 +197,9 @@ class FinetuneConfig(RunConfig):
     sandwich: str = option('encoder', "with --freeze sandwich: encoder (transfer layers between the frozen encoder's stages, the head "
                            'on the encoder) or decoder (3FabRec: the pretrained encoder and decoder frozen, transfer layers between '
                            "the decoder's blocks, the head on the decoder's stride-4 features)", choices=SANDWICHES, group='freeze')
-    decoder_skips: bool = option(False, "with --sandwich decoder: each decoder block also gains a gated 1x1 projection of the frozen "
-                                 "encoder stage at its stride, a path around the autoencoder's codes (default: the head reads "
-                                 "only what the codes carry, as 3FabRec builds it)", unrecorded=False, group='freeze')
+    decoder_skips: bool = option(False, "with --sandwich decoder: what the head's pyramid reads of each decoder block also gains a 1x1 "
+                                 "projection of the frozen encoder stage at its stride, a path around the autoencoder's codes "
+                                 "(default: the head reads only what the codes carry, as 3FabRec builds it)", unrecorded=False, group='freeze')
     label_fraction: float = option(1., 'fraction of training patients whose labels are used, chosen with --seed', above=0, at_most=1,
                                    group='data')
     carry_weight: float = option(0., "labels carried to the neighbour slices of each labelled key slice, within the lesion's extent "

@@ -50,12 +50,10 @@ class Decoder(nn.Module):
             raise ValueError(f"the decoder has no block at stride {stride} (reduction {self.reduction}, {len(self.blocks)} blocks)")
         return n
 
-    def features(self, feats, n_blocks: int | None = None, adapters=None, skips=None) -> list:
+    def features(self, feats, n_blocks: int | None = None, adapters=None) -> list:
         """The outputs of the first `n_blocks` decoder blocks (default all), coarsest first; with
         `adapters` (one module per block) each block's output passes through its adapter before the
-        next block reads it: 3FabRec's interleaved transfer layers. With `skips` (one module per block)
-        each block's output gains its module of the encoder stage at the block's stride (`feats[-2 - i]`
-        for block i): a path around the codes."""
+        next block reads it: 3FabRec's interleaved transfer layers."""
         codes = [proj(f) for proj, f in zip(self.codes, reversed(feats))]   # coarsest first
         x, out = codes[0], []
         for i, block in enumerate(self.blocks[:n_blocks]):
@@ -63,7 +61,6 @@ class Decoder(nn.Module):
             if i + 1 < len(codes): x = torch.cat([x, codes[i + 1]], 1)
             x = block(x)
             if adapters is not None: x = adapters[i](x)
-            if skips is not None: x = x + skips[i](feats[-2 - i])
             out.append(x)
         return out
 

@@ -23,7 +23,7 @@ from ..boxes import MIN_SIZE
 from ..heatmap import Decoding
 from .resnet import ENCODER_KEYS, conv_bn, create_encoder
 
-__all__ = ['SANDWICHES', 'HEADS', 'KAPPA', 'TransferLayer', 'Skip', 'FeaturePyramid', 'DirectHead', 'GaussianHead', 'Detector', 'create_detector']
+__all__ = ['SANDWICHES', 'HEADS', 'KAPPA', 'TransferLayer', 'FeaturePyramid', 'DirectHead', 'GaussianHead', 'Detector', 'create_detector']
 
 KAPPA = .05   # the Gaussian head's std scale: std = KAPPA * softplus(output), small by design
 
@@ -54,18 +54,6 @@ class TransferLayer(nn.Module):
         d = self.conv2(self.conv1(x))
         gate = getattr(self, 'gate', None)        # None in a pickled export of a model written before the gate
         return x + (d if gate is None else gate * d)
-
-
-class Skip(nn.Module):
-    """A gated 1x1 projection of a frozen encoder stage into a decoder block of the same stride (the decoder
-    sandwich's path around the codes, `Detector(decoder_skips=True)`). The gate, a learned scalar, starts at
-    zero, so the untrained skip adds nothing and the sandwich starts as the decoder computes."""
-    def __init__(self, ch_in: int, ch_out: int):
-        super().__init__()
-        self.proj = nn.Conv2d(ch_in, ch_out, 1)
-        self.gate = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x): return self.gate * self.proj(x)
 
 
 class FeaturePyramid(nn.Module):
@@ -159,8 +147,8 @@ class Detector(nn.Module):
       `model_args` without the encoder's) decodes the encoder's codes down to `stride`, a transfer
       layer after each of its blocks; the neck reads those blocks, so the head sits on the features
       the decoder draws the slice from. The decoder reads only the codes (3% of a slice's values at
-      128 px); with `decoder_skips` each block also gains a gated projection of the encoder stage at
-      its stride (`Skip`), a path around them."""
+      128 px); with `decoder_skips` what the neck reads of each block also gains a 1x1 projection of the
+      encoder stage at its stride, a path around them (the next decoder block still reads the block alone)."""
     def __init__(self, encoder_args: dict | None = None, head: str = 'direct', sandwich: bool | str = False,
                  hidden: int = 32, out_bn: bool = False, kappa: float = KAPPA, adapter_ratio: float = 1.,
                  adapter_stem: bool = False, adapter_gate: bool = True, stride: int = 4, decoder_args: dict | None = None, backbone_weights=None,
@@ -185,8 +173,8 @@ class Detector(nn.Module):
             self.n_decoder_blocks = self.decoder.blocks_to(stride)
             widths = self.decoder.widths[:self.n_decoder_blocks]
             self.decoder_adapters = nn.ModuleList([TransferLayer(w, adapter_ratio, adapter_gate) for w in widths])
-            if decoder_skips:   # block i is at the stride of the encoder's stage -2 - i
-                self.decoder_skips = nn.ModuleList([Skip(self.encoder.widths[-2 - i], w) for i, w in enumerate(widths)])
+            if decoder_skips:   # finest first, as the neck reads them: the stages at strides 4, 8, ... into the blocks there
+                self.decoder_skips = nn.ModuleList([nn.Conv2d(e, w, 1) for e, w in zip(self.encoder.widths, widths[::-1])])
             self.neck = FeaturePyramid(widths[::-1], 4)          # the blocks, finest first; the finest is at `stride`
         else: self.neck = FeaturePyramid(self.encoder.widths, stride)
         kw = dict(kappa=kappa) if head == 'gaussian' else {}
@@ -206,8 +194,9 @@ class Detector(nn.Module):
             if self.adapters is not None: x = self.adapters[i](x)
             out.append(x)                                    # strides 4, 8, 16, 32
         if getattr(self, 'decoder', None) is None: return out
-        return self.decoder.features(out, self.n_decoder_blocks, self.decoder_adapters,
-                                     getattr(self, 'decoder_skips', None))[::-1]                  # down to `stride`
+        dec = self.decoder.features(out, self.n_decoder_blocks, self.decoder_adapters)[::-1]   # down to `stride`, finest first
+        skips = getattr(self, 'decoder_skips', None)
+        return dec if skips is None else [d + skip(f) for d, skip, f in zip(dec, skips, out)]
 
     def forward(self, x):
         return self.head(self.neck(self.features(x)))
