@@ -30,7 +30,16 @@ __all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneCon
            'add_settings', 'from_args', 'choices', 'parse_ints', 'parse_floats', 'flag_of', 'check_fields']
 
 PRECISIONS = ('auto', 'fp32', 'bf16')
-SANDWICH_SETTINGS = ('adapter_ratio', 'adapter_stem', 'adapter_gate', 'sandwich', 'decoder_skips')   # change nothing in a run without transfer layers
+SANDWICH_SETTINGS = ('adapter_ratio', 'adapter_stem', 'adapter_gate', 'sandwich', 'decoder_skips')
+DECODER_SETTINGS = ('decoder_skips',)   # change nothing in a run without the decoder sandwich
+
+
+def unused_settings(*runs) -> list:
+    """The settings that change nothing in any of `runs` (configs or records, with `freeze` and `sandwich`): the transfer
+    layers' where none is a sandwich, the decoder sandwich's where none is one."""
+    get = lambda run, k: run.get(k) if isinstance(run, dict) else getattr(run, k, None)
+    if not any(get(r, 'freeze') == 'sandwich' for r in runs): return list(SANDWICH_SETTINGS)
+    return list(DECODER_SETTINGS) if not any(get(r, 'freeze') == 'sandwich' and get(r, 'sandwich') == 'decoder' for r in runs) else []   # change nothing in a run without transfer layers
 DEFAULT_CONTEXT = 2   # neighbour slices on each side, where the data ships them: the strongest lever measured (docs/results.md)
 PSEUDO_FP = .1        # self-training's threshold: the teacher's score at this many false positives per validation slice, chosen on
                       # validation of 0.1, 0.25, 0.5, 1 (docs/results.md)
@@ -197,9 +206,10 @@ class FinetuneConfig(RunConfig):
     sandwich: str = option('encoder', "with --freeze sandwich: encoder (transfer layers between the frozen encoder's stages, the head "
                            'on the encoder) or decoder (3FabRec: the pretrained encoder and decoder frozen, transfer layers between '
                            "the decoder's blocks, the head on the decoder's stride-4 features)", choices=SANDWICHES, group='freeze')
-    decoder_skips: bool = option(False, "with --sandwich decoder: what the head's pyramid reads of each decoder block also gains a 1x1 "
-                                 "projection of the frozen encoder stage at its stride, a path around the autoencoder's codes "
-                                 "(default: the head reads only what the codes carry, as 3FabRec builds it)", unrecorded=False, group='freeze')
+    decoder_skips: bool = option(True, "with --sandwich decoder: the head reads only what the autoencoder's codes carry, as 3FabRec "
+                                 "builds it (default: what the head's pyramid reads of each decoder block also gains a 1x1 projection "
+                                 "of the frozen encoder stage at its stride, a path around the codes, chosen on validation by bench "
+                                 "select)", flag='--no-decoder-skips', unrecorded=False, group='freeze')
     label_fraction: float = option(1., 'fraction of training patients whose labels are used, chosen with --seed', above=0, at_most=1,
                                    group='data')
     carry_weight: float = option(0., "labels carried to the neighbour slices of each labelled key slice, within the lesion's extent "

@@ -57,9 +57,6 @@ def resolve(cfg: FinetuneConfig, records, ckpt: dict | None) -> FinetuneConfig:
     pretrained_body = ckpt['model_args']['encoder_args'].get('backbone', 'resnet') if ckpt else None
     if ckpt is not None and cfg.backbone not in (None, pretrained_body):
         raise ValueError(f"--backbone {cfg.backbone} disagrees with the checkpoint {cfg.pretrained}, pretrained with backbone {pretrained_body}")
-    if cfg.decoder_skips and (cfg.sandwich != 'decoder' or freeze != 'sandwich'):
-        raise ValueError("--decoder-skips joins the encoder's stages to the frozen decoder's blocks: it needs --freeze sandwich "
-                         f"--sandwich decoder, not --freeze {freeze}{' --sandwich ' + cfg.sandwich if freeze == 'sandwich' else ''}")
     if cfg.sandwich == 'decoder' and freeze != 'sandwich':
         raise ValueError(f"--sandwich decoder interleaves transfer layers in the frozen decoder: it needs --freeze sandwich, not {freeze}")
     if cfg.unfreeze_after and freeze not in ('sandwich', 'encoder'):
@@ -163,7 +160,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
                             **loader_kwargs())
         model = Detector(enc_args, head=cfg.head, sandwich=cfg.freeze == 'sandwich' and cfg.sandwich, out_bn=cfg.out_bn, kappa=cfg.kappa,
                          adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, adapter_gate=cfg.adapter_gate,
-                         stride=cfg.stride, decoder_skips=cfg.decoder_skips,
+                         stride=cfg.stride, decoder_skips=cfg.freeze == 'sandwich' and cfg.sandwich == 'decoder' and cfg.decoder_skips,
                          decoder_args=decoder_args(ckpt) if ckpt else None, backbone_weights=cfg.backbone_weights, decoding=decoding)
         if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained), cfg.transfer_stages, cfg.pretrained_init, cfg.seed)
         if model.decoder is not None: load_decoder(model.decoder, ckpt, str(cfg.pretrained), cfg.pretrained_init, cfg.seed)

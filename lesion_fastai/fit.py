@@ -16,7 +16,7 @@ from fastai.torch_core import set_seed, to_float
 
 from . import distributed
 from .callbacks import AtomicSaveModelCallback, ResumableCSVLogger, ResumeState, StopOnNonFinite
-from .config import PRECISIONS, SANDWICH_SETTINGS
+from .config import PRECISIONS, unused_settings
 from .files import output_folder
 from .log import log, speaking
 
@@ -65,8 +65,7 @@ def check_resume(cfg, out: Path) -> None:
     import json
     before = json.loads(saved.read_text())
     unresolved = [k for k in RESOLVED if k in before and before[k] is None]   # recorded unresolved by an older version: whatever it chose
-    sandwich = 'sandwich' in (before.get('freeze'), getattr(cfg, 'freeze', None))
-    ignore = unresolved + ([] if sandwich else list(SANDWICH_SETTINGS))
+    ignore = unresolved + unused_settings(before, cfg)
     changed = [f"--{k.replace('_', '-')} {now!r} (the run has {then!r})"
                for k, (then, now) in settings_diff(before, _run_settings(cfg), ignore=ignore, cls=type(cfg)).items()]
     if changed:

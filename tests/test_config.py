@@ -55,11 +55,12 @@ def test_the_command_lines_defaults_are_the_dataclasses(cli, cls, out, tmp_path)
 
 
 def test_a_flag_that_turns_a_default_off_says_so(tmp_path):
-    "--no-adapter-gate and --no-augment turn their settings off; the bare names are not flags."
+    "--no-adapter-gate, --no-decoder-skips and --no-augment turn their settings off; the bare names are not flags."
     ap = finetune_cli.parser()
-    cfg = from_args(FinetuneConfig, ap, ap.parse_args(['--data', str(tmp_path), '--no-adapter-gate', '--no-augment']), out=tmp_path)
-    assert cfg.adapter_gate is False and cfg.augment is False
-    assert FinetuneConfig(data=tmp_path, out=tmp_path).adapter_gate is True
+    cfg = from_args(FinetuneConfig, ap, ap.parse_args(['--data', str(tmp_path), '--no-adapter-gate', '--no-augment', '--no-decoder-skips']),
+                    out=tmp_path)
+    assert cfg.adapter_gate is False and cfg.augment is False and cfg.decoder_skips is False
+    assert FinetuneConfig(data=tmp_path, out=tmp_path).adapter_gate is True and FinetuneConfig(data=tmp_path, out=tmp_path).decoder_skips is True
     with pytest.raises(SystemExit): ap.parse_args(['--data', str(tmp_path), '--adapter-gate'])
 
 

@@ -255,6 +255,23 @@ def test_a_run_started_before_a_setting_existed_resumes_with_what_it_was_made_wi
     with pytest.raises(ValueError, match=r'--adapter-gate True \(the run has False\)'): check_resume(args(), out)
 
 
+def test_the_decoder_skips_count_only_in_a_decoder_sandwich(tiny_data, tmp_path):
+    """An encoder sandwich recorded before --decoder-skips existed resumes with the default (it has no decoder to skip
+    around); read as a decoder sandwich, the same record had no skips, and the default is named."""
+    from lesion_fastai.fit import check_resume
+    out = tmp_path / 'run'
+    _started(tiny_data, out, ['--epochs', '3', '--bs', '2', '--size', '32', '--freeze', 'sandwich'])
+    saved = {k: v for k, v in json.loads((out / 'run_config.json').read_text()).items() if k != 'decoder_skips'}
+    (out / 'run_config.json').write_text(json.dumps(saved))
+    ap = finetune_cli.parser()
+    args = lambda *extra: from_args(FinetuneConfig, ap, ap.parse_args(['--data', str(tiny_data), '--out', str(out), '--resume', '--epochs', '3',
+                                                                        '--bs', '2', '--size', '32', '--freeze', 'sandwich', *extra]), out=out)
+    check_resume(args(), out)
+    (out / 'run_config.json').write_text(json.dumps({**saved, 'sandwich': 'decoder'}))
+    check_resume(args('--sandwich', 'decoder', '--no-decoder-skips'), out)
+    with pytest.raises(ValueError, match=r'--decoder-skips True \(the run has False\)'): check_resume(args('--sandwich', 'decoder'), out)
+
+
 def test_a_run_without_transfer_layers_resumes_whatever_their_settings_say(tiny_data, tmp_path):
     "A scratch run started with --no-adapter-gate and another --adapter-ratio resumes with the defaults: it has no transfer layer to differ."
     from lesion_fastai.fit import check_resume

@@ -314,16 +314,17 @@ def test_decoder_skips_train_with_the_transfer_layers_and_need_the_decoder_sandw
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n for n in trainable if n.startswith('decoder_skips.')} and all(
         n.startswith(('decoder_adapters.', 'decoder_skips.', 'neck.', 'head.')) for n in trainable)
-    with pytest.raises(ValueError, match='--decoder-skips joins .* it needs --freeze sandwich --sandwich decoder, not --freeze sandwich --sandwich encoder'):
-        finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'run', pretrained=control, freeze='sandwich', decoder_skips=True, epochs=1, bs=2))
     with pytest.raises(ValueError, match="decoder skips join the decoder sandwich's blocks"):
         Detector(model.encoder_args, sandwich='encoder', decoder_skips=True)
     from lesion_fastai.export import load_detector
     run = tmp_path / 'skips'
-    finetune(FinetuneConfig(data=tiny_data, out=run, pretrained=control, freeze='sandwich', sandwich='decoder', decoder_skips=True,
-                            epochs=1, bs=2))
-    saved, _, _ = load_detector(run / 'model.safetensors')             # the shared form rebuilds the skips around its weights
-    assert saved.decoder_skips is not None and json.loads((run / 'run_config.json').read_text())['decoder_skips'] is True
+    for skips in (True, False):                                        # the default, and 3FabRec's decoder alone
+        finetune(FinetuneConfig(data=tiny_data, out=run / str(skips), pretrained=control, freeze='sandwich', sandwich='decoder',
+                                decoder_skips=skips, epochs=1, bs=2))
+        saved, _, _ = load_detector(run / str(skips) / 'model.safetensors')   # the shared form rebuilds the skips around its weights
+        assert (saved.decoder_skips is not None) == skips
+    finetune(FinetuneConfig(data=tiny_data, out=run / 'encoder', pretrained=control, freeze='sandwich', epochs=1, bs=2))
+    assert load_detector(run / 'encoder' / 'model.safetensors')[0].decoder_skips is None
 
 
 @pytest.mark.slow

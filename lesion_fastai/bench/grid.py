@@ -14,7 +14,7 @@ import multiprocessing as mp
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import SANDWICH_SETTINGS, FinetuneConfig, PretrainConfig, recorded, settings_diff
+from ..config import FinetuneConfig, unused_settings, PretrainConfig, recorded, settings_diff
 from ..log import log
 
 __all__ = ['Run', 'run_grid', 'read_grid', 'finished', 'run_finetune', 'pretrain_once', 'ensure_pseudo_labels', 'self_trained',
@@ -189,7 +189,7 @@ def run_finetune(cfg, any_precision: bool = False) -> dict:
         with quiet(): return finetune(cfg)
     m = json.loads(done.read_text())
     now = _settings_now(cfg, any_precision)
-    ignore = IGNORED + (SANDWICH_SETTINGS if cfg.freeze != 'sandwich' else ())
+    ignore = IGNORED + tuple(unused_settings(cfg))
     diff = settings_diff(_settings_then(m['config'], now), now, ignore=ignore, cls=FinetuneConfig)
     if diff: raise ValueError(f"{done}: a finished run with other settings ({_differences(diff)}{_OLD_CONTROL if _old_control(diff) else ''}); "
                               f"choose another --out or remove {cfg.out}")
