@@ -26,11 +26,11 @@ from .settings import (SettingError, add_settings, check_fields, choices, flag_o
 
 __all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneConfig', 'InferenceConfig', 'EvaluateConfig', 'PredictConfig',
            'DEVICES', 'PRECISIONS', 'PRETEXTS', 'pretext_defaults', 'CACHES', 'DEFAULT_CONTEXT', 'PSEUDO_FP',
-           'resolve_context', 'recorded', 'settings_diff',
+           'resolve_context', 'recorded', 'settings_diff', 'unused_settings',
            'add_settings', 'from_args', 'choices', 'parse_ints', 'parse_floats', 'flag_of', 'check_fields']
 
 PRECISIONS = ('auto', 'fp32', 'bf16')
-SANDWICH_SETTINGS = ('adapter_ratio', 'adapter_stem', 'adapter_gate', 'sandwich', 'decoder_skips')
+SANDWICH_SETTINGS = ('adapter_ratio', 'adapter_stem', 'adapter_gate', 'sandwich', 'decoder_skips')   # change nothing in a run without transfer layers
 DECODER_SETTINGS = ('decoder_skips',)   # change nothing in a run without the decoder sandwich
 
 
@@ -39,7 +39,9 @@ def unused_settings(*runs) -> list:
     layers' where none is a sandwich, the decoder sandwich's where none is one."""
     get = lambda run, k: run.get(k) if isinstance(run, dict) else getattr(run, k, None)
     if not any(get(r, 'freeze') == 'sandwich' for r in runs): return list(SANDWICH_SETTINGS)
-    return list(DECODER_SETTINGS) if not any(get(r, 'freeze') == 'sandwich' and get(r, 'sandwich') == 'decoder' for r in runs) else []   # change nothing in a run without transfer layers
+    return list(DECODER_SETTINGS) if not any(get(r, 'freeze') == 'sandwich' and get(r, 'sandwich') == 'decoder' for r in runs) else []
+
+
 DEFAULT_CONTEXT = 2   # neighbour slices on each side, where the data ships them: the strongest lever measured (docs/results.md)
 PSEUDO_FP = .1        # self-training's threshold: the teacher's score at this many false positives per validation slice, chosen on
                       # validation of 0.1, 0.25, 0.5, 1 (docs/results.md)

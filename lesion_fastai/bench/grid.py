@@ -14,7 +14,7 @@ import multiprocessing as mp
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import FinetuneConfig, unused_settings, PretrainConfig, recorded, settings_diff
+from ..config import FinetuneConfig, PretrainConfig, recorded, settings_diff, unused_settings
 from ..log import log
 
 __all__ = ['Run', 'run_grid', 'read_grid', 'finished', 'run_finetune', 'pretrain_once', 'ensure_pseudo_labels', 'self_trained',
