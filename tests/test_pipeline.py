@@ -248,11 +248,11 @@ def test_sandwich_step_keeps_frozen_weights_and_bn_statistics(tiny_records):
     assert trainable and all(n.startswith(('adapters.', 'neck.', 'head.')) for n in trainable)
 
 
-def _decoder_sandwich(skips=False, **kw):
+def _decoder_sandwich(skips=False, stride=4, **kw):
     from lesion_fastai.models.autoencoder import create_autoencoder
     ae = create_autoencoder(1, **ENC, **kw)
     model = Detector(ae.encoder_args, sandwich='decoder', decoder_args={k: v for k, v in ae.model_args.items() if k != 'encoder_args'},
-                     decoder_skips=skips)
+                     decoder_skips=skips, stride=stride)
     model.encoder.load_state_dict(ae.encoder.state_dict(), strict=True)
     model.decoder.load_state_dict(ae.decoder.state_dict(), strict=True)
     return ae, model
@@ -289,17 +289,18 @@ def test_decoder_sandwich_step_keeps_frozen_encoder_decoder_and_bn_statistics(ti
     assert trainable and all(n.startswith(('decoder_adapters.', 'neck.', 'head.')) for n in trainable)
 
 
-def test_decoder_skips_give_the_head_what_the_codes_drop():
+@pytest.mark.parametrize('stride', [4, 8])
+def test_decoder_skips_give_the_head_what_the_codes_drop(stride):
     """With the codes silenced (their projections zero) the decoder blocks see nothing of the slice: without
     skips every slice gives the neck the same features, with them they follow the slice, through the encoder
-    stage at each block's stride."""
+    stage at each block's stride (at stride 8 the blocks start one stage deeper)."""
     torch.manual_seed(0)
     x = torch.rand(2, 1, 64, 64)
     for skips in (False, True):
-        _, model = _decoder_sandwich(skips)
+        _, model = _decoder_sandwich(skips, stride)
         for code in model.decoder.codes: torch.nn.init.zeros_(code[0].weight)
         feats = model.eval().features(x)
-        assert [f.shape[-1] for f in feats] == [16, 8, 4]
+        assert [f.shape[-1] for f in feats] == [64 // stride // 2 ** i for i in range(len(feats))] and feats[-1].shape[-1] == 4
         same = all(torch.allclose(f[0], f[1]) for f in feats)
         assert same != skips, f"skips {skips}: the two slices give {'the same' if same else 'different'} features"
 

@@ -173,8 +173,9 @@ class Detector(nn.Module):
             self.n_decoder_blocks = self.decoder.blocks_to(stride)
             widths = self.decoder.widths[:self.n_decoder_blocks]
             self.decoder_adapters = nn.ModuleList([TransferLayer(w, adapter_ratio, adapter_gate) for w in widths])
-            if decoder_skips:   # finest first, as the neck reads them: the stages at strides 4, 8, ... into the blocks there
-                self.decoder_skips = nn.ModuleList([nn.Conv2d(e, w, 1) for e, w in zip(self.encoder.widths, widths[::-1])])
+            self.first_stage = (stride // 4).bit_length() - 1    # the encoder stage at `stride`, that of the finest block
+            if decoder_skips:   # finest first, as the neck reads them: the stages at `stride`, 2 `stride`, ... into the blocks there
+                self.decoder_skips = nn.ModuleList([nn.Conv2d(e, w, 1) for e, w in zip(self.encoder.widths[self.first_stage:], widths[::-1])])
             self.neck = FeaturePyramid(widths[::-1], 4)          # the blocks, finest first; the finest is at `stride`
         else: self.neck = FeaturePyramid(self.encoder.widths, stride)
         kw = dict(kappa=kappa) if head == 'gaussian' else {}
@@ -196,7 +197,7 @@ class Detector(nn.Module):
         if getattr(self, 'decoder', None) is None: return out
         dec = self.decoder.features(out, self.n_decoder_blocks, self.decoder_adapters)[::-1]   # down to `stride`, finest first
         skips = getattr(self, 'decoder_skips', None)
-        return dec if skips is None else [d + skip(f) for d, skip, f in zip(dec, skips, out)]
+        return dec if skips is None else [d + skip(f) for d, skip, f in zip(dec, skips, out[getattr(self, 'first_stage', 0):])]
 
     def forward(self, x):
         return self.head(self.neck(self.features(x)))
