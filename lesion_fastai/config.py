@@ -26,12 +26,12 @@ from .settings import (SettingError, add_settings, check_fields, choices, flag_o
 
 __all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneConfig', 'InferenceConfig', 'EvaluateConfig', 'PredictConfig',
            'DEVICES', 'PRECISIONS', 'PRETEXTS', 'pretext_defaults', 'CACHES', 'DEFAULT_CONTEXT', 'PSEUDO_FP',
-           'resolve_context', 'recorded', 'settings_diff', 'unused_settings',
+           'resolve_context', 'recorded', 'settings_diff', 'unused_settings', 'SANDWICH_SETTINGS', 'DECODER_SETTINGS',
            'add_settings', 'from_args', 'choices', 'parse_ints', 'parse_floats', 'flag_of', 'check_fields']
 
 PRECISIONS = ('auto', 'fp32', 'bf16')
-SANDWICH_SETTINGS = ('adapter_ratio', 'adapter_stem', 'adapter_gate', 'sandwich', 'decoder_skips')   # change nothing in a run without transfer layers
-DECODER_SETTINGS = ('decoder_skips',)   # change nothing in a run without the decoder sandwich
+SANDWICH_SETTINGS = ('adapter_ratio', 'adapter_stem', 'adapter_gate', 'sandwich', 'decoder_skips', 'decoder_deepest')   # change nothing in a run without transfer layers
+DECODER_SETTINGS = ('decoder_skips', 'decoder_deepest')   # change nothing in a run without the decoder sandwich
 
 
 def unused_settings(*runs) -> list:
@@ -212,6 +212,9 @@ class FinetuneConfig(RunConfig):
                                  "builds it (default: what the head's pyramid reads of each decoder block also gains a 1x1 projection "
                                  "of the frozen encoder stage at its stride, a path around the codes, chosen on validation by bench "
                                  "select)", flag='--no-decoder-skips', unrecorded=False, group='freeze')
+    decoder_deepest: bool = option(False, "with --sandwich decoder: the head's pyramid also reads the frozen encoder's deepest stage "
+                                   "(stride 32), below the decoder's first block, as every other mode's pyramid reads it (default: the "
+                                   "decoder's blocks at strides 4-16 alone)", group='freeze')
     label_fraction: float = option(1., 'fraction of training patients whose labels are used, chosen with --seed', above=0, at_most=1,
                                    group='data')
     carry_weight: float = option(0., "labels carried to the neighbour slices of each labelled key slice, within the lesion's extent "

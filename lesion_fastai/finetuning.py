@@ -22,7 +22,7 @@ from . import distributed
 from .cache import prepare_slices
 from .callbacks import TimeBudget
 from .checkpoint import decoder_args, load_decoder, load_encoder, load_pretrained
-from .config import FinetuneConfig, RunConfig, recorded, resolve_context, unused_settings
+from .config import DECODER_SETTINGS, FinetuneConfig, RunConfig, recorded, resolve_context, unused_settings
 from .data import SliceSpec, detection_dls, select_patients
 from .deeplesion import evaluation_records, load_data
 from .evaluation import report
@@ -160,7 +160,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
                             **loader_kwargs())
         model = Detector(enc_args, head=cfg.head, sandwich=cfg.freeze == 'sandwich' and cfg.sandwich, out_bn=cfg.out_bn, kappa=cfg.kappa,
                          adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, adapter_gate=cfg.adapter_gate,
-                         stride=cfg.stride, decoder_skips=cfg.decoder_skips and 'decoder_skips' not in unused_settings(cfg),
+                         stride=cfg.stride, **{k: getattr(cfg, k) and k not in unused_settings(cfg) for k in DECODER_SETTINGS},
                          decoder_args=decoder_args(ckpt) if ckpt else None, backbone_weights=cfg.backbone_weights, decoding=decoding)
         if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained), cfg.transfer_stages, cfg.pretrained_init, cfg.seed)
         if model.decoder is not None: load_decoder(model.decoder, ckpt, str(cfg.pretrained), cfg.pretrained_init, cfg.seed)

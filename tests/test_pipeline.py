@@ -248,11 +248,11 @@ def test_sandwich_step_keeps_frozen_weights_and_bn_statistics(tiny_records):
     assert trainable and all(n.startswith(('adapters.', 'neck.', 'head.')) for n in trainable)
 
 
-def _decoder_sandwich(skips=False, stride=4, **kw):
+def _decoder_sandwich(skips=False, stride=4, deepest=False, **kw):
     from lesion_fastai.models.autoencoder import create_autoencoder
     ae = create_autoencoder(1, **ENC, **kw)
     model = Detector(ae.encoder_args, sandwich='decoder', decoder_args={k: v for k, v in ae.model_args.items() if k != 'encoder_args'},
-                     decoder_skips=skips, stride=stride)
+                     decoder_skips=skips, stride=stride, decoder_deepest=deepest)
     model.encoder.load_state_dict(ae.encoder.state_dict(), strict=True)
     model.decoder.load_state_dict(ae.decoder.state_dict(), strict=True)
     return ae, model
@@ -305,6 +305,27 @@ def test_decoder_skips_give_the_head_what_the_codes_drop(stride):
         assert same != skips, f"skips {skips}: the two slices give {'the same' if same else 'different'} features"
 
 
+def test_decoder_deepest_gives_the_pyramid_the_stage_every_other_mode_reads(tiny_records):
+    """With `decoder_deepest` the neck reads the encoder's deepest stage (stride 32) after the decoder's blocks,
+    unchanged, and its lateral trains; the blocks' features stay what they were."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 64, 64)
+    _, plain = _decoder_sandwich(True)
+    _, model = _decoder_sandwich(True, deepest=True)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    feats, before = model.eval().features(x), plain.eval().features(x)
+    assert [f.shape[-1] for f in feats] == [16, 8, 4, 2] and len(model.neck.laterals) == len(plain.neck.laterals) + 1
+    assert all(torch.equal(a, b) for a, b in zip(feats, before))
+    h = model.encoder.stem(x)
+    for stage in model.encoder.stages: h = stage(h)
+    assert torch.equal(feats[-1], h)
+    deepest0 = model.neck.laterals[-1].weight.clone()
+    _learner(tiny_records, model, 'sandwich').fit(1, 1e-2)
+    assert not torch.equal(model.neck.laterals[-1].weight, deepest0)
+    with pytest.raises(ValueError, match="deepest stage to the decoder sandwich's pyramid"):
+        Detector(model.encoder_args, sandwich='encoder', decoder_deepest=True)
+
+
 def test_decoder_skips_train_with_the_transfer_layers_and_need_the_decoder_sandwich(tiny_records, tiny_data, control, tmp_path):
     torch.manual_seed(0)
     _, model = _decoder_sandwich(True)
@@ -319,11 +340,11 @@ def test_decoder_skips_train_with_the_transfer_layers_and_need_the_decoder_sandw
         Detector(model.encoder_args, sandwich='encoder', decoder_skips=True)
     from lesion_fastai.export import load_detector
     run = tmp_path / 'skips'
-    for skips in (True, False):                                        # the default, and 3FabRec's decoder alone
+    for skips in (True, False):                       # the default, and 3FabRec's decoder alone (with the deepest stage)
         finetune(FinetuneConfig(data=tiny_data, out=run / str(skips), pretrained=control, freeze='sandwich', sandwich='decoder',
-                                decoder_skips=skips, epochs=1, bs=2))
+                                decoder_skips=skips, decoder_deepest=not skips, epochs=1, bs=2))
         saved, _, _ = load_detector(run / str(skips) / 'model.safetensors')   # the shared form rebuilds the skips around its weights
-        assert (saved.decoder_skips is not None) == skips
+        assert (saved.decoder_skips is not None) == skips and len(saved.neck.laterals) == 3 + (not skips)
     finetune(FinetuneConfig(data=tiny_data, out=run / 'encoder', pretrained=control, freeze='sandwich', epochs=1, bs=2))
     assert load_detector(run / 'encoder' / 'model.safetensors')[0].decoder_skips is None
 

@@ -148,11 +148,14 @@ class Detector(nn.Module):
       layer after each of its blocks; the neck reads those blocks, so the head sits on the features
       the decoder draws the slice from. The decoder reads only the codes (3% of a slice's values at
       128 px); with `decoder_skips` what the neck reads of each block also gains a 1x1 projection of the
-      encoder stage at its stride, a path around them (the next decoder block still reads the block alone)."""
+      encoder stage at its stride, a path around them (the next decoder block still reads the block alone);
+      with `decoder_deepest` the neck also reads the encoder's deepest stage, below the decoder's first
+      block, as the neck of every other mode does."""
     def __init__(self, encoder_args: dict | None = None, head: str = 'direct', sandwich: bool | str = False,
                  hidden: int = 32, out_bn: bool = False, kappa: float = KAPPA, adapter_ratio: float = 1.,
                  adapter_stem: bool = False, adapter_gate: bool = True, stride: int = 4, decoder_args: dict | None = None, backbone_weights=None,
-                 decoding: Decoding | None = None, decoder_skips: bool = False):
+                 decoding: Decoding | None = None, decoder_skips: bool = False,
+                 decoder_deepest: bool = False):
         super().__init__()
         if head not in HEADS: raise ValueError(f"head {head!r}: expected one of {sorted(HEADS)}")
         kind = 'encoder' if sandwich is True else (sandwich or None)
@@ -164,7 +167,10 @@ class Detector(nn.Module):
             raise ValueError("--adapter-stem needs the resnet backbone's stem (a timm body's first stage holds its stem)")
         self.stem_adapter = TransferLayer(self.encoder_args['stem_width'], adapter_ratio, adapter_gate) if kind == 'encoder' and adapter_stem else None
         self.decoder = self.decoder_adapters = self.decoder_skips = None
+        self.decoder_deepest = decoder_deepest
         if decoder_skips and kind != 'decoder': raise ValueError("decoder skips join the decoder sandwich's blocks: they need sandwich='decoder'")
+        if decoder_deepest and kind != 'decoder':
+            raise ValueError("decoder_deepest adds the encoder's deepest stage to the decoder sandwich's pyramid: it needs sandwich='decoder'")
         if kind == 'decoder':
             from .autoencoder import CODE_CHANNELS, Decoder
             self.decoder_args = dict(decoder_args or {})
@@ -176,7 +182,8 @@ class Detector(nn.Module):
             self.first_stage = (stride // 4).bit_length() - 1    # the encoder stage at `stride`, that of the finest block
             if decoder_skips:   # finest first, as the neck reads them: the stages at `stride`, 2 `stride`, ... into the blocks there
                 self.decoder_skips = nn.ModuleList([nn.Conv2d(e, w, 1) for e, w in zip(self.encoder.widths[self.first_stage:], widths[::-1])])
-            self.neck = FeaturePyramid(widths[::-1], 4)          # the blocks, finest first; the finest is at `stride`
+            deepest = (self.encoder.widths[-1],) if decoder_deepest else ()
+            self.neck = FeaturePyramid(widths[::-1] + deepest, 4)   # the blocks, finest first (the finest at `stride`), then the deepest stage
         else: self.neck = FeaturePyramid(self.encoder.widths, stride)
         kw = dict(kappa=kappa) if head == 'gaussian' else {}
         self.head = HEADS[head](self.neck.out_ch, hidden, out_bn, **kw)
@@ -185,7 +192,8 @@ class Detector(nn.Module):
         # what rebuilds it around a state dict (export.save_safe): the weights come from there, not from backbone_weights
         self.init_args = dict(encoder_args=dict(self.encoder_args), head=head, sandwich=kind, hidden=hidden, out_bn=out_bn, kappa=kappa,
                               adapter_ratio=adapter_ratio, adapter_stem=adapter_stem, adapter_gate=adapter_gate, stride=stride,
-                              decoder_args=dict(self.decoder_args) if kind == 'decoder' else None, decoder_skips=decoder_skips)
+                              decoder_args=dict(self.decoder_args) if kind == 'decoder' else None, decoder_skips=decoder_skips,
+                              decoder_deepest=decoder_deepest)
 
     def features(self, x) -> list:  # [B, C, H, W] -> what the neck reads, finest first
         x, out = self.encoder.stem(x), []
@@ -197,7 +205,8 @@ class Detector(nn.Module):
         if getattr(self, 'decoder', None) is None: return out
         dec = self.decoder.features(out, self.n_decoder_blocks, self.decoder_adapters)[::-1]   # down to `stride`, finest first
         skips = getattr(self, 'decoder_skips', None)
-        return dec if skips is None else [d + skip(f) for d, skip, f in zip(dec, skips, out[getattr(self, 'first_stage', 0):])]
+        if skips is not None: dec = [d + skip(f) for d, skip, f in zip(dec, skips, out[getattr(self, 'first_stage', 0):])]
+        return dec + out[-1:] if getattr(self, 'decoder_deepest', False) else dec
 
     def forward(self, x):
         return self.head(self.neck(self.features(x)))
