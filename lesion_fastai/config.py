@@ -234,6 +234,8 @@ class FinetuneConfig(RunConfig):
                                 default_help='sandwich with --pretrained, full with --backbone-weights, else scratch', group='freeze')
     update_frozen_bn: bool = option(False, 'let frozen BatchNorm layers update their running statistics (default: keep them)',
                                     group='freeze')
+    train_frozen_bn: bool = option(False, "the frozen layers' BatchNorm weights and biases train and their statistics follow the data, "
+                                   "fastai's default train_bn=True (default: frozen BatchNorm kept whole, train_bn=False)", group='freeze')
     unfreeze_after: int = option(0, "with --freeze sandwich or encoder, fastai's fine_tune recipe: that many epochs frozen (a one-cycle "
                                  'peaking at its end), then every layer trains for the rest of --epochs in a second one-cycle at '
                                  'discriminative rates (the pretrained layers at lr/D/--lr-mult, the rest at lr/D, D --unfrozen-lr-div); '

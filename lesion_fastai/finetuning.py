@@ -164,7 +164,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
                          decoder_args=decoder_args(ckpt) if ckpt else None, backbone_weights=cfg.backbone_weights, decoding=decoding)
         if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained), cfg.transfer_stages, cfg.pretrained_init, cfg.seed)
         if model.decoder is not None: load_decoder(model.decoder, ckpt, str(cfg.pretrained), cfg.pretrained_init, cfg.seed)
-        learn = Learner(dls, model, loss_func=loss_func, metrics=[ValidFROC()], train_bn=False, wd=cfg.wd, path=out,
+        learn = Learner(dls, model, loss_func=loss_func, metrics=[ValidFROC()], train_bn=cfg.train_frozen_bn, wd=cfg.wd, path=out,
                         model_dir='models', splitter=detector_splitter)
         apply_freeze(learn, cfg.freeze)
         counts = parameter_counts(model)
@@ -176,7 +176,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
                 with distributed.alone(): lr = float(learn.lr_find(show_plot=False).valley)
             lr = distributed.gather(lr)[0]
             log.info(f"lr_find: {lr:.2e}")
-        cbs = freeze_callbacks(cfg.freeze, cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else []) + list(cbs)
+        cbs = freeze_callbacks(cfg.freeze, cfg.update_frozen_bn or cfg.train_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else []) + list(cbs)
         seed_rank(cfg.seed)
         precision = speed_up(learn, cfg.precision)
         fit_resumable(learn, out, cfg.epochs, lr_for(cfg.freeze, lr, cfg.lr_mult), 'froc', cfg.resume, cbs, cfg.unfreeze_after, cfg.lr_mult,

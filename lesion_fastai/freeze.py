@@ -12,7 +12,8 @@
 
 BatchNorm policy: frozen layers keep their running statistics and affine weights (fastai's
 `train_bn=False` plus `BnFreeze`, which holds frozen BatchNorm layers in eval mode). With
-`update_frozen_bn=True` their statistics adapt to the new data while their weights stay frozen.
+`update_frozen_bn=True` their statistics adapt to the new data while their weights stay frozen; with
+`train_frozen_bn` (fastai's default `train_bn=True`) their weights and biases train as well.
 """
 from __future__ import annotations
 

@@ -215,9 +215,10 @@ def test_pretrain_then_finetune_loads_exactly_the_encoder(tiny_data, pretrained,
     for k, v in ckpt['encoder'].items(): assert torch.equal(model.encoder.state_dict()[k], v), k
 
 
-def _learner(tiny_records, model, mode, update_bn=False):
+def _learner(tiny_records, model, mode, update_bn=False, train_bn=False):
     dls = detection_dls(tiny_records, SliceSpec(size=32), bs=2, seed=0, augment=False)
-    learn = Learner(dls, model, loss_func=DetectionLoss(), splitter=detector_splitter, train_bn=False, cbs=freeze_callbacks(mode, update_bn))
+    learn = Learner(dls, model, loss_func=DetectionLoss(), splitter=detector_splitter, train_bn=train_bn,
+                    cbs=freeze_callbacks(mode, update_bn or train_bn))
     apply_freeze(learn, mode)
     return learn
 
@@ -371,6 +372,25 @@ def test_update_frozen_bn_flag_lets_statistics_adapt(tiny_records):
     learn.fit(1, 1e-2)
     assert not torch.equal(model.encoder.stem[0][1].running_mean, mean0)
     assert torch.equal(model.encoder.stem[0][1].weight, w0)
+
+
+def test_train_frozen_bn_trains_the_frozen_batchnorm_and_nothing_else_frozen(tiny_records, tiny_data, control, tmp_path):
+    "fastai's train_bn: the frozen encoder's BatchNorm weights and statistics change, its convolutions do not."
+    torch.manual_seed(0)
+    model = Detector(dict(ENC), sandwich=True)
+    learn = _learner(tiny_records, model, 'sandwich', train_bn=True)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    learn.fit(1, 1e-2)
+    bn = model.encoder.stem[0][1]
+    assert not torch.equal(bn.weight, before['stem.0.1.weight']) and not torch.equal(bn.running_mean, before['stem.0.1.running_mean'])
+    convs = [n for n, m in model.encoder.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(torch.equal(model.encoder.state_dict()[f'{n}.weight'], before[f'{n}.weight']) for n in convs)
+    finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'run', pretrained=control, freeze='encoder', train_frozen_bn=True, epochs=1, bs=2))
+    from lesion_fastai.export import load_detector
+    saved = load_detector(tmp_path / 'run' / 'model.safetensors')[0]
+    bn_params = sum(p.numel() for m in saved.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+    fresh = sum(p.numel() for n, p in saved.named_parameters() if not n.startswith('encoder.'))
+    assert json.loads((tmp_path / 'run' / 'metrics.json').read_text())['parameters']['trainable'] == fresh + bn_params
 
 
 @pytest.mark.slow
