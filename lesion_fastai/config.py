@@ -30,8 +30,8 @@ __all__ = ['SettingError', 'option', 'RunConfig', 'PretrainConfig', 'FinetuneCon
            'add_settings', 'from_args', 'choices', 'parse_ints', 'parse_floats', 'flag_of', 'check_fields']
 
 PRECISIONS = ('auto', 'fp32', 'bf16')
-SANDWICH_SETTINGS = ('adapter_ratio', 'adapter_stem', 'adapter_gate', 'sandwich', 'decoder_skips', 'decoder_deepest')   # change nothing in a run without transfer layers
 DECODER_SETTINGS = ('decoder_skips', 'decoder_deepest')   # change nothing in a run without the decoder sandwich
+SANDWICH_SETTINGS = ('adapter_ratio', 'adapter_stem', 'adapter_gate', 'sandwich', *DECODER_SETTINGS)   # nor these without transfer layers
 
 
 def unused_settings(*runs) -> list:

@@ -158,9 +158,10 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         set_seed(cfg.seed, reproducible=True)
         dls = detection_dls(epoch_items + valid, spec, cfg.target, cfg.bs, cfg.augment, cfg.num_workers, cfg.seed, cache=cache,
                             **loader_kwargs())
+        unused = unused_settings(cfg)    # the decoder sandwich's settings build nothing outside it
         model = Detector(enc_args, head=cfg.head, sandwich=cfg.freeze == 'sandwich' and cfg.sandwich, out_bn=cfg.out_bn, kappa=cfg.kappa,
                          adapter_ratio=cfg.adapter_ratio, adapter_stem=cfg.adapter_stem, adapter_gate=cfg.adapter_gate,
-                         stride=cfg.stride, **{k: getattr(cfg, k) and k not in unused_settings(cfg) for k in DECODER_SETTINGS},
+                         stride=cfg.stride, **{k: getattr(cfg, k) and k not in unused for k in DECODER_SETTINGS},
                          decoder_args=decoder_args(ckpt) if ckpt else None, backbone_weights=cfg.backbone_weights, decoding=decoding)
         if ckpt is not None: load_encoder(model.encoder, ckpt, str(cfg.pretrained), cfg.transfer_stages, cfg.pretrained_init, cfg.seed)
         if model.decoder is not None: load_decoder(model.decoder, ckpt, str(cfg.pretrained), cfg.pretrained_init, cfg.seed)

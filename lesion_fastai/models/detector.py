@@ -179,9 +179,8 @@ class Detector(nn.Module):
             self.n_decoder_blocks = self.decoder.blocks_to(stride)
             widths = self.decoder.widths[:self.n_decoder_blocks]
             self.decoder_adapters = nn.ModuleList([TransferLayer(w, adapter_ratio, adapter_gate) for w in widths])
-            self.first_stage = (stride // 4).bit_length() - 1    # the encoder stage at `stride`, that of the finest block
-            if decoder_skips:   # finest first, as the neck reads them: the stages at `stride`, 2 `stride`, ... into the blocks there
-                self.decoder_skips = nn.ModuleList([nn.Conv2d(e, w, 1) for e, w in zip(self.encoder.widths[self.first_stage:], widths[::-1])])
+            if decoder_skips:   # finest first, as the neck reads them: the stages below the deepest, at the blocks' strides
+                self.decoder_skips = nn.ModuleList([nn.Conv2d(e, w, 1) for e, w in zip(self.encoder.widths[-len(widths) - 1:-1], widths[::-1])])
             deepest = (self.encoder.widths[-1],) if decoder_deepest else ()
             self.neck = FeaturePyramid(widths[::-1] + deepest, 4)   # the blocks, finest first (the finest at `stride`), then the deepest stage
         else: self.neck = FeaturePyramid(self.encoder.widths, stride)
@@ -205,7 +204,7 @@ class Detector(nn.Module):
         if getattr(self, 'decoder', None) is None: return out
         dec = self.decoder.features(out, self.n_decoder_blocks, self.decoder_adapters)[::-1]   # down to `stride`, finest first
         skips = getattr(self, 'decoder_skips', None)
-        if skips is not None: dec = [d + skip(f) for d, skip, f in zip(dec, skips, out[getattr(self, 'first_stage', 0):])]
+        if skips is not None: dec = [d + skip(f) for d, skip, f in zip(dec, skips, out[-len(dec) - 1:-1])]   # the blocks' strides
         return dec + out[-1:] if getattr(self, 'decoder_deepest', False) else dec
 
     def forward(self, x):
