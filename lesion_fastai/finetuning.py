@@ -177,7 +177,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
                 with distributed.alone(): lr = float(learn.lr_find(show_plot=False).valley)
             lr = distributed.gather(lr)[0]
             log.info(f"lr_find: {lr:.2e}")
-        cbs = freeze_callbacks(cfg.freeze, cfg.update_frozen_bn or cfg.train_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else []) + list(cbs)
+        cbs = freeze_callbacks(cfg.freeze, cfg.update_frozen_bn) + ([TimeBudget(cfg.time_budget_s)] if cfg.time_budget_s else []) + list(cbs)
         seed_rank(cfg.seed)
         precision = speed_up(learn, cfg.precision)
         fit_resumable(learn, out, cfg.epochs, lr_for(cfg.freeze, lr, cfg.lr_mult), 'froc', cfg.resume, cbs, cfg.unfreeze_after, cfg.lr_mult,

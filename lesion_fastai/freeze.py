@@ -43,7 +43,8 @@ def apply_freeze(learn, mode: str) -> None:
 
 
 def freeze_callbacks(mode: str, update_frozen_bn: bool = False) -> list:
-    "BnFreeze keeps frozen BatchNorm layers in eval mode (running statistics unchanged)."
+    """BnFreeze keeps frozen BatchNorm layers in eval mode (running statistics unchanged); a BatchNorm that
+    trains (`train_bn=True`) it leaves in training mode by itself."""
     return [BnFreeze()] if mode in ('sandwich', 'encoder') and not update_frozen_bn else []
 
 

@@ -218,7 +218,7 @@ def test_pretrain_then_finetune_loads_exactly_the_encoder(tiny_data, pretrained,
 def _learner(tiny_records, model, mode, update_bn=False, train_bn=False):
     dls = detection_dls(tiny_records, SliceSpec(size=32), bs=2, seed=0, augment=False)
     learn = Learner(dls, model, loss_func=DetectionLoss(), splitter=detector_splitter, train_bn=train_bn,
-                    cbs=freeze_callbacks(mode, update_bn or train_bn))
+                    cbs=freeze_callbacks(mode, update_bn))
     apply_freeze(learn, mode)
     return learn
 
