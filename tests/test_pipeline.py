@@ -11,6 +11,7 @@ from fastai.learner import Learner, load_learner
 
 from lesion_fastai.checkpoint import load_pretrained
 from lesion_fastai.data import SliceSpec, detection_dls
+from lesion_fastai.export import load_detector
 from lesion_fastai.freeze import apply_freeze, freeze_callbacks, detector_splitter
 from lesion_fastai.losses import DetectionLoss
 from lesion_fastai.models.detector import Detector
@@ -339,7 +340,6 @@ def test_decoder_skips_train_with_the_transfer_layers_and_need_the_decoder_sandw
         n.startswith(('decoder_adapters.', 'decoder_skips.', 'neck.', 'head.')) for n in trainable)
     with pytest.raises(ValueError, match="decoder skips join the decoder sandwich's blocks"):
         Detector(model.encoder_args, sandwich='encoder', decoder_skips=True)
-    from lesion_fastai.export import load_detector
     run = tmp_path / 'skips'
     for skips in (True, False):                       # the default, and 3FabRec's decoder alone (with the deepest stage)
         finetune(FinetuneConfig(data=tiny_data, out=run / str(skips), pretrained=control, freeze='sandwich', sandwich='decoder',
@@ -386,7 +386,6 @@ def test_train_frozen_bn_trains_the_frozen_batchnorm_and_nothing_else_frozen(tin
     convs = [n for n, m in model.encoder.named_modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(torch.equal(model.encoder.state_dict()[f'{n}.weight'], before[f'{n}.weight']) for n in convs)
     finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'run', pretrained=control, freeze='encoder', train_frozen_bn=True, epochs=1, bs=2))
-    from lesion_fastai.export import load_detector
     saved = load_detector(tmp_path / 'run' / 'model.safetensors')[0]
     bn_params = sum(p.numel() for m in saved.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
     fresh = sum(p.numel() for n, p in saved.named_parameters() if not n.startswith('encoder.'))
@@ -518,7 +517,6 @@ def test_a_fine_tune_schedule_killed_in_either_fit_resumes_to_the_uninterrupted_
 @pytest.mark.slow
 def test_the_safe_model_loads_without_unpickling_and_predicts_and_evaluates_as_the_export(tiny_data, tmp_path, monkeypatch):
     import pickle
-    from lesion_fastai.export import load_detector
     from lesion_fastai.predict import predict
     finetune(FinetuneConfig(data=tiny_data, out=tmp_path / 'run', epochs=1, bs=2, size=32, head='gaussian', context=1))
     run = tmp_path / 'run'
