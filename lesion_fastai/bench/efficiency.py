@@ -270,9 +270,10 @@ def efficiency_table(summary) -> str:
 
 def efficiency_plot(summary, path):
     fig, axs = plt.subplots(1, 2, figsize=(12, 4), layout='constrained')
+    modes = sorted(dict.fromkeys(s['mode'] for s in summary), key=_mode_order)
+    fractions = sorted({s['fraction'] for s in summary})               # ticks at the grid's fractions, not at powers of 10
     for ax, key, ci, base, label in ((axs[0], 'froc', 'froc_ci', 'baseline_froc', 'test FROC, mean sensitivity 0.5-4 FPs'),
                                      (axs[1], 'hit@0.5', 'hit_ci', 'baseline_hit@0.5', 'test top box hit@0.5')):
-        modes = sorted(dict.fromkeys(s['mode'] for s in summary), key=_mode_order)
         for i, mode in enumerate(modes):
             pts = sorted((s['fraction'], s[key], 0 if np.isnan(s[ci]) else s[ci]) for s in summary if s['mode'] == mode)
             f, m, e = zip(*pts)
@@ -281,7 +282,6 @@ def efficiency_plot(summary, path):
         b = sorted((s['fraction'], s[base]) for s in summary if s['mode'] == summary[0]['mode'])
         ax.plot(*zip(*b), ls='--', color='gray', label='mean box')
         ax.set_xscale('log'); ax.set_xlabel('labeled training patients'); ax.set_ylabel(label)
-        fractions = sorted({s['fraction'] for s in summary})           # ticks at the grid's fractions, not at powers of 10
         ax.set_xticks(fractions, [f'{100 * f:g}%' for f in fractions]); ax.minorticks_off()
         ax.set_ylim(0, min(1, 1.15 * max(s[key] + (0 if np.isnan(s[ci]) else s[ci]) for s in summary) + .02))  # intervals of 2 seeds run far
         ax.grid(alpha=.3)
