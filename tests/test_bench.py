@@ -382,10 +382,30 @@ def test_budget_curve_pretrains_each_cell_and_compares_with_scratch_on_the_same_
     from lesion_fastai.bench.budget import BudgetSettings, budget
     res = budget(BudgetSettings(out=tmp_path, data=tiny_data, neighbours=(0, 1), pretrain_epochs=(0, 1, 2), fraction=.5, seeds=(0, 1),
                                 epochs=1, bs=2))
-    cells = [(s['neighbours'], s['pretrain_epochs']) for s in res['summary']]
-    assert cells == [(1, 0), (1, 1), (1, 2), (0, 2)] and all(s['seeds'] == 2 for s in res['summary'])   # fewer neighbours: the middle epochs
+    cells = [(s['neighbours'], s['pretrain_epochs'], s['control']) for s in res['summary']]
+    assert cells == [(1, 0, False), (1, 1, False), (1, 2, False), (0, 2, False), (1, 0, True)]   # fewer neighbours: the middle epochs
+    assert all(s['seeds'] == 2 for s in res['summary'])
     assert (tmp_path / 'pretrain_0n_2e' / 'pretrained.pth').exists() and (tmp_path / 'pretraining_budget.png').stat().st_size > 0
-    assert '| 1 | 0 (scratch) |' in (tmp_path / 'budget.md').read_text()
+    control = json.loads((tmp_path / 'runs' / 'full_0.5_seed0_untrained' / 'metrics.json').read_text())['config']
+    assert control['pretrained_init'] == 'scratch' and control['pretrained'].endswith('pretrain_0e/pretrained.pth')
+    table = (tmp_path / 'budget.md').read_text()
+    assert '| 1 | 0 (scratch) |' in table and '| 1 | 0 (the control: an untrained checkpoint) |' in table
+
+
+def test_budget_reads_each_pretrained_cell_against_scratch_and_the_control_by_seed(tmp_path):
+    from lesion_fastai.bench.budget import BudgetSettings, _report
+    s = BudgetSettings(out=tmp_path, neighbours=(2,), pretrain_epochs=(0, 3), seeds=(0, 1, 2))
+    row = lambda e, seed, v, control=False: dict(neighbours=2, pretrain_epochs=e, seed=seed, control=control, valid_froc=v, test_froc=v, train_slices=9)
+    rows = ([row(0, k, v) for k, v in enumerate((.2, .4, .3))] + [row(3, k, v) for k, v in enumerate((.3, .5, .4))]
+            + [row(0, k, v, True) for k, v in enumerate((.1, .1, .4))])
+    summary = {(x['pretrain_epochs'], x['control']): x for x in _report(s, tmp_path, [(2, 0), (2, 3)], rows)['summary']}
+    assert summary[3, False]['valid_diff'] == pytest.approx(.1) and summary[3, False]['valid_diff_ci'] == pytest.approx(0, abs=1e-9)
+    assert summary[3, False]['valid_control_diff'] == pytest.approx((.2 + .4 + 0) / 3)
+    assert summary[3, False]['valid_control_diff_ci'] == pytest.approx(4.3027 * .2 / 3 ** .5, rel=1e-4)   # t(2) x sd of .2, .4, 0: paired by seed
+    assert summary[0, True]['valid_diff'] == pytest.approx((-.1 - .3 + .1) / 3) and np.isnan(summary[0, True]['valid_control_diff'])
+    assert np.isnan(summary[0, False]['valid_diff'])
+    no_control = _report(s, tmp_path, [(2, 0), (2, 3)], [r for r in rows if not r['control']])['summary']
+    assert len(no_control) == 2 and all(np.isnan(x['valid_control_diff']) for x in no_control)
 
 
 def test_select_gives_an_int_setting_whole_numbers():

@@ -1,6 +1,7 @@
 """How much does pretraining buy, as a curve: fine-tuned validation FROC at one label fraction against
 the pretraining's epochs and against the unlabelled slices it sees per labelled one, the same seeds
-throughout. Zero epochs is the detector from scratch.
+throughout. Zero epochs is the detector from scratch; the control, the mode from an untrained
+checkpoint with scratch's weights (as in `efficiency`), is what every pretrained cell is also read against.
 
     python -m lesion_fastai.bench budget --pretrain-epochs 0,3,10,30 --neighbours 2,10 --mode full
 
@@ -20,9 +21,9 @@ import numpy as np
 from ..config import PRECISIONS, RunConfig, check_fields, from_args, option, parse_ints
 from ..plots import plt, save_fig
 from ..stats import mean_ci
-from .common import (EPOCHS, GROUP, MODES, NATIVE, NO_CHECKPOINT, PATIENTS, SEEDS, SELF_TRAINED, UNFREEZE_AFTER, add_bench_settings,
-                     data_context, default_of, ensure_data, finetune_config, machine, mode_changes, pm, precision_change, pretrain_config,
-                     report)
+from .common import (CONTROL, EPOCHS, GROUP, MODES, NATIVE, NO_CHECKPOINT, PATIENTS, SEEDS, SELF_TRAINED, UNFREEZE_AFTER,
+                     add_bench_settings, control_changes, data_context, default_of, ensure_data, finetune_config, machine, mode_changes, pm,
+                     precision_change, pretrain_config, report)
 from .grid import Run, run_grid
 
 __all__ = ['BudgetSettings', 'budget', 'budget_grid', 'neighbour_view', 'add_parser']
@@ -65,6 +66,8 @@ class BudgetSettings:
     mode: str = option('full', 'the pretrained mode fine-tuned', choices=tuple(m for m in MODES if m not in NO_CHECKPOINT + SELF_TRAINED),
                        group=GROUP)
     unfreeze_after: int = option(UNFREEZE_AFTER, 'the -ft modes: frozen epochs before every layer trains', at_least=0, group=GROUP)
+    no_control: bool = option(False, "skip the control: --mode from an untrained checkpoint with scratch's weights, for every seed, "
+                              'which each cell is read against as well as against scratch', group=GROUP)
     epochs: int = option(EPOCHS, 'fine-tuning epochs', at_least=1, group=GROUP)
     bs: int = option(default_of(RunConfig, 'bs'), 'batch size', at_least=1, group=GROUP)
     precision: str = option(default_of(RunConfig, 'precision'), 'of every run', choices=PRECISIONS, group=GROUP)
@@ -79,15 +82,15 @@ def budget(s: BudgetSettings) -> dict:
     """Every (pretraining epochs, neighbours) cell: the epochs against the most neighbours, the
     neighbours at the second-largest epoch count (10 of 0, 3, 10, 30); one pretraining per cell (`out`
     /pretrain_<neighbours>n_<epochs>e), then the mode fine-tuned at the label fraction for every seed
-    (0 epochs: scratch, the same seeds). Reports validation FROC (and test) per cell with 95% intervals
-    and the paired difference from scratch, and plots the curve."""
+    (0 epochs: scratch, the same seeds), and the mode's control. Reports validation FROC (and test) per
+    cell with 95% intervals and the paired differences from scratch and from the control, and plots the curve."""
     most = max(s.neighbours)
     data = s.data or s.out / f'data_{s.patients}p_{s.native}px_{most}n'
     ensure_data(data, s.patients, s.native, most)
     cells = _cells(s)
     views = {n: data if n == most else neighbour_view(data, s.out / f'view_{n}n', n) for n, e in cells if e}
     runs = budget_grid(s, data, data_context(data), cells, views)
-    rows = [{**r.row, 'valid_froc': m['valid']['froc']['mean_0.5_4'], 'test_froc': m['test']['froc']['mean_0.5_4'],
+    rows = [{'control': False, **r.row, 'valid_froc': m['valid']['froc']['mean_0.5_4'], 'test_froc': m['test']['froc']['mean_0.5_4'],
              'train_slices': m['train_slices']} for r, m in zip(runs, run_grid(runs))]
     return _report(s, data, cells, rows)
 
@@ -100,7 +103,8 @@ def _cells(s: BudgetSettings) -> list[tuple[int, int]]:
 
 
 def budget_grid(s: BudgetSettings, data: Path, context: int, cells, views: dict) -> list[Run]:
-    "Every seed's run of every cell, each cell's pretraining on the view of the data with its neighbours (0 epochs: scratch)."
+    """Every seed's run of every cell, each cell's pretraining on the view of the data with its neighbours (0 epochs: scratch),
+    then (unless `s.no_control`) the mode's control: the untrained checkpoint (`out/pretrain_0e`) with scratch's weights for the seed."""
     speed = precision_change(s)
     runs = []
     for n, e in cells:
@@ -112,40 +116,65 @@ def budget_grid(s: BudgetSettings, data: Path, context: int, cells, views: dict)
                                   {'context': context, **speed, **mode_changes(mode, s.unfreeze_after, 0.)})
             runs.append(Run(cfg, title=f"{mode}, pretraining {e} epoch(s) with {n} neighbours a side, seed {seed}",
                             row=dict(neighbours=n, pretrain_epochs=e, seed=seed), pretrain=pre))
+    if not s.no_control:
+        pre = pretrain_config(data, s.out / 'pretrain_0e', 0, s.bs, {'context': context, **speed})
+        for seed in s.seeds:
+            cfg = finetune_config(data, s.out / 'runs' / f'{s.mode}_{s.fraction:g}_seed{seed}_{CONTROL}', s.mode, s.fraction, seed, s.epochs,
+                                  s.bs, Path(pre.out) / 'pretrained.pth', {'context': context, **speed, **control_changes(CONTROL, s.mode),
+                                                                            **mode_changes(s.mode, s.unfreeze_after, 0.)})
+            runs.append(Run(cfg, title=f'{s.mode} from the untrained checkpoint (the control), seed {seed}',
+                            row=dict(neighbours=max(s.neighbours), pretrain_epochs=0, seed=seed, control=True), pretrain=pre))
     return runs
 
 
 def _report(s: BudgetSettings, data: Path, cells, rows: list) -> dict:
-    "Per cell: validation and test FROC over the seeds, the paired difference from scratch; the table and the plot."
-    scratch = {r['seed']: r['valid_froc'] for r in rows if r['pretrain_epochs'] == 0}
+    """Per cell: validation and test FROC over the seeds, the paired validation differences from scratch (every cell but
+    scratch) and from the control (the pretrained cells); the table and the plot."""
+    def by_seed(control: bool) -> dict: return {r['seed']: r['valid_froc'] for r in rows if r['pretrain_epochs'] == 0 and r['control'] == control}
+    def paired(sel, base: dict) -> tuple: return mean_ci([r['valid_froc'] - base[r['seed']] for r in sel if r['seed'] in base])
+    scratch, untrained, nan = by_seed(False), by_seed(True), (float('nan'), float('nan'))
     summary = []
-    for n, e in cells:
-        sel = [r for r in rows if r['neighbours'] == n and r['pretrain_epochs'] == e]
+    for n, e, control in [(n, e, False) for n, e in cells] + ([(max(s.neighbours), 0, True)] if untrained else []):
+        sel = [r for r in rows if r['neighbours'] == n and r['pretrain_epochs'] == e and r['control'] == control]
         v, t = mean_ci([r['valid_froc'] for r in sel]), mean_ci([r['test_froc'] for r in sel])
-        d = mean_ci([r['valid_froc'] - scratch[r['seed']] for r in sel if r['seed'] in scratch]) if e else (float('nan'), float('nan'))
-        summary.append({'neighbours': n, 'pretrain_epochs': e, 'valid': v[0], 'valid_ci': v[1], 'test': t[0], 'test_ci': t[1],
-                        'valid_diff': d[0], 'valid_diff_ci': d[1], 'seeds': len(sel)})
+        d, dc = paired(sel, scratch) if e or control else nan, paired(sel, untrained) if e else nan
+        summary.append({'neighbours': n, 'pretrain_epochs': e, 'control': control, 'valid': v[0], 'valid_ci': v[1], 'test': t[0],
+                        'test_ci': t[1], 'valid_diff': d[0], 'valid_diff_ci': d[1], 'valid_control_diff': dc[0], 'valid_control_diff_ci': dc[1],
+                        'seeds': len(sel)})
     lines = [f'| unlabelled slices a side | pretraining epochs | {s.mode} at {s.fraction:g} of the labels: validation FROC | paired difference '
-             'from scratch (validation) | test FROC | seeds |', '|---|---|---|---|---|---|']
-    lines += [f"| {x['neighbours']} | {x['pretrain_epochs']} (scratch) | {pm(x['valid'], x['valid_ci'])} |  | {pm(x['test'], x['test_ci'])} | {x['seeds']} |"
-              if not x['pretrain_epochs'] else
-              f"| {x['neighbours']} | {x['pretrain_epochs']} | {pm(x['valid'], x['valid_ci'])} | {pm(x['valid_diff'], x['valid_diff_ci'])} | "
-              f"{pm(x['test'], x['test_ci'])} | {x['seeds']} |" for x in summary]
+             'from scratch (validation) | paired difference from the control (validation) | test FROC | seeds |', '|---|---|---|---|---|---|---|']
+    lines += [f"| {x['neighbours']} | {_start(x)} | {pm(x['valid'], x['valid_ci'])} | {_diff(x, 'valid_diff')} | "
+              f"{_diff(x, 'valid_control_diff')} | {pm(x['test'], x['test_ci'])} | {x['seeds']} |" for x in summary]
     result = {'rows': rows, 'summary': summary, 'machine': machine(),
               'settings': dict(data=str(data), neighbours=list(s.neighbours), pretrain_epochs=list(s.pretrain_epochs), fraction=s.fraction,
-                               seeds=list(s.seeds), mode=s.mode, epochs=s.epochs, bs=s.bs, precision=s.precision, unfreeze_after=s.unfreeze_after)}
+                               seeds=list(s.seeds), mode=s.mode, epochs=s.epochs, bs=s.bs, precision=s.precision, unfreeze_after=s.unfreeze_after,
+                               no_control=s.no_control)}
     plot = _plot(summary, max(s.neighbours), s.mode, s.fraction, s.out / 'pretraining_budget.png')
     report(s.out, 'budget', result, '\n'.join(lines), figures=[plot])
     return result
 
 
+def _start(x) -> str:
+    "A cell's pretraining epochs in the table, scratch's and the control's named."
+    return '0 (the control: an untrained checkpoint)' if x['control'] else f"{x['pretrain_epochs']}{' (scratch)' * (not x['pretrain_epochs'])}"
+
+
+def _diff(x, key: str) -> str:
+    "A paired difference in the table, blank where it is not one (scratch against itself, a cell without the control)."
+    return '' if np.isnan(x[key]) else pm(x[key], x[key + '_ci'])
+
+
 def _plot(summary, most: int, mode: str, fraction: float, path):
     fig, ax = plt.subplots(figsize=(6, 4), layout='constrained')
-    curve = sorted((s['pretrain_epochs'], s['valid'], 0 if np.isnan(s['valid_ci']) else s['valid_ci']) for s in summary if s['neighbours'] == most)
+    curve = sorted((s['pretrain_epochs'], s['valid'], 0 if np.isnan(s['valid_ci']) else s['valid_ci']) for s in summary
+                   if s['neighbours'] == most and not s['control'])
     ax.errorbar([c[0] for c in curve], [c[1] for c in curve], yerr=[c[2] for c in curve], marker='o', capsize=3,
                 label=f'{most} unlabelled slices a side')
     for s in summary:
-        if s['neighbours'] != most:
+        if s['control']:
+            ax.errorbar([s['pretrain_epochs']], [s['valid']], yerr=[0 if np.isnan(s['valid_ci']) else s['valid_ci']], marker='x', capsize=3,
+                        ls='none', color='grey', label='the control (an untrained checkpoint)')
+        elif s['neighbours'] != most:
             ax.errorbar([s['pretrain_epochs']], [s['valid']], yerr=[0 if np.isnan(s['valid_ci']) else s['valid_ci']], marker='s',
                         capsize=3, ls='none', label=f"{s['neighbours']} unlabelled slices a side")
     ax.set_xlabel('pretraining epochs (0: scratch)'); ax.set_ylabel(f'validation FROC, {mode} at {fraction:g} of the labels')
