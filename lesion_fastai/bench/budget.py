@@ -171,9 +171,9 @@ def _plot(summary, most: int, mode: str, fraction: float, path):
     ax.errorbar([c[0] for c in curve], [c[1] for c in curve], yerr=[c[2] for c in curve], marker='o', capsize=3,
                 label=f'{most} unlabelled slices a side')
     for s in summary:
-        if s['control']:
-            ax.errorbar([s['pretrain_epochs']], [s['valid']], yerr=[0 if np.isnan(s['valid_ci']) else s['valid_ci']], marker='x', capsize=3,
-                        ls='none', color='grey', label='the control (an untrained checkpoint)')
+        if s['control']:   # drawn beside scratch, at 0 epochs too, where it would hide under scratch's point when they tie
+            ax.errorbar([-.02 * max(c[0] for c in curve)], [s['valid']], yerr=[0 if np.isnan(s['valid_ci']) else s['valid_ci']], marker='x',
+                        capsize=3, ls='none', color='grey', label='the control (an untrained checkpoint; 0 epochs, drawn left)')
         elif s['neighbours'] != most:
             ax.errorbar([s['pretrain_epochs']], [s['valid']], yerr=[0 if np.isnan(s['valid_ci']) else s['valid_ci']], marker='s',
                         capsize=3, ls='none', label=f"{s['neighbours']} unlabelled slices a side")
