@@ -392,6 +392,20 @@ def test_budget_curve_pretrains_each_cell_and_compares_with_scratch_on_the_same_
     assert '| 1 | 0 (scratch) |' in table and '| 1 | 0 (the control: an untrained checkpoint) |' in table
 
 
+def test_budget_pretrains_every_cell_with_its_pretext_and_keeps_scratch_and_the_control_shared(tmp_path):
+    from lesion_fastai.bench.budget import BudgetSettings, budget_grid
+    def grid(pretext):
+        s = BudgetSettings(out=tmp_path, neighbours=(2,), pretrain_epochs=(0, 3), seeds=(0,), mode='sandwich-ft', pretext=pretext)
+        return {(r.row['pretrain_epochs'], r.row.get('control', False)): r for r in budget_grid(s, tmp_path, 0, [(2, 0), (2, 3)], {2: tmp_path})}
+    masked, genesis = grid('masked'), grid('genesis')
+    assert genesis[3, False].pretrain.pretext == 'genesis' and masked[3, False].pretrain.pretext == 'masked'
+    assert genesis[3, False].cfg.pretrained == genesis[3, False].pretrain.out / 'pretrained.pth' != masked[3, False].cfg.pretrained
+    assert genesis[3, False].cfg.out != masked[3, False].cfg.out                     # one OUT holds both curves
+    for cell in ((0, False), (0, True)):                                              # scratch and the control: one run for every pretext
+        assert genesis[cell].cfg == masked[cell].cfg
+    assert genesis[0, True].pretrain.epochs == 0
+
+
 def test_budget_reads_each_pretrained_cell_against_scratch_and_the_control_by_seed(tmp_path):
     from lesion_fastai.bench.budget import BudgetSettings, _report
     s = BudgetSettings(out=tmp_path, neighbours=(2,), pretrain_epochs=(0, 3), seeds=(0, 1, 2))

@@ -4,6 +4,7 @@ throughout. Zero epochs is the detector from scratch; the control, the mode from
 checkpoint with scratch's weights (as in `efficiency`), is what every pretrained cell is also read against.
 
     python -m lesion_fastai.bench budget --pretrain-epochs 0,3,10,30 --neighbours 2,10 --mode full
+    python -m lesion_fastai.bench budget --pretrain-epochs 0,3,30 --neighbours 2 --mode full --pretext genesis
 
 The unlabelled-to-labelled ratio changes without changing the labels: the data is generated once
 with the most neighbour slices, and a pretraining with fewer sees a view of it holding only the
@@ -18,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import PRECISIONS, RunConfig, check_fields, from_args, option, parse_ints
+from ..config import PRECISIONS, PRETEXTS, RunConfig, check_fields, from_args, option, parse_ints
 from ..plots import plt, save_fig
 from ..stats import mean_ci
 from .common import (CONTROL, EPOCHS, GROUP, MODES, NATIVE, NO_CHECKPOINT, PATIENTS, SEEDS, SELF_TRAINED, UNFREEZE_AFTER,
                      add_bench_settings, control_changes, data_context, default_of, ensure_data, finetune_config, machine, mode_changes, pm,
-                     precision_change, pretrain_config, report)
+                     precision_change, pretext_changes, pretrain_config, report)
 from .grid import Run, run_grid
 
 __all__ = ['BudgetSettings', 'budget', 'budget_grid', 'neighbour_view', 'add_parser']
@@ -61,6 +62,8 @@ class BudgetSettings:
     native: int = option(NATIVE, 'native slice size of the generated data (trained at half)', at_least=1, group=GROUP)
     neighbours: tuple = option((2, 10), 'unlabelled slices a side the pretrainings see', parse=parse_ints, group=GROUP)
     pretrain_epochs: tuple = option((0, 3, 10, 30), 'pretraining epochs (0: scratch)', parse=parse_ints, group=GROUP)
+    pretext: str = option('masked', "every pretraining's pretext (python -m pretrain --pretext); its settings the pretext's defaults",
+                          choices=tuple(PRETEXTS), group=GROUP)
     fraction: float = option(.1, 'label fraction of every fine-tune', above=0, at_most=1, group=GROUP)
     seeds: tuple = option(SEEDS, 'seeds of every cell', parse=parse_ints, group=GROUP)
     mode: str = option('full', 'the pretrained mode fine-tuned', choices=tuple(m for m in MODES if m not in NO_CHECKPOINT + SELF_TRAINED),
@@ -107,14 +110,16 @@ def budget_grid(s: BudgetSettings, data: Path, context: int, cells, views: dict)
     then (unless `s.no_control`) the mode's control: the untrained checkpoint (`out/pretrain_0e`) with scratch's weights for the seed."""
     speed = precision_change(s)
     runs = []
+    tag = '' if s.pretext == 'masked' else f'_{s.pretext}'   # the masked curve's folders keep their names
     for n, e in cells:
-        pre = pretrain_config(views[n], s.out / f'pretrain_{n}n_{e}e', e, s.bs, {'context': context, **speed}) if e else None
+        pre = (pretrain_config(views[n], s.out / f'pretrain_{n}n_{e}e{tag}', e, s.bs, {'context': context, **speed, **pretext_changes(s.pretext)})
+               if e else None)
         mode = s.mode if e else 'scratch'
         for seed in s.seeds:
-            run = s.out / 'runs' / (f'{mode}_{n}n_{e}e_{s.fraction:g}_seed{seed}' if e else f'scratch_{s.fraction:g}_seed{seed}')
+            run = s.out / 'runs' / (f'{mode}_{n}n_{e}e{tag}_{s.fraction:g}_seed{seed}' if e else f'scratch_{s.fraction:g}_seed{seed}')
             cfg = finetune_config(data, run, mode, s.fraction, seed, s.epochs, s.bs, pre and Path(pre.out) / 'pretrained.pth',
                                   {'context': context, **speed, **mode_changes(mode, s.unfreeze_after, 0.)})
-            runs.append(Run(cfg, title=f"{mode}, pretraining {e} epoch(s) with {n} neighbours a side, seed {seed}",
+            runs.append(Run(cfg, title=f"{mode}, {s.pretext} pretraining {e} epoch(s) with {n} neighbours a side, seed {seed}",
                             row=dict(neighbours=n, pretrain_epochs=e, seed=seed), pretrain=pre))
     if not s.no_control:
         pre = pretrain_config(data, s.out / 'pretrain_0e', 0, s.bs, {'context': context, **speed})
@@ -141,15 +146,15 @@ def _report(s: BudgetSettings, data: Path, cells, rows: list) -> dict:
         summary.append({'neighbours': n, 'pretrain_epochs': e, 'control': control, 'valid': v[0], 'valid_ci': v[1], 'test': t[0],
                         'test_ci': t[1], 'valid_diff': d[0], 'valid_diff_ci': d[1], 'valid_control_diff': dc[0], 'valid_control_diff_ci': dc[1],
                         'seeds': len(sel)})
-    lines = [f'| unlabelled slices a side | pretraining epochs | {s.mode} at {s.fraction:g} of the labels: validation FROC | paired difference '
-             'from scratch (validation) | paired difference from the control (validation) | test FROC | seeds |', '|---|---|---|---|---|---|---|']
+    lines = [f'| unlabelled slices a side | {s.pretext} pretraining epochs | {s.mode} at {s.fraction:g} of the labels: validation FROC | '
+             'paired difference from scratch (validation) | paired difference from the control (validation) | test FROC | seeds |', '|---|---|---|---|---|---|---|']
     lines += [f"| {x['neighbours']} | {_start(x)} | {pm(x['valid'], x['valid_ci'])} | {_diff(x, 'valid_diff')} | "
               f"{_diff(x, 'valid_control_diff')} | {pm(x['test'], x['test_ci'])} | {x['seeds']} |" for x in summary]
     result = {'rows': rows, 'summary': summary, 'machine': machine(),
               'settings': dict(data=str(data), neighbours=list(s.neighbours), pretrain_epochs=list(s.pretrain_epochs), fraction=s.fraction,
-                               seeds=list(s.seeds), mode=s.mode, epochs=s.epochs, bs=s.bs, precision=s.precision, unfreeze_after=s.unfreeze_after,
-                               no_control=s.no_control)}
-    plot = _plot(summary, max(s.neighbours), s.mode, s.fraction, s.out / 'pretraining_budget.png')
+                               seeds=list(s.seeds), mode=s.mode, pretext=s.pretext, epochs=s.epochs, bs=s.bs, precision=s.precision,
+                               unfreeze_after=s.unfreeze_after, no_control=s.no_control)}
+    plot = _plot(summary, max(s.neighbours), s.mode, s.pretext, s.fraction, s.out / 'pretraining_budget.png')
     report(s.out, 'budget', result, '\n'.join(lines), figures=[plot])
     return result
 
@@ -164,7 +169,7 @@ def _diff(x, key: str) -> str:
     return '' if np.isnan(x[key]) else pm(x[key], x[key + '_ci'])
 
 
-def _plot(summary, most: int, mode: str, fraction: float, path):
+def _plot(summary, most: int, mode: str, pretext: str, fraction: float, path):
     fig, ax = plt.subplots(figsize=(6, 4), layout='constrained')
     curve = sorted((s['pretrain_epochs'], s['valid'], 0 if np.isnan(s['valid_ci']) else s['valid_ci']) for s in summary
                    if s['neighbours'] == most and not s['control'])
@@ -177,7 +182,7 @@ def _plot(summary, most: int, mode: str, fraction: float, path):
         elif s['neighbours'] != most:
             ax.errorbar([s['pretrain_epochs']], [s['valid']], yerr=[0 if np.isnan(s['valid_ci']) else s['valid_ci']], marker='s',
                         capsize=3, ls='none', label=f"{s['neighbours']} unlabelled slices a side")
-    ax.set_xlabel('pretraining epochs (0: scratch)'); ax.set_ylabel(f'validation FROC, {mode} at {fraction:g} of the labels')
+    ax.set_xlabel(f'{pretext} pretraining epochs (0: scratch)'); ax.set_ylabel(f'validation FROC, {mode} at {fraction:g} of the labels')
     ax.grid(alpha=.3); ax.legend(fontsize=8, loc='lower right')
     return save_fig(fig, path)
 
