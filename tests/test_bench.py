@@ -396,7 +396,7 @@ def test_budget_pretrains_every_cell_with_its_pretext_and_keeps_scratch_and_the_
     from lesion_fastai.bench.budget import BudgetSettings, budget_grid
     def grid(pretext):
         s = BudgetSettings(out=tmp_path, neighbours=(2,), pretrain_epochs=(0, 3), seeds=(0,), mode='sandwich-ft', pretext=pretext)
-        return {(r.row['pretrain_epochs'], r.row.get('control', False)): r for r in budget_grid(s, tmp_path, 0, [(2, 0), (2, 3)], {2: tmp_path})}
+        return {(r.row['pretrain_epochs'], r.row['control']): r for r in budget_grid(s, tmp_path, 0, [(2, 0), (2, 3)], {2: tmp_path})}
     masked, genesis = grid('masked'), grid('genesis')
     assert genesis[3, False].pretrain.pretext == 'genesis' and masked[3, False].pretrain.pretext == 'masked'
     assert genesis[3, False].cfg.pretrained == genesis[3, False].pretrain.out / 'pretrained.pth' != masked[3, False].cfg.pretrained

@@ -24,7 +24,7 @@ from ..plots import plt, save_fig
 from ..stats import mean_ci
 from .common import (CONTROL, EPOCHS, GROUP, MODES, NATIVE, NO_CHECKPOINT, PATIENTS, SEEDS, SELF_TRAINED, UNFREEZE_AFTER,
                      add_bench_settings, control_changes, data_context, default_of, ensure_data, finetune_config, machine, mode_changes, pm,
-                     precision_change, pretext_changes, pretrain_config, report)
+                     precision_change, pretext_changes, pretext_tag, pretrain_config, report, run_name)
 from .grid import Run, run_grid
 
 __all__ = ['BudgetSettings', 'budget', 'budget_grid', 'neighbour_view', 'add_parser']
@@ -93,7 +93,7 @@ def budget(s: BudgetSettings) -> dict:
     cells = _cells(s)
     views = {n: data if n == most else neighbour_view(data, s.out / f'view_{n}n', n) for n, e in cells if e}
     runs = budget_grid(s, data, data_context(data), cells, views)
-    rows = [{'control': False, **r.row, 'valid_froc': m['valid']['froc']['mean_0.5_4'], 'test_froc': m['test']['froc']['mean_0.5_4'],
+    rows = [{**r.row, 'valid_froc': m['valid']['froc']['mean_0.5_4'], 'test_froc': m['test']['froc']['mean_0.5_4'],
              'train_slices': m['train_slices']} for r, m in zip(runs, run_grid(runs))]
     return _report(s, data, cells, rows)
 
@@ -110,23 +110,23 @@ def budget_grid(s: BudgetSettings, data: Path, context: int, cells, views: dict)
     then (unless `s.no_control`) the mode's control: the untrained checkpoint (`out/pretrain_0e`) with scratch's weights for the seed."""
     speed = precision_change(s)
     runs = []
-    tag = '' if s.pretext == 'masked' else f'_{s.pretext}'   # the masked curve's folders keep their names
+    tag = pretext_tag(s.pretext)   # none for masked: the masked curve's folders keep their names
     for n, e in cells:
         pre = (pretrain_config(views[n], s.out / f'pretrain_{n}n_{e}e{tag}', e, s.bs, {'context': context, **speed, **pretext_changes(s.pretext)})
                if e else None)
         mode = s.mode if e else 'scratch'
         for seed in s.seeds:
-            run = s.out / 'runs' / (f'{mode}_{n}n_{e}e{tag}_{s.fraction:g}_seed{seed}' if e else f'scratch_{s.fraction:g}_seed{seed}')
+            run = s.out / 'runs' / (f'{mode}_{n}n_{e}e{tag}_{s.fraction:g}_seed{seed}' if e else run_name('scratch', s.fraction, seed, None))
             cfg = finetune_config(data, run, mode, s.fraction, seed, s.epochs, s.bs, pre and Path(pre.out) / 'pretrained.pth',
                                   {'context': context, **speed, **mode_changes(mode, s.unfreeze_after, 0.)})
             runs.append(Run(cfg, title=f"{mode}, {s.pretext} pretraining {e} epoch(s) with {n} neighbours a side, seed {seed}",
-                            row=dict(neighbours=n, pretrain_epochs=e, seed=seed), pretrain=pre))
+                            row=dict(neighbours=n, pretrain_epochs=e, seed=seed, control=False), pretrain=pre))
     if not s.no_control:
         pre = pretrain_config(data, s.out / 'pretrain_0e', 0, s.bs, {'context': context, **speed})
         for seed in s.seeds:
-            cfg = finetune_config(data, s.out / 'runs' / f'{s.mode}_{s.fraction:g}_seed{seed}_{CONTROL}', s.mode, s.fraction, seed, s.epochs,
-                                  s.bs, Path(pre.out) / 'pretrained.pth', {'context': context, **speed, **control_changes(CONTROL, s.mode),
-                                                                            **mode_changes(s.mode, s.unfreeze_after, 0.)})
+            cfg = finetune_config(data, s.out / 'runs' / (run_name(s.mode, s.fraction, seed, None) + pretext_tag(CONTROL)), s.mode, s.fraction, seed,
+                                  s.epochs, s.bs, Path(pre.out) / 'pretrained.pth', {'context': context, **speed, **control_changes(CONTROL, s.mode),
+                                                                                     **mode_changes(s.mode, s.unfreeze_after, 0.)})
             runs.append(Run(cfg, title=f'{s.mode} from the untrained checkpoint (the control), seed {seed}',
                             row=dict(neighbours=max(s.neighbours), pretrain_epochs=0, seed=seed, control=True), pretrain=pre))
     return runs
@@ -147,7 +147,8 @@ def _report(s: BudgetSettings, data: Path, cells, rows: list) -> dict:
                         'test_ci': t[1], 'valid_diff': d[0], 'valid_diff_ci': d[1], 'valid_control_diff': dc[0], 'valid_control_diff_ci': dc[1],
                         'seeds': len(sel)})
     lines = [f'| unlabelled slices a side | {s.pretext} pretraining epochs | {s.mode} at {s.fraction:g} of the labels: validation FROC | '
-             'paired difference from scratch (validation) | paired difference from the control (validation) | test FROC | seeds |', '|---|---|---|---|---|---|---|']
+             'paired difference from scratch (validation) | paired difference from the control (validation) | test FROC | seeds |',
+             '|---|---|---|---|---|---|---|']
     lines += [f"| {x['neighbours']} | {_start(x)} | {pm(x['valid'], x['valid_ci'])} | {_diff(x, 'valid_diff')} | "
               f"{_diff(x, 'valid_control_diff')} | {pm(x['test'], x['test_ci'])} | {x['seeds']} |" for x in summary]
     result = {'rows': rows, 'summary': summary, 'machine': machine(),
@@ -170,18 +171,18 @@ def _diff(x, key: str) -> str:
 
 
 def _plot(summary, most: int, mode: str, pretext: str, fraction: float, path):
+    def err(s) -> float: return 0 if np.isnan(s['valid_ci']) else s['valid_ci']   # a single seed has no interval
     fig, ax = plt.subplots(figsize=(6, 4), layout='constrained')
-    curve = sorted((s['pretrain_epochs'], s['valid'], 0 if np.isnan(s['valid_ci']) else s['valid_ci']) for s in summary
-                   if s['neighbours'] == most and not s['control'])
+    curve = sorted((s['pretrain_epochs'], s['valid'], err(s)) for s in summary if s['neighbours'] == most and not s['control'])
     ax.errorbar([c[0] for c in curve], [c[1] for c in curve], yerr=[c[2] for c in curve], marker='o', capsize=3,
                 label=f'{most} unlabelled slices a side')
     for s in summary:
         if s['control']:   # drawn beside scratch, at 0 epochs too, where it would hide under scratch's point when they tie
-            ax.errorbar([-.02 * max(c[0] for c in curve)], [s['valid']], yerr=[0 if np.isnan(s['valid_ci']) else s['valid_ci']], marker='x',
-                        capsize=3, ls='none', color='grey', label='the control (an untrained checkpoint; 0 epochs, drawn left)')
+            ax.errorbar([-.02 * max(c[0] for c in curve)], [s['valid']], yerr=[err(s)], marker='x', capsize=3, ls='none', color='grey',
+                        label='the control (an untrained checkpoint; 0 epochs, drawn left)')
         elif s['neighbours'] != most:
-            ax.errorbar([s['pretrain_epochs']], [s['valid']], yerr=[0 if np.isnan(s['valid_ci']) else s['valid_ci']], marker='s',
-                        capsize=3, ls='none', label=f"{s['neighbours']} unlabelled slices a side")
+            ax.errorbar([s['pretrain_epochs']], [s['valid']], yerr=[err(s)], marker='s', capsize=3, ls='none',
+                        label=f"{s['neighbours']} unlabelled slices a side")
     ax.set_xlabel(f'{pretext} pretraining epochs (0: scratch)'); ax.set_ylabel(f'validation FROC, {mode} at {fraction:g} of the labels')
     ax.grid(alpha=.3); ax.legend(fontsize=8, loc='lower right')
     return save_fig(fig, path)
