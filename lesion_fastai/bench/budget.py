@@ -176,15 +176,16 @@ def _plot(summary, most: int, mode: str, pretext: str, fraction: float, path):
     curve = sorted((s['pretrain_epochs'], s['valid'], err(s)) for s in summary if s['neighbours'] == most and not s['control'])
     ax.errorbar([c[0] for c in curve], [c[1] for c in curve], yerr=[c[2] for c in curve], marker='o', capsize=3,
                 label=f'{most} unlabelled slices a side')
+    nudge = .02 * max(c[0] for c in curve)   # the points that share an epoch count with the curve's, drawn beside it, not on it
     for s in summary:
-        if s['control']:   # drawn beside scratch, at 0 epochs too, where it would hide under scratch's point when they tie
-            ax.errorbar([-.02 * max(c[0] for c in curve)], [s['valid']], yerr=[err(s)], marker='x', capsize=3, ls='none', color='grey',
+        if s['control']:
+            ax.errorbar([-nudge], [s['valid']], yerr=[err(s)], marker='x', capsize=3, ls='none', color='grey',
                         label='the control (an untrained checkpoint; 0 epochs, drawn left)')
         elif s['neighbours'] != most:
-            ax.errorbar([s['pretrain_epochs']], [s['valid']], yerr=[err(s)], marker='s', capsize=3, ls='none',
-                        label=f"{s['neighbours']} unlabelled slices a side")
+            ax.errorbar([s['pretrain_epochs'] + nudge], [s['valid']], yerr=[err(s)], marker='s', capsize=3, ls='none',
+                        label=f"{s['neighbours']} unlabelled slices a side (drawn right)")
     ax.set_xlabel(f'{pretext} pretraining epochs (0: scratch)'); ax.set_ylabel(f'validation FROC, {mode} at {fraction:g} of the labels')
-    ax.grid(alpha=.3); ax.legend(fontsize=8, loc='lower right')
+    ax.grid(alpha=.3); fig.legend(fontsize=8, loc='outside lower center')   # below the axes, where no error bar runs
     return save_fig(fig, path)
 
 
