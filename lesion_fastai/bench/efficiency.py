@@ -41,7 +41,7 @@ class EfficiencySettings(BenchSettings):
     quick: bool = option(False, 'a few-minute smoke run: 40 patients, 2 fractions, 2 epochs, one seed', group=GROUP)
     fractions: tuple = option((.02, .1, 1.), 'label fractions of training patients (runs go in this order)', parse=parse_floats, group=GROUP)
     modes: tuple = option(GRID_MODES, f"scratch and pretrained modes to compare, of {', '.join(MODES)} (sandwich: transfer layers between "
-                          "the frozen encoder's stages; decoder-sandwich: 3FabRec's, between the frozen decoder's blocks, with --decoder-skips' "
+                          "the frozen encoder's stages; decoder-sandwich: 3FabRec's, between the frozen decoder's blocks, with the decoder skips' "
                           "path around the codes; encoder: only the "
                           "head trains; full: every layer trains from the pretrained encoder, old name none; the -ft modes unfreeze after "
                           "--unfreeze-after epochs; carry: scratch with labels carried to the neighbour slices; selftrain, selftrain-ae: the "
