@@ -1,6 +1,7 @@
 """The commands README, docs/ and the notebook show are commands the code accepts: every `--flag` they
 name is a flag of one of the project's commands, and every `python -m ...` line parses, placeholders
-(DATA, OUT, MODE, ...) aside. A flag renamed or a choice dropped fails here, not in a user's shell."""
+(DATA, OUT, MODE, ...) aside, and every name their snippets import exists. A flag renamed, a choice
+dropped or a function moved fails here, not in a user's shell."""
 import argparse
 import importlib
 import json
@@ -107,3 +108,13 @@ def test_every_flag_the_docs_and_the_help_name_is_a_flag_of_a_command():
     unknown = [f'{where}:{i}: {flag}' for where, text in texts for i, line in enumerate(LAUNCHER.sub('', text).splitlines(), 1)
                for flag in re.findall(r'(?<![\w-])--[a-z][\w-]*', line) if flag not in known]
     assert not unknown, 'flags no command has:\n' + '\n'.join(unknown)
+
+
+def test_every_import_the_docs_show_resolves():
+    imports = [(path.name, module, name.strip()) for path in DOCS
+               for module, names in re.findall(r'^[ \t]*from ((?:lesion_fastai|fastai)[\w.]*) import ([\w, ]+)$', _text(path), re.M)
+               for name in names.split(',')]
+    assert len(imports) >= 5, imports
+    missing = [f'{where}: from {module} import {name}' for where, module, name in imports
+               if not hasattr(importlib.import_module(module), name)]
+    assert not missing, 'names the docs import that do not exist:\n' + '\n'.join(missing)
