@@ -118,3 +118,12 @@ def test_every_import_the_docs_show_resolves():
     missing = [f'{where}: from {module} import {name}' for where, module, name in imports
                if not hasattr(importlib.import_module(module), name)]
     assert not missing, 'names the docs import that do not exist:\n' + '\n'.join(missing)
+
+
+def test_every_interval_readme_quotes_is_one_the_docs_record():
+    "README summarises docs/: an interval it quotes (0.063 +- 0.032) is one a dated section there measured."
+    record = ' '.join(' '.join((ROOT / 'docs' / name).read_text().split()) for name in ('results.md', 'design.md'))
+    quoted = re.findall(r'[-+]?\d*\.\d+ \+- \d*\.\d+', ' '.join((ROOT / 'README.md').read_text().split()))   # lines joined
+    assert len(quoted) >= 10, quoted
+    unrecorded = [q for q in quoted if q.lstrip('+-') not in record]
+    assert not unrecorded, f'README quotes intervals docs/ does not hold: {unrecorded}'
