@@ -33,6 +33,7 @@ from .settings import SettingError, add_settings, check_fields, from_args, optio
 from .deeplesion import COLUMNS, HU_OFFSET, LESION_TYPES, SPLITS, format_numbers as _fmt, save_hu
 from .files import NO_SPACE, check_out_folder, output_folder, write_csv, write_json
 from .log import log, progress
+from .scans import axial
 
 __all__ = ['Options', 'ConvertSettings', 'Volume', 'Lesion', 'find_volumes', 'assign_splits', 'read_split', 'load_volume', 'axial',
            'lesion_mask', 'find_lesions', 'recist', 'convert_volume', 'convert', 'parser', 'main']
@@ -199,13 +200,6 @@ def load_volume(image: Path | str, mask: Path | str) -> Volume:
     labels, _ = _voxels(seg, mask, nib)
     _check_labels(labels, mask)
     return Volume(hu, labels, tuple(float(v) for v in nib.affines.voxel_sizes(affine)))
-
-
-def axial(volume: np.ndarray, k: int) -> np.ndarray:
-    """Axial slice `k` (RAS+ index, inferior first) of a RAS+ volume [X, Y, Z] as DeepLesion shows it, [H=Y, W=X]:
-    axis 0 runs toward the patient's right and axis 1 toward anterior, so both are reversed (anterior at the top,
-    the patient's left on the image's right) and transposed to rows x columns."""
-    return volume[::-1, ::-1, k].T
 
 
 def lesion_mask(mask: np.ndarray, opts: Options) -> np.ndarray:

@@ -3,13 +3,15 @@
 Inputs, files or folders (searched recursively): DeepLesion 16-bit PNG slices; DICOM files or folders
 holding a series (HU from RescaleSlope / RescaleIntercept, pixel spacing from the header, slices
 ordered by their position along the slice normal, so that --context models get their real
-neighbours); NIfTI volumes (.nii, .nii.gz), slice by slice along the last axis. DICOM and NIfTI need
-the optional extra: pip install -e '.[dicom]'. The model's own windows, context and input size come
-from the export.
+neighbours); NIfTI volumes (.nii, .nii.gz), shown and numbered as python -m lesion_fastai.convert writes
+them (reoriented to RAS+, anterior at the top, slice 1 the most superior), so a model trained on converted
+volumes sees the same slices. DICOM and NIfTI need the optional extra: pip install -e '.[dicom]'. The
+model's own windows, context and input size come from the export.
 
 Writes to OUT: predictions.csv (File_name, x1, y1, x2, y2, score as the evaluation's predictions.csv,
-in the input's pixels, then slice_index, source, the box in mm where the spacing is known, and the
-Gaussian head's std in pixels), skipped.csv (every input that was not predicted, and why) and, with
+in the input's pixels, then slice_index (a PNG's slice number; for a NIfTI volume the slice as convert
+numbers it; for a DICOM series its place in position order, from 1), source, the box in mm where the
+spacing is known, and the Gaussian head's std in pixels), skipped.csv (every input that was not predicted, and why) and, with
 --overlays, overlays/*.png (the slice, its boxes above --min-score in yellow with their scores, and its top box
 always: orange, marked 'below', where it scores less). --min-score defaults to the model's operating
 point, stored in its export: the score of 1 false positive per validation slice. PNG slices in
@@ -21,7 +23,7 @@ skipped.csv names them), 1 on an error (with --strict, any input that cannot be 
 and nothing is written).
 
 Examples:
-    python -m lesion_fastai.predict runs/demo/sandwich/export.pkl data/synthetic/Images_png/000001_01_01 --out runs/predict
+    python -m lesion_fastai.predict runs/demo/sandwich/export.pkl data/synthetic/Images_png/000004_01_01 --out runs/predict
     python -m lesion_fastai.predict export.pkl scans/ct_series/ volume.nii.gz --out runs/p --overlays --device cuda --bs 64 --workers 4
 """
 from __future__ import annotations
@@ -129,7 +131,7 @@ def predict(model_path, inputs, out, device: str = 'auto', bs: int = 16, workers
         scale = np.array([w, h, w, h], np.float64)
         scores = dets.scores[j]
         keep = [o for o in range(len(scores)) if scores[o] > 0]         # best first (`Detections`)
-        index = int(Path(src).stem) if s.kind == 'png' and Path(src).stem.isdigit() else i
+        index = int(Path(src).stem) if s.kind == 'png' and Path(src).stem.isdigit() else i + 1     # 1-based as convert's PNGs
         for o in keep:
             b = dets.boxes[j][o] * scale
             std = [f'{v:.4f}' for v in dets.sd[j][o] * scale] if dets.sd is not None else [''] * 4
@@ -140,7 +142,7 @@ def predict(model_path, inputs, out, device: str = 'auto', bs: int = 16, workers
     n_drawn = sum(len(b) for *_, b, _ in drawn)
     with output_folder(out):                          # written only now: a failed or --strict run leaves nothing
         for s, i, b, sc in drawn:                     # the key slice in the model's first window, its boxes in yellow
-            stem = Path(s.names[i]).stem if s.kind == 'png' else f'{Path(s.names[i]).name}_{i:04d}'
+            stem = Path(s.names[i]).stem if s.kind == 'png' else f'{Path(s.names[i]).name}_{i + 1:04d}'
             _overlay(out / 'overlays' / (re.sub(r'[^A-Za-z0-9_.-]+', '_', stem) + '.png'), _key_hu(s, i), b, sc,
                      _first_window(spec, s.windows[i] if s.windows else None), threshold)
         write_csv(out / 'predictions.csv', [*PREDICTION_COLUMNS, *EXTRA_COLUMNS], rows)

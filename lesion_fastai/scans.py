@@ -1,7 +1,8 @@
 """CT scans other than DeepLesion's labelled layout, read as series of slices in HU for prediction:
 PNG slices (DeepLesion's 16-bit encoding; neighbours by slice number, as in training), DICOM series
 (HU from RescaleSlope / RescaleIntercept, pixel spacing from the header, slices ordered by their
-position along the slice normal), NIfTI volumes (slice by slice along the last axis). DICOM and NIfTI
+position along the slice normal), NIfTI volumes (reoriented and numbered as `convert` writes them: RAS+,
+anterior at the top, slice 1 the most superior, whatever the stored axis order). DICOM and NIfTI
 need the optional extra: pip install -e '.[dicom]'. Like `deeplesion.py` beside it, this module knows
 files and pixels, nothing about models.
 """
@@ -17,7 +18,7 @@ import numpy as np
 
 from .deeplesion import SliceFileError, open_png
 
-__all__ = ['Series', 'find_inputs', 'read_dicom_series', 'dicom_hu', 'deeplesion_spacing']
+__all__ = ['Series', 'find_inputs', 'read_dicom_series', 'dicom_hu', 'deeplesion_spacing', 'axial', 'nifti_axial', 'nifti_spacing']
 
 _NIFTI = ('.nii', '.nii.gz')
 _DEEPLESION_FOLDER = re.compile(r'^\d+_\d+_\d+$')
@@ -44,12 +45,45 @@ class Series:
     def __len__(self): return len(self.names)
 
     def hu(self, i: int) -> np.ndarray:
-        "Slice `i` in HU, [H, W] float32."
+        "Slice `i` (0-based, in the series' order) in HU, [H, W] float32."
         if self.kind == 'dicom': return dicom_hu(self.files[i])
         nib = _extra('nibabel')
-        img = nib.load(self.source)
-        a = np.asarray(img.dataobj[..., i], dtype=np.float32)                # scl_slope / scl_inter applied by nibabel
-        return np.ascontiguousarray(a.T)                                     # rows = second voxel axis, as viewers show it
+        return nifti_axial(nib.load(self.source), i + 1, nib)
+
+
+def axial(volume: np.ndarray, k: int) -> np.ndarray:
+    """Axial slice `k` (RAS+ index, inferior first) of a RAS+ volume [X, Y, Z] as DeepLesion shows it, [H=Y, W=X]:
+    axis 0 runs toward the patient's right and axis 1 toward anterior, so both are reversed (anterior at the top,
+    the patient's left on the image's right) and transposed to rows x columns."""
+    return volume[::-1, ::-1, k].T
+
+
+def _canonical_axes(img, nib) -> np.ndarray:
+    "nibabel's orientation of `img` ([stored axis] -> (RAS+ axis, flip)), the one `as_closest_canonical` applies."
+    ornt = nib.orientations.io_orientation(img.affine)
+    if np.isnan(ornt).any(): raise ValueError(f"affine {img.affine.tolist()} has no axis orientation, expected a CT volume's")
+    return ornt
+
+
+def nifti_axial(img, s: int, nib) -> np.ndarray:
+    """Slice `s` (1-based, the most superior first) of the NIfTI image `img` in HU, [H, W] float32, as `convert`
+    writes it (reoriented to RAS+ as `as_closest_canonical` does, then shown by `axial`); only that slice is read."""
+    ornt = _canonical_axes(img, nib)
+    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])                          # the stored axis running inferior-superior
+    n = img.shape[axis]
+    k = n - s                                                               # RAS+ index, inferior first
+    stored = k if ornt[axis, 1] > 0 else n - 1 - k
+    index = [slice(None)] * 3
+    index[axis] = slice(stored, stored + 1)
+    slab = np.asarray(img.dataobj[tuple(index)], dtype=np.float32)         # scl_slope / scl_inter applied by nibabel
+    return np.ascontiguousarray(axial(nib.orientations.apply_orientation(slab, ornt), 0))
+
+
+def nifti_spacing(img, nib) -> tuple[float, float]:
+    "(row, column) mm per pixel of `nifti_axial`'s slices: the RAS+ y and x voxel sizes."
+    ornt, zooms = _canonical_axes(img, nib), img.header.get_zooms()
+    size = {int(ornt[i, 0]): float(zooms[i]) for i in range(3)}
+    return size[1], size[0]
 
 
 def dicom_hu(path) -> np.ndarray:
@@ -185,10 +219,12 @@ def find_inputs(inputs) -> tuple[list[Series], list[tuple[str, str]], int]:
         except Exception as e:
             skipped.append((str(p), f"not a readable NIfTI volume ({type(e).__name__}: {e})")); continue
         if len(shape) != 3: skipped.append((str(p), f"NIfTI of shape {shape}, expected a 3-D CT volume")); continue
-        if shape[2] == 0: skipped.append((str(p), f"NIfTI of shape {shape}: no slices")); continue
+        if 0 in shape: skipped.append((str(p), f"NIfTI of shape {shape}: no slices")); continue
+        try: ornt = _canonical_axes(img, nib)
+        except ValueError as e: skipped.append((str(p), f"NIfTI {e}")); continue
         try: np.asarray(img.dataobj[..., shape[2] - 1])     # the last slice: a truncated file fails here, not mid-run
         except Exception as e:
             skipped.append((str(p), f"NIfTI data truncated or unreadable ({type(e).__name__}: {e})")); continue
-        zooms = img.header.get_zooms()
-        series.append(Series('nifti', str(p), [], [str(p)] * shape[2], (float(zooms[1]), float(zooms[0]))))
+        n = shape[int(np.flatnonzero(ornt[:, 0] == 2)[0])]               # axial slices, whatever axis stores them
+        series.append(Series('nifti', str(p), [], [str(p)] * n, nifti_spacing(img, nib)))
     return series, skipped, ignored

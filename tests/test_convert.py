@@ -109,6 +109,24 @@ def test_orientation_is_radiological_and_independent_of_the_stored_axis_order(tm
         assert np.array_equal(load_hu(png), load_hu(tmp_path / 'lps' / 'out' / 'Images_png' / '000001_01_01' / png.name)), png.name
 
 
+# RAS+'s voxels stored slice axis first (z, x, y): the same world box, axes permuted
+ZXY = np.array([[0, .8, 0, 0], [0, 0, .8, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]])
+
+
+def test_predict_reads_a_volume_as_convert_writes_it_whatever_the_stored_axis_order(tmp_path):
+    from lesion_fastai.scans import find_inputs
+    lesion = ((6 * .8, 40 * .8, 19 * 2.5), 4.1)                       # left, anterior, superior: no symmetry to hide a flip
+    for name, affine, shape in (('ras', RAS, SHAPE), ('lps', LPS, SHAPE), ('zxy', ZXY, SHAPE[2:] + SHAPE[:2])):
+        save_pair(tmp_path / name, 'case', *phantom([lesion], affine, shape), affine)
+        run(tmp_path / name, tmp_path / name / 'out', Options(organ_values=(1,), all_slices=True))
+        (series,), skipped, _ = find_inputs([tmp_path / name / 'imagesTr' / 'case.nii.gz'])
+        row = read_dl_info(tmp_path / name / 'out' / 'DL_info.csv').iloc[0]
+        pngs = sorted((tmp_path / name / 'out' / 'Images_png' / '000001_01_01').iterdir())
+        assert skipped == [] and len(series) == len(pngs) == SHAPE[2], name
+        assert all(np.array_equal(series.hu(int(p.stem) - 1), load_hu(p)) for p in pngs), name            # slice s is PNG s
+        assert np.allclose(series.spacing, (row.spacing_y_mm, row.spacing_x_mm)), name
+
+
 def make_volumes(root, n, shape=(32, 32, 12)):
     "`n` small volumes, each with one lesion."
     for i in range(n):

@@ -109,7 +109,7 @@ def test_dicom_series_round_trips_hu_orders_by_position_and_predicts_as_the_pngs
     rows_d, rows_p = _rows(tmp_path / 'd'), _rows(tmp_path / 'p')
     # slice i of the series is the i-th PNG: the same input (neighbours included), so the same boxes
     by_d = _boxes(rows_d, 'slice_index')
-    by_p = {str(i): v for i, v in enumerate(_boxes(rows_p, 'slice_index')[str(int(p.stem))] for p in pngs)}
+    by_p = {str(i): v for i, v in enumerate((_boxes(rows_p, 'slice_index')[str(int(p.stem))] for p in pngs), 1)}   # from 1
     assert by_d.keys() == by_p.keys() and all(np.allclose(by_d[k], by_p[k], atol=1e-4) for k in by_d)
     r = rows_d[0]
     assert np.isclose(float(r['x2_mm']), float(r['x2']) * .8, atol=1e-3) and np.isclose(float(r['y2_mm']), float(r['y2']) * .7, atol=1e-3)
@@ -118,7 +118,9 @@ def test_dicom_series_round_trips_hu_orders_by_position_and_predicts_as_the_pngs
 def test_nifti_volume_predicts_slice_by_slice_as_the_pngs(model, tiny_data, tmp_path):
     nib = pytest.importorskip('nibabel')
     folder, pngs, hus = _series(tiny_data)
-    vol = np.stack([h.T for h in hus], axis=-1)                           # voxel axes: columns, rows, slices
+    # stored as convert reads a RAS+ volume: x toward the patient's right (the image's left), y anterior (the top),
+    # z superior (the first PNG the most superior)
+    vol = np.stack([h.T[::-1, ::-1] for h in hus[::-1]], axis=-1)
     img = nib.Nifti1Image(vol.astype(np.int16), np.diag([.8, .7, 2.5, 1.]))
     nib.save(img, tmp_path / 'ct.nii.gz')
     (series,), _, _ = find_inputs([tmp_path / 'ct.nii.gz'])
@@ -127,7 +129,7 @@ def test_nifti_volume_predicts_slice_by_slice_as_the_pngs(model, tiny_data, tmp_
     predict(model, [folder], tmp_path / 'p')
     by_n = _boxes(_rows(tmp_path / 'n'), 'slice_index')
     by_p = _boxes(_rows(tmp_path / 'p'), 'slice_index')
-    assert all(np.allclose(by_n[str(i)], by_p[str(int(p.stem))], atol=1e-4) for i, p in enumerate(pngs))
+    assert all(np.allclose(by_n[str(i)], by_p[str(int(p.stem))], atol=1e-4) for i, p in enumerate(pngs, 1))
 
 
 def test_bad_files_are_skipped_and_named_the_rest_predicted_strict_writes_nothing(model, tiny_data, tmp_path, capsys):
