@@ -32,7 +32,7 @@ from .deeplesion import SliceRecord, check_png, context_paths
 from .files import NO_SPACE, DiskFullError, PidLock, atomic_write_text, remove_stale_temps
 from .log import log, progress
 
-__all__ = ['SliceCache', 'BadSlicesError', 'plane_units', 'cache_key', 'decode_all', 'check_files', 'build_slice_cache',
+__all__ = ['SliceCache', 'BadSlicesError', 'plane_units', 'cache_key', 'decode_all', 'check_files', 'check_memory', 'build_slice_cache',
            'prepare_slices', 'drop_near_duplicates', 'DEFAULT_CACHE_DIR']
 
 DEFAULT_CACHE_DIR = Path.home() / '.cache' / 'lesion_fastai'
@@ -140,12 +140,12 @@ def _check_items(items, prep, sizes: dict) -> list[str]:
     return problems
 
 
-def decode_all(items, prep, store, what: str = 'checking and preparing') -> None:
+def decode_all(items, prep, store, what: str = 'checking and preparing', units: dict | None = None) -> None:
     """Decode every PNG `items` need once with `prep` (a `CTSlice`), passing each to
     `store(plane_key, (planes, (width, height)))`; every slice that cannot be read (a key slice or a
     neighbour it needs) or disagrees with its row is collected, and one `BadSlicesError` names them all
-    before any training starts."""
-    units = plane_units(items, prep)
+    before any training starts. `units`: `plane_units(items, prep)`, where the caller has it."""
+    units = plane_units(items, prep) if units is None else units
     problems, sizes = [], {}
     for key, unit in progress(list(units.items()), what):
         key, value, problem = _decode_unit(prep, key, unit)
@@ -291,9 +291,29 @@ def prepare_slices(kind: str, items, spec, folder=None, workers: int = 1):
         check_files(items, spec.context)
         return None
     if kind != 'memory': raise ValueError(f"cache {kind!r}: expected 'memory', 'disk' or 'none'")
-    cache = {}
-    decode_all(items, CTSlice(spec), cache.__setitem__)
+    prep, cache = CTSlice(spec), {}
+    units = plane_units(items, prep)
+    check_memory(len(units) * len(prep.windows_for(None)) * spec.size ** 2 * 4, len(units))
+    decode_all(items, prep, cache.__setitem__, units=units)
     return cache
+
+
+def available_memory() -> int | None:
+    "Bytes of memory this machine can give a process without swapping (Linux's MemAvailable); None where unknown."
+    try:
+        with open('/proc/meminfo') as f: fields = dict(line.split(':', 1) for line in f)
+        return int(fields['MemAvailable'].split()[0]) * 1024
+    except (OSError, KeyError, ValueError): return None
+
+
+def check_memory(need: int, n_slices: int, share: float = .8) -> None:
+    """--cache memory: a ValueError before any slice is decoded when the prepared slices (`need` bytes, float32)
+    would take more than `share` of the memory available, saying what fits instead."""
+    free = available_memory()
+    if free is None or need <= share * free: return
+    raise ValueError(f"--cache memory: the {n_slices:,} slices this run prepares take about {need / 1e9:.1f} GB of memory and "
+                     f"{free / 1e9:.1f} GB are available: use --cache disk (a float16 array of about {need / 2e9:.1f} GB "
+                     f"on disk, built once and shared by later runs; --cache-dir to choose the disk)")
 
 
 def drop_near_duplicates(paths, prep, threshold: float, keep=None) -> tuple[list, int]:

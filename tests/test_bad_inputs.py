@@ -107,6 +107,9 @@ CASES = [
 ]
 CASES += [(f'--precision bf16 without a GPU or bf16 units, {e}', e, 'no-bf16', ['--precision', 'bf16'],
            r'--precision bf16 needs a CUDA GPU or a CPU with bfloat16 units') for e in ('finetune', 'pretrain')]
+CASES += [(f'--cache memory larger than the memory, {e}', e, 'no-memory', [],
+           r'--cache memory: the [\d,]+ slices this run prepares take about [\d.]+ GB of memory and 0.0 GB are available: '
+           r'use --cache disk') for e in ('finetune', 'pretrain')]
 
 
 @pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
@@ -123,6 +126,9 @@ def test_bad_input_is_named_and_writes_nothing(case, data, tmp_path, capsys, mon
         import lesion_fastai.fit as fit
         monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
         monkeypatch.setattr(fit, 'cpu_has_bf16', lambda: False)
+    elif breaker == 'no-memory':                 # DeepLesion's 930k slices against a machine's RAM, in miniature
+        import lesion_fastai.cache as cache
+        monkeypatch.setattr(cache, 'available_memory', lambda: 1000)
     elif breaker == 'bad-ckpt':
         torch.save({'weights': 1}, tmp_path / 'other.pth')
         args = ['--pretrained', str(tmp_path / 'other.pth')]
