@@ -14,7 +14,11 @@ across runs and for data larger than memory, built once per slice set and settin
 Every run checks the slices it needs before it trains (`prepare_slices`): the memory cache decodes them
 all up front (the first epoch's work, done first), the disk cache decodes them while it is built, and
 without a cache every file is checked without decoding. A slice that cannot be read stops the run
-with one error naming every such file and the DL_info.csv line that needs it.
+with one error naming every such file and the DL_info.csv line that needs it; with `skip_unreadable`
+(`--skip-unreadable`: NIH's release ships two broken PNGs) such files are left out instead and named
+once: a neighbour is replaced by the nearest readable slice of its series, as one DeepLesion did not
+ship, and a key slice leaves the run with its lesions. The cache carries those files as `absent`,
+which `CTSlice` treats as not shipped.
 """
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ from .deeplesion import SliceRecord, check_png, context_paths
 from .files import NO_SPACE, DiskFullError, PidLock, atomic_write_text, remove_stale_temps
 from .log import log, progress
 
-__all__ = ['SliceCache', 'BadSlicesError', 'plane_units', 'cache_key', 'decode_all', 'check_files', 'check_memory', 'build_slice_cache',
-           'prepare_slices', 'drop_near_duplicates', 'DEFAULT_CACHE_DIR']
+__all__ = ['SliceCache', 'PlaneDict', 'NoCache', 'BadSlicesError', 'plane_units', 'cache_key', 'decode_all', 'check_files',
+           'find_unreadable', 'readable', 'check_memory', 'build_slice_cache', 'prepare_slices', 'drop_near_duplicates', 'DEFAULT_CACHE_DIR']
 
 DEFAULT_CACHE_DIR = Path.home() / '.cache' / 'lesion_fastai'
 
@@ -66,12 +70,28 @@ def cache_key(units: dict, spec) -> str:
     return h.hexdigest()[:16]
 
 
+class PlaneDict(dict):
+    """The in-memory cache: `plane_key` -> (planes [windows, size, size] float32, (width, height)), and the
+    slice files the run leaves out as unreadable (`absent`, strings), which `CTSlice` treats as not shipped."""
+    absent = frozenset()
+
+
+class NoCache:
+    "No cache (`--cache none`) that carries `absent` all the same: it keeps nothing, so `CTSlice` decodes every PNG."
+    def __init__(self, absent=frozenset()): self.absent = frozenset(absent)
+    def get(self, key, default=None): return default
+    def __setitem__(self, key, value): pass
+    def __contains__(self, key): return False
+
+
 class SliceCache:
     """Dict-like view (`plane_key` -> (planes [windows, size, size] float32, (width, height))) of a built
     disk cache, for `CTSlice(cache=...)`. `index` maps each key to (row, width, height). `get`
     returns None for a PNG that is not in it (CTSlice then decodes it); assignments are ignored, so the
     file is never modified after it is built. Pickles without the mapped array (workers and exported
-    learners reopen it lazily)."""
+    learners reopen it lazily). `absent`: as `PlaneDict`'s."""
+    absent = frozenset()
+
     def __init__(self, array_file: Path | str, index: dict[str, list[int]]):
         self.array_file, self.index, self._array = Path(array_file), index, None
 
@@ -168,6 +188,33 @@ def check_files(items, context: int) -> None:
     _raise_problems(problems, len(seen))
 
 
+def find_unreadable(items, context: int) -> tuple[frozenset, list[str]]:
+    """The slice files `items` need (key slices and their `context` neighbours) that are not readable 16-bit
+    PNGs (`deeplesion.check_png`, no pixel decoded), as strings, and each one's problem and who needs it. A
+    neighbour found unreadable is replaced by the nearest slice of its series not found so (`neighbour_path`),
+    which is checked in turn, until every file the items then need reads."""
+    absent, problems, checked = set(), [], set()
+    while True:
+        found = False
+        for item in progress(items, 'checking slice files'):
+            key = _path_and_window(item)[0]
+            if key in absent: continue
+            for p in context_paths(key, context, absent):
+                if str(p) in checked: continue
+                checked.add(str(p))
+                try: check_png(p)
+                except (ValueError, FileNotFoundError) as e:
+                    absent.add(str(p)); found = True
+                    problems.append(f"{e}{_who_needs(item, p)}")
+        if not found: return frozenset(absent), problems
+
+
+def readable(items, cache) -> list:
+    "`items` less those whose key slice `cache` (a run's, `prepare_slices`) holds as unreadable."
+    absent = getattr(cache, 'absent', frozenset())
+    return [item for item in items if _path_and_window(item)[0] not in absent] if absent else list(items)
+
+
 CHUNK = 256   # PNGs per unit of work of a cache build: what a worker decodes at once and what an interruption loses at most
 
 
@@ -185,16 +232,17 @@ def _build_chunk(prep, array_file, rows, units):
     return done, problems
 
 
-def build_slice_cache(items, spec, folder: Path | str = DEFAULT_CACHE_DIR, workers: int = 1) -> SliceCache:
+def build_slice_cache(items, spec, folder: Path | str = DEFAULT_CACHE_DIR, workers: int = 1, absent=frozenset()) -> SliceCache:
     """The cache of the PNGs `items` (`SliceRecord`s or PNG paths) need, prepared as `spec` says (a
     `SliceSpec`), in `folder`: opened if it exists, else built (each PNG decoded once, exactly as
     `CTSlice` prepares it, stored as float16) by `workers` processes, in chunks of `CHUNK` PNGs, with
     its size printed first. The build writes `slices_<key>.partial.npy` and records the finished
     chunks in `slices_<key>.partial.json` as it goes, so an interrupted build resumes where it
     stopped; the array takes its final name only when complete. A slice that cannot be read, or that
-    disagrees with its row, stops the build with a `BadSlicesError` naming every such file."""
+    disagrees with its row, stops the build with a `BadSlicesError` naming every such file. `absent`: the
+    files to treat as not shipped (`find_unreadable`), in the cache returned."""
     from .data import CTSlice
-    prep = CTSlice(spec)
+    prep = CTSlice(spec, NoCache(absent))
     units = plane_units(items, prep)
     if not units: raise ValueError("build_slice_cache: no slices given")
     folder = Path(folder).expanduser()
@@ -203,17 +251,22 @@ def build_slice_cache(items, spec, folder: Path | str = DEFAULT_CACHE_DIR, worke
     key = cache_key(units, spec)
     array_file, index_file = folder / f'slices_{key}.npy', folder / f'slices_{key}.json'
     if array_file.exists() and index_file.exists():
-        return SliceCache(array_file, json.loads(index_file.read_text())['index'])
+        return _with_absent(SliceCache(array_file, json.loads(index_file.read_text())['index']), absent)
     # one builder per key: a second process (another run sharing the folder) waits, then opens what the first built
     with PidLock(folder / f'slices_{key}.lock', f"the slice cache {array_file.name}", wait=True):
         if array_file.exists() and index_file.exists():
-            return SliceCache(array_file, json.loads(index_file.read_text())['index'])
-        try: return _build(items, units, prep, spec, folder, key, array_file, index_file, workers)
+            return _with_absent(SliceCache(array_file, json.loads(index_file.read_text())['index']), absent)
+        try: return _with_absent(_build(items, units, prep, spec, folder, key, array_file, index_file, workers), absent)
         except (OSError, DiskFullError) as e:
             if isinstance(e, OSError) and e.errno not in NO_SPACE: raise
             for f in _partial_files(folder, key): f.unlink(missing_ok=True)
             raise ValueError(f"the slice cache {folder}: the disk is full ({getattr(e, 'strerror', None) or 'a file could not be written'}); "
                              f"the partial build was removed to give its space back; {NO_ROOM}") from None
+
+
+def _with_absent(cache, absent):
+    if absent: cache.absent = frozenset(absent)
+    return cache
 
 
 def _partial_files(folder: Path, key: str) -> tuple[Path, Path]:
@@ -277,21 +330,42 @@ def _build(items, units, prep, spec, folder, key, array_file, index_file, worker
 def _build_chunk_args(args): return _build_chunk(*args)
 
 
-def prepare_slices(kind: str, items, spec, folder=None, workers: int = 1):
+def prepare_slices(kind: str, items, spec, folder=None, workers: int = 1, skip_unreadable: bool = False):
     """Check every slice a run needs before it trains, and return the `cache` argument of its slice block:
-    'memory' decodes every PNG now into a dict (the work the first epoch would do, done up front),
+    'memory' decodes every PNG now into a `PlaneDict` (the work the first epoch would do, done up front),
     'disk' builds or opens the memory-mapped cache (`build_slice_cache`; rank 0 first, the one that
     writes), 'none' checks the files without decoding (`check_files`) and returns None. A bad slice
-    raises `BadSlicesError`."""
+    raises `BadSlicesError`; with `skip_unreadable` the files that cannot be read are named once and left
+    out instead (`find_unreadable`), carried as the cache's `absent` (`readable` drops the items whose
+    key slice is among them)."""
+    absent = frozenset()
+    if skip_unreadable:
+        absent, problems = find_unreadable(items, spec.context)
+        if problems:
+            kept = [item for item in items if _path_and_window(item)[0] not in absent]
+            shown = '\n  '.join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else '')
+            log.warning(f"--skip-unreadable: {len(problems)} slice file(s) cannot be read and are left out, {len(items) - len(kept)} of "
+                        f"the run's {len(items)} slices with them (a neighbour is replaced by the nearest readable slice of its "
+                        f"series):\n  {shown}")
+            if not kept: raise BadSlicesError(f"--skip-unreadable: none of the {len(items)} slices can be read")
+            items = kept
+    try: return _prepare(kind, items, spec, folder, workers, absent, check=not skip_unreadable)
+    except BadSlicesError as e:
+        if skip_unreadable: raise
+        raise BadSlicesError(f"{e}\n  (--skip-unreadable, of pretrain and finetune, leaves out the slice files that cannot be read)") from None
+
+
+def _prepare(kind, items, spec, folder, workers, absent, check):
     from .data import CTSlice
     if kind == 'disk':
         with distributed.main_first():     # launched in several processes: rank 0 builds it, the others then open it
-            return build_slice_cache(items, spec, folder or DEFAULT_CACHE_DIR, workers)
+            return build_slice_cache(items, spec, folder or DEFAULT_CACHE_DIR, workers, absent)
     if kind == 'none':
-        check_files(items, spec.context)
-        return None
+        if check: check_files(items, spec.context)             # else find_unreadable has checked them
+        return NoCache(absent) if absent else None
     if kind != 'memory': raise ValueError(f"cache {kind!r}: expected 'memory', 'disk' or 'none'")
-    prep, cache = CTSlice(spec), {}
+    prep, cache = CTSlice(spec, NoCache(absent)), PlaneDict()
+    if absent: cache.absent = absent
     units = plane_units(items, prep)
     check_memory(len(units) * len(prep.windows_for(None)) * spec.size ** 2 * 4, len(units))
     decode_all(items, prep, cache.__setitem__, units=units)

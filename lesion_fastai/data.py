@@ -95,7 +95,7 @@ def plane_key(path, wins) -> str:
 class CTSlice(Transform):
     """Load a slice (a `SliceRecord` or a PNG path) as `TensorCT` [C, size, size] as `spec` (a `SliceSpec`)
     says: for each window, the key slice then its neighbours k-1, k+1, ..., k-c, k+c (missing
-    neighbours fall back to the nearest shipped slice); 'dicom' uses the record's own DICOM window (a
+    neighbours, and those the cache holds as unreadable, `absent`, fall back to the nearest shipped slice); 'dicom' uses the record's own DICOM window (a
     plain path falls back to 'soft'). `cache`: a dict-like (`plane_key` -> (planes [windows, size, size],
     (width, height))) of prepared PNGs, so that each PNG is decoded once however many key slices use it
     as a neighbour, and epochs after the first decode nothing (use with num_workers=0, or a
@@ -121,7 +121,7 @@ class CTSlice(Transform):
         found = self._found.get(str(path))
         if found is None:
             c = self.spec.context
-            paths = context_paths(path, c)
+            paths = context_paths(path, c, getattr(self.cache, 'absent', frozenset()))     # the files a run left out: not shipped
             found = self._found[str(path)] = [paths[c]] + [paths[i] for o in range(1, c + 1) for i in (c - o, c + o)]
             if c and found.count(found[0]) == len(found): self._warn_alone(found[0])
         return found

@@ -286,10 +286,11 @@ def resolve_windows(names: str | list[str], dicom_window: tuple[float, float] | 
 
 # --- slices on disk ------------------------------------------------------------------------------
 
-def neighbour_path(key_path: Path | str, offset: int, max_search: int = 8) -> Path:
+def neighbour_path(key_path: Path | str, offset: int, max_search: int = 8, absent=frozenset()) -> Path:
     """The slice `offset` positions from `key_path` in its series, or the nearest existing slice to it
     (ties go towards the key slice) when DeepLesion did not ship it; the key slice itself when there is none,
-    or when its name is not a slice number (`slice.png`), so that no neighbour can be named."""
+    or when its name is not a slice number (`slice.png`), so that no neighbour can be named. Paths in
+    `absent` (as strings: files a run leaves out as unreadable) count as not shipped."""
     key_path = Path(key_path)
     if not key_path.stem.isdigit(): return key_path
     k = int(key_path.stem)
@@ -297,14 +298,14 @@ def neighbour_path(key_path: Path | str, offset: int, max_search: int = 8) -> Pa
     for d in range(max_search + 1):
         for cand in sorted({target - d, target + d}, key=lambda i: abs(i - k)):
             p = key_path.with_name(f'{cand:03d}.png')
-            if p.exists(): return p
+            if p.exists() and str(p) not in absent: return p
     return key_path
 
 
-def context_paths(key_path: Path | str, context: int) -> list[Path]:
-    "`context` slices below and above the key slice, in order: [k-c, ..., k, ..., k+c]."
+def context_paths(key_path: Path | str, context: int, absent=frozenset()) -> list[Path]:
+    "`context` slices below and above the key slice, in order: [k-c, ..., k, ..., k+c] (`absent`: as `neighbour_path`)."
     key_path = Path(key_path)
-    return [key_path if o == 0 else neighbour_path(key_path, o) for o in range(-context, context + 1)]
+    return [key_path if o == 0 else neighbour_path(key_path, o, absent=absent) for o in range(-context, context + 1)]
 
 
 def ships_neighbours(records, at_least: float = .5) -> bool:

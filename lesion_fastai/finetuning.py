@@ -19,7 +19,7 @@ from fastai.learner import Learner
 from fastai.torch_core import set_seed
 
 from . import distributed
-from .cache import prepare_slices
+from .cache import prepare_slices, readable
 from .callbacks import TimeBudget
 from .checkpoint import decoder_args, load_decoder, load_encoder, load_pretrained
 from .config import DECODER_SETTINGS, FinetuneConfig, RunConfig, recorded, resolve_context, unused_settings
@@ -152,7 +152,13 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
         raise ValueError(f"{cfg.pretrained}: encoder has {enc_args['in_chans']} input channels, the data gives {in_chans}")
     # every slice this run reads: the disk cache is shared by all label fractions, the memory cache holds this run's
     needed = records + extra if cfg.cache == 'disk' else epoch_items + valid + test
-    cache = prepare_slices(cfg.cache, needed, spec, cfg.cache_dir, max(1, cfg.num_workers))
+    cache = prepare_slices(cfg.cache, needed, spec, cfg.cache_dir, max(1, cfg.num_workers), cfg.skip_unreadable)
+    if cfg.skip_unreadable:            # the key slices left out as unreadable, named by prepare_slices, with their lesions
+        train, valid, test, epoch_items = (readable(items, cache) for items in (train, valid, test, epoch_items))
+        if not train or not valid or not test:
+            raise ValueError(f"--skip-unreadable leaves {len(train)} training, {len(valid)} validation and {len(test)} test slices "
+                             f"that can be read; each split needs at least one")
+        check_batches(len(epoch_items), cfg.bs, '--skip-unreadable', '')
     with run_folder(out):
         if distributed.is_main(): save_run_settings(cfg, out)
         set_seed(cfg.seed, reproducible=True)

@@ -24,7 +24,7 @@ from fastai.torch_core import set_seed
 from torch import nn
 
 from . import distributed
-from .cache import drop_near_duplicates, prepare_slices
+from .cache import drop_near_duplicates, prepare_slices, readable
 from .checkpoint import save_pretrained
 from .config import PRETEXTS, PretrainConfig, pretext_defaults, recorded, resolve_context
 from .data import CTSlice, SliceSpec, autoencoder_dls
@@ -166,7 +166,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
     check_batches(n_train, cfg.bs, f"{cfg.data}", '')
     log.info(f"pretraining on {n_train} slices of {len(train_p)} patients ({len(paths) - n_train} validation slices), "
              f"{size} px, windows {cfg.windows}, context {context}")
-    cache = prepare_slices(cfg.cache, paths, spec, cfg.cache_dir, workers=max(1, cfg.num_workers))
+    cache = prepare_slices(cfg.cache, paths, spec, cfg.cache_dir, workers=max(1, cfg.num_workers), skip_unreadable=cfg.skip_unreadable)
+    if cfg.skip_unreadable:            # the slices left out as unreadable, named by prepare_slices
+        paths = readable(paths, cache)
+        n_train = sum(patient_of(Path(p).parent.name) in train_p for p in paths)
+        check_batches(n_train, cfg.bs, f"{cfg.data} with --skip-unreadable", '')
     if cfg.dedup > 0:                  # redundant neighbour slices slow pretraining and can hurt it; validation stays whole
         in_val = lambda p: patient_of(Path(p).parent.name) in val_p
         paths, dropped = drop_near_duplicates(paths, CTSlice(spec, cache), cfg.dedup, keep=in_val)

@@ -1,5 +1,6 @@
 """Every row of README's bad-input table: a named error, exit status 1, and nothing written to --out."""
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,9 @@ from PIL import Image
 
 import finetune.__main__ as finetune_cli
 import pretrain.__main__ as pretrain_cli
+from lesion_fastai.config import FinetuneConfig
 from lesion_fastai.deeplesion import COLUMNS, read_dl_info
+from lesion_fastai.finetuning import finetune
 
 
 @pytest.fixture
@@ -181,3 +184,52 @@ def test_eval_of_a_missing_or_foreign_model(command, data, tmp_path):
     with pytest.raises(SystemExit, match=r'error: .*foreign.pkl: not a learner exported by finetune'):
         run(str(tmp_path / 'foreign.pkl'), '--data', str(data), '--out', str(tmp_path / 'e'))
     assert not (tmp_path / 'e').exists()
+
+
+# --- --skip-unreadable: NIH's release ships two broken PNGs --------------------------------------------------------
+
+def test_the_strict_error_names_skip_unreadable(data, tmp_path):
+    _truncate(_neighbour(data)[0])
+    with pytest.raises(SystemExit) as e:
+        finetune_cli.main(['--data', str(data), '--out', str(tmp_path / 'out'), '--context', '1', '--size', '32', '--bs', '2'])
+    assert 'corrupt or truncated image data' in e.value.code and '--skip-unreadable' in e.value.code
+
+
+@pytest.mark.slow
+def test_skip_unreadable_replaces_a_neighbour_and_drops_a_key_slice_naming_both(data, tmp_path, caplog):
+    from lesion_fastai.cache import find_unreadable
+    from lesion_fastai.deeplesion import context_paths, evaluation_records, load_data, slice_records
+    records = slice_records(read_dl_info(data / 'DL_info.csv'))
+    neighbour, line = _neighbour(data)
+    key = neighbour.with_name(f'{int(neighbour.stem) - 1:03d}.png')
+    broken_key, _ = _key_slice(data, 'test')
+    for p in (neighbour, broken_key): _truncate(p)
+    absent, problems = find_unreadable(records, 1)
+    assert absent == {str(neighbour), str(broken_key)} and len(problems) == 2
+    assert any(str(neighbour) in p and f'DL_info.csv line {line}' in p for p in problems)
+    assert context_paths(key, 1, absent)[2] == key and context_paths(key, 1)[2] == neighbour   # the nearest readable: the key itself
+    out = tmp_path / 'out'
+    res = finetune(FinetuneConfig(data=data, out=out, epochs=1, bs=2, size=32, context=1, skip_unreadable=True))
+    n_test = len(evaluation_records(load_data(data)[1], 'test'))
+    assert res['test']['froc']['slices'] == n_test - 1                   # the broken key slice left out with its lesions
+    warned = '\n'.join(r.getMessage() for r in caplog.records if r.levelname == 'WARNING')
+    assert '--skip-unreadable: 2 slice file(s) cannot be read and are left out' in warned
+    assert str(neighbour) in warned and str(broken_key) in warned
+    assert json.loads((out / 'run_config.json').read_text())['skip_unreadable'] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('cache', ['disk', 'none'])
+def test_pretrain_skips_unreadable_slices_with_every_cache(data, tmp_path, cache, caplog):
+    from lesion_fastai.deeplesion import list_slices
+    neighbour, _ = _neighbour(data)
+    _truncate(neighbour)
+    args = ['--data', str(data), '--out', str(tmp_path / 'out'), '--epochs', '1', '--bs', '2', '--size', '32', '--cache', cache,
+            '--cache-dir', str(tmp_path / 'cache'), '--skip-unreadable']
+    pretrain_cli.main(args)
+    metrics = json.loads((tmp_path / 'out' / 'pretrain_metrics.json').read_text())
+    warned = '\n'.join(r.getMessage() for r in caplog.records if r.levelname == 'WARNING')
+    assert f'--skip-unreadable: 1 slice file(s) cannot be read' in warned and str(neighbour) in warned
+    df = read_dl_info(data / 'DL_info.csv')
+    train = [p for p in list_slices(data, set(df.patient[df.split == 'train']))]
+    assert neighbour in train and metrics['config']['train_slices'] == len(train) - 1      # every slice but the broken one
