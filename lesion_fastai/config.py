@@ -109,7 +109,7 @@ class RunConfig:
     cache_dir: Path | None = option(None, 'folder of the disk cache', default_help='~/.cache/lesion_fastai', group='loading')
     skip_unreadable: bool = option(False, "leave out the slice files that cannot be read, naming each once, rather than stop (NIH's "
                                    'release ships two broken PNGs): a neighbour is replaced by the nearest readable slice of its '
-                                   'series, a key slice leaves the run with its lesions', group='loading')
+                                   'series, a key slice (a missing one too) leaves the run with its lesions', group='loading')
     precision: str = option('auto', 'auto: bfloat16 autocast and channels_last on a CUDA GPU, float32 on the CPU; fp32: float32 '
                             'everywhere; bf16: bfloat16 on a GPU or on a CPU with bfloat16 units (AVX512-BF16, AMX: about twice as '
                             'fast there, a little lower validation FROC), an error elsewhere', choices=PRECISIONS, group='loading')

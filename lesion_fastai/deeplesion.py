@@ -395,9 +395,10 @@ def evaluation_records(records: list[SliceRecord], split: str) -> list[SliceReco
     return [r for r in out if r is not None]
 
 
-def load_data(data: Path | str) -> tuple[pd.DataFrame, list[SliceRecord]]:
+def load_data(data: Path | str, missing_ok: bool = False) -> tuple[pd.DataFrame, list[SliceRecord]]:
     """(lesion table, slice records) of a DeepLesion-layout folder; clear errors when it is not one or
-    when a key slice named in DL_info.csv is missing."""
+    when a key slice named in DL_info.csv is missing (`missing_ok`: the caller leaves such slices out, as
+    `--skip-unreadable` does)."""
     data = Path(data)
     if not data.is_dir(): raise FileNotFoundError(f"--data {data}: no such folder")
     csv_path = data / 'DL_info.csv'
@@ -408,7 +409,7 @@ def load_data(data: Path | str) -> tuple[pd.DataFrame, list[SliceRecord]]:
     df = read_dl_info(csv_path)
     if df.empty: raise ValueError(f"{csv_path}: no lesion rows")
     records = slice_records(df)
-    missing = [r for r in records if not Path(r.image_path).is_file()]
+    missing = [] if missing_ok else [r for r in records if not Path(r.image_path).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} key slice(s) named in {csv_path} are missing, first {missing[0].image_path} "
                                 f"({missing[0].where()})")

@@ -131,7 +131,7 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
     distributed.setup()
     decoding = Decoding(cfg.keep, cfg.nms_iou)
     loss_func = DetectionLoss(cfg.loss, cfg.map_weight, cfg.map_radius, cfg.nll_weight, cfg.target, decoding)
-    df, records = load_data(cfg.data)
+    df, records = load_data(cfg.data, missing_ok=cfg.skip_unreadable)
     ckpt = load_pretrained(cfg.pretrained) if cfg.pretrained else None
     cfg = resolve(cfg, records, ckpt)
     check_resume(cfg, out)

@@ -146,7 +146,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     out = check_out_folder(cfg.out)
     distributed.setup()
     check_precision(cfg.precision)
-    df, records = load_data(cfg.data)
+    df, records = load_data(cfg.data, missing_ok=cfg.skip_unreadable)
     cfg = resolve(cfg, records)
     check_resume(cfg, out)
     spec, context, size = SliceSpec.of(cfg), cfg.context, cfg.size

@@ -204,17 +204,20 @@ def test_skip_unreadable_replaces_a_neighbour_and_drops_a_key_slice_naming_both(
     key = neighbour.with_name(f'{int(neighbour.stem) - 1:03d}.png')
     broken_key, _ = _key_slice(data, 'test')
     for p in (neighbour, broken_key): _truncate(p)
+    missing_key, _ = _key_slice(data, 'val')
+    missing_key.unlink()                                             # a partial download
     absent, problems = find_unreadable(records, 1)
-    assert absent == {str(neighbour), str(broken_key)} and len(problems) == 2
+    assert absent == {str(neighbour), str(broken_key), str(missing_key)} and len(problems) == 3
     assert any(str(neighbour) in p and f'DL_info.csv line {line}' in p for p in problems)
     assert context_paths(key, 1, absent)[2] == key and context_paths(key, 1)[2] == neighbour   # the nearest readable: the key itself
     out = tmp_path / 'out'
     res = finetune(FinetuneConfig(data=data, out=out, epochs=1, bs=2, size=32, context=1, skip_unreadable=True))
-    n_test = len(evaluation_records(load_data(data)[1], 'test'))
-    assert res['test']['froc']['slices'] == n_test - 1                   # the broken key slice left out with its lesions
+    every = load_data(data, missing_ok=True)[1]
+    assert res['test']['froc']['slices'] == len(evaluation_records(every, 'test')) - 1        # left out with its lesions
+    assert res['valid']['froc']['slices'] == len(evaluation_records(every, 'val')) - 1
     warned = '\n'.join(r.getMessage() for r in caplog.records if r.levelname == 'WARNING')
-    assert '--skip-unreadable: 2 slice file(s) cannot be read and are left out' in warned
-    assert str(neighbour) in warned and str(broken_key) in warned
+    assert '--skip-unreadable: 3 slice file(s) cannot be read and are left out, 2 of the run' in warned
+    assert all(str(p) in warned for p in (neighbour, broken_key, missing_key))
     assert json.loads((out / 'run_config.json').read_text())['skip_unreadable'] is True
 
 
