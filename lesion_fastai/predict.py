@@ -16,7 +16,8 @@ spacing is known, and the Gaussian head's std in pixels), skipped.csv (every inp
 always: orange, marked 'below', where it scores less). --min-score defaults to the model's operating
 point, stored in its export: the score of 1 false positive per validation slice. PNG slices in
 DeepLesion's layout (a folder Images_png/<series>/ beside DL_info.csv) take their pixel spacing from
-DL_info.csv, so their boxes have mm columns too.
+DL_info.csv, so their boxes have mm columns too, and a --windows dicom model reads each in its row's
+DICOM_windows (a slice without a row: the nearest key slice's of its series), as training does.
 
 Exit status: 0 when every input was predicted, 3 when some were skipped (the rest are predicted;
 skipped.csv names them), 1 on an error (with --strict, any input that cannot be predicted is one,
@@ -60,7 +61,7 @@ class _SeriesSlice:
         s, i = item
         c = self.ct.spec.context
         try:
-            if s.kind == 'png': x = self.ct.load(s.files[i])
+            if s.kind == 'png': x = self.ct.load(s.files[i], s.windows[i] if s.windows else None)
             else:
                 order = [i] + [min(max(i + d, 0), len(s) - 1) for o in range(1, c + 1) for d in (-o, o)]
                 hus = [s.hu(k) for k in order]

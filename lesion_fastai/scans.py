@@ -18,7 +18,7 @@ import numpy as np
 
 from .deeplesion import SliceFileError, open_png
 
-__all__ = ['Series', 'find_inputs', 'read_dicom_series', 'dicom_hu', 'deeplesion_spacing', 'axial', 'nifti_axial', 'nifti_spacing']
+__all__ = ['Series', 'find_inputs', 'read_dicom_series', 'dicom_hu', 'deeplesion_rows', 'axial', 'nifti_axial', 'nifti_spacing']
 
 _NIFTI = ('.nii', '.nii.gz')
 _DEEPLESION_FOLDER = re.compile(r'^\d+_\d+_\d+$')
@@ -154,27 +154,42 @@ def _png_name(path: Path) -> str:
     return f'{path.parent.name}_{path.name}' if _DEEPLESION_FOLDER.match(path.parent.name) else str(path)
 
 
-def deeplesion_spacing(folder: Path, tables: dict | None = None) -> tuple[float, float] | None:
-    """The (row, column) pixel spacing in mm of a series folder in DeepLesion's layout
-    (`<data>/Images_png/<series>/`), from `Spacing_mm_px_` of its rows in `<data>/DL_info.csv`; None
-    where there is no such file or it has no valid spacing for the series. `tables` caches the
-    files read (csv path -> {series: spacing})."""
+def deeplesion_rows(folder: Path, tables: dict | None = None) -> tuple[tuple[float, float] | None, dict[int, tuple[float, float]]]:
+    """What `<data>/DL_info.csv` says of a series folder in DeepLesion's layout (`<data>/Images_png/<series>/`):
+    its (row, column) pixel spacing in mm from `Spacing_mm_px_` (None where no row gives a valid one), and
+    the `DICOM_windows` (low, high) of each of its key slices by slice number. (None, {}) where there is no
+    such file. `tables` caches the files read (csv path -> {series: (spacing, windows)})."""
     folder = Path(folder)
     csv_path = folder.parent.parent / 'DL_info.csv'
-    if folder.parent.name != 'Images_png' or not csv_path.is_file(): return None
+    if folder.parent.name != 'Images_png' or not csv_path.is_file(): return None, {}
     tables = {} if tables is None else tables
     if csv_path not in tables:
         found = {}
         try:
             with open(csv_path, newline='', encoding='utf-8-sig', errors='replace') as f:
                 for row in csv.DictReader(f):
+                    name, _, number = (row.get('File_name') or '').rpartition('_')
+                    if not name: continue
+                    spacing, windows = found.setdefault(name, [None, {}])
                     try: x, y = (float(v) for v in (row.get('Spacing_mm_px_') or '').split(',')[:2])
+                    except ValueError: x = y = math.nan
+                    if spacing is None and math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0: found[name][0] = (y, x)
+                    try: lo, hi = (float(v) for v in (row.get('DICOM_windows') or '').split(','))
                     except ValueError: continue
-                    name = (row.get('File_name') or '').rsplit('_', 1)[0]
-                    if name and math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0: found.setdefault(name, (y, x))
+                    if number[:-4].isdigit() and math.isfinite(lo) and math.isfinite(hi) and lo < hi: windows.setdefault(int(number[:-4]), (lo, hi))
         except (OSError, csv.Error): pass
         tables[csv_path] = found
-    return tables[csv_path].get(folder.name)
+    spacing, windows = tables[csv_path].get(folder.name, (None, {}))
+    return spacing, windows
+
+
+def _nearest_windows(paths, windows: dict[int, tuple[float, float]]) -> list | None:
+    """Each slice's DICOM window: its own row's, else that of the key slice nearest to it in its series (the
+    window a radiologist read that series in); None without any."""
+    if not windows: return None
+    keys = sorted(windows)
+    number = lambda p: int(p.stem) if p.stem.isdigit() else keys[0]
+    return [windows[min(keys, key=lambda k: (abs(k - number(p)), k))] for p in paths]
 
 
 def find_inputs(inputs) -> tuple[list[Series], list[tuple[str, str]], int]:
@@ -203,10 +218,11 @@ def find_inputs(inputs) -> tuple[list[Series], list[tuple[str, str]], int]:
         except (SliceFileError, FileNotFoundError) as e:
             skipped.append((str(p), str(e).split(': ', 1)[-1])); continue
         pngs.setdefault(p.parent, []).append(p)
-    spacings = {}
+    tables = {}
     for folder, ps in pngs.items():
         ps.sort(key=lambda q: (int(q.stem) if q.stem.isdigit() else 0, q.name))
-        series.append(Series('png', str(folder), ps, [_png_name(q) for q in ps], deeplesion_spacing(folder, spacings)))
+        spacing, windows = deeplesion_rows(folder, tables)
+        series.append(Series('png', str(folder), ps, [_png_name(q) for q in ps], spacing, _nearest_windows(ps, windows)))
     dicoms = of_kind('dicom')
     if dicoms:
         s, sk = read_dicom_series(dicoms)

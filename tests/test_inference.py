@@ -74,3 +74,29 @@ def test_settings_diff_names_what_differs_and_reads_old_records(tmp_path):
     assert settings_diff({k: v for k, v in unfroze.items() if k != 'unfrozen_lr_div'}, {**unfroze, 'unfrozen_lr_div': 2.}, cls=FinetuneConfig) == {}
     assert settings_diff({'code_channels': [64, 8, 4]}, {'code_channels': (64, 8, 4)}) == {}        # JSON's list is the tuple
     assert dataclasses.asdict(FinetuneConfig(data=tmp_path, out=tmp_path)).keys() == recorded(FinetuneConfig(data=tmp_path, out=tmp_path)).keys()
+
+
+def test_predict_reads_a_deeplesion_png_with_its_rows_dicom_window_as_training_does(tiny_data, tmp_path):
+    import shutil
+    from lesion_fastai.deeplesion import read_dl_info, slice_records
+    from lesion_fastai.predict import _SeriesSlice
+    from lesion_fastai.scans import find_inputs
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    csv_path = data / 'DL_info.csv'
+    lines = csv_path.read_text().splitlines()
+    series = read_dl_info(csv_path).iloc[0].file_name.rsplit('_', 1)[0]
+    lines = [l.replace('"-175, 275"', '"-1350, 150"') if l.startswith(series) else l for l in lines]   # a lung window, that series only
+    csv_path.write_text('\n'.join(lines) + '\n')
+    recs = [r for r in slice_records(read_dl_info(csv_path)) if r.file_name.startswith(series)]
+    assert recs and all(r.dicom_window == (-1350., 150.) for r in recs)
+    spec = SliceSpec('dicom', 1, 32)
+    (s,), _, _ = find_inputs([data / 'Images_png' / series])
+    read = _SeriesSlice(CTSlice(spec))
+    for r in recs:                                                # a key slice: as training reads its record
+        x, *_ = read((s, s.names.index(r.file_name)))
+        assert torch.allclose(x, CTSlice(spec)(r).as_subclass(torch.Tensor))
+    other = next(i for i, p in enumerate(s.files) if p.name not in {r.file_name.rsplit('_', 1)[1] for r in recs})
+    x, *_ = read((s, other))                                      # another slice of the series: the series' window, not soft
+    assert torch.allclose(x, CTSlice(spec).load(s.files[other], (-1350., 150.)).as_subclass(torch.Tensor))
+    assert not torch.allclose(x, CTSlice(spec).load(s.files[other]).as_subclass(torch.Tensor))
