@@ -94,7 +94,7 @@ class RunConfig:
     windows: str | None = option('soft', 'CT windows as channels, e.g. soft,lung or -100:200 or dicom', check=_windows, group='input')
     context: int | None = option(None, 'neighbour slices on each side of a slice as extra input channels', at_least=0,
                                  default_help=f'{DEFAULT_CONTEXT} where the data ships neighbour slices (DeepLesion does), else 0', group='input')
-    seed: int = option(0, 'random seed: label subset, initialisation, batches, augmentation', group='training')
+    seed: int = option(0, 'random seed: initialisation, batches, augmentation (and finetune\'s label subset)', group='training')
     backbone: str | None = option('resnet', "the body: resnet (the project's own) or a timm model name, e.g. resnet18, convnext_atto "
                                   '(features_only at strides 4-32, in_chans from windows x context)', group='model')
     backbone_weights: Path | None = option(None, "a local state dict of the timm --backbone (ImageNet weights, say: nothing is "
@@ -137,7 +137,9 @@ class PretrainConfig(RunConfig):
     windows: str = option('soft', 'CT windows as channels, e.g. soft,lung or -100:200', check=_windows, group='input')
     backbone: str = option('resnet', "the body: resnet (the project's own) or a timm model name, e.g. resnet18, convnext_atto "
                            '(features_only at strides 4-32, in_chans from windows x context)', group='model')
-    patients: str = option('train', 'slices of the training patients only, or of train and test patients (labels unused either way)',
+    patients: str = option('train', 'slices of the training patients only, or of train and test patients (labels unused either way; '
+                           'all: the autoencoder then sees the test slices a detector is scored on, so its test FROC is no longer '
+                           'held out from pretraining)',
                            choices=('train', 'all'), group='data')
     pretext: str = option('masked', "masked: every channel masked and noisy, all reconstructed; context: only the key slice's patches "
                           'masked, its --context neighbours whole, the key slice reconstructed (needs --context 1 or more; fine-tune '

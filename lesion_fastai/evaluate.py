@@ -1,7 +1,7 @@
 """python -m lesion_fastai.evaluate: score a trained detector on the test patients of a data folder.
 
-DeepLesion's protocol (docs/design.md): FROC at 0.5-4 false positives per slice and the top box of
-each slice, beside the mean box of the labels the model was trained with. MODEL is either form a
+DeepLesion's protocol (docs/design.md): sensitivity at 0.5-16 false positives per slice, its mean over
+0.5-4, and the top box of each slice, beside the mean box of the labels the model was trained with. MODEL is either form a
 finetune run writes: export.pkl, or model.safetensors with model.json beside it (safe to share: nothing
 is unpickled). Writes eval_metrics.json, eval_predictions.csv, eval_froc.png, eval_results.png,
 eval_errors.png and eval_report.html to --out (default: the folder of MODEL).

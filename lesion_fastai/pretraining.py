@@ -153,6 +153,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     # 'all' adds the test patients' slices (labels unused); validation patients stay held out for the loss
     train_p = set(df.patient[df.split == 'train']) if cfg.patients == 'train' else set(df.patient[df.split != 'val'])
     val_p = set(df.patient[df.split == 'val'])
+    if cfg.patients == 'all':
+        log.warning(f"--patients all: the autoencoder pretrains on the test patients' slices too (labels unused), so a detector "
+                    f"fine-tuned from it is scored on slices its pretraining saw: its test FROC is not held out from pretraining")
     if not val_p: raise ValueError(f"{cfg.data}: no validation patients (Train_Val_Test = 2), which pretraining needs to "
                                    f"measure its reconstruction loss and keep the best epoch")
     paths = list_slices(cfg.data, train_p | val_p)

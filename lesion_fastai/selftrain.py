@@ -85,7 +85,7 @@ def self_train(cfg: FinetuneConfig, rounds: int = 1, fp: float = PSEUDO_FP, teac
 @dataclass(kw_only=True)
 class SelftrainSettings:
     "Self-training's own settings; the student's (and those of a teacher trained here) are `FinetuneConfig`'s."
-    teacher: Path | None = option(None, "a trained detector's export.pkl as the first teacher", metavar='EXPORT',
+    teacher: Path | None = option(None, "a trained detector as the first teacher: finetune's export.pkl or model.safetensors", metavar='MODEL',
                                   default_help='trained into OUT/teacher with the same settings as the student', group='self-training')
     rounds: int = option(1, 'rounds of pseudo-labelling, each student the next teacher', at_least=1, group='self-training')
     pseudo_fp: float = option(PSEUDO_FP, "the threshold of the teacher's boxes: the score at which it makes FP false positives per "

@@ -44,6 +44,18 @@ def test_pretrain_writes_checkpoint_figure_and_beats_untrained(pretrained):
     assert m['valid_loss'] < .7 * m['valid_loss_untrained']
 
 
+
+@pytest.mark.slow
+def test_pretrain_patients_all_adds_the_test_patients_and_says_what_that_costs(tiny_data, tmp_path, caplog):
+    from lesion_fastai.deeplesion import list_slices, read_dl_info
+    df = read_dl_info(tiny_data / 'DL_info.csv')
+    counts = {split: len(list_slices(tiny_data, set(df.patient[df.split == split]))) for split in ('train', 'test')}
+    pretrain_cli.main(['--data', str(tiny_data), '--out', str(tmp_path / 'all'), '--epochs', '1', '--bs', '4', '--size', '32',
+                       '--patients', 'all'])
+    m = json.loads((tmp_path / 'all' / 'pretrain_metrics.json').read_text())
+    assert m['train_slices'] == counts['train'] + counts['test'] and counts['test'] > 0
+    assert any('--patients all' in r.getMessage() and 'not held out' in r.getMessage() for r in caplog.records if r.levelname == 'WARNING')
+
 @pytest.mark.slow
 def test_finetune_cli_scratch_writes_metrics_results_and_export(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                      # a relative --out, as users type it
