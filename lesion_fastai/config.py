@@ -299,6 +299,8 @@ class EvaluateConfig(InferenceConfig):
     data: Path = option(help='DeepLesion-layout folder whose test patients (Train_Val_Test 3) are scored', group='data')
     out: Path | None = option(None, 'output folder: eval_metrics.json, eval_predictions.csv, eval_froc.png, eval_results.png, '
                               'eval_errors.png, eval_report.html', default_help='the folder of MODEL', group='data')
+    skip_unreadable: bool = option(False, 'leave out the test slices that cannot be read or are missing, naming each once, rather '
+                                   'than stop; a neighbour is replaced by the nearest readable slice of its series', group='data')
 
 
 @dataclass(kw_only=True)

@@ -35,7 +35,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from .evaluation import evaluate_export
     from .log import log
     from .metrics import summary_line
-    metrics = evaluate_export(cfg.model, cfg.data, cfg.out, cfg.bs, cfg.device)
+    metrics = evaluate_export(cfg.model, cfg.data, cfg.out, cfg.bs, cfg.device, cfg.skip_unreadable)
     log.info(f"test: {summary_line(metrics['test'])}")
     return metrics
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .boxes import one_std_boxes, protocol_iou, to_pixels
-from .cache import prepare_slices
+from .cache import prepare_slices, readable
 from .data import CTSlice
 from .deeplesion import evaluation_records, load_data
 from .inference import detect
@@ -72,7 +72,7 @@ def report(model, spec, decoding, splits: dict, baseline: np.ndarray, out: Path,
             threshold, why = shown.shown_above()
             images = CTSlice(spec, cache).batch(recs[:min(n_figure, bs)])[:, 0].numpy()
             drawn = _results_figure(recs, dets, images, out / f'{prefix}results.png', n_figure, threshold)
-            _errors_figure(spec, recs, dets, out / f'{prefix}errors.png', threshold, n_figure)
+            _errors_figure(spec, recs, dets, out / f'{prefix}errors.png', threshold, n_figure, cache)
             log.info(f"{prefix}results.png: {drawn} box(es) drawn at score >= {threshold:.3f} ({why}); the top box of each slice always, "
                      f"dashed where it scores less")
     last = 'test' if 'test' in results else next(iter(results))
@@ -130,40 +130,42 @@ def slice_errors(dets: Detections, records, threshold: float, n: int = 4) -> tup
     return first(sorted(misses, key=lambda t: t[2]))[:n], first(sorted(false_pos, key=lambda t: -t[2]))[:n]
 
 
-def _errors_figure(spec, records, dets: Detections, path, threshold: float, n: int):
+def _errors_figure(spec, records, dets: Detections, path, threshold: float, n: int, cache=None):
     "The worst misses and false positives (`slice_errors`) drawn as `results.png` draws slices, each titled with its error."
     misses, false_pos = slice_errors(dets, records, threshold, max(1, n // 2))
     chosen = [(i, f'missed a lesion (its best box scores {s:.2f})') for i, _, s in misses] + \
              [(i, f'false positive scoring {s:.2f}') for i, _, s in false_pos]
     if not chosen: return plot_results(np.zeros((0, 1, 1)), [], [], path, titles=[], threshold=threshold)
     recs = [records[i] for i, _ in chosen]
-    images = CTSlice(spec).batch(recs)[:, 0].numpy()
+    images = CTSlice(spec, cache).batch(recs)[:, 0].numpy()
     scale = np.array([images.shape[-1], images.shape[-2]] * 2)
     keep = [_drawn(dets, i, threshold) for i, _ in chosen]
     return plot_results(images, recs, [b * scale for b, _ in keep], path, pred_scores=[s for _, s in keep],
                         titles=[why for _, why in chosen], threshold=threshold)
 
 
-def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | None = None, bs: int = 16, device: str = 'auto') -> dict:
+def evaluate_export(model_path: Path | str, data: Path | str, out: Path | str | None = None, bs: int = 16, device: str = 'auto',
+                    skip_unreadable: bool = False) -> dict:
     """Evaluate a trained detector (either export form, `export.load_model`) on the test patients of
     `data` (DeepLesion's protocol), beside the mean-box baseline it was trained with (stored with it);
     writes `eval_metrics.json`, `eval_predictions.csv`, `eval_froc.png`, `eval_results.png`,
     `eval_errors.png` and `eval_report.html`. Checks the output folder and every test slice before
-    evaluating."""
+    evaluating (`skip_unreadable`: leaves out, naming them, those that cannot be read, as training does)."""
     from .export import load_model
     model_path = Path(model_path)
     if not model_path.exists(): raise FileNotFoundError(f"{model_path}: no such exported model")
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     out = check_out_folder(Path(out) if out else (model_path if model_path.is_dir() else model_path.parent))
-    _, records = load_data(data)
+    _, records = load_data(data, missing_ok=skip_unreadable)
     test = evaluation_records(records, 'test')
     if not test: raise ValueError(f"{data}: no test slices (Train_Val_Test = 3) with a lesion not Possibly_noisy")
     model, spec, info = load_model(model_path, device)
-    prepare_slices('none', test, spec)                # every test slice readable with the model's preprocessing
+    cache = prepare_slices('none', test, spec, skip_unreadable=skip_unreadable)   # every test slice readable as the model reads it
+    test = readable(test, cache)
     baseline, source = (np.asarray(info['mean_box']), 'stored with the model') if info else \
         (mean_box(evaluation_records(records, 'train')), 'training split of --data (the export stores none)')
     with output_folder(out):
-        results = report(model, spec, model.decoding, {'test': test}, baseline, out, prefix='eval_', bs=bs)
+        results = report(model, spec, model.decoding, {'test': test}, baseline, out, prefix='eval_', bs=bs, cache=cache)
         metrics = {'test': results['test'], 'model': str(model_path), 'mean_box_source': source}
         write_json(metrics, out / 'eval_metrics.json')
         from .report import run_report

@@ -153,8 +153,10 @@ def finetune(cfg: FinetuneConfig, cbs=()) -> dict:
     # every slice this run reads: the disk cache is shared by all label fractions, the memory cache holds this run's
     needed = records + extra if cfg.cache == 'disk' else epoch_items + valid + test
     cache = prepare_slices(cfg.cache, needed, spec, cfg.cache_dir, max(1, cfg.num_workers), cfg.skip_unreadable)
-    if cfg.skip_unreadable:            # the key slices left out as unreadable, named by prepare_slices, with their lesions
-        train, valid, test, epoch_items = (readable(items, cache) for items in (train, valid, test, epoch_items))
+    if getattr(cache, 'absent', None):  # --skip-unreadable left key slices out (named by prepare_slices) with their lesions
+        train_all, train, valid, test = (readable(items, cache) for items in (train_all, train, valid, test))
+        extra = readable(unlabelled_targets(cfg, train, records), cache)      # none carried from a slice left out
+        epoch_items = epoch_of(train, extra, len(train_all) if cfg.same_epoch_length else None, cfg.seed)
         if not train or not valid or not test:
             raise ValueError(f"--skip-unreadable leaves {len(train)} training, {len(valid)} validation and {len(test)} test slices "
                              f"that can be read; each split needs at least one")

@@ -37,6 +37,7 @@ def pseudo_labels_from(teacher: Path, cfg: FinetuneConfig, out_csv: Path, fp: fl
     passes go through the one inference path (`inference.detect`). Returns the threshold, the slices
     looked at and labelled, and the boxes."""
     from .data import select_patients
+    from .cache import prepare_slices, readable
     from .deeplesion import evaluation_records, load_data
     from .evaluation import predict_detections
     from .export import load_model
@@ -46,14 +47,17 @@ def pseudo_labels_from(teacher: Path, cfg: FinetuneConfig, out_csv: Path, fp: fl
     from .unlabelled import pseudo_label, unlabelled_slices, write_pseudo_labels
     model, spec, _ = load_model(teacher, flag='--teacher')
     decoding = model.decoding
-    _, records = load_data(cfg.data)
+    _, records = load_data(cfg.data, missing_ok=cfg.skip_unreadable)
     valid = evaluation_records(records, 'val')
-    dets = predict_detections(model, spec, decoding, valid)
-    fps, _, scores = froc_curve(*froc_inputs(dets, valid))
-    threshold = score_at_fp(fps, scores, fp)
     used = select_patients(evaluation_records(records, 'train'), cfg.label_fraction, cfg.seed)
     paths = unlabelled_slices(cfg.data, records, used)
-    labelled = pseudo_label(model, spec, decoding, paths, threshold, cfg.pseudo_weight, records)
+    # --skip-unreadable: the files the student's run leaves out, left out of the teacher's pass too (named there)
+    cache = prepare_slices('none', valid + paths, spec, skip_unreadable=True) if cfg.skip_unreadable else None
+    valid, paths = readable(valid, cache), readable(paths, cache)
+    dets = predict_detections(model, spec, decoding, valid, cache=cache)
+    fps, _, scores = froc_curve(*froc_inputs(dets, valid))
+    threshold = score_at_fp(fps, scores, fp)
+    labelled = pseudo_label(model, spec, decoding, paths, threshold, cfg.pseudo_weight, records, cache=cache)
     write_pseudo_labels(out_csv, labelled, str(teacher))
     boxes = sum(len(r.boxes) for r, _ in labelled)
     log.info(f"teacher {teacher}: score {threshold:.3f} makes {fp:g} false positive(s) per validation slice; {len(labelled)} of "

@@ -81,11 +81,12 @@ def _series_settings(records) -> dict:
     return {Path(r.image_path).parent.name: (r.spacing_mm, r.dicom_window, r.spacing_z_mm) for r in records}
 
 
-def pseudo_label(model, spec, decoding, paths, threshold: float, weight: float, records=(), bs: int = 16) -> list[tuple]:
+def pseudo_label(model, spec, decoding, paths, threshold: float, weight: float, records=(), bs: int = 16, cache=None) -> list[tuple]:
     """The teacher's (`model`, with its `spec` and `decoding`) boxes scoring at least `threshold` on
     each of `paths`, at most `MAX_PSEUDO_BOXES` a slice, through the one inference path
     (`inference.detect`): (training record of `weight`, its boxes' scores) per slice where a box
-    reaches it. A slice's spacing and DICOM window come from its series' rows in `records`."""
+    reaches it. A slice's spacing and DICOM window come from its series' rows in `records`; `cache`: a run's
+    (`cache.prepare_slices`), whose `absent` files are read as not shipped."""
     from .inference import detect
     settings = _series_settings(records)
 
@@ -95,7 +96,7 @@ def pseudo_label(model, spec, decoding, paths, threshold: float, weight: float, 
                            dicom_window=window, boxes=np.zeros((0, 4), np.float32), lesion_types=(),
                            file_name=f"{Path(p).parent.name}_{Path(p).name}", spacing_z_mm=spacing_z, weight=weight)
     items = [unlabelled(p) for p in paths]
-    dets, _ = detect(model, spec, decoding, items, bs=bs)
+    dets, _ = detect(model, spec, decoding, items, bs=bs, cache=cache)
     out = []
     for r, b, s in zip(items, dets.boxes, dets.scores):
         keep = np.flatnonzero(s >= threshold)[:MAX_PSEUDO_BOXES]

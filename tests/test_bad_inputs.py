@@ -196,18 +196,25 @@ def test_the_strict_error_names_skip_unreadable(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_skip_unreadable_replaces_a_neighbour_and_drops_a_key_slice_naming_both(data, tmp_path, caplog):
+def test_skip_unreadable_replaces_neighbours_and_drops_key_slices_in_finetune_evaluate_and_selftrain(data, tmp_path, caplog):
+    from lesion_fastai import evaluate
     from lesion_fastai.cache import find_unreadable
     from lesion_fastai.deeplesion import context_paths, evaluation_records, load_data, slice_records
+    from lesion_fastai.selftrain import pseudo_labels_from
     records = slice_records(read_dl_info(data / 'DL_info.csv'))
     neighbour, line = _neighbour(data)
     key = neighbour.with_name(f'{int(neighbour.stem) - 1:03d}.png')
     broken_key, _ = _key_slice(data, 'test')
-    for p in (neighbour, broken_key): _truncate(p)
+    keys = {Path(r.image_path) for r in records}
+    # a neighbour of every other test key slice too, so that every figure of the test split reads around one
+    test_neighbours = {Path(r.image_path).with_name(f'{int(Path(r.image_path).stem) + 1:03d}.png') for r in records if r.split == 'test'}
+    test_neighbours = {p for p in test_neighbours if p.exists() and p not in keys}
+    for p in (neighbour, broken_key, *test_neighbours): _truncate(p)
     missing_key, _ = _key_slice(data, 'val')
     missing_key.unlink()                                             # a partial download
+    broken = {neighbour, broken_key, missing_key, *test_neighbours}
     absent, problems = find_unreadable(records, 1)
-    assert absent == {str(neighbour), str(broken_key), str(missing_key)} and len(problems) == 3
+    assert absent == {str(p) for p in broken} and len(problems) == len(broken) and test_neighbours
     assert any(str(neighbour) in p and f'DL_info.csv line {line}' in p for p in problems)
     assert context_paths(key, 1, absent)[2] == key and context_paths(key, 1)[2] == neighbour   # the nearest readable: the key itself
     out = tmp_path / 'out'
@@ -216,9 +223,24 @@ def test_skip_unreadable_replaces_a_neighbour_and_drops_a_key_slice_naming_both(
     assert res['test']['froc']['slices'] == len(evaluation_records(every, 'test')) - 1        # left out with its lesions
     assert res['valid']['froc']['slices'] == len(evaluation_records(every, 'val')) - 1
     warned = '\n'.join(r.getMessage() for r in caplog.records if r.levelname == 'WARNING')
-    assert '--skip-unreadable: 3 slice file(s) cannot be read and are left out, 2 of the run' in warned
-    assert all(str(p) in warned for p in (neighbour, broken_key, missing_key))
+    assert f'--skip-unreadable: {len(broken)} slice file(s) cannot be read and are left out, 2 of the run' in warned
+    assert all(str(p) in warned for p in broken)
     assert json.loads((out / 'run_config.json').read_text())['skip_unreadable'] is True
+    # evaluate: refused without the flag, the same test slices scored with it
+    with pytest.raises(SystemExit) as e: evaluate.main([str(out / 'export.pkl'), '--data', str(data), '--out', str(tmp_path / 'e1')])
+    assert str(missing_key) in e.value.code and not (tmp_path / 'e1').exists()
+    evaluate.main([str(out / 'model.safetensors'), '--data', str(data), '--out', str(tmp_path / 'e2'), '--skip-unreadable'])
+    assert json.loads((tmp_path / 'e2' / 'eval_metrics.json').read_text())['test'] == json.loads((out / 'metrics.json').read_text())['test']
+    # self-training's teacher pass leaves the broken training slice out of the slices it pseudo-labels
+    cfg = FinetuneConfig(data=data, out=tmp_path / 's', epochs=1, bs=2, size=32, context=1, skip_unreadable=True)
+    found = pseudo_labels_from(out / 'export.pkl', cfg, tmp_path / 'pseudo.csv', fp=1.)
+    assert neighbour in _train_slices(data) and found['unlabelled_slices'] == len([p for p in _train_slices(data) if p not in keys]) - 1
+
+
+def _train_slices(root):
+    from lesion_fastai.deeplesion import list_slices
+    df = read_dl_info(root / 'DL_info.csv')
+    return list_slices(root, set(df.patient[df.split == 'train']))
 
 
 @pytest.mark.slow
