@@ -184,7 +184,7 @@ def check_files(items, context: int) -> None:
             if p in seen: continue
             seen.add(p)
             try: check_png(p)
-            except (ValueError, FileNotFoundError) as e: problems.append(f"{e}{_who_needs(item, getattr(e, 'path', None))}")
+            except (ValueError, OSError) as e: problems.append(f"{e}{_who_needs(item, getattr(e, 'path', None))}")
     _raise_problems(problems, len(seen))
 
 
@@ -203,7 +203,7 @@ def find_unreadable(items, context: int) -> tuple[frozenset, list[str]]:
                 if str(p) in checked: continue
                 checked.add(str(p))
                 try: check_png(p)
-                except (ValueError, FileNotFoundError) as e:
+                except (ValueError, OSError) as e:              # OSError: missing, or not readable by this user
                     absent.add(str(p)); found = True
                     problems.append(f"{e}{_who_needs(item, p)}")
         if not found: return frozenset(absent), problems
@@ -343,10 +343,11 @@ def prepare_slices(kind: str, items, spec, folder=None, workers: int = 1, skip_u
         absent, problems = find_unreadable(items, spec.context)
         if problems:
             kept = [item for item in items if _path_and_window(item)[0] not in absent]
-            shown = '\n  '.join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else '')
+            rows = [item.where() for item in items if isinstance(item, SliceRecord) and str(item.image_path) in absent]
+            listed = lambda xs: '\n  '.join(xs[:20]) + (f"\n  ... and {len(xs) - 20} more" if len(xs) > 20 else '')
             log.warning(f"--skip-unreadable: {len(problems)} slice file(s) cannot be read and are left out, {len(items) - len(kept)} of "
                         f"the run's {len(items)} slices with them (a neighbour is replaced by the nearest readable slice of its "
-                        f"series):\n  {shown}")
+                        f"series):\n  {listed(problems)}" + (f"\nthe key slices left out, with their lesions:\n  {listed(rows)}" if rows else ''))
             if not kept: raise BadSlicesError(f"--skip-unreadable: none of the {len(items)} slices can be read")
             items = kept
     try: return _prepare(kind, items, spec, folder, workers, absent, check=not skip_unreadable)
@@ -373,21 +374,29 @@ def _prepare(kind, items, spec, folder, workers, absent, check):
 
 
 def available_memory() -> int | None:
-    "Bytes of memory this machine can give a process without swapping (Linux's MemAvailable); None where unknown."
+    """Bytes of memory this machine can give a process without swapping: Linux's MemAvailable, or less where a
+    cgroup (a container, a Slurm job) limits the process to less; None where unknown."""
     try:
         with open('/proc/meminfo') as f: fields = dict(line.split(':', 1) for line in f)
-        return int(fields['MemAvailable'].split()[0]) * 1024
+        free = int(fields['MemAvailable'].split()[0]) * 1024
     except (OSError, KeyError, ValueError): return None
+    try:
+        limit = Path('/sys/fs/cgroup/memory.max').read_text().strip()
+        if limit != 'max': free = min(free, int(limit) - int(Path('/sys/fs/cgroup/memory.current').read_text()))
+    except (OSError, ValueError): pass
+    return free
 
 
 def check_memory(need: int, n_slices: int, share: float = .8) -> None:
-    """--cache memory: a ValueError before any slice is decoded when the prepared slices (`need` bytes, float32)
-    would take more than `share` of the memory available, saying what fits instead."""
-    free = available_memory()
-    if free is None or need <= share * free: return
-    raise ValueError(f"--cache memory: the {n_slices:,} slices this run prepares take about {need / 1e9:.1f} GB of memory and "
+    """--cache memory: a ValueError before any slice is decoded when the prepared slices (`need` bytes, float32, in
+    each of the processes a launcher started on this machine) would take more than `share` of the memory
+    available, saying what fits instead."""
+    free, local = available_memory(), int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    if free is None or need * local <= share * free: return
+    each = f" in each of {local} processes" if local > 1 else ''
+    raise ValueError(f"--cache memory: the {n_slices:,} slices this run prepares take about {need / 1e9:.1f} GB of memory{each} and "
                      f"{free / 1e9:.1f} GB are available: use --cache disk (a float16 array of about {need / 2e9:.1f} GB "
-                     f"on disk, built once and shared by later runs; --cache-dir to choose the disk)")
+                     f"on disk, built once and shared by later runs and processes; --cache-dir to choose the disk)")
 
 
 def drop_near_duplicates(paths, prep, threshold: float, keep=None) -> tuple[list, int]:

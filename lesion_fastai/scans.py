@@ -80,9 +80,9 @@ def nifti_axial(img, s: int, nib) -> np.ndarray:
 
 
 def nifti_spacing(img, nib) -> tuple[float, float]:
-    "(row, column) mm per pixel of `nifti_axial`'s slices: the RAS+ y and x voxel sizes."
-    ornt, zooms = _canonical_axes(img, nib), img.header.get_zooms()
-    size = {int(ornt[i, 0]): float(zooms[i]) for i in range(3)}
+    "(row, column) mm per pixel of `nifti_axial`'s slices: the RAS+ y and x voxel sizes, from the affine as `convert` takes them."
+    ornt, sizes = _canonical_axes(img, nib), nib.affines.voxel_sizes(img.affine)
+    size = {int(ornt[i, 0]): float(sizes[i]) for i in range(3)}
     return size[1], size[0]
 
 

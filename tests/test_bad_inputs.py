@@ -225,6 +225,7 @@ def test_skip_unreadable_replaces_neighbours_and_drops_key_slices_in_finetune_ev
     warned = '\n'.join(r.getMessage() for r in caplog.records if r.levelname == 'WARNING')
     assert f'--skip-unreadable: {len(broken)} slice file(s) cannot be read and are left out, 2 of the run' in warned
     assert all(str(p) in warned for p in broken)
+    assert 'the key slices left out, with their lesions' in warned and warned.count('DL_info.csv line') >= len(broken) + 2
     assert json.loads((out / 'run_config.json').read_text())['skip_unreadable'] is True
     # evaluate: refused without the flag, the same test slices scored with it
     with pytest.raises(SystemExit) as e: evaluate.main([str(out / 'export.pkl'), '--data', str(data), '--out', str(tmp_path / 'e1')])

@@ -134,3 +134,17 @@ def test_each_png_is_decoded_once_and_stacked_as_decoding_every_channel_would(ti
         got = cached(r)
         assert torch.equal(got, reference[r.image_path]) and got.orig_size == reference[r.image_path].orig_size
     assert decoded == []                                         # every epoch after: nothing decoded
+
+
+def test_the_memory_cache_is_refused_where_it_would_not_fit_counting_every_local_process(monkeypatch):
+    import lesion_fastai.cache as cache
+    from lesion_fastai.cache import check_memory
+    monkeypatch.setattr(cache, 'available_memory', lambda: 10 * 10 ** 9)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    check_memory(7 * 10 ** 9, 1000)                                      # under 80% of what is available
+    with pytest.raises(ValueError, match=r'the 1,000 slices .* about 9.0 GB of memory and 10.0 GB are available: use --cache disk'):
+        check_memory(9 * 10 ** 9, 1000)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')                          # torchrun: each process decodes its own copy
+    with pytest.raises(ValueError, match='in each of 2 processes'): check_memory(5 * 10 ** 9, 1000)
+    monkeypatch.setattr(cache, 'available_memory', lambda: None)         # not Linux: no check
+    check_memory(10 ** 15, 1000)

@@ -125,6 +125,10 @@ def test_predict_reads_a_volume_as_convert_writes_it_whatever_the_stored_axis_or
         assert skipped == [] and len(series) == len(pngs) == SHAPE[2], name
         assert all(np.array_equal(series.hu(int(p.stem) - 1), load_hu(p)) for p in pngs), name            # slice s is PNG s
         assert np.allclose(series.spacing, (row.spacing_y_mm, row.spacing_x_mm)), name
+    from lesion_fastai.scans import nifti_spacing
+    img = nib.Nifti1Image(np.zeros(SHAPE[2:] + SHAPE[:2], np.int16), ZXY)
+    img.header.set_zooms((1., 1., 1.))                                 # a header disagreeing with its affine: the affine counts, as in convert
+    assert np.allclose(nifti_spacing(img, nib), (.8, .8))
 
 
 def make_volumes(root, n, shape=(32, 32, 12)):
