@@ -209,6 +209,29 @@ def find_unreadable(items, context: int) -> tuple[frozenset, list[str]]:
         if not found: return frozenset(absent), problems
 
 
+def _remembered_unreadable(items, context: int, folder) -> tuple[frozenset, list[str]]:
+    """`find_unreadable(items, context)`, kept in `folder`/unreadable_<key>.json, whose key digests the items,
+    `context` and the size and modification time of every PNG of their series: checking reads every byte of
+    every file, opening the record reads their folders' listings."""
+    h = hashlib.sha1(json.dumps({'context': context, 'version': 1}).encode())
+    for item in items: h.update(f"{_path_and_window(item)[0]}\n".encode())     # as given: `absent` holds them so
+    for series in sorted({Path(_path_and_window(item)[0]).parent for item in items}):
+        try: entries = sorted((e for e in os.scandir(series) if e.name.endswith('.png')), key=lambda e: e.name)
+        except OSError: continue
+        for e in entries:
+            st = e.stat()
+            h.update(f"{e.path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    record = Path(folder).expanduser() / f'unreadable_{h.hexdigest()[:16]}.json'
+    if record.is_file():
+        found = json.loads(record.read_text())
+        return frozenset(found['absent']), found['problems']
+    absent, problems = find_unreadable(items, context)
+    if distributed.is_main():
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps({'absent': sorted(absent), 'problems': problems}))
+    return absent, problems
+
+
 def readable(items, cache) -> list:
     "`items` less those whose key slice `cache` (a run's, `prepare_slices`) holds as unreadable."
     absent = getattr(cache, 'absent', frozenset())
@@ -340,7 +363,9 @@ def prepare_slices(kind: str, items, spec, folder=None, workers: int = 1, skip_u
     key slice is among them)."""
     absent = frozenset()
     if skip_unreadable:
-        absent, problems = find_unreadable(items, spec.context)
+        if kind == 'disk':                 # remembered beside the cache: a later run over unchanged files reads none of them again
+            with distributed.main_first(): absent, problems = _remembered_unreadable(items, spec.context, folder or DEFAULT_CACHE_DIR)
+        else: absent, problems = find_unreadable(items, spec.context)
         if problems:
             kept = [item for item in items if _path_and_window(item)[0] not in absent]
             rows = [item.where() for item in items if isinstance(item, SliceRecord) and str(item.image_path) in absent]

@@ -148,3 +148,21 @@ def test_the_memory_cache_is_refused_where_it_would_not_fit_counting_every_local
     with pytest.raises(ValueError, match='in each of 2 processes'): check_memory(5 * 10 ** 9, 1000)
     monkeypatch.setattr(cache, 'available_memory', lambda: None)         # not Linux: no check
     check_memory(10 ** 15, 1000)
+
+
+def test_skip_unreadable_with_the_disk_cache_checks_the_files_once_until_one_changes(tiny_data, tmp_path, monkeypatch):
+    import shutil
+    import lesion_fastai.cache as cache
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    paths = list_slices(data)[:12]
+    paths[3].write_bytes(paths[3].read_bytes()[:200])                   # truncated
+    spec = SliceSpec('soft', 1, 32)
+    first = prepare_slices('disk', paths, spec, tmp_path / 'cache', skip_unreadable=True)
+    assert first.absent == {str(paths[3])}
+    checked, real = [], cache.check_png
+    monkeypatch.setattr(cache, 'check_png', lambda p: (checked.append(p), real(p))[1])
+    again = prepare_slices('disk', paths, spec, tmp_path / 'cache', skip_unreadable=True)
+    assert again.absent == first.absent and again.array_file == first.array_file and checked == []    # from the record
+    paths[3].write_bytes(np.zeros(10, np.uint8).tobytes())              # the file changed: checked again
+    assert prepare_slices('disk', paths, spec, tmp_path / 'cache', skip_unreadable=True).absent == first.absent and checked
