@@ -323,7 +323,7 @@ def _build(items, units, prep, spec, folder, key, array_file, index_file, worker
              f"{np.prod(shape) * 2 / 1e9:.2f} GB in {folder}" + (f"; resuming, {len(finished)} of {len(finished) + len(chunks)} chunks built"
                                                                   if finished else '') + f"; {workers} process(es)")
     pairs = list(units.items())
-    problems = []
+    problems = list((state or {}).get('problems', []))      # those of the chunks built before an interruption
     jobs = ((prep, partial, list(range(c, min(c + CHUNK, len(pairs)))), pairs[c:c + CHUNK]) for c in chunks)
     pool = None
     if workers > 1 and len(chunks) > 1:
@@ -336,10 +336,12 @@ def _build(items, units, prep, spec, folder, key, array_file, index_file, worker
             problems += bad
             for k, r, w, h in done: index[k] = [r, w, h]
             finished.append(c)
-            atomic_write_text(record, json.dumps({'chunks': finished, 'entries': [[k, *e] for k, e in index.items()]}))
+            atomic_write_text(record, json.dumps({'chunks': finished, 'entries': [[k, *e] for k, e in index.items()], 'problems': problems}))
     finally:
         if pool is not None: pool.terminate()
     problems += _check_items(items, prep, {k: (w, h) for k, (_, w, h) in index.items()})
+    if not problems and len(index) != len(units):   # a record from before problems were recorded: never a cache with holes
+        problems = [f"{units[k][0]}: not in the interrupted build's record{_who_needs(units[k][2], units[k][0])}" for k in units if k not in index]
     if problems:                                 # a fixed file changes the key, so this partial build is of no further use
         partial.unlink(missing_ok=True); record.unlink(missing_ok=True)
         _raise_problems(problems, len(units))

@@ -166,3 +166,24 @@ def test_skip_unreadable_with_the_disk_cache_checks_the_files_once_until_one_cha
     assert again.absent == first.absent and again.array_file == first.array_file and checked == []    # from the record
     paths[3].write_bytes(np.zeros(10, np.uint8).tobytes())              # the file changed: checked again
     assert prepare_slices('disk', paths, spec, tmp_path / 'cache', skip_unreadable=True).absent == first.absent and checked
+
+
+def test_a_bad_slice_found_before_an_interruption_is_still_named_after_it(tiny_data, tmp_path, monkeypatch):
+    import shutil
+    import lesion_fastai.cache as cache_mod
+    from lesion_fastai.cache import BadSlicesError
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    paths = list_slices(data)[:6]
+    paths[1].write_bytes(paths[1].read_bytes()[:200])                   # in the first chunk, which finishes
+    monkeypatch.setattr(cache_mod, 'CHUNK', 2)
+    real, calls = CTSlice.planes, []
+
+    def interrupt_third(self, path, wins):
+        calls.append(path)
+        if len(calls) == 3: raise KeyboardInterrupt                     # in the second chunk
+        return real(self, path, wins)
+    monkeypatch.setattr(CTSlice, 'planes', interrupt_third)
+    with pytest.raises(KeyboardInterrupt): build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path / 'c')
+    with pytest.raises(BadSlicesError, match=str(paths[1])): build_slice_cache(paths, SliceSpec('soft', 0, 32), tmp_path / 'c')
+    assert not list((tmp_path / 'c').glob('slices_*[0-9a-f].npy'))        # no cache with a hole in it
