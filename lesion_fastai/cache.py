@@ -226,7 +226,8 @@ def _remembered_unreadable(items, context: int, folder) -> tuple[frozenset, list
         found = json.loads(record.read_text())
         return frozenset(found['absent']), found['problems']
     absent, problems = find_unreadable(items, context)
-    if distributed.is_main():
+    denied = any(Path(p).exists() and not os.access(p, os.R_OK) for p in absent)   # this user's, not the file's: not remembered
+    if distributed.is_main() and not denied:
         record.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps({'absent': sorted(absent), 'problems': problems}))
     return absent, problems

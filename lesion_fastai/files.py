@@ -25,20 +25,33 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)       # the errnos of a write that found
 
 @contextmanager
 def atomic_path(path: Path | str):
-    """Yield a temp path beside `path` to write to; on success it is renamed to `path` (atomic on one
-    file system), on any error it is removed, so `path` is either the old file or the complete new one."""
+    """Yield a temp path beside `path` to write to; on success it is flushed to the disk and renamed to
+    `path` (atomic on one file system, and the rename itself flushed), on any error it is removed, so
+    `path` is either the old file or the complete new one, after a lost machine too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except (OSError, RuntimeError) as e:
         if not _disk_full(e, path.parent): raise
         if tmp.exists(): tmp.unlink()
         raise disk_full(path) from None
     finally:
         if tmp.exists(): tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    "Flush a file's (or a folder's entries') writes to the disk, where the file system allows it."
+    try: fd = os.open(path, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError as e:
+        if e.errno in NO_SPACE: raise
+    finally: os.close(fd)
 
 
 class DiskFullError(ValueError):
@@ -90,16 +103,19 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: Path | str, recursive: bool = True) -> list[Path]:
-    """Remove temp files of `atomic_path` under `folder` whose writing process no longer runs (a run
-    killed mid-write); returns what was removed. Temp files of running processes are left alone."""
+    """Remove temp files of `atomic_path` (and temp folders named as they are, `.<name>.<pid>.tmp`) under
+    `folder` whose writing process no longer runs (a run killed mid-write); returns what was removed. Those
+    of running processes are left alone."""
     folder = Path(folder)
     if not folder.is_dir(): return []
     removed = []
-    for p in (folder.rglob('.*.tmp') if recursive else folder.glob('.*.tmp')):
+    for p in list(folder.rglob('.*.tmp') if recursive else folder.glob('.*.tmp')):
         m = _TEMP_RE.match(p.name)
-        if m and p.is_file() and not _alive(int(m[1])):
-            p.unlink()
-            removed.append(p)
+        if not m or _alive(int(m[1])) or any(q in removed for q in p.parents): continue
+        if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file(): p.unlink()
+        else: continue
+        removed.append(p)
     return removed
 
 

@@ -74,9 +74,20 @@ def check_resume(cfg, out: Path) -> None:
 
 
 def save_run_settings(cfg, out: Path) -> None:
-    "What `check_resume` compares a later `--resume` with (a resumed run keeps the file it started with)."
+    """What `check_resume` compares a later `--resume` with. A run that continues one (`--resume` and its
+    last.pth) keeps the file that run started with; a run that starts over writes its own, and first removes
+    a previous run's last.pth and models/best.pth, so that a `--resume` after it is killed cannot continue
+    the other run's weights under this run's settings."""
     from .files import write_json
-    if not (cfg.resume and (Path(out) / RUN_CONFIG).exists()): write_json(_run_settings(cfg), Path(out) / RUN_CONFIG)
+    out = Path(out)
+    state = out / 'last.pth'
+    if cfg.resume and state.exists():                # continues a run: its record stays (a run from before records: this one)
+        if not (out / RUN_CONFIG).exists(): write_json(_run_settings(cfg), out / RUN_CONFIG)
+        return
+    stale = [p for p in (state, out / 'models' / 'best.pth') if p.exists()]
+    for p in stale: p.unlink()
+    if stale: log.info(f"{out}: this run starts over; the previous run's {' and '.join(p.name for p in stale)} removed")
+    write_json(_run_settings(cfg), out / RUN_CONFIG)
 
 
 def native_size(records) -> int:

@@ -19,8 +19,8 @@ hush_third_party(__name__)       # run as a command: quiet known third-party war
 import argparse
 import csv
 import math
+import os
 import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ import numpy as np
 
 from .settings import add_settings, check_fields, from_args, option
 from .deeplesion import COLUMNS, format_numbers as _fmt, save_hu
+from .files import remove_stale_temps
 from .log import log, progress
 
 __all__ = ['generate', 'render_slice', 'SyntheticSettings', 'parser', 'main']
@@ -325,7 +326,18 @@ def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0
     splits = [1] * (patients - n_val - n_test) + [2] * n_val + [3] * n_test
     rng.shuffle(splits)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix='.synthetic-', dir=out.parent))
+    remove_stale_temps(out.parent, recursive=False)          # what a killed generation left
+    tmp = out.parent / f'.{out.name}.{os.getpid()}.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try: return _generate_into(tmp, out, splits, size, seed, neighbours, noise, lesions_per_slice, noisy, workers)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _generate_into(tmp, out, splits, size, seed, neighbours, noise, lesions_per_slice, noisy, workers):
+    patients = len(splits)
     noisy_rng = np.random.default_rng([seed, 7919])
     jobs = [(tmp, p, split, size, seed, neighbours, noise, lesions_per_slice or LESIONS_PER_SLICE) for p, split in enumerate(splits, 1)]
     what = f'writing {patients} patients at {size} px'
@@ -344,7 +356,7 @@ def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0
         if (out / 'DL_info.csv').exists():       # another process wrote the same data set meanwhile
             shutil.rmtree(tmp)
             raise FileExistsError(f"{out}/DL_info.csv appeared while generating; remove {out} to regenerate") from None
-        for item in tmp.iterdir(): shutil.move(str(item), out / item.name)
+        for item in sorted(tmp.iterdir(), key=lambda i: i.name == 'DL_info.csv'): shutil.move(str(item), out / item.name)   # the table last
         tmp.rmdir()
     return out / 'DL_info.csv'
 

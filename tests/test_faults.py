@@ -283,3 +283,21 @@ def test_a_run_without_transfer_layers_resumes_whatever_their_settings_say(tiny_
     check_resume(args('--freeze', 'scratch'), out)
     with pytest.raises(ValueError) as e: check_resume(args('--freeze', 'sandwich'), out)     # as a sandwich, they are what differs
     assert "--adapter-gate True (the run has False)" in str(e.value) and "--adapter-ratio 1.0 (the run has 0.5)" in str(e.value)
+
+
+def test_a_run_that_starts_over_in_a_run_folder_leaves_nothing_of_the_other_run_to_resume(tiny_data, tmp_path):
+    ap = finetune_cli.parser()
+    cfg = lambda *argv: from_args(FinetuneConfig, ap, ap.parse_args(['--data', str(tiny_data), '--out', str(tmp_path / 'run'), *argv]),
+                                  out=tmp_path / 'run')
+    out = tmp_path / 'run'
+    _started(tiny_data, out, ['--epochs', '3', '--bs', '2', '--size', '32'])
+    (out / 'models').mkdir()
+    torch.save({}, out / 'models' / 'best.pth')
+    save_run_settings(cfg('--epochs', '5', '--bs', '2', '--size', '32', '--resume'), out)      # continues: the run's own record kept
+    assert json.loads((out / 'run_config.json').read_text())['epochs'] == 3 and (out / 'last.pth').exists()
+    save_run_settings(cfg('--epochs', '5', '--bs', '2', '--size', '32'), out)                   # starts over in the same folder
+    assert json.loads((out / 'run_config.json').read_text())['epochs'] == 5
+    assert not (out / 'last.pth').exists() and not (out / 'models' / 'best.pth').exists()
+    # a run killed before its first epoch left only its record: a --resume with other settings starts over, recorded as itself
+    save_run_settings(cfg('--epochs', '2', '--bs', '2', '--size', '32', '--resume'), out)
+    assert json.loads((out / 'run_config.json').read_text())['epochs'] == 2

@@ -62,3 +62,21 @@ def test_refuses_to_overwrite_and_cli_errors(tmp_path, capsys):
     with pytest.raises(FileExistsError, match='DL_info.csv exists'): generate(tmp_path / 'd', patients=3, size=32)
     with pytest.raises(SystemExit): main(['--out', str(tmp_path / 'e'), '--patients', '1'])
     assert '--patients must be at least 3' in capsys.readouterr().err
+
+
+def test_an_interrupted_generation_leaves_nothing_and_a_killed_ones_folder_is_removed_by_the_next(tmp_path, monkeypatch):
+    import lesion_fastai.synthetic as synthetic
+    dead = tmp_path / '.data.999999999.tmp'                              # a generation killed mid-way: its pid runs no more
+    (dead / 'Images_png').mkdir(parents=True)
+    real, calls = synthetic._write_patient, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2: raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(synthetic, '_write_patient', interrupted)
+    with pytest.raises(KeyboardInterrupt): generate(tmp_path / 'data', patients=4, size=32, seed=0, neighbours=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []               # neither its own temp folder nor the dead one
+    monkeypatch.setattr(synthetic, '_write_patient', real)
+    generate(tmp_path / 'data', patients=4, size=32, seed=0, neighbours=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['data']

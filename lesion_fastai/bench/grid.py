@@ -133,7 +133,7 @@ def pretrain_once(cfg) -> Path:
     a folder an `efficiency --pretrain-epochs 3` filled, say) is an error, not a checkpoint reused."""
     from ..pretraining import pretrain
     ckpt, done = Path(cfg.out) / 'pretrained.pth', Path(cfg.out) / 'pretrain_metrics.json'
-    if not ckpt.exists(): pretrain(cfg)
+    if not ckpt.exists() or not done.exists(): pretrain(cfg)      # its metrics are written last: without them it did not finish
     elif done.exists() and 'out' in (then := json.loads(done.read_text()).get('config', {})):
         now = _settings_now(cfg, any_precision=False)
         diff = settings_diff(_settings_then(then, now), now, ignore=IGNORED + ('cache', 'cache_dir'), cls=PretrainConfig)
