@@ -309,8 +309,12 @@ def _build(items, units, prep, spec, folder, key, array_file, index_file, worker
     if state is None:
         need, free = np.prod(shape) * 2 + 4096, shutil.disk_usage(folder).free
         if need > free:
-            raise ValueError(f"the slice cache {array_file.name} needs {need / 1e9:.2f} GB in {folder} and {free / 1e9:.2f} GB are free: "
-                             f"{NO_ROOM}")
+            others = [p for p in folder.glob('slices_*.partial.npy') if p != partial]     # builds interrupted under other settings
+            held = (f" ({len(others)} unfinished build(s) of other slices or settings hold {sum(p.stat().st_size for p in others) / 1e9:.2f} "
+                    f"GB there: {', '.join(p.name for p in others[:3])}{' ...' if len(others) > 3 else ''}; remove them unless you will "
+                    f"rerun those settings)") if others else ''
+            raise ValueError(f"the slice cache {array_file.name} needs {need / 1e9:.2f} GB in {folder} and {free / 1e9:.2f} GB are free"
+                             f"{held}: {NO_ROOM}")
         np.lib.format.open_memmap(partial, mode='w+', dtype=np.float16, shape=shape).flush()
         try:                                     # reserve the blocks now: a full disk under a memory map is a SIGBUS later
             with open(partial, 'r+b') as f: os.posix_fallocate(f.fileno(), 0, os.path.getsize(partial))

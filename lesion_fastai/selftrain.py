@@ -22,11 +22,14 @@ hush_third_party(__name__)       # run as a command: quiet known third-party war
 
 import argparse
 import dataclasses
+import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PSEUDO_FP, FinetuneConfig, check_fields, add_settings, from_args, option
+from .files import write_json
 
 __all__ = ['SelftrainSettings', 'pseudo_labels_from', 'self_train', 'parser', 'main']
 
@@ -62,8 +65,23 @@ def pseudo_labels_from(teacher: Path, cfg: FinetuneConfig, out_csv: Path, fp: fl
     boxes = sum(len(r.boxes) for r, _ in labelled)
     log.info(f"teacher {teacher}: score {threshold:.3f} makes {fp:g} false positive(s) per validation slice; {len(labelled)} of "
              f"{len(paths)} unlabelled slices get {boxes} pseudo-label box(es): {out_csv}")
-    return {'threshold': threshold, 'unlabelled_slices': len(paths), 'pseudo_labelled_slices': len(labelled), 'boxes': boxes,
-            'teacher': str(teacher), 'csv': str(out_csv)}
+    summary = {'threshold': threshold, 'unlabelled_slices': len(paths), 'pseudo_labelled_slices': len(labelled), 'boxes': boxes,
+               'teacher': str(teacher), 'fp': fp, 'csv': str(out_csv)}
+    write_json(summary, Path(out_csv).with_suffix('.json'))         # after the CSV: what a --resume checks before reusing it
+    return summary
+
+
+def _made_as_asked(csv: Path, teacher: Path, fp: float) -> dict | None:
+    """The summary of the pseudo-labels in `csv` when a --resume may reuse them: made by `teacher` at `fp`;
+    None when there are none yet. Made otherwise, they are an error naming both."""
+    if not csv.exists(): return None
+    made = csv.with_suffix('.json')
+    if not made.exists(): return {'csv': str(csv)}                  # made before their summary was kept: reused as they are
+    then = json.loads(made.read_text())
+    if Path(then['teacher']).resolve() != Path(teacher).resolve() or not math.isclose(then.get('fp', fp), fp):
+        raise ValueError(f"--resume: {csv} was made by the teacher {then['teacher']} at --pseudo-fp {then.get('fp')}, this run asks "
+                         f"for {teacher} at {fp:g}; resume with those, or start over in another --out")
+    return then
 
 
 def self_train(cfg: FinetuneConfig, rounds: int = 1, fp: float = PSEUDO_FP, teacher: Path | None = None) -> dict:
@@ -80,7 +98,8 @@ def self_train(cfg: FinetuneConfig, rounds: int = 1, fp: float = PSEUDO_FP, teac
     for k in range(1, rounds + 1):
         folder = out / f'round_{k}'
         csv = folder / 'pseudo_labels.csv'
-        if not (cfg.resume and csv.exists()): summary.append(pseudo_labels_from(Path(teacher), cfg, csv, fp))
+        made = _made_as_asked(csv, Path(teacher), fp) if cfg.resume else None
+        summary.append(made if made is not None else pseudo_labels_from(Path(teacher), cfg, csv, fp))
         metrics = finetune(dataclasses.replace(cfg, out=folder, pseudo_labels=csv))
         teacher = folder / 'export.pkl'
     return {**metrics, 'self_training': summary}

@@ -173,10 +173,13 @@ def test_a_cache_on_a_full_disk_is_a_named_error_that_leaves_no_partial_array(ti
     from lesion_fastai.cache import build_slice_cache
     from lesion_fastai.data import SliceSpec
     from lesion_fastai.deeplesion import load_data
+    (small_disk / 'cache').mkdir()
+    (small_disk / 'cache' / 'slices_0123456789abcdef.partial.npy').write_bytes(b'\0' * 4096)   # another build, interrupted
     _fill(small_disk, leave=64 * 1024)
-    with pytest.raises(ValueError, match=r'needs .* GB in .* are free: free space, give --cache-dir on another disk'):
+    with pytest.raises(ValueError, match=r'needs .* GB in .* are free \(1 unfinished build\(s\) of other slices or settings hold 0.00 GB '
+                                         r'there: slices_0123456789abcdef.partial.npy; .*\): free space, give --cache-dir on another disk'):
         build_slice_cache(load_data(tiny_data)[1], SliceSpec(size=64, context=1), small_disk / 'cache')
-    assert not list((small_disk / 'cache').glob('*partial*'))
+    assert [p.name for p in (small_disk / 'cache').glob('*partial*')] == ['slices_0123456789abcdef.partial.npy']
 
 
 def test_a_named_error_raised_in_a_callback_reads_as_itself():

@@ -108,6 +108,10 @@ def test_pseudo_labels_never_read_an_unused_patients_labels_and_a_student_trains
     main(['--data', str(tiny_data), '--out', str(tmp_path / 'st'), '--teacher', str(teacher / 'export.pkl'), '--pseudo-fp', '8',
           '--epochs', '1', '--bs', '2', '--size', '32', '--context', '1', '--label-fraction', '.5'])
     assert (tmp_path / 'st' / 'round_1' / 'pseudo_labels.csv').exists() and (tmp_path / 'st' / 'round_1' / 'metrics.json').exists()
+    with pytest.raises(SystemExit) as e:                                # a --resume asking for other pseudo-labels than those made
+        main(['--data', str(tiny_data), '--out', str(tmp_path / 'st'), '--teacher', str(teacher / 'export.pkl'), '--pseudo-fp', '4',
+              '--epochs', '1', '--bs', '2', '--size', '32', '--context', '1', '--label-fraction', '.5', '--resume'])
+    assert 'was made by the teacher' in e.value.code and 'at --pseudo-fp 8' in e.value.code and 'at 4' in e.value.code
     import json
     m = json.loads((tmp_path / 'st' / 'round_1' / 'metrics.json').read_text())
     assert m['slices_per_epoch'] > m['train_slices']                    # the pseudo-labelled slices trained too
