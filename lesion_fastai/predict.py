@@ -2,15 +2,15 @@
 
 Inputs, files or folders (searched recursively): DeepLesion 16-bit PNG slices; DICOM files or folders
 holding a series (HU from RescaleSlope / RescaleIntercept, pixel spacing from the header, slices
-ordered by their position along the slice normal, so that --context models get their real
-neighbours); NIfTI volumes (.nii, .nii.gz), shown and numbered as python -m lesion_fastai.convert writes
+ordered by their position along the slice normal, the most superior first as convert numbers a volume,
+so that --context models get their real neighbours in training's order; localizers skipped); NIfTI volumes (.nii, .nii.gz), shown and numbered as python -m lesion_fastai.convert writes
 them (reoriented to RAS+, anterior at the top, slice 1 the most superior), so a model trained on converted
 volumes sees the same slices. DICOM and NIfTI need the optional extra: pip install -e '.[dicom]'. The
 model's own windows, context and input size come from the export.
 
 Writes to OUT: predictions.csv (File_name, x1, y1, x2, y2, score as the evaluation's predictions.csv,
 in the input's pixels, then slice_index (a PNG's slice number; for a NIfTI volume the slice as convert
-numbers it; for a DICOM series its place in position order, from 1), source, the box in mm where the
+numbers it; for a DICOM series its place, the most superior 1), source, the box in mm where the
 spacing is known, and the Gaussian head's std in pixels), skipped.csv (every input that was not predicted, and why) and, with
 --overlays, overlays/*.png (the slice, its boxes above --min-score in yellow with their scores, and its top box
 always: orange, marked 'below', where it scores less). --min-score defaults to the model's operating

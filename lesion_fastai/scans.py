@@ -1,7 +1,7 @@
 """CT scans other than DeepLesion's labelled layout, read as series of slices in HU for prediction:
 PNG slices (DeepLesion's 16-bit encoding; neighbours by slice number, as in training), DICOM series
 (HU from RescaleSlope / RescaleIntercept, pixel spacing from the header, slices ordered by their
-position along the slice normal), NIfTI volumes (reoriented and numbered as `convert` writes them: RAS+,
+position along the slice normal, the most superior first), NIfTI volumes (reoriented and numbered as `convert` writes them: RAS+,
 anterior at the top, slice 1 the most superior, whatever the stored axis order). DICOM and NIfTI
 need the optional extra: pip install -e '.[dicom]'. Like `deeplesion.py` beside it, this module knows
 files and pixels, nothing about models.
@@ -111,10 +111,12 @@ def _kind(path: Path) -> str | None:
 
 
 def read_dicom_series(paths) -> tuple[list[Series], list[tuple[str, str]]]:
-    """DICOM files grouped by SeriesInstanceUID and sorted by position along the slice normal
-    (ImagePositionPatient projected on the cross product of ImageOrientationPatient's axes; the
-    InstanceNumber without them). Returns the series and the (file, reason) pairs of files skipped:
-    unreadable, not CT, colour or multi-frame."""
+    """DICOM files grouped into series (SeriesInstanceUID, and within it the image size and orientation, so a
+    localizer or a second stack sharing the UID is a series of its own) and ordered as `convert` numbers a
+    volume's slices: the most superior first (ImagePositionPatient projected on the slice normal,
+    ImageOrientationPatient's cross product, counted toward the head; the InstanceNumber where a file of
+    the series lacks them). Returns the series and the (file, reason) pairs of files skipped: unreadable,
+    not CT, colour, multi-frame or a localizer."""
     pydicom = _extra('pydicom')
     groups, skipped = {}, []
     for p in paths:
@@ -129,24 +131,34 @@ def read_dicom_series(paths) -> tuple[list[Series], list[tuple[str, str]]]:
             skipped.append((str(p), f"DICOM with {ds.NumberOfFrames} frames, expected one slice per file")); continue
         if 'PixelData' not in ds and not hasattr(ds, 'Rows'):
             skipped.append((str(p), 'DICOM without pixel data')); continue
-        if hasattr(ds, 'ImagePositionPatient') and hasattr(ds, 'ImageOrientationPatient'):
+        if 'LOCALIZER' in [str(v).upper() for v in getattr(ds, 'ImageType', [])]:
+            skipped.append((str(p), 'DICOM ImageType LOCALIZER (a scout image), expected an axial CT slice')); continue
+        height = orientation = None
+        try:
             o = np.asarray(ds.ImageOrientationPatient, float)
-            pos = float(np.dot(np.asarray(ds.ImagePositionPatient, float), np.cross(o[:3], o[3:])))
-        else: pos = float(getattr(ds, 'InstanceNumber', 0) or 0)
+            orientation, normal = tuple(np.round(o, 2)), np.cross(o[:3], o[3:])
+            height = float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)) * (-1. if normal[2] < 0 else 1.)   # toward the head
+        except (AttributeError, ValueError, TypeError): pass
         spacing = tuple(float(v) for v in ds.PixelSpacing) if hasattr(ds, 'PixelSpacing') else None
-        win = None
-        if hasattr(ds, 'WindowCenter') and hasattr(ds, 'WindowWidth'):
-            first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
-            c, w = first(ds.WindowCenter), first(ds.WindowWidth)
-            win = (c - w / 2, c + w / 2)
         uid = str(getattr(ds, 'SeriesInstanceUID', Path(p).parent))
-        groups.setdefault(uid, []).append((pos, str(p), spacing, win))
+        number = float(getattr(ds, 'InstanceNumber', 0) or 0)
+        groups.setdefault((uid, getattr(ds, 'Rows', None), getattr(ds, 'Columns', None), orientation), []).append(
+            (height, number, str(p), spacing, _dicom_window(ds, pydicom)))
     series = []
-    for uid, items in groups.items():
-        items.sort(key=lambda t: (t[0], t[1]))
-        series.append(Series('dicom', str(Path(items[0][1]).parent), [t[1] for t in items], [t[1] for t in items],
-                             items[0][2], [t[3] for t in items]))
+    for items in groups.values():
+        if all(t[0] is not None for t in items): items.sort(key=lambda t: (-t[0], t[2]))   # the most superior first
+        else: items.sort(key=lambda t: (t[1], t[2]))                   # positions unknown: the scanner's numbering
+        series.append(Series('dicom', str(Path(items[0][2]).parent), [t[2] for t in items], [t[2] for t in items],
+                             items[0][3], [t[4] for t in items]))
     return series, skipped
+
+
+def _dicom_window(ds, pydicom) -> tuple[float, float] | None:
+    "The (low, high) HU of a file's first WindowCenter / WindowWidth, or None where they are absent, empty or not a window."
+    first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+    try: c, w = first(ds.WindowCenter), first(ds.WindowWidth)
+    except (AttributeError, IndexError, TypeError, ValueError): return None
+    return (c - w / 2, c + w / 2) if math.isfinite(c) and math.isfinite(w) and w > 0 else None
 
 
 def _png_name(path: Path) -> str:

@@ -1,6 +1,7 @@
 """python -m lesion_fastai.predict on PNG folders, DICOM series and NIfTI volumes, with bad files among them."""
 import csv
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ def test_png_folder_gives_what_learn_predict_gives(model, tiny_data, tiny_record
         assert rec.file_name in got and np.allclose(got[rec.file_name], want[np.argsort(-want[:, 4], kind='stable')], atol=2e-3)
 
 
-def _write_dicom(path, stored, z, uid, spacing=(.7, .8), modality='CT', intercept=-32768.):
+def _write_dicom(path, stored, z, uid, spacing=(.7, .8), modality='CT', intercept=-32768., **tags):
     pydicom = pytest.importorskip('pydicom')
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -84,6 +85,7 @@ def _write_dicom(path, stored, z, uid, spacing=(.7, .8), modality='CT', intercep
     ds.PhotometricInterpretation = 'MONOCHROME2'
     ds.RescaleIntercept, ds.RescaleSlope, ds.PixelSpacing = intercept, 1, list(spacing)
     ds.ImagePositionPatient, ds.ImageOrientationPatient = [0., 0., z], [1., 0., 0., 0., 1., 0.]
+    for tag, value in tags.items(): setattr(ds, tag, value)
     ds.PixelData = stored.astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     assert pydicom.__version__
@@ -96,15 +98,21 @@ def test_dicom_series_round_trips_hu_orders_by_position_and_predicts_as_the_pngs
     dcm = tmp_path / 'dicom'
     dcm.mkdir()
     uid = pydicom.uid.generate_uid()
-    # file names in the reverse of the slices' order: only the position can put them right
-    for i, h in enumerate(hus): _write_dicom(dcm / f'IM{len(hus) - i:04d}.dcm', (h + 32768).astype(np.uint16), 2.5 * i - 40, uid)
+    # file names in the reverse of the slices' order: only the position can put them right, the most superior (the
+    # first PNG, as convert numbers a volume) first; empty window tags, and a zero width, are no window
+    for i, h in enumerate(hus):
+        _write_dicom(dcm / f'IM{len(hus) - i:04d}.dcm', (h + 32768).astype(np.uint16), 40 - 2.5 * i, uid,
+                     WindowCenter='' if i == 0 else 40, WindowWidth=0 if i == 1 else 400)
     _write_dicom(dcm / 'MR0001.dcm', (hus[0] + 32768).astype(np.uint16), 0., pydicom.uid.generate_uid(), modality='MR')
+    _write_dicom(dcm / 'LOC0001.dcm', (hus[0] + 32768).astype(np.uint16), 0., uid, ImageType=['ORIGINAL', 'PRIMARY', 'LOCALIZER'])
     (series,), skipped = read_dicom_series(sorted(dcm.glob('*.dcm')))
-    assert skipped == [(str(dcm / 'MR0001.dcm'), 'DICOM Modality MR, expected CT')]
+    assert sorted(skipped) == [(str(dcm / 'LOC0001.dcm'), 'DICOM ImageType LOCALIZER (a scout image), expected an axial CT slice'),
+                               (str(dcm / 'MR0001.dcm'), 'DICOM Modality MR, expected CT')]
+    assert series.windows[:3] == [None, None, (-160., 240.)]
     assert [p.rsplit('IM', 1)[1] for p in series.files] == [f'{len(hus) - i:04d}.dcm' for i in range(len(hus))]
     assert all(np.array_equal(series.hu(i), h) for i, h in enumerate(hus)) and series.spacing == (.7, .8)
     res = predict(model, [dcm], tmp_path / 'd')
-    assert res['predicted'] == len(hus) and [s for s, _ in res['skipped']] == [str(dcm / 'MR0001.dcm')]
+    assert res['predicted'] == len(hus) and sorted(s for s, _ in res['skipped']) == [str(dcm / 'LOC0001.dcm'), str(dcm / 'MR0001.dcm')]
     predict(model, [folder], tmp_path / 'p')
     rows_d, rows_p = _rows(tmp_path / 'd'), _rows(tmp_path / 'p')
     # slice i of the series is the i-th PNG: the same input (neighbours included), so the same boxes
@@ -232,3 +240,17 @@ def test_learn_predict_on_a_slice_not_named_like_deeplesions(model, tiny_records
     (boxes2, scores2), _, _ = learn.predict(tmp_path / 'alone' / '050.png')
     assert np.asarray(boxes).reshape(-1, 4).shape[0] == len(scores) > 0
     assert np.allclose(np.asarray(boxes), np.asarray(boxes2)) and np.allclose(scores, scores2)
+
+
+def test_dicom_files_without_positions_follow_their_numbers_and_another_size_is_another_series(tmp_path):
+    pydicom = pytest.importorskip('pydicom')
+    uid, img = pydicom.uid.generate_uid(), np.full((8, 8), 32768, np.uint16)
+    for name, z, number in (('a', 0., 3), ('b', 5., 1), ('c', None, 2)):      # c lacks its position: numbers order all three
+        _write_dicom(tmp_path / f'{name}.dcm', img, z or 0., uid, InstanceNumber=number)
+    ds = pydicom.dcmread(tmp_path / 'c.dcm')
+    del ds.ImagePositionPatient
+    ds.save_as(tmp_path / 'c.dcm')
+    _write_dicom(tmp_path / 'd.dcm', np.full((6, 6), 32768, np.uint16), 10., uid)      # another stack under the same UID
+    series, skipped = read_dicom_series(sorted(tmp_path.glob('*.dcm')))
+    assert skipped == [] and sorted(len(s) for s in series) == [1, 3]
+    assert [Path(f).stem for f in next(s for s in series if len(s) == 3).files] == ['b', 'c', 'a']
