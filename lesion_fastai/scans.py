@@ -9,6 +9,7 @@ files and pixels, nothing about models.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 
 from .deeplesion import SliceFileError, open_png
 
-__all__ = ['Series', 'find_inputs', 'read_dicom_series', 'dicom_hu', 'deeplesion_rows', 'axial', 'nifti_axial', 'nifti_spacing']
+__all__ = ['Series', 'find_inputs', 'read_dicom_series', 'dicom_hu', 'deeplesion_rows', 'axial', 'nifti_spacing']
 
 _NIFTI = ('.nii', '.nii.gz')
 _DEEPLESION_FOLDER = re.compile(r'^\d+_\d+_\d+$')
@@ -47,8 +48,8 @@ class Series:
     def hu(self, i: int) -> np.ndarray:
         "Slice `i` (0-based, in the series' order) in HU, [H, W] float32."
         if self.kind == 'dicom': return dicom_hu(self.files[i])
-        nib = _extra('nibabel')
-        return nifti_axial(nib.load(self.source), i + 1, nib)
+        volume = _nifti_volume(self.source)
+        return np.ascontiguousarray(axial(volume, volume.shape[2] - 1 - i))   # slice i + 1, the most superior first
 
 
 def axial(volume: np.ndarray, k: int) -> np.ndarray:
@@ -65,22 +66,18 @@ def _canonical_axes(img, nib) -> np.ndarray:
     return ornt
 
 
-def nifti_axial(img, s: int, nib) -> np.ndarray:
-    """Slice `s` (1-based, the most superior first) of the NIfTI image `img` in HU, [H, W] float32, as `convert`
-    writes it (reoriented to RAS+ as `as_closest_canonical` does, then shown by `axial`); only that slice is read."""
-    ornt = _canonical_axes(img, nib)
-    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])                          # the stored axis running inferior-superior
-    n = img.shape[axis]
-    k = n - s                                                               # RAS+ index, inferior first
-    stored = k if ornt[axis, 1] > 0 else n - 1 - k
-    index = [slice(None)] * 3
-    index[axis] = slice(stored, stored + 1)
-    slab = np.asarray(img.dataobj[tuple(index)], dtype=np.float32)         # scl_slope / scl_inter applied by nibabel
-    return np.ascontiguousarray(axial(nib.orientations.apply_orientation(slab, ornt), 0))
+@functools.lru_cache(maxsize=1)
+def _nifti_volume(source: str) -> np.ndarray:
+    """The NIfTI volume at `source` in HU, float32, reoriented to RAS+ as `convert` reads it (nibabel's
+    `as_closest_canonical`); the last one read is kept, as predict reads a volume's slices one after another."""
+    nib = _extra('nibabel')
+    img = nib.load(source)
+    _canonical_axes(img, nib)
+    return np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)      # scl_slope / scl_inter applied
 
 
 def nifti_spacing(img, nib) -> tuple[float, float]:
-    "(row, column) mm per pixel of `nifti_axial`'s slices: the RAS+ y and x voxel sizes, from the affine as `convert` takes them."
+    "(row, column) mm per pixel of a NIfTI volume's slices as `Series.hu` shows them: the RAS+ y and x voxel sizes, from the affine as `convert` takes them."
     ornt, sizes = _canonical_axes(img, nib), nib.affines.voxel_sizes(img.affine)
     size = {int(ornt[i, 0]): float(sizes[i]) for i in range(3)}
     return size[1], size[0]
