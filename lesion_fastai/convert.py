@@ -286,6 +286,15 @@ def _write_series(hu: np.ndarray, slices: list[int], folder: Path, work: Path) -
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _shipped_around(slices: list[int], key: int) -> tuple[int, int]:
+    "Slice_range as DeepLesion gives it: the first and last of the unbroken run of written `slices` that holds the key slice."
+    first = last = key
+    written = set(slices)
+    while first - 1 in written: first -= 1
+    while last + 1 in written: last += 1
+    return first, last
+
+
 def _row(lesion: Lesion, axes, series: str, patient: int, split: int, shape, spacing, slice_range, opts: Options) -> list:
     "The 18 DL_info.csv fields of one lesion."
     (long_px, short_px), (W, H, Z) = axes, shape
@@ -316,8 +325,7 @@ def convert_volume(image: Path, mask: Path, patient: int, split: int, out: Path,
     slices = _slices_to_write(sorted({l.key_slice for l, _ in kept}), Z, sz, opts)
     series = f'{patient:06d}_01_01'
     _write_series(volume.hu, slices, out / 'Images_png' / series, out / WORK)
-    slice_range = (slices[0], slices[-1]) if slices else (0, 0)
-    rows = [_row(l, axes, series, patient, split, (X, Y, Z), (sx, sy, sz), slice_range, opts) for l, axes in kept]
+    rows = [_row(l, axes, series, patient, split, (X, Y, Z), (sx, sy, sz), _shipped_around(slices, l.key_slice), opts) for l, axes in kept]
     return {'patient': patient, 'split': split, 'slices': len(slices), 'lesions': len(rows), 'skipped': skipped,
             'empty_mask': int(empty), 'rows': rows}
 

@@ -272,3 +272,15 @@ def test_converted_volumes_finetune_to_a_finite_test_froc(tmp_path):
     finetune_cli.main(['--data', str(tmp_path / 'data'), '--out', str(tmp_path / 'run'), '--epochs', '1', '--bs', '2', '--size', '32'])
     m = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
     assert np.isfinite(m['test']['froc']['mean_0.5_4']) and m['test']['froc']['lesions'] == int((df.split == 'test').sum())
+
+
+def test_each_lesions_slice_range_is_the_run_of_written_slices_around_its_key(tmp_path):
+    far_apart = [((24 * .8, 24 * .8, 3 * 2.5), 4.), ((24 * .8, 24 * .8, 20 * 2.5), 4.)]     # near the feet and near the head
+    save_pair(tmp_path, 'case', *phantom(far_apart))
+    run(tmp_path, tmp_path / 'out', Options(organ_values=(1,), neighbours_mm=5.))            # two slices a side: two runs
+    df = read_dl_info(tmp_path / 'out' / 'DL_info.csv', strict=True)
+    written = sorted(int(p.stem) for p in (tmp_path / 'out' / 'Images_png' / '000001_01_01').iterdir())
+    assert len(df) == 2
+    for row in df.itertuples():
+        run_ = list(range(row.slice_first, row.slice_last + 1))
+        assert row.key_slice in run_ and set(run_) <= set(written) and row.slice_last - row.slice_first < len(written) - 1
