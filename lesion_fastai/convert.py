@@ -35,7 +35,7 @@ from .files import NO_SPACE, check_out_folder, output_folder, write_csv, write_j
 from .log import log, progress
 from .scans import axial
 
-__all__ = ['Options', 'ConvertSettings', 'Volume', 'Lesion', 'find_volumes', 'assign_splits', 'read_split', 'load_volume', 'axial',
+__all__ = ['Options', 'ConvertSettings', 'Volume', 'Lesion', 'find_volumes', 'assign_splits', 'read_split', 'load_volume', 'spacing_of', 'axial',
            'lesion_mask', 'find_lesions', 'recist', 'convert_volume', 'convert', 'parser', 'main']
 
 NIFTI = ('.nii.gz', '.nii')               # .nii.gz first: 'a.nii.gz' also ends with neither '.nii' alone
@@ -168,6 +168,14 @@ def _voxels(img, path: Path, nib) -> tuple[np.ndarray, np.ndarray]:
     except Exception as e: raise ValueError(f"{path}: voxels unreadable ({type(e).__name__}: {e}), expected a complete NIfTI file") from None
 
 
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """(x, y, z) mm of a RAS+ affine's voxels: the lengths of its first two axes, and the distance between slice
+    planes, which a gantry tilt (a sheared affine) makes shorter than the third axis's length."""
+    a = np.asarray(affine, float)[:3, :3]
+    across = np.linalg.norm(np.cross(a[:, 0], a[:, 1]))
+    return float(np.linalg.norm(a[:, 0])), float(np.linalg.norm(a[:, 1])), float(abs(np.linalg.det(a)) / across)
+
+
 def _check_hu(hu: np.ndarray, path: Path) -> None:
     low, high = float(hu.min()), float(hu.max())
     if not (-HU_OFFSET <= low <= AIR_HU and high < HU_OFFSET):
@@ -199,7 +207,7 @@ def load_volume(image: Path | str, mask: Path | str) -> Volume:
     _check_hu(hu, image)
     labels, _ = _voxels(seg, mask, nib)
     _check_labels(labels, mask)
-    return Volume(hu, labels, tuple(float(v) for v in nib.affines.voxel_sizes(affine)))
+    return Volume(hu, labels, spacing_of(affine))
 
 
 def lesion_mask(mask: np.ndarray, opts: Options) -> np.ndarray:

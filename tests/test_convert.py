@@ -284,3 +284,11 @@ def test_each_lesions_slice_range_is_the_run_of_written_slices_around_its_key(tm
     for row in df.itertuples():
         run_ = list(range(row.slice_first, row.slice_last + 1))
         assert row.key_slice in run_ and set(run_) <= set(written) and row.slice_last - row.slice_first < len(written) - 1
+
+
+def test_slice_spacing_is_the_distance_between_slice_planes_under_a_gantry_tilt():
+    from lesion_fastai.convert import spacing_of
+    tilt = np.radians(20)
+    sheared = np.array([[.8, 0, 0, 0], [0, .7, 2.5 * np.tan(tilt), 0], [0, 0, 2.5, 0], [0, 0, 0, 1]])   # planes 2.5 mm apart
+    assert np.allclose(spacing_of(sheared), (.8, .7, 2.5)) and np.allclose(spacing_of(RAS), SPACING)
+    assert nib.affines.voxel_sizes(sheared)[2] > 2.6                     # the third axis's length: 6% too far
