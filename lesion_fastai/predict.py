@@ -9,7 +9,8 @@ volumes sees the same slices. DICOM and NIfTI need the optional extra: pip insta
 model's own windows, context and input size come from the export.
 
 Writes to OUT: predictions.csv (File_name, x1, y1, x2, y2, score as the evaluation's predictions.csv,
-in the input's pixels, then slice_index (a PNG's slice number; for a NIfTI volume the slice as convert
+in the pixels of the slice as shown: a PNG's own, a DICOM or NIfTI slice turned as DeepLesion shows one,
+anterior at the top and the patient's left on the right, then slice_index (a PNG's slice number; for a NIfTI volume the slice as convert
 numbers it; for a DICOM series its place, the most superior 1), source, the box in mm where the
 spacing is known, and the Gaussian head's std in pixels), skipped.csv (every input that was not predicted, and why) and, with
 --overlays, overlays/*.png (the slice, its boxes above --min-score in yellow with their scores, and its top box

@@ -42,12 +42,17 @@ class Series:
     names: list = field(default_factory=list)
     spacing: tuple | None = None
     windows: list | None = None
+    view: tuple = (False, False, False)   # DICOM: (transpose, flip rows, flip columns) that show a slice as DeepLesion does
 
     def __len__(self): return len(self.names)
 
     def hu(self, i: int) -> np.ndarray:
-        "Slice `i` (0-based, in the series' order) in HU, [H, W] float32."
-        if self.kind == 'dicom': return dicom_hu(self.files[i])
+        "Slice `i` (0-based, in the series' order) in HU, [H, W] float32, shown as DeepLesion shows a slice."
+        if self.kind == 'dicom':
+            a = dicom_hu(self.files[i])
+            transpose, flip_rows, flip_cols = self.view
+            if transpose: a = a.T
+            return np.ascontiguousarray(a[::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
         volume = _nifti_volume(self.source)
         return np.ascontiguousarray(axial(volume, volume.shape[2] - 1 - i))   # slice i + 1, the most superior first
 
@@ -142,12 +147,26 @@ def read_dicom_series(paths) -> tuple[list[Series], list[tuple[str, str]]]:
         groups.setdefault((uid, getattr(ds, 'Rows', None), getattr(ds, 'Columns', None), orientation), []).append(
             (height, number, str(p), spacing, _dicom_window(ds, pydicom)))
     series = []
-    for items in groups.values():
+    for (_, _, _, orientation), items in groups.items():
         if all(t[0] is not None for t in items): items.sort(key=lambda t: (-t[0], t[2]))   # the most superior first
         else: items.sort(key=lambda t: (t[1], t[2]))                   # positions unknown: the scanner's numbering
+        view = _dicom_view(orientation)
+        spacing = items[0][3][::-1] if items[0][3] and view[0] else items[0][3]
         series.append(Series('dicom', str(Path(items[0][2]).parent), [t[2] for t in items], [t[2] for t in items],
-                             items[0][3], [t[4] for t in items]))
+                             spacing, [t[4] for t in items], view))
     return series, skipped
+
+
+def _dicom_view(orientation) -> tuple[bool, bool, bool]:
+    """(transpose, flip rows, flip columns) that show an axial DICOM slice stored along `orientation`
+    (ImageOrientationPatient, LPS) as DeepLesion and `convert` show one: the patient's left on the image's
+    right, anterior at the top. Other orientations (sagittal, coronal) and unknown ones are shown as stored."""
+    if orientation is None: return False, False, False
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    if abs(np.cross(row, col)[2]) < .5: return False, False, False    # not an axial slice
+    transpose = abs(row[1]) > abs(row[0])                               # columns run front to back: rows and columns swap
+    if transpose: row, col = col, row
+    return transpose, col[1] < 0, row[0] < 0
 
 
 def _dicom_window(ds, pydicom) -> tuple[float, float] | None:

@@ -254,3 +254,17 @@ def test_dicom_files_without_positions_follow_their_numbers_and_another_size_is_
     series, skipped = read_dicom_series(sorted(tmp_path.glob('*.dcm')))
     assert skipped == [] and sorted(len(s) for s in series) == [1, 3]
     assert [Path(f).stem for f in next(s for s in series if len(s) == 3).files] == ['b', 'c', 'a']
+
+
+@pytest.mark.parametrize('orientation, stored', [([1., 0, 0, 0, 1, 0], lambda a: a),                     # as DeepLesion shows it
+                                                 ([-1., 0, 0, 0, -1, 0], lambda a: a[::-1, ::-1]),     # prone: turned half a turn
+                                                 ([-1., 0, 0, 0, 1, 0], lambda a: a[:, ::-1]),         # left and right swapped
+                                                 ([0., 1, 0, 1, 0, 0], lambda a: a.T)])                # rows and columns swapped
+def test_a_dicom_slice_is_shown_as_deeplesion_shows_one_however_it_is_stored(tmp_path, orientation, stored):
+    pydicom = pytest.importorskip('pydicom')
+    shown = np.arange(6 * 8, dtype=np.uint16).reshape(6, 8) + 32768       # anterior at the top, the patient's left on the right
+    _write_dicom(tmp_path / 'a.dcm', np.ascontiguousarray(stored(shown)), 0., pydicom.uid.generate_uid(), spacing=(.7, .8),
+                 ImageOrientationPatient=orientation)
+    (series,), _ = read_dicom_series([tmp_path / 'a.dcm'])
+    assert np.array_equal(series.hu(0), shown.astype(np.float32) - 32768)
+    assert series.spacing == ((.8, .7) if orientation[1] else (.7, .8))   # (row, column) of the slice as shown
