@@ -209,6 +209,12 @@ def find_unreadable(items, context: int) -> tuple[frozenset, list[str]]:
         if not found: return frozenset(absent), problems
 
 
+def _denied(path) -> bool:
+    "Whether `path` is there but this user may not read it (or may not look into its folder)."
+    try: return Path(path).exists() and not os.access(path, os.R_OK)
+    except OSError: return True
+
+
 def _remembered_unreadable(items, context: int, folder) -> tuple[frozenset, list[str]]:
     """`find_unreadable(items, context)`, kept in `folder`/unreadable_<key>.json, whose key digests the items,
     `context` and the size and modification time of every PNG of their series: checking reads every byte of
@@ -226,7 +232,7 @@ def _remembered_unreadable(items, context: int, folder) -> tuple[frozenset, list
         found = json.loads(record.read_text())
         return frozenset(found['absent']), found['problems']
     absent, problems = find_unreadable(items, context)
-    denied = any(Path(p).exists() and not os.access(p, os.R_OK) for p in absent)   # this user's, not the file's: not remembered
+    denied = any(_denied(p) for p in absent)           # this user's lack of rights, not the file's fault: not remembered
     if distributed.is_main() and not denied:
         record.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps({'absent': sorted(absent), 'problems': problems}))

@@ -35,7 +35,7 @@ def atomic_path(path: Path | str):
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        _fsync(path.parent, strict=False)
     except (OSError, RuntimeError) as e:
         if not _disk_full(e, path.parent): raise
         if tmp.exists(): tmp.unlink()
@@ -44,13 +44,14 @@ def atomic_path(path: Path | str):
         if tmp.exists(): tmp.unlink()
 
 
-def _fsync(path: Path) -> None:
-    "Flush a file's (or a folder's entries') writes to the disk, where the file system allows it."
+def _fsync(path: Path, strict: bool = True) -> None:
+    """Flush a file's (or a folder's entries') writes to the disk, where the file system allows it; a full disk
+    raises where `strict` (a file not yet renamed into place: it was not written)."""
     try: fd = os.open(path, os.O_RDONLY)
     except OSError: return
     try: os.fsync(fd)
     except OSError as e:
-        if e.errno in NO_SPACE: raise
+        if strict and e.errno in NO_SPACE: raise
     finally: os.close(fd)
 
 
@@ -97,25 +98,22 @@ def write_csv(path: Path | str, header, rows) -> Path:
 def _alive(pid: int) -> bool:
     if pid == os.getpid(): return True
     try: os.kill(pid, 0)
-    except ProcessLookupError: return False
+    except (ProcessLookupError, OverflowError, ValueError): return False      # no such process (or no pid at all)
     except PermissionError: return True
     return True
 
 
 def remove_stale_temps(folder: Path | str, recursive: bool = True) -> list[Path]:
-    """Remove temp files of `atomic_path` (and temp folders named as they are, `.<name>.<pid>.tmp`) under
-    `folder` whose writing process no longer runs (a run killed mid-write); returns what was removed. Those
-    of running processes are left alone."""
+    """Remove temp files of `atomic_path` under `folder` whose writing process no longer runs (a run
+    killed mid-write); returns what was removed. Temp files of running processes are left alone."""
     folder = Path(folder)
     if not folder.is_dir(): return []
     removed = []
-    for p in list(folder.rglob('.*.tmp') if recursive else folder.glob('.*.tmp')):
+    for p in (folder.rglob('.*.tmp') if recursive else folder.glob('.*.tmp')):
         m = _TEMP_RE.match(p.name)
-        if not m or _alive(int(m[1])) or any(q in removed for q in p.parents): continue
-        if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
-        elif p.is_file(): p.unlink()
-        else: continue
-        removed.append(p)
+        if m and p.is_file() and not _alive(int(m[1])):
+            p.unlink()
+            removed.append(p)
     return removed
 
 

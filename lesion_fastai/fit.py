@@ -4,6 +4,7 @@ before anything trains. `pretraining.py` and `finetuning.py` hold the two runs t
 """
 from __future__ import annotations
 
+import os
 import re
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -75,9 +76,10 @@ def check_resume(cfg, out: Path) -> None:
 
 def save_run_settings(cfg, out: Path) -> None:
     """What `check_resume` compares a later `--resume` with. A run that continues one (`--resume` and its
-    last.pth) keeps the file that run started with; a run that starts over writes its own, and first removes
-    a previous run's last.pth and models/best.pth, so that a `--resume` after it is killed cannot continue
-    the other run's weights under this run's settings."""
+    last.pth) keeps the file that run started with; a run that starts over writes its own, and first moves
+    a previous run's last.pth and models/best.pth into OUT/previous/ (nothing is lost if this run then
+    fails), so that a `--resume` after it is killed cannot continue the other run's weights under this
+    run's settings."""
     from .files import write_json
     out = Path(out)
     state = out / 'last.pth'
@@ -85,8 +87,10 @@ def save_run_settings(cfg, out: Path) -> None:
         if not (out / RUN_CONFIG).exists(): write_json(_run_settings(cfg), out / RUN_CONFIG)
         return
     stale = [p for p in (state, out / 'models' / 'best.pth') if p.exists()]
-    for p in stale: p.unlink()
-    if stale: log.info(f"{out}: this run starts over; the previous run's {' and '.join(p.name for p in stale)} removed")
+    for p in stale:
+        (out / 'previous').mkdir(exist_ok=True)
+        os.replace(p, out / 'previous' / p.name)
+    if stale: log.info(f"{out}: this run starts over; the previous run's {' and '.join(p.name for p in stale)} moved to {out / 'previous'}")
     write_json(_run_settings(cfg), out / RUN_CONFIG)
 
 

@@ -11,7 +11,8 @@ model's own windows, context and input size come from the export.
 Writes to OUT: predictions.csv (File_name, x1, y1, x2, y2, score as the evaluation's predictions.csv,
 in the pixels of the slice as shown: a PNG's own, a DICOM or NIfTI slice turned as DeepLesion shows one,
 anterior at the top and the patient's left on the right, then slice_index (a PNG's slice number; for a NIfTI volume the slice as convert
-numbers it; for a DICOM series its place, the most superior 1), source, the box in mm where the
+numbers it; for a DICOM series its place, the most superior 1, by InstanceNumber where a file
+lacks its position), source, the box in mm where the
 spacing is known, and the Gaussian head's std in pixels), skipped.csv (every input that was not predicted, and why) and, with
 --overlays, overlays/*.png (the slice, its boxes above --min-score in yellow with their scores, and its top box
 always: orange, marked 'below', where it scores less). --min-score defaults to the model's operating
@@ -44,7 +45,7 @@ import torch
 from .config import PredictConfig, add_settings, from_args
 from .data import CTSlice
 from .deeplesion import SliceFileError, window
-from .scans import Series, find_inputs, read_dicom_series
+from .scans import Series, find_inputs, forget_volumes, read_dicom_series
 
 __all__ = ['find_inputs', 'read_dicom_series', 'predict', 'parser', 'main', 'SKIPPED']
 
@@ -102,6 +103,11 @@ def predict(model_path, inputs, out, device: str = 'auto', bs: int = 16, workers
     (default: the model's operating point) and each slice's top box whatever it scores. Returns
     {'predicted': slices, 'boxes': rows, 'skipped': [(file, reason)], 'drawn': boxes on overlays,
     'threshold': theirs}."""
+    try: return _predict(model_path, inputs, out, device, bs, workers, overlays, min_score, max_boxes, strict)
+    finally: forget_volumes()                      # the last NIfTI volume read: not kept past the run
+
+
+def _predict(model_path, inputs, out, device, bs, workers, overlays, min_score, max_boxes, strict) -> dict:
     from .evaluation import PREDICTION_COLUMNS, prediction_row
     from .export import load_model
     from .files import check_out_folder, output_folder, write_csv

@@ -53,7 +53,8 @@ class Series:
             transpose, flip_rows, flip_cols = self.view
             if transpose: a = a.T
             return np.ascontiguousarray(a[::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
-        volume = _nifti_volume(self.source)
+        st = Path(self.source).stat()
+        volume = _nifti_volume(self.source, st.st_size, st.st_mtime_ns)     # a file rewritten meanwhile is read again
         return np.ascontiguousarray(axial(volume, volume.shape[2] - 1 - i))   # slice i + 1, the most superior first
 
 
@@ -72,13 +73,18 @@ def _canonical_axes(img, nib) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def _nifti_volume(source: str) -> np.ndarray:
+def _nifti_volume(source: str, size: int, mtime_ns: int) -> np.ndarray:
     """The NIfTI volume at `source` in HU, float32, reoriented to RAS+ as `convert` reads it (nibabel's
     `as_closest_canonical`); the last one read is kept, as predict reads a volume's slices one after another."""
     nib = _extra('nibabel')
     img = nib.load(source)
     _canonical_axes(img, nib)
     return np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)      # scl_slope / scl_inter applied
+
+
+def forget_volumes() -> None:
+    "Let go of the NIfTI volume kept for `Series.hu` (a predict run calls this when it is done)."
+    _nifti_volume.cache_clear()
 
 
 def nifti_spacing(img, nib) -> tuple[float, float]:
@@ -146,6 +152,9 @@ def read_dicom_series(paths) -> tuple[list[Series], list[tuple[str, str]]]:
         number = float(getattr(ds, 'InstanceNumber', 0) or 0)
         groups.setdefault((uid, getattr(ds, 'Rows', None), getattr(ds, 'Columns', None), orientation), []).append(
             (height, number, str(p), spacing, _dicom_window(ds, pydicom)))
+    for key in [k for k in groups if k[3] is None]:                  # no orientation: with the largest stack of its UID and size
+        known = [k for k in groups if k[:3] == key[:3] and k[3] is not None]
+        if known: groups[max(known, key=lambda k: len(groups[k]))] += groups.pop(key)
     series = []
     for (_, _, _, orientation), items in groups.items():
         if all(t[0] is not None for t in items): items.sort(key=lambda t: (-t[0], t[2]))   # the most superior first

@@ -66,9 +66,17 @@ def pseudo_labels_from(teacher: Path, cfg: FinetuneConfig, out_csv: Path, fp: fl
     log.info(f"teacher {teacher}: score {threshold:.3f} makes {fp:g} false positive(s) per validation slice; {len(labelled)} of "
              f"{len(paths)} unlabelled slices get {boxes} pseudo-label box(es): {out_csv}")
     summary = {'threshold': threshold, 'unlabelled_slices': len(paths), 'pseudo_labelled_slices': len(labelled), 'boxes': boxes,
-               'teacher': str(teacher), 'fp': fp, 'csv': str(out_csv)}
+               'teacher': str(teacher), 'teacher_file': _identity(teacher), 'fp': fp, 'csv': str(out_csv)}
     write_json(summary, Path(out_csv).with_suffix('.json'))         # after the CSV: what a --resume checks before reusing it
     return summary
+
+
+def _identity(teacher) -> list:
+    "The teacher's file as a --resume recognises it: its absolute path, size and modification time (a retrained teacher differs)."
+    path = Path(teacher).resolve()
+    model = path / 'model.safetensors' if path.is_dir() else path
+    st = model.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def _made_as_asked(csv: Path, teacher: Path, fp: float) -> dict | None:
@@ -78,9 +86,9 @@ def _made_as_asked(csv: Path, teacher: Path, fp: float) -> dict | None:
     made = csv.with_suffix('.json')
     if not made.exists(): return {'csv': str(csv)}                  # made before their summary was kept: reused as they are
     then = json.loads(made.read_text())
-    if Path(then['teacher']).resolve() != Path(teacher).resolve() or not math.isclose(then.get('fp', fp), fp):
-        raise ValueError(f"--resume: {csv} was made by the teacher {then['teacher']} at --pseudo-fp {then.get('fp')}, this run asks "
-                         f"for {teacher} at {fp:g}; resume with those, or start over in another --out")
+    if then.get('teacher_file', _identity(teacher)) != _identity(teacher) or not math.isclose(then.get('fp', fp), fp):
+        raise ValueError(f"--resume: {csv} was made by the teacher {then['teacher']} at --pseudo-fp {then.get('fp')} (that file, "
+                         f"as it was then), this run asks for {teacher} at {fp:g}; resume with those, or start over in another --out")
     return then
 
 

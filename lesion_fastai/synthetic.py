@@ -29,7 +29,7 @@ import numpy as np
 
 from .settings import add_settings, check_fields, from_args, option
 from .deeplesion import COLUMNS, format_numbers as _fmt, save_hu
-from .files import remove_stale_temps
+from .files import _alive
 from .log import log, progress
 
 __all__ = ['generate', 'render_slice', 'SyntheticSettings', 'parser', 'main']
@@ -326,14 +326,25 @@ def generate(out: Path | str, patients: int = 60, size: int = 512, seed: int = 0
     splits = [1] * (patients - n_val - n_test) + [2] * n_val + [3] * n_test
     rng.shuffle(splits)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent, recursive=False)          # what a killed generation left
-    tmp = out.parent / f'.{out.name}.{os.getpid()}.tmp'
+    _remove_killed_generations(out)
+    tmp = out.parent / f'.{out.name}.{os.getpid()}.generating'
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    (tmp / _MARK).touch()
     try: return _generate_into(tmp, out, splits, size, seed, neighbours, noise, lesions_per_slice, noisy, workers)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_MARK = '.lesion_fastai-synthetic'     # in a generation's temp folder: what makes it one, for `_remove_killed_generations`
+
+
+def _remove_killed_generations(out: Path) -> None:
+    "The temp folders of generations of `out` whose process no longer runs (killed mid-way): only folders this module made."
+    for p in out.parent.glob(f'.{out.name}.*.generating'):
+        pid = p.name[len(out.name) + 2:-len('.generating')]
+        if pid.isdigit() and not _alive(int(pid)) and (p / _MARK).is_file() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
 
 
 def _generate_into(tmp, out, splits, size, seed, neighbours, noise, lesions_per_slice, noisy, workers):
@@ -347,6 +358,7 @@ def _generate_into(tmp, out, splits, size, seed, neighbours, noise, lesions_per_
     else: per_patient = [_write_patient(*job) for job in progress(jobs, what)]
     rows = [row for rs in per_patient for row in rs]
     for row in rows: row[10] = int(noisy_rng.random() < noisy)          # Possibly_noisy, in row order
+    (tmp / _MARK).unlink()
     with open(tmp / 'DL_info.csv', 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
@@ -356,7 +368,9 @@ def _generate_into(tmp, out, splits, size, seed, neighbours, noise, lesions_per_
         if (out / 'DL_info.csv').exists():       # another process wrote the same data set meanwhile
             shutil.rmtree(tmp)
             raise FileExistsError(f"{out}/DL_info.csv appeared while generating; remove {out} to regenerate") from None
-        for item in sorted(tmp.iterdir(), key=lambda i: i.name == 'DL_info.csv'): shutil.move(str(item), out / item.name)   # the table last
+        for item in sorted(tmp.iterdir(), key=lambda i: i.name == 'DL_info.csv'):             # the table last
+            if (out / item.name).is_dir(): shutil.rmtree(out / item.name)    # a move interrupted before its table: not a data set
+            shutil.move(str(item), out / item.name)
         tmp.rmdir()
     return out / 'DL_info.csv'
 

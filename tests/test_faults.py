@@ -301,6 +301,7 @@ def test_a_run_that_starts_over_in_a_run_folder_leaves_nothing_of_the_other_run_
     save_run_settings(cfg('--epochs', '5', '--bs', '2', '--size', '32'), out)                   # starts over in the same folder
     assert json.loads((out / 'run_config.json').read_text())['epochs'] == 5
     assert not (out / 'last.pth').exists() and not (out / 'models' / 'best.pth').exists()
+    assert sorted(p.name for p in (out / 'previous').iterdir()) == ['best.pth', 'last.pth']     # aside, not lost
     # a run killed before its first epoch left only its record: a --resume with other settings starts over, recorded as itself
     save_run_settings(cfg('--epochs', '2', '--bs', '2', '--size', '32', '--resume'), out)
     assert json.loads((out / 'run_config.json').read_text())['epochs'] == 2

@@ -66,8 +66,10 @@ def test_refuses_to_overwrite_and_cli_errors(tmp_path, capsys):
 
 def test_an_interrupted_generation_leaves_nothing_and_a_killed_ones_folder_is_removed_by_the_next(tmp_path, monkeypatch):
     import lesion_fastai.synthetic as synthetic
-    dead = tmp_path / '.data.999999999.tmp'                              # a generation killed mid-way: its pid runs no more
+    dead = tmp_path / '.data.999999999.generating'                       # a generation killed mid-way: its pid runs no more
     (dead / 'Images_png').mkdir(parents=True)
+    (dead / '.lesion_fastai-synthetic').touch()
+    (tmp_path / '.data.999999998.generating').mkdir()                   # named so, but not made here: left alone
     real, calls = synthetic._write_patient, []
 
     def interrupted(*args):
@@ -76,7 +78,16 @@ def test_an_interrupted_generation_leaves_nothing_and_a_killed_ones_folder_is_re
         return real(*args)
     monkeypatch.setattr(synthetic, '_write_patient', interrupted)
     with pytest.raises(KeyboardInterrupt): generate(tmp_path / 'data', patients=4, size=32, seed=0, neighbours=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []               # neither its own temp folder nor the dead one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.data.999999998.generating']   # neither its own nor the dead one's
     monkeypatch.setattr(synthetic, '_write_patient', real)
     generate(tmp_path / 'data', patients=4, size=32, seed=0, neighbours=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['data']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.data.999999998.generating', 'data']
+
+
+def test_a_generation_into_what_an_interrupted_one_left_replaces_it_rather_than_nesting(tmp_path):
+    left = tmp_path / 'data' / 'Images_png' / '000001_01_01'                # images moved, the table never was
+    left.mkdir(parents=True)
+    (left / 'stale.png').write_bytes(b'')
+    generate(tmp_path / 'data', patients=4, size=32, seed=0, neighbours=0)
+    assert (tmp_path / 'data' / 'DL_info.csv').exists() and not (tmp_path / 'data' / 'Images_png' / 'Images_png').exists()
+    assert not (left / 'stale.png').exists() and len(list_slices(tmp_path / 'data')) == len(read_dl_info(tmp_path / 'data' / 'DL_info.csv'))

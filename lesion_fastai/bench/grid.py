@@ -133,8 +133,11 @@ def pretrain_once(cfg) -> Path:
     a folder an `efficiency --pretrain-epochs 3` filled, say) is an error, not a checkpoint reused."""
     from ..pretraining import pretrain
     ckpt, done = Path(cfg.out) / 'pretrained.pth', Path(cfg.out) / 'pretrain_metrics.json'
-    if not ckpt.exists() or not done.exists(): pretrain(cfg)      # its metrics are written last: without them it did not finish
-    elif done.exists() and 'out' in (then := json.loads(done.read_text()).get('config', {})):
+    if ckpt.exists() and not done.exists() and cfg.epochs and not (Path(cfg.out) / 'last.pth').exists():
+        raise ValueError(f"{ckpt}: a checkpoint without the {done.name} its pretraining writes last, and no last.pth to resume it "
+                         f"from; pretrain it into another --out, or remove {cfg.out}")
+    if not (ckpt.exists() and done.exists()): pretrain(cfg)       # its metrics are written last: without them it did not finish
+    elif 'out' in (then := json.loads(done.read_text()).get('config', {})):
         now = _settings_now(cfg, any_precision=False)
         diff = settings_diff(_settings_then(then, now), now, ignore=IGNORED + ('cache', 'cache_dir'), cls=PretrainConfig)
         if diff: raise ValueError(f"{done}: a finished pretraining with other settings ({_differences(diff)}); "
