@@ -1,6 +1,8 @@
 """python -m lesion_fastai.search: tune fine-tuning settings with Optuna on the validation FROC.
 
-A study in SQLite storage (resumable: run the same command again and it goes on where it stopped),
+A study in SQLite storage (resumable: run the same command again and it goes on where it stopped; a
+trial whose process was killed, silent past its heartbeat's grace, is asked again with its settings and
+its run continues from its last.pth),
 each trial a `finetune` run in OUT/trials/<number> scored by its best validation FROC (mean
 sensitivity over 0.5-4 FPs per slice; the test split is never looked at), trials pruned after any
 epoch whose validation FROC falls below the median of earlier trials at that epoch (Optuna's
@@ -21,6 +23,7 @@ hush_third_party(__name__)       # run as a command: quiet known third-party war
 import argparse
 import shlex
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,34 +111,50 @@ def _plot(study, path) -> None:
     save_fig(fig, path)
 
 
+HEARTBEAT_S = 60     # a running trial's heartbeat; one silent for twice that was killed (kill -9, a lost machine)
+
+
 def search(data, out, trials: int = 20, timeout: float | None = None, storage: str | None = None, study_name: str = 'finetune',
            pretrained=None, head: str = 'direct', max_epochs: int = 20, label_fraction: float = 1., bs: int = 16,
-           size: int | None = None, seed: int = 0, pruner=None) -> dict:
+           size: int | None = None, seed: int = 0, pruner=None, heartbeat_s: int = HEARTBEAT_S) -> dict:
     """Run (or resume) the study until it holds `trials` finished trials or `timeout` seconds pass; write
-    trials.csv, trials.png and best_command.txt. Returns the best trial's number, value, params and command."""
+    trials.csv, trials.png and best_command.txt. Returns the best trial's number, value, params and command.
+    A trial whose heartbeat (every `heartbeat_s`) stopped is failed and asked again with its settings, its
+    run resumed in its own folder."""
     import optuna
+    from optuna.storages import RDBStorage
+    Retry = getattr(optuna.storages, 'RetryHeartbeatStaleTrialCallback', None) or optuna.storages.RetryFailedTrialCallback   # its name before 4.9
     from .files import atomic_write_text, check_out_folder
     from .finetuning import finetune
     from .log import log, quiet
     out = check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{out / 'study.db'}"
-    sampler = optuna.samplers.TPESampler(seed=seed)
-    study = optuna.create_study(storage=storage, study_name=study_name, direction='maximize', load_if_exists=True, sampler=sampler,
-                                pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+    settled = lambda: warnings.catch_warnings(action='ignore', category=optuna.exceptions.ExperimentalWarning)   # stable since 2.8
+    with settled():
+        rdb = RDBStorage(storage, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                         **{'heartbeat_stale_trial_callback' if Retry.__name__.startswith('RetryHeartbeat') else 'failed_trial_callback':
+                            Retry(max_retry=1)})
+        study = optuna.create_study(storage=rdb, study_name=study_name, direction='maximize', load_if_exists=True,
+                                    sampler=optuna.samplers.TPESampler(seed=seed),
+                                    pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
     base = dict(data=Path(data), pretrained=Path(pretrained) if pretrained else None, head=head, label_fraction=label_fraction,
                 bs=bs, size=size, seed=seed)
 
     def objective(trial):
-        run = out / 'trials' / f'{trial.number:03d}'
+        frozen = trial.study.get_trials(deepcopy=False)[trial.number]
+        with settled(): killed = Retry.retried_trial_number(frozen)      # the trial asked again: its run goes on in its folder
+        run = out / 'trials' / f'{trial.number if killed is None else killed:03d}'
         with quiet():
-            m = finetune(FinetuneConfig(out=run, **base, **space(trial, pretrained is not None, head, max_epochs)), cbs=[PruneOnValidFROC(trial)])
+            m = finetune(FinetuneConfig(out=run, resume=killed is not None, **base, **space(trial, pretrained is not None, head, max_epochs)),
+                         cbs=[PruneOnValidFROC(trial)])
         return m['valid']['froc']['mean_0.5_4']
 
     finished = lambda: sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
     if finished(): log.info(f"resuming study {study_name!r} in {storage}: {finished()} trial(s) finished before")
     todo = max(0, trials - finished())
-    if todo: study.optimize(objective, n_trials=todo, timeout=timeout, catch=(FloatingPointError,))
+    if todo:
+        with settled(): study.optimize(objective, n_trials=todo, timeout=timeout, catch=(FloatingPointError,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete: raise RuntimeError(f"study {study_name!r}: no trial completed (all pruned or failed); see {out / 'trials'}")
     best = study.best_trial

@@ -35,3 +35,21 @@ def test_study_completes_prunes_resumes_from_storage_and_writes_the_command(tiny
 def test_cli_checks_its_numbers(capsys):
     with pytest.raises(SystemExit): main(['--data', 'x', '--trials', '0'])
     assert '--trials must be at least 1' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_trial_killed_mid_run_is_asked_again_with_its_settings_in_its_own_folder(tiny_data, tmp_path):
+    import time
+    from optuna.storages import RDBStorage
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, study_name='finetune', direction='maximize')
+    settings = dict(lr=3e-3, wd=1e-2, epochs=1, map_weight=1.)
+    study.enqueue_trial(settings)
+    killed = study.ask()                                          # running, its process then killed: its heartbeat stops
+    storage.record_heartbeat(killed._trial_id)
+    time.sleep(3)
+    res = search(tiny_data, tmp_path, trials=1, max_epochs=2, bs=2, size=32, heartbeat_s=1)
+    assert res['complete'] == 1 and res['params'] == pytest.approx(settings)    # the killed trial's settings, asked again
+    assert sorted(p.name for p in (tmp_path / 'trials').iterdir()) == ['000']   # in its own folder, not a new one
+    states = [t.state.name for t in optuna.load_study(study_name='finetune', storage=f"sqlite:///{tmp_path / 'study.db'}").trials]
+    assert states == ['FAIL', 'COMPLETE']
