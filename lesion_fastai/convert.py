@@ -168,6 +168,9 @@ def _voxels(img, path: Path, nib) -> tuple[np.ndarray, np.ndarray]:
     except Exception as e: raise ValueError(f"{path}: voxels unreadable ({type(e).__name__}: {e}), expected a complete NIfTI file") from None
 
 
+OBLIQUE_DEG = 3.    # a volume whose axes are further off the patient's is named: its slices are not truly axial
+
+
 def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
     """(x, y, z) mm of a RAS+ affine's voxels: the lengths of its first two axes, and the distance between slice
     planes, which a gantry tilt (a sheared affine) makes shorter than the third axis's length."""
@@ -203,6 +206,10 @@ def load_volume(image: Path | str, mask: Path | str) -> Volume:
         worst = float(np.nanmax(np.abs(seg.affine - img.affine)))
         raise ValueError(f"{mask}: affine differs from its image's ({image}) by up to {worst:.3g}, expected the same voxel grid "
                          f"(within {AFFINE_ATOL_MM} mm)")
+    tilt = float(np.degrees(nib.affines.obliquity(img.affine)).max())
+    if tilt > OBLIQUE_DEG:
+        log.warning(f"{image}: its voxel axes are {tilt:.1f} degrees off the patient's axes; its slices are written along the nearest "
+                    f"axes as stored (not resampled), so boxes and RECIST axes are in that tilted grid")
     hu, affine = _voxels(img, image, nib)
     _check_hu(hu, image)
     labels, _ = _voxels(seg, mask, nib)

@@ -292,3 +292,17 @@ def test_slice_spacing_is_the_distance_between_slice_planes_under_a_gantry_tilt(
     sheared = np.array([[.8, 0, 0, 0], [0, .7, 2.5 * np.tan(tilt), 0], [0, 0, 2.5, 0], [0, 0, 0, 1]])   # planes 2.5 mm apart
     assert np.allclose(spacing_of(sheared), (.8, .7, 2.5)) and np.allclose(spacing_of(RAS), SPACING)
     assert nib.affines.voxel_sizes(sheared)[2] > 2.6                     # the third axis's length: 6% too far
+
+
+def test_an_oblique_volume_is_converted_and_named(tmp_path, caplog):
+    t = np.radians(10)
+    turned = RAS.copy()
+    turned[:2, :2] = [[.8 * np.cos(t), -.8 * np.sin(t)], [.8 * np.sin(t), .8 * np.cos(t)]]    # 10 degrees about the body's axis
+    save_pair(tmp_path, 'case', *phantom([(CENTRE, 6.)], turned), turned)
+    run(tmp_path, tmp_path / 'out')
+    assert len(read_dl_info(tmp_path / 'out' / 'DL_info.csv', strict=True)) == 1
+    assert any('10.0 degrees off the patient' in r.getMessage() for r in caplog.records if r.levelname == 'WARNING')
+    caplog.clear()
+    save_pair(tmp_path / 'straight', 'case', *phantom([(CENTRE, 6.)]))
+    run(tmp_path / 'straight', tmp_path / 'straight' / 'out')
+    assert not any('degrees off' in r.getMessage() for r in caplog.records)
