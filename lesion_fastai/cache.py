@@ -175,17 +175,30 @@ def decode_all(items, prep, store, what: str = 'checking and preparing', units: 
     _raise_problems(problems + _check_items(items, prep, sizes), len(units))
 
 
+def _check_pass(items, context: int, absent: set, checked: set, problems: list, around: bool) -> bool:
+    """One pass of `check_png` over the files `items` need that `checked` does not hold yet: each bad one
+    joins `absent` and `problems` (with who needs it). With `around`, neighbours are looked up around
+    `absent` (and an item whose key slice is in it is passed over). Whether it found a bad file."""
+    found = False
+    for item in progress(items, 'checking slice files'):
+        key = _path_and_window(item)[0]
+        if around and key in absent: continue
+        for p in context_paths(key, context, absent if around else frozenset()):
+            if str(p) in checked: continue
+            checked.add(str(p))
+            try: check_png(p)
+            except (ValueError, OSError) as e:              # OSError: missing, or not readable by this user
+                absent.add(str(p)); found = True
+                problems.append(f"{e}{_who_needs(item, p)}")
+    return found
+
+
 def check_files(items, context: int) -> None:
     """Without decoding pixels: every key slice and neighbour `items` need is a readable 16-bit PNG
     (`deeplesion.check_png`); one `BadSlicesError` names every bad file."""
-    problems, seen = [], set()
-    for item in progress(items, 'checking slice files'):
-        for p in context_paths(_path_and_window(item)[0], context):
-            if p in seen: continue
-            seen.add(p)
-            try: check_png(p)
-            except (ValueError, OSError) as e: problems.append(f"{e}{_who_needs(item, getattr(e, 'path', None))}")
-    _raise_problems(problems, len(seen))
+    problems, checked = [], set()
+    _check_pass(items, context, set(), checked, problems, around=False)
+    _raise_problems(problems, len(checked))
 
 
 def find_unreadable(items, context: int) -> tuple[frozenset, list[str]]:
@@ -194,19 +207,8 @@ def find_unreadable(items, context: int) -> tuple[frozenset, list[str]]:
     neighbour found unreadable is replaced by the nearest slice of its series not found so (`neighbour_path`),
     which is checked in turn, until every file the items then need reads."""
     absent, problems, checked = set(), [], set()
-    while True:
-        found = False
-        for item in progress(items, 'checking slice files'):
-            key = _path_and_window(item)[0]
-            if key in absent: continue
-            for p in context_paths(key, context, absent):
-                if str(p) in checked: continue
-                checked.add(str(p))
-                try: check_png(p)
-                except (ValueError, OSError) as e:              # OSError: missing, or not readable by this user
-                    absent.add(str(p)); found = True
-                    problems.append(f"{e}{_who_needs(item, p)}")
-        if not found: return frozenset(absent), problems
+    while _check_pass(items, context, absent, checked, problems, around=True): pass
+    return frozenset(absent), problems
 
 
 def _denied(path) -> bool:
@@ -239,10 +241,13 @@ def _remembered_unreadable(items, context: int, folder) -> tuple[frozenset, list
     return absent, problems
 
 
+def _without(items, absent) -> list:
+    return [item for item in items if _path_and_window(item)[0] not in absent] if absent else list(items)
+
+
 def readable(items, cache) -> list:
     "`items` less those whose key slice `cache` (a run's, `prepare_slices`) holds as unreadable."
-    absent = getattr(cache, 'absent', frozenset())
-    return [item for item in items if _path_and_window(item)[0] not in absent] if absent else list(items)
+    return _without(items, getattr(cache, 'absent', frozenset()))
 
 
 CHUNK = 256   # PNGs per unit of work of a cache build: what a worker decodes at once and what an interruption loses at most
@@ -380,7 +385,7 @@ def prepare_slices(kind: str, items, spec, folder=None, workers: int = 1, skip_u
             with distributed.main_first(): absent, problems = _remembered_unreadable(items, spec.context, folder or DEFAULT_CACHE_DIR)
         else: absent, problems = find_unreadable(items, spec.context)
         if problems:
-            kept = [item for item in items if _path_and_window(item)[0] not in absent]
+            kept = _without(items, absent)
             rows = [item.where() for item in items if isinstance(item, SliceRecord) and str(item.image_path) in absent]
             listed = lambda xs: '\n  '.join(xs[:20]) + (f"\n  ... and {len(xs) - 20} more" if len(xs) > 20 else '')
             log.warning(f"--skip-unreadable: {len(problems)} slice file(s) cannot be read and are left out, {len(items) - len(kept)} of "
@@ -403,8 +408,7 @@ def _prepare(kind, items, spec, folder, workers, absent, check):
         if check: check_files(items, spec.context)             # else find_unreadable has checked them
         return NoCache(absent) if absent else None
     if kind != 'memory': raise ValueError(f"cache {kind!r}: expected 'memory', 'disk' or 'none'")
-    prep, cache = CTSlice(spec, NoCache(absent)), PlaneDict()
-    if absent: cache.absent = absent
+    prep, cache = CTSlice(spec, NoCache(absent)), _with_absent(PlaneDict(), absent)
     units = plane_units(items, prep)
     check_memory(len(units) * len(prep.windows_for(None)) * spec.size ** 2 * 4, len(units))
     decode_all(items, prep, cache.__setitem__, units=units)

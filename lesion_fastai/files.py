@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ['atomic_path', 'atomic_write_text', 'write_json', 'write_csv', 'remove_stale_temps', 'check_out_folder', 'output_folder',
-           'PidLock', 'LockedError', 'DiskFullError', 'disk_full', 'NO_SPACE']
+           'PidLock', 'LockedError', 'DiskFullError', 'disk_full', 'pid_alive', 'NO_SPACE']
 
 _TEMP_RE = re.compile(r'^\..+\.(\d+)\.tmp$')
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)       # the errnos of a write that found no room
@@ -95,7 +95,8 @@ def write_csv(path: Path | str, header, rows) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    "Whether process `pid` runs on this machine (this process counts; one of another user's too)."
     if pid == os.getpid(): return True
     try: os.kill(pid, 0)
     except (ProcessLookupError, OverflowError, ValueError): return False      # no such process (or no pid at all)
@@ -111,7 +112,7 @@ def remove_stale_temps(folder: Path | str, recursive: bool = True) -> list[Path]
     removed = []
     for p in (folder.rglob('.*.tmp') if recursive else folder.glob('.*.tmp')):
         m = _TEMP_RE.match(p.name)
-        if m and p.is_file() and not _alive(int(m[1])):
+        if m and p.is_file() and not pid_alive(int(m[1])):
             p.unlink()
             removed.append(p)
     return removed

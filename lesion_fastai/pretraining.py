@@ -165,14 +165,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
         log.info(f"context pretext: {len(whole)} of {len(paths)} slices have all {2 * context} neighbours of their own "
                  f"(the rest, at the ends of what was shipped, would show the model its target)")
         paths = whole
-    n_train = sum(patient_of(Path(p).parent.name) in train_p for p in paths)
+    training = lambda ps: sum(patient_of(Path(p).parent.name) in train_p for p in ps)
+    n_train = training(paths)
     check_batches(n_train, cfg.bs, f"{cfg.data}", '')
     log.info(f"pretraining on {n_train} slices of {len(train_p)} patients ({len(paths) - n_train} validation slices), "
              f"{size} px, windows {cfg.windows}, context {context}")
     cache = prepare_slices(cfg.cache, paths, spec, cfg.cache_dir, workers=max(1, cfg.num_workers), skip_unreadable=cfg.skip_unreadable)
     if cfg.skip_unreadable:            # the slices left out as unreadable, named by prepare_slices
         paths = readable(paths, cache)
-        n_train = sum(patient_of(Path(p).parent.name) in train_p for p in paths)
+        n_train = training(paths)
         check_batches(n_train, cfg.bs, f"{cfg.data} with --skip-unreadable", '')
     if cfg.dedup > 0:                  # redundant neighbour slices slow pretraining and can hurt it; validation stays whole
         in_val = lambda p: patient_of(Path(p).parent.name) in val_p

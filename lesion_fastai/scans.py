@@ -77,9 +77,7 @@ def _nifti_volume(source: str, size: int, mtime_ns: int) -> np.ndarray:
     """The NIfTI volume at `source` in HU, float32, reoriented to RAS+ as `convert` reads it (nibabel's
     `as_closest_canonical`); the last one read is kept, as predict reads a volume's slices one after another."""
     nib = _extra('nibabel')
-    img = nib.load(source)
-    _canonical_axes(img, nib)
-    return np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)      # scl_slope / scl_inter applied
+    return np.asarray(nib.as_closest_canonical(nib.load(source)).dataobj, dtype=np.float32)   # scl_slope / scl_inter applied
 
 
 def forget_volumes() -> None:

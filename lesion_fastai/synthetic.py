@@ -29,7 +29,7 @@ import numpy as np
 
 from .settings import add_settings, check_fields, from_args, option
 from .deeplesion import COLUMNS, format_numbers as _fmt, save_hu
-from .files import _alive
+from .files import pid_alive
 from .log import log, progress
 
 __all__ = ['generate', 'render_slice', 'SyntheticSettings', 'parser', 'main']
@@ -344,7 +344,7 @@ def _remove_killed_generations(out: Path) -> None:
     "The temp folders of generations of `out` whose process no longer runs (killed mid-way): only folders this module made."
     for p in out.parent.glob(f'.{out.name}.*.generating'):
         pid = p.name[len(out.name) + 2:-len('.generating')]
-        if pid.isdigit() and not _alive(int(pid)) and (p / _MARK).is_file() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
+        if pid.isdigit() and not pid_alive(int(pid)) and (p / _MARK).is_file() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
 
 
 def _generate_into(tmp, out, splits, size, seed, neighbours, noise, lesions_per_slice, noisy, workers):
